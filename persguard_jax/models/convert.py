@@ -1,0 +1,211 @@
+"""PyTorch state dicts (diffusers / transformers safetensors) <-> NNX modules, both ways.
+
+Because the ports name their attributes exactly like the PyTorch modules (layers.py), one generic rule
+maps every parameter: the flat NNX path joined by dots is the PyTorch key, with the leaf renamed
+(kernel/scale/embedding -> weight) and the array re-laid out (conv OIHW <-> HWIO, linear (O, I) <-> (I, O)).
+Model-specific knowledge is limited to key renames for legacy checkpoints and buffers to ignore.
+
+Loading never unpickles: ``.bin``/``.ckpt``/``.pt`` files are refused with a message saying how to convert.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors.numpy import load_file, save_file
+
+LEAF_TO_TORCH = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+
+
+class WeightsError(ValueError):
+    """A weights folder or file that cannot be read into a model; the message names file and key."""
+
+
+# --------------------------------------------------------------------------- file level
+
+def _variant_name(name: str, variant: str | None) -> str:
+    if not variant:
+        return name
+    stem, _, ext = name.partition(".")
+    return f"{stem}.{variant}.{ext}"
+
+
+def read_json(path: Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: file not found")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise WeightsError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
+def find_weight_files(folder: Path, stems: Iterable[str], variant: str | None = None) -> list[Path]:
+    """The safetensors file(s) holding a model's weights in ``folder``.
+
+    Looks for ``<stem>[.<variant>].safetensors`` and the sharded ``<stem>.safetensors.index[.<variant>].json``;
+    without a variant the plain file wins and a lone ``fp16`` variant is accepted.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise WeightsError(f"{folder}: not a directory")
+    variants = [variant] if variant else [None, "fp16"]
+    for v in variants:
+        for stem in stems:
+            single = folder / _variant_name(f"{stem}.safetensors", v)
+            if single.is_file():
+                return [single]
+            index = folder / (f"{stem}.safetensors.index.json" if not v else f"{stem}.safetensors.index.{v}.json")
+            if index.is_file():
+                weight_map = read_json(index).get("weight_map")
+                if not isinstance(weight_map, dict):
+                    raise WeightsError(f"{index}: no 'weight_map' in the shard index")
+                files = [folder / f for f in dict.fromkeys(weight_map.values())]
+                for f in files:
+                    if not f.is_file():
+                        raise WeightsError(f"{index}: names shard {f.name}, which is missing")
+                return files
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise WeightsError(
+            f"{folder / pickles[0]}: pickle weights are never loaded (arbitrary code execution). Convert once "
+            f"with PyTorch: `from_pretrained(DIR).save_pretrained(DIR, safe_serialization=True)` in "
+            f"diffusers/transformers, then point persguard at the folder again")
+    wanted = ", ".join(_variant_name(f"{s}.safetensors", variants[0]) for s in stems)
+    raise WeightsError(f"{folder}: no weights found (expected {wanted} or a sharded .index.json)")
+
+
+def read_tensors(files: list[Path]) -> tuple[dict[str, np.ndarray], dict[str, Path]]:
+    """All tensors of the given safetensors files, and the file each key came from."""
+    tensors, origin = {}, {}
+    for f in files:
+        try:
+            part = load_file(str(f))
+        except Exception as e:  # safetensors raises its own error types; one line is what users need
+            raise WeightsError(f"{f}: not a readable safetensors file ({e})") from None
+        tensors.update(part)
+        origin.update(dict.fromkeys(part, f))
+    return tensors, origin
+
+
+# --------------------------------------------------------------------------- key and layout rules
+
+def torch_key(path: tuple) -> str:
+    *parents, leaf = (str(p) for p in path)
+    return ".".join([*parents, LEAF_TO_TORCH.get(leaf, leaf)])
+
+
+def to_flax_layout(arr: np.ndarray, leaf: str, target_ndim: int) -> np.ndarray:
+    if leaf == "kernel" and arr.ndim == 4 and target_ndim == 2 and arr.shape[2:] == (1, 1):
+        arr = arr[:, :, 0, 0]  # 1x1 conv stored where a linear is expected (old VAE attention)
+    if leaf == "kernel" and arr.ndim == 4:
+        return arr.transpose(2, 3, 1, 0)
+    if leaf == "kernel" and arr.ndim == 2:
+        return arr.T
+    return arr
+
+
+def to_torch_layout(arr: np.ndarray, leaf: str) -> np.ndarray:
+    if leaf == "kernel" and arr.ndim == 4:
+        return arr.transpose(3, 2, 0, 1)
+    if leaf == "kernel" and arr.ndim == 2:
+        return arr.T
+    return arr
+
+
+def _torch_shape(shape: tuple, leaf: str) -> tuple:
+    return to_torch_layout(np.empty(shape, dtype=np.uint8), leaf).shape
+
+
+def rename_keys(tensors: Mapping[str, np.ndarray], rules: Iterable[tuple[str, str]]) -> dict[str, np.ndarray]:
+    """Apply regex ``(pattern, replacement)`` rules to every key (legacy names -> current names)."""
+    rules = [(re.compile(p), r) for p, r in rules]
+    out = {}
+    for k, v in tensors.items():
+        for p, r in rules:
+            k = p.sub(r, k)
+        out[k] = v
+    return out
+
+
+# --------------------------------------------------------------------------- module level
+
+def params_of(model: nnx.Module) -> list[tuple[tuple, nnx.Variable]]:
+    return list(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+
+
+def load_state_dict(model: nnx.Module, tensors: Mapping[str, np.ndarray], *, source: str | Path,
+                    origin: Mapping[str, Path] | None = None, ignore: Iterable[str] = ()) -> nnx.Module:
+    """Fill every parameter of ``model`` (possibly abstract, from ``nnx.eval_shape``) from ``tensors``.
+
+    Fails on the first missing key, shape mismatch or unexpected key, naming the file and the key.
+    ``ignore`` holds regexes of PyTorch keys that are buffers, not parameters (e.g. ``position_ids``).
+    """
+    origin = origin or {}
+    ignore = [re.compile(p) for p in ignore]
+    where = lambda k: origin.get(k, source)
+    used = set()
+    for path, var in params_of(model):
+        key, leaf = torch_key(path), str(path[-1])
+        shape, dtype = tuple(var.get_value().shape), var.get_value().dtype
+        if key not in tensors:
+            raise WeightsError(f"{source}: missing key {key} (expected shape {_torch_shape(shape, leaf)})")
+        arr = to_flax_layout(np.asarray(tensors[key]), leaf, len(shape))
+        if tuple(arr.shape) != shape:
+            raise WeightsError(f"{where(key)}: key {key} has shape {tuple(np.shape(tensors[key]))}, "
+                               f"the config expects {_torch_shape(shape, leaf)}")
+        var.set_value(jnp.asarray(arr, dtype=dtype))
+        used.add(key)
+    extra = [k for k in tensors if k not in used and not any(p.search(k) for p in ignore)]
+    if extra:
+        more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+        raise WeightsError(f"{where(extra[0])}: unexpected key {extra[0]}{more}: the weights do not match "
+                           f"the config (wrong model type or block configuration?)")
+    return model
+
+
+def state_dict(model: nnx.Module, *, prefix: str = "", dtype=None) -> dict[str, np.ndarray]:
+    """The PyTorch-layout state dict of ``model`` (host numpy arrays, contiguous)."""
+    out = {}
+    for path, var in params_of(model):
+        arr = np.asarray(jax.device_get(var.get_value()))
+        if dtype is not None:
+            arr = arr.astype(dtype)
+        out[prefix + torch_key(path)] = np.ascontiguousarray(to_torch_layout(arr, str(path[-1])))
+    return out
+
+
+def atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Write through a temporary file in the same folder, then rename: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_safetensors(tensors: Mapping[str, np.ndarray], path: Path, metadata: dict | None = None) -> None:
+    atomic_write(path, lambda tmp: save_file(dict(tensors), tmp, metadata=metadata or {"format": "pt"}))
+
+
+def save_json(obj: dict, path: Path) -> None:
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+            f.write("\n")
+    atomic_write(path, write)

@@ -1,0 +1,152 @@
+"""Building blocks shared by the UNet, VAE and CLIP ports.
+
+Conventions every port follows (convert.py relies on them):
+- Images are NHWC. Attribute names mirror the diffusers/transformers module names, so the flat
+  parameter path ``down_blocks/0/resnets/1/conv1/kernel`` *is* the PyTorch key
+  ``down_blocks.0.resnets.1.conv1.weight``; leaf names are ``kernel``, ``bias``, ``scale``, ``embedding``
+  or the PyTorch name itself (e.g. ``class_embedding``).
+- Every parameter carries logical axis names (``embed``, ``mlp``, ``heads``, ``conv_in``, ``conv_out``,
+  ``norm``, ``vocab``); sharding.py maps them to mesh axes, the modules never see a mesh. Annotations are
+  created with ``eager_sharding=False`` so models can be built (and loaded) with no mesh active.
+- ``dtype`` is the compute dtype, ``param_dtype`` the storage dtype. Normalisation statistics and the
+  attention softmax are always computed in float32.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Axes = tuple[str | None, ...]
+
+CONV_AXES: Axes = (None, None, "conv_in", "conv_out")
+NORM_AXES: Axes = ("norm",)
+
+
+def partitioned(init, axes: Axes):
+    """An initializer whose parameters carry logical axis names but are not sharded eagerly."""
+    return nnx.with_partitioning(init, axes, eager_sharding=False)
+
+
+class Conv2d(nnx.Conv):
+    """NHWC convolution with PyTorch-style symmetric integer padding and logical axes."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, *, stride: int = 1,
+                 padding: int | Sequence[tuple[int, int]] = 1, use_bias: bool = True,
+                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        pad = ((padding, padding), (padding, padding)) if isinstance(padding, int) else tuple(padding)
+        super().__init__(
+            in_channels, out_channels, (kernel_size, kernel_size), strides=(stride, stride), padding=pad,
+            use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+            kernel_init=partitioned(nnx.initializers.lecun_normal(), CONV_AXES),
+            bias_init=partitioned(nnx.initializers.zeros_init(), ("conv_out",)),
+            rngs=rngs)
+
+
+class Linear(nnx.Linear):
+    """Dense layer whose kernel ``(in, out)`` is annotated with the given logical axes."""
+
+    def __init__(self, in_features: int, out_features: int, *, axes: Axes = ("embed", "mlp"),
+                 use_bias: bool = True, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        super().__init__(
+            in_features, out_features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+            kernel_init=partitioned(nnx.initializers.lecun_normal(), axes),
+            bias_init=partitioned(nnx.initializers.zeros_init(), (axes[-1],)),
+            rngs=rngs)
+
+
+class Embed(nnx.Embed):
+    """Lookup table ``(num, features)``; ``attend``-free, used for token and position embeddings."""
+
+    def __init__(self, num_embeddings: int, features: int, *, axes: Axes = ("vocab", "embed"),
+                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        super().__init__(num_embeddings, features, dtype=dtype, param_dtype=param_dtype,
+                         embedding_init=partitioned(nnx.initializers.normal(0.02), axes), rngs=rngs)
+
+
+def _norm_params(num_features: int, param_dtype, rngs: nnx.Rngs) -> tuple[nnx.Param, nnx.Param]:
+    ones = partitioned(nnx.initializers.ones_init(), NORM_AXES)
+    zeros = partitioned(nnx.initializers.zeros_init(), NORM_AXES)
+    key = rngs.params()
+    return (nnx.Param(ones(key, (num_features,), param_dtype)),
+            nnx.Param(zeros(key, (num_features,), param_dtype)))
+
+
+class GroupNorm(nnx.Module):
+    """GroupNorm over the channel (last) axis with float32 statistics, as torch.nn.GroupNorm."""
+
+    def __init__(self, num_channels: int, num_groups: int = 32, eps: float = 1e-5, *,
+                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        if num_channels % num_groups:
+            raise ValueError(f"GroupNorm: {num_channels} channels are not divisible into {num_groups} groups")
+        self.num_groups, self.eps, self.dtype = num_groups, eps, dtype
+        self.scale, self.bias = _norm_params(num_channels, param_dtype, rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        *lead, c = x.shape
+        g = self.num_groups
+        xf = x.astype(jnp.float32).reshape(lead[0], -1, g, c // g)
+        mean = xf.mean(axis=(1, 3), keepdims=True)
+        var = jnp.square(xf - mean).mean(axis=(1, 3), keepdims=True)
+        xf = ((xf - mean) * jax.lax.rsqrt(var + self.eps)).reshape(x.shape)
+        y = xf * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm over the last axis with float32 statistics, as torch.nn.LayerNorm."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, *, use_bias: bool = True,
+                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.eps, self.dtype = eps, dtype
+        self.scale, bias = _norm_params(num_features, param_dtype, rngs)
+        self.bias = bias if use_bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        mean = xf.mean(-1, keepdims=True)
+        var = jnp.square(xf - mean).mean(-1, keepdims=True)
+        y = (xf - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...].astype(jnp.float32)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, num_heads: int, *, is_causal: bool = False,
+              upcast: bool = False, implementation: str | None = None) -> jax.Array:
+    """Multi-head scaled dot-product attention on ``(B, T, heads * head_dim)`` projections.
+
+    Goes through ``jax.nn.dot_product_attention`` so XLA picks cuDNN flash attention on GPU. ``upcast``
+    runs the whole product in float32 (diffusers' ``upcast_attention`` for SD 2.x at fp16/bf16).
+    """
+    b, tq, d = q.shape
+    out_dtype = q.dtype
+    if upcast:
+        q, k, v = (a.astype(jnp.float32) for a in (q, k, v))
+    split = lambda a: a.reshape(a.shape[0], a.shape[1], num_heads, a.shape[2] // num_heads)
+    out = jax.nn.dot_product_attention(split(q), split(k), split(v), is_causal=is_causal,
+                                       implementation=implementation)
+    return out.reshape(b, tq, d).astype(out_dtype)
+
+
+def gelu(x: jax.Array, approximate: bool = False) -> jax.Array:
+    return jax.nn.gelu(x, approximate=approximate)
+
+
+def quick_gelu(x: jax.Array) -> jax.Array:
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {
+    "silu": jax.nn.silu, "swish": jax.nn.silu, "gelu": gelu, "quick_gelu": quick_gelu,
+    "gelu_new": lambda x: gelu(x, approximate=True), "gelu_pytorch_tanh": lambda x: gelu(x, approximate=True),
+}
+
+
+def activation(name: str):
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(f"unknown activation {name!r}; known: {sorted(ACTIVATIONS)}") from None

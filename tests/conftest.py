@@ -1,0 +1,26 @@
+"""Shared test helpers: the PyTorch oracles are imported lazily so torch-free tests run without them."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+
+def torch_state_dict(module) -> dict[str, np.ndarray]:
+    """A PyTorch module's state dict as float32 numpy arrays (what a safetensors file would hold)."""
+    return {k: v.detach().cpu().float().numpy() for k, v in module.state_dict().items()}
+
+
+def nchw_to_nhwc(x: np.ndarray) -> np.ndarray:
+    return np.asarray(x).transpose(0, 2, 3, 1)
+
+
+def nhwc_to_nchw(x: np.ndarray) -> np.ndarray:
+    return np.asarray(x).transpose(0, 3, 1, 2)
+
+
+@pytest.fixture
+def torch():
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+    return torch
