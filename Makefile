@@ -1,0 +1,44 @@
+# Quick start: `make demo`, `make test`. Override the interpreter with `make PYTHON=/path/to/python3.x`.
+#
+# The default interpreter is Python 3.11: there `pip install torch==2.13.0` (the parity-test oracle) is a
+# local CPU wheel, and jax resolves to 0.10.2. On 3.12+ the same pin pulls the multi-GB CUDA build, so the
+# 3.12 + newest-jax check (`make test-latest`) runs the torch-free tests only.
+PYTHON ?= $(shell for p in python3.11 python3 python; do \
+	  $$p -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' >/dev/null 2>&1 && { echo $$p; break; }; \
+	done)
+ifeq ($(PYTHON),)
+PYTHON := python3
+endif
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: venv test demo bench test-latest clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+test: venv
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+demo: venv
+	$(VENV)/bin/persguard demo
+
+bench: venv
+	$(PY) benchmarks/unet_step.py --json
+
+# Python 3.12 + the newest jax/flax, tests that need no PyTorch oracle (those skip themselves).
+PYTHON312 ?= python3.12
+test-latest:
+	$(PYTHON312) -m venv .venv312
+	.venv312/bin/python -m pip install -q --upgrade pip
+	.venv312/bin/python -m pip install -q -e . pytest
+	.venv312/bin/python -m pytest -q $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .venv312 *.egg-info .pytest_cache

@@ -1,0 +1,169 @@
+"""Read and write diffusers / transformers folders: one model folder, or a whole Stable Diffusion pipeline.
+
+A model folder is ``config.json`` + safetensors weights (single file, sharded with an ``.index.json``, or an
+``fp16`` variant). A pipeline folder has ``model_index.json`` and ``unet/``, ``vae/``, ``text_encoder/``,
+``tokenizer/``, ``scheduler/`` subfolders. Models are built abstractly (``nnx.eval_shape``) and filled from
+the file, so loading SD-size weights never initialises random ones first.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import jax.numpy as jnp
+from flax import nnx
+
+from persguard_jax.models import clip, unet, vae
+from persguard_jax.models.convert import (WeightsError, find_weight_files, load_state_dict, read_json,
+                                          read_tensors, rename_keys, save_json, save_safetensors, state_dict)
+from persguard_jax.models.tokenizer import CLIPTokenizer
+
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model"
+TRANSFORMERS_WEIGHTS = "model"
+
+
+@dataclass(frozen=True)
+class ModelKind:
+    """What it takes to read one folder type: config class, module class, file names and key fix-ups."""
+    name: str
+    config_cls: type
+    model_cls: type
+    weights: str
+    renames: list = field(default_factory=list)
+    ignore: list = field(default_factory=list)
+    prepare: Callable[[dict], dict] = lambda t: t
+
+
+UNET = ModelKind("unet", unet.UNetConfig, unet.UNet2DConditionModel, DIFFUSERS_WEIGHTS,
+                 unet.LEGACY_RENAMES, unet.IGNORE_KEYS)
+VAE = ModelKind("vae", vae.VAEConfig, vae.AutoencoderKL, DIFFUSERS_WEIGHTS, vae.LEGACY_RENAMES, vae.IGNORE_KEYS)
+# SD text encoders are CLIPTextModel; a CLIPTextModelWithProjection folder loads too, projection unused.
+TEXT = ModelKind("text_encoder", clip.CLIPTextConfig, clip.CLIPTextModel, TRANSFORMERS_WEIGHTS,
+                 clip.LEGACY_RENAMES, [*clip.IGNORE_KEYS, r"^text_projection\."], clip.add_text_model_prefix)
+
+
+def load_model(kind: ModelKind, folder: str | Path, *, dtype=jnp.float32, param_dtype=jnp.float32,
+               variant: str | None = None) -> nnx.Module:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise WeightsError(f"{folder}: {kind.name} folder not found")
+    config_path = folder / "config.json"
+    config = kind.config_cls.from_dict(read_json(config_path), source=str(config_path))
+    files = find_weight_files(folder, [kind.weights], variant)
+    tensors, origin = read_tensors(files)
+    tensors = kind.prepare(rename_keys(tensors, kind.renames))
+    model = nnx.eval_shape(lambda: kind.model_cls(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+    source = files[0] if len(files) == 1 else folder
+    return load_state_dict(model, tensors, source=source, origin=origin, ignore=kind.ignore)
+
+
+def save_model(model: nnx.Module, folder: str | Path, weights: str, *, dtype=None) -> None:
+    """Write ``config.json`` and ``<weights>.safetensors`` (PyTorch layout) into ``folder``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_json(model.config.to_dict(), folder / "config.json")
+    save_safetensors(state_dict(model, dtype=dtype), folder / f"{weights}.safetensors")
+
+
+def load_unet(folder: str | Path, **kw) -> unet.UNet2DConditionModel:
+    """``unet(latents_nhwc, timesteps, context) -> prediction`` (NHWC) from a diffusers ``unet/`` folder."""
+    return load_model(UNET, folder, **kw)
+
+
+def load_vae(folder: str | Path, **kw) -> vae.AutoencoderKL:
+    """``vae.encode(images in [-1, 1]) -> (mean, logvar)``, ``vae.decode(z)`` from a diffusers ``vae/`` folder."""
+    return load_model(VAE, folder, **kw)
+
+
+def load_text_encoder(folder: str | Path, **kw) -> clip.CLIPTextModel:
+    """``te(input_ids) -> last hidden state (B, L, D)`` from a transformers CLIP text folder."""
+    return load_model(TEXT, folder, **kw)
+
+
+# --------------------------------------------------------------------------- pipelines
+
+MODEL_INDEX = {
+    "_class_name": "StableDiffusionPipeline",
+    "feature_extractor": [None, None],
+    "image_encoder": [None, None],
+    "requires_safety_checker": False,
+    "safety_checker": [None, None],
+    "scheduler": ["diffusers", "DDIMScheduler"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
+
+
+@dataclass
+class Pipeline:
+    """The parts of a Stable Diffusion pipeline this library uses (no safety checker, no feature extractor)."""
+    unet: unet.UNet2DConditionModel
+    vae: vae.AutoencoderKL
+    text_encoder: clip.CLIPTextModel
+    tokenizer: CLIPTokenizer
+    scheduler_config: dict[str, Any]
+    model_index: dict[str, Any] = field(default_factory=lambda: dict(MODEL_INDEX))
+
+
+def load_pipeline(folder: str | Path, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                  variant: str | None = None) -> Pipeline:
+    folder = Path(folder)
+    index_path = folder / "model_index.json"
+    if not index_path.is_file():
+        raise WeightsError(f"{index_path}: file not found; a pipeline folder needs model_index.json and unet/, "
+                           f"vae/, text_encoder/, tokenizer/, scheduler/ (the diffusers layout)")
+    index = read_json(index_path)
+    for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        if not (folder / part).is_dir():
+            raise WeightsError(f"{folder / part}: missing pipeline subfolder {part}/")
+    scheduler_path = folder / "scheduler" / "scheduler_config.json"
+    kw = dict(dtype=dtype, param_dtype=param_dtype, variant=variant)
+    return Pipeline(
+        unet=load_unet(folder / "unet", **kw),
+        vae=load_vae(folder / "vae", **kw),
+        text_encoder=load_text_encoder(folder / "text_encoder", **kw),
+        tokenizer=CLIPTokenizer.from_folder(folder / "tokenizer"),
+        scheduler_config=read_json(scheduler_path),
+        model_index=index,
+    )
+
+
+def save_pipeline(pipe: Pipeline, out_dir: str | Path, *, dtype=None, overwrite: bool = False) -> Path:
+    """Write ``pipe`` in the diffusers layout (safetensors), loadable by ``StableDiffusionPipeline``.
+
+    The folder is assembled beside ``out_dir`` and moved into place at the end, so a crash never leaves a
+    half-written pipeline, and an existing non-empty ``out_dir`` is only replaced with ``overwrite=True``.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out_dir}: already exists and is not empty (pass overwrite=True / --overwrite)")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    try:
+        index = {k: v for k, v in pipe.model_index.items() if not k.startswith("_")}
+        for optional in ("safety_checker", "feature_extractor", "image_encoder"):
+            index[optional] = [None, None]  # not carried: diffusers then loads without them
+        index["requires_safety_checker"] = False
+        save_json({"_class_name": pipe.model_index.get("_class_name", MODEL_INDEX["_class_name"]), **index},
+                  tmp / "model_index.json")
+        save_model(pipe.unet, tmp / "unet", DIFFUSERS_WEIGHTS, dtype=dtype)
+        save_model(pipe.vae, tmp / "vae", DIFFUSERS_WEIGHTS, dtype=dtype)
+        save_model(pipe.text_encoder, tmp / "text_encoder", TRANSFORMERS_WEIGHTS, dtype=dtype)
+        pipe.tokenizer.save(tmp / "tokenizer")
+        save_json(pipe.scheduler_config, tmp / "scheduler" / "scheduler_config.json")
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old")
+            out_dir.rename(old)
+            tmp.rename(out_dir)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out_dir
