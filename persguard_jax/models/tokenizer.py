@@ -44,7 +44,14 @@ def train_clip_bpe(texts: Sequence[str], vocab_size: int = 1000) -> Tokenizer:
     trainer = BpeTrainer(vocab_size=vocab_size, special_tokens=[BOS, EOS], end_of_word_suffix="</w>",
                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(list(texts), trainer)
-    return tok
+    # As in CLIP's own vocabulary, every byte also exists as a word-final token ("a</w>"), so no text ever
+    # maps to the unknown token (the trainer only adds the word-final forms it saw).
+    model = json.loads(tok.to_str())["model"]
+    vocab = dict(model["vocab"])
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab.setdefault(ch + "</w>", len(vocab))
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    return build_clip_bpe(vocab, merges)
 
 
 def read_merges(path: Path) -> list[tuple[str, str]]:
@@ -69,6 +76,10 @@ class CLIPTokenizer:
         self.bos_id, self.eos_id = self._id(BOS), self._id(EOS)
         self.pad_token = pad_token
         self.pad_id = self._id(pad_token)
+        if pad_token not in (BOS, EOS):
+            # transformers registers the pad token as a special token, so SD 2.x's "!" pad also splits "!"
+            # out of prompts as that token; match it, since the text encoder was trained on those ids.
+            bpe.add_special_tokens([pad_token])
 
     def _id(self, token: str) -> int:
         i = self.bpe.token_to_id(token)
