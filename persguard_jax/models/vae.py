@@ -21,7 +21,7 @@ from flax import nnx
 
 from persguard_jax.models import layers
 from persguard_jax.models.convert import WeightsError
-from persguard_jax.models.unet import ACTIVATIONS, Downsample2D, Upsample2D
+from persguard_jax.models.unet import ACTIVATIONS, Downsample2D, Upsample2D, _freeze, _thaw
 
 # Checkpoints saved before diffusers 0.14 name the mid-block attention projections the old way.
 LEGACY_RENAMES: list[tuple[str, str]] = [
@@ -32,15 +32,6 @@ IGNORE_KEYS: list[str] = []  # diffusers VAE files hold parameters only
 
 DOWN_BLOCK, UP_BLOCK = "DownEncoderBlock2D", "UpDecoderBlock2D"
 NORM_EPS = 1e-6  # diffusers hard-codes eps 1e-6 for every VAE GroupNorm
-
-
-def _freeze(v: Any) -> Any:
-    """JSON lists -> tuples, so the config is hashable (static data of the jitted module)."""
-    return tuple(_freeze(x) for x in v) if isinstance(v, (list, tuple)) else v
-
-
-def _thaw(v: Any) -> Any:
-    return [_thaw(x) for x in v] if isinstance(v, tuple) else v
 
 
 def _strip_res(block_type: str) -> str:
