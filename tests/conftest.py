@@ -1,6 +1,13 @@
 """Shared test helpers: the PyTorch oracles are imported lazily so torch-free tests run without them."""
 from __future__ import annotations
 
+import os
+
+# 8 fake CPU devices for the sharding tests (must be set before jax starts its CPU backend); single-device
+# tests simply run on the first.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+
 import numpy as np
 import pytest
 

@@ -22,6 +22,7 @@ from flax import nnx
 
 from persguard_jax.models import layers
 from persguard_jax.models.convert import WeightsError
+from persguard_jax.models.remat import maybe_remat
 
 LEGACY_RENAMES: list[tuple[str, str]] = []  # transformers has kept CLIP's parameter names since its first release
 # position_ids were a persistent buffer before transformers 4.31; older files still hold it
@@ -217,12 +218,14 @@ class CLIPEncoder(nnx.Module):
     def __init__(self, cfg, *, dtype, param_dtype, rngs: nnx.Rngs):
         self.layers = nnx.List([CLIPEncoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
                                 for _ in range(cfg.num_hidden_layers)])
+        self.remat = "none"  # rematerialisation policy of the layers (models/remat.py)
 
     def __call__(self, x: jax.Array, *, is_causal: bool) -> tuple[jax.Array, ...]:
         """All hidden states, as transformers' ``hidden_states``: the input, then each layer's output."""
         states = [x]
+        call = maybe_remat(lambda layer, h: layer(h, is_causal=is_causal), self.remat)
         for layer in self.layers:
-            states.append(layer(states[-1], is_causal=is_causal))
+            states.append(call(layer, states[-1]))
         return tuple(states)
 
 

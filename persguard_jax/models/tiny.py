@@ -6,9 +6,8 @@ Same architecture family as SD 1.x, a few hundred thousand parameters.
 from __future__ import annotations
 
 import jax.numpy as jnp
-from flax import nnx
-
 from persguard_jax.models import clip, unet, vae
+from persguard_jax.models.init import random_init
 from persguard_jax.models.pretrained import Pipeline
 from persguard_jax.models.tokenizer import CLIPTokenizer, train_clip_bpe
 from persguard_jax.schedulers import SchedulerConfig
@@ -44,12 +43,11 @@ def tiny_text_config(vocab_size: int) -> clip.CLIPTextConfig:
 def tiny_pipeline(seed: int = 0, *, dtype=jnp.float32, param_dtype=jnp.float32) -> Pipeline:
     """A randomly initialised tiny pipeline (32x32 images, 16x16x4 latents, 77-token context)."""
     tokenizer = CLIPTokenizer(train_clip_bpe(CORPUS, vocab_size=400))
-    rngs = nnx.Rngs(seed)
-    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    kw = dict(dtype=dtype, param_dtype=param_dtype)
     return Pipeline(
-        unet=unet.UNet2DConditionModel(tiny_unet_config(), **kw),
-        vae=vae.AutoencoderKL(tiny_vae_config(), **kw),
-        text_encoder=clip.CLIPTextModel(tiny_text_config(tokenizer.vocab_size), **kw),
+        unet=random_init(unet.UNet2DConditionModel, tiny_unet_config(), seed=seed, **kw),
+        vae=random_init(vae.AutoencoderKL, tiny_vae_config(), seed=seed + 1, **kw),
+        text_encoder=random_init(clip.CLIPTextModel, tiny_text_config(tokenizer.vocab_size), seed=seed + 2, **kw),
         tokenizer=tokenizer,
         scheduler_config=SchedulerConfig().to_dict(),
     )

@@ -46,11 +46,17 @@ def train_clip_bpe(texts: Sequence[str], vocab_size: int = 1000) -> Tokenizer:
     tok.train_from_iterator(list(texts), trainer)
     # As in CLIP's own vocabulary, every byte also exists as a word-final token ("a</w>"), so no text ever
     # maps to the unknown token (the trainer only adds the word-final forms it saw).
+    # Ids are reassigned in CLIP's own order (specials, bytes, word-final bytes, then one token per merge): the
+    # trainer numbers its alphabet in hash-map order, which differs between processes, and the same corpus must
+    # give the same ids everywhere (a model trained in one process is sampled in another).
     model = json.loads(tok.to_str())["model"]
-    vocab = dict(model["vocab"])
-    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
-        vocab.setdefault(ch + "</w>", len(vocab))
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    ordered = [BOS, EOS, *alphabet, *(ch + "</w>" for ch in alphabet), *(a + b for a, b in merges),
+               *sorted(model["vocab"])]
+    vocab: dict[str, int] = {}
+    for token in ordered:
+        vocab.setdefault(token, len(vocab))
     return build_clip_bpe(vocab, merges)
 
 

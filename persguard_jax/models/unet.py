@@ -22,6 +22,7 @@ from flax import nnx
 
 from persguard_jax.models import layers
 from persguard_jax.models.convert import WeightsError
+from persguard_jax.models.remat import maybe_remat
 
 # diffusers' current key names are used by every UNet checkpoint we load; no legacy renames are needed.
 LEGACY_RENAMES: list[tuple[str, str]] = []
@@ -448,12 +449,18 @@ class UpBlock(nnx.Module):
 
 # --------------------------------------------------------------------------- the model
 
+def _up_call(size: tuple[int, int] | None):
+    """An up-block call with the output size closed over: remat must see it as a constant, not an argument."""
+    return lambda block, x, skips, temb, context: block(x, list(skips), temb, context, size)
+
+
 class UNet2DConditionModel(nnx.Module):
     """``unet(sample (B,H,W,C) NHWC, timesteps () or (B,), context (B,L,D), class_labels=None) -> (B,H,W,out)``."""
 
     def __init__(self, config: UNetConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         config.validate()
         self.config, self.dtype = config, dtype
+        self.remat = "none"  # rematerialisation policy of the blocks (models/remat.py)
         cfg, kw = config, dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         boc, n = cfg.block_out_channels, len(cfg.block_out_channels)
         temb = cfg.time_embed_dim
@@ -530,15 +537,17 @@ class UNet2DConditionModel(nnx.Module):
 
         x = self.conv_in(sample)
         skips = [x]
+        down = maybe_remat(lambda block, *a: block(*a), self.remat)
         for block in self.down_blocks:
-            x, block_skips = block(x, emb, context)
+            x, block_skips = down(block, x, emb, context)
             skips += block_skips
-        x = self.mid_block(x, emb, context)
+        x = maybe_remat(lambda block, *a: block(*a), self.remat)(self.mid_block, x, emb, context)
         for block in self.up_blocks:
             k = len(block.resnets)
             block_skips, skips = skips[-k:], skips[:-k]
             # upsample to the next skip's size: 2x normally, exact for sizes not divisible by 2**n (as diffusers)
             size = tuple(skips[-1].shape[1:3]) if skips else None
-            x = block(x, block_skips, emb, context, size)
+            up = maybe_remat(_up_call(size), self.remat)
+            x = up(block, x, tuple(block_skips), emb, context)
         x = ACTIVATIONS[cfg.act_fn](self.conv_norm_out(x))
         return self.conv_out(x)

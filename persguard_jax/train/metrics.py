@@ -1,0 +1,52 @@
+"""Metrics out of the loop: one JSON line per logged step, and TensorBoard scalars (tensorboardX, no TF)."""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Mapping
+
+import jax
+
+
+class MetricsWriter:
+    """Appends ``{"step": s, "time": t, **metrics}`` to ``<workdir>/metrics.jsonl`` and writes TensorBoard events
+    under ``<workdir>/tensorboard``. Only process 0 writes."""
+
+    def __init__(self, workdir: str | Path, *, tensorboard: bool = True):
+        self.active = jax.process_index() == 0
+        self.path = Path(workdir) / "metrics.jsonl"
+        self._tb = None
+        if self.active:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "a", encoding="utf-8")
+            if tensorboard:
+                from tensorboardX import SummaryWriter
+                self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
+
+    def write(self, step: int, metrics: Mapping[str, float]) -> None:
+        if not self.active:
+            return
+        clean = {k: (float(v) if math.isfinite(float(v)) else str(float(v))) for k, v in metrics.items()}
+        self._file.write(json.dumps({"step": int(step), "time": round(time.time(), 3), **clean}) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for k, v in metrics.items():
+                self._tb.add_scalar(k, float(v), int(step))
+
+    def close(self) -> None:
+        if self.active:
+            self._file.close()
+            if self._tb is not None:
+                self._tb.close()
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """The records of a metrics.jsonl (a resumed run may repeat steps: the later record wins)."""
+    by_step: dict[int, dict] = {}
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            rec = json.loads(line)
+            by_step[rec["step"]] = rec
+    return [by_step[s] for s in sorted(by_step)]
