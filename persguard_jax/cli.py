@@ -1,11 +1,12 @@
 """``persguard <command>``: the command-line face of the library.
 
 Commands so far: ``sample`` (text -> image grid from a diffusers-format pipeline folder), ``init-tiny`` (write
-a tiny random pipeline folder) and ``demo``. Errors from bad input print one line and exit with status 2.
+a tiny random pipeline folder), ``plan`` (how a model's parameters shard over a mesh) and ``demo``. Errors from bad input print one line and exit with status 2.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -78,6 +79,61 @@ def cmd_demo(args: argparse.Namespace) -> None:
           f"synthetic-world model lands). Real Stable Diffusion: persguard sample --model /path/to/sd-folder ...")
 
 
+def _plan_models(args: argparse.Namespace) -> dict:
+    """Abstract models (shapes only, no weights read) for ``persguard plan``."""
+    from persguard_jax.models import pretrained
+    from persguard_jax.models.convert import read_json
+    from persguard_jax.models.unet import unet_config_sd15, unet_config_sd21
+    from persguard_jax.models.vae import vae_config_sd
+
+    kinds = {"unet": pretrained.UNET, "vae": pretrained.VAE, "text_encoder": pretrained.TEXT}
+    if args.model:
+        folder = Path(args.model)
+        parts = [p for p in kinds if (folder / p / "config.json").is_file()]
+        if (folder / "config.json").is_file():  # a single model folder: guess its kind from the config
+            config = read_json(folder / "config.json")
+            kind = "unet" if "down_block_types" in config and "cross_attention_dim" in config else \
+                "vae" if "latent_channels" in config else "text_encoder"
+            return {kind: _abstract(kinds[kind], config, folder / "config.json")}
+        if not parts:
+            raise FileNotFoundError(f"{folder}: no config.json and no unet/, vae/ or text_encoder/ subfolder with one")
+        return {p: _abstract(kinds[p], read_json(folder / p / "config.json"), folder / p / "config.json")
+                for p in parts}
+    unet_cfg = {"sd15": unet_config_sd15, "sd21": unet_config_sd21,
+                "sd21-base": lambda: unet_config_sd21(base=True)}[args.arch]()
+    return {"unet": pretrained.abstract_model(pretrained.UNET.model_cls, unet_cfg),
+            "vae": pretrained.abstract_model(pretrained.VAE.model_cls, vae_config_sd())}
+
+
+def _abstract(kind, config: dict, source: Path):
+    from persguard_jax.models import pretrained
+    return pretrained.abstract_model(kind.model_cls, kind.config_cls.from_dict(config, source=str(source)))
+
+
+def cmd_plan(args: argparse.Namespace) -> None:
+    from persguard_jax import sharding as shd
+    if args.devices:
+        shd.request_cpu_devices(args.devices)  # before jax starts: fake CPU devices to plan a pod from a laptop
+    import jax
+
+    mesh_cfg = shd.MeshConfig(data=args.data, fsdp=args.fsdp, tensor=args.tensor, layout=args.layout,
+                              min_shard_size=args.min_shard_size)
+    mesh = shd.make_mesh(mesh_cfg)
+    models = _plan_models(args)
+    rows = []
+    for name, model in models.items():
+        from flax import nnx
+        shapes = nnx.state(model, nnx.Param).to_pure_dict()
+        sh = shd.param_shardings(shd.logical_axes(model), shapes, mesh, mesh_cfg)
+        rows += [dict(r, name=f"{name}/{r['name']}") for r in shd.sharding_plan(shapes, sh)]
+    print(f"mesh {dict(mesh.shape)} on {len(jax.devices())} {jax.default_backend()} devices, layout {args.layout!r}")
+    print(shd.format_plan(rows, limit=args.limit))
+    per_device = sum(r["bytes_per_device"] for r in rows)
+    full = sum(int(math.prod(r["shape"])) * 4 for r in rows)
+    print(f"float32 parameters: {full / 2**30:.2f} GiB unsharded, {per_device / 2**30:.3f} GiB per device; "
+          f"with AdamW state x3: {3 * per_device / 2**30:.3f} GiB per device")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="persguard", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -106,6 +162,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--overwrite", action="store_true")
     t.set_defaults(fn=cmd_init_tiny)
+
+    p = sub.add_parser("plan", help="print how a model's parameters shard over a mesh (no weights read)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="pipeline folder, or one model folder with config.json")
+    src.add_argument("--arch", choices=("sd15", "sd21", "sd21-base"), help="a standard architecture (UNet + VAE)")
+    p.add_argument("--data", type=int, default=-1)
+    p.add_argument("--fsdp", type=int, default=1)
+    p.add_argument("--tensor", type=int, default=1)
+    p.add_argument("--layout", default="fsdp", help="rules table: fsdp or data")
+    p.add_argument("--min-shard-size", type=int, default=1024)
+    p.add_argument("--devices", type=int, help="fake this many CPU devices (plan a pod on a laptop)")
+    p.add_argument("--limit", type=int, default=25, help="rows shown, largest first (0: all)")
+    p.set_defaults(fn=cmd_plan)
 
     d = sub.add_parser("demo", help="the main job on the built-in tiny world")
     d.add_argument("--out", default="runs/demo")

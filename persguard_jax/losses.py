@@ -163,14 +163,20 @@ def denoising_loss(params, batch, rng, *, model, schedule: schedulers.Schedule,
 
 # --------------------------------------------------------------------------- combinators
 
+def _example_weights(batch) -> jax.Array | float:
+    """``batch["weight"]`` as float32, or 1: the per-example weights every re-weighting combinator keeps."""
+    return batch["weight"].astype(jnp.float32) if "weight" in batch else 1.0
+
+
 def masked(loss_fn: LossFn, mask_key: str, *, invert: bool = False) -> LossFn:
     """The loss over the examples where ``batch[mask_key]`` is true (false with ``invert``): the mean of the
-    inner loss's per-example values under the mask. The model still sees the whole batch (one call)."""
+    inner loss's per-example values under the mask (times ``batch["weight"]`` if present). The model still sees
+    the whole batch (one call)."""
     def fn(params, batch, rng):
         _, aux = loss_fn(params, batch, rng)
         mask = batch[mask_key].astype(bool)
-        mask = ~mask if invert else mask
-        loss = weighted_mean(aux["per_example"], mask.astype(jnp.float32))
+        mask = (~mask if invert else mask).astype(jnp.float32) * _example_weights(batch)
+        loss = weighted_mean(aux["per_example"], mask)
         return loss, {**aux, "loss": loss}
     return fn
 
@@ -197,8 +203,9 @@ def prior_preservation(loss_fn: LossFn, *, weight: float = 1.0, prior_key: str =
     def fn(params, batch, rng):
         _, aux = loss_fn(params, batch, rng)
         prior = batch[prior_key].astype(jnp.float32)
-        instance = weighted_mean(aux["per_example"], 1.0 - prior)
-        prior_loss = weighted_mean(aux["per_example"], prior)
+        w = _example_weights(batch)
+        instance = weighted_mean(aux["per_example"], (1.0 - prior) * w)
+        prior_loss = weighted_mean(aux["per_example"], prior * w)
         loss = instance + weight * prior_loss
         return loss, {**aux, "loss": loss, "instance_loss": instance, "prior_loss": prior_loss}
     return fn

@@ -100,3 +100,16 @@ def test_global_batch_from_process_shares():
     assert batch["x"].sharding.spec == P(("data", "fsdp"), None)
     np.testing.assert_array_equal(np.asarray(batch["x"]), local["x"])
     assert shd.batch_divisor(mesh, cfg) == 8
+
+
+def test_plan_command_sd15(capsys):
+    """``persguard plan`` on the full-size SD 1.5 UNet + VAE (abstract: no weights), fsdp=8."""
+    from persguard_jax.cli import main
+    assert main(["plan", "--arch", "sd15", "--fsdp", "8", "--limit", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "mesh {'data': 1, 'fsdp': 8, 'tensor': 1}" in out
+    assert "unet/up_blocks/0/resnets/0/conv1/kernel  (3, 3, 2560, 1280)" in out and "'fsdp'" in out
+    per_device = int(out.split(" arrays, ")[1].split(" bytes per device")[0].replace(",", ""))
+    elements = int(out.split("bytes per device (")[1].split(" elements")[0].replace(",", ""))
+    assert per_device <= elements * 4 / 8 * 1.01  # float32, 1/8 per device up to the small replicated arrays
+    assert main(["plan", "--model", "/nonexistent/folder"]) == 2
