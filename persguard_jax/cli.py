@@ -1,7 +1,8 @@
 """``persguard <command>``: the command-line face of the library.
 
 Commands so far: ``sample`` (text -> image grid from a diffusers-format pipeline folder), ``init-tiny`` (write
-a tiny random pipeline folder), ``plan`` (how a model's parameters shard over a mesh) and ``demo``. Errors from bad input print one line and exit with status 2.
+a tiny random pipeline folder), ``plan`` (how a model's parameters shard over a mesh), ``personalize``
+(DreamBooth) and ``demo``. Errors from bad input print one line and exit with status 2.
 """
 from __future__ import annotations
 
@@ -134,6 +135,26 @@ def cmd_plan(args: argparse.Namespace) -> None:
           f"with AdamW state x3: {3 * per_device / 2**30:.3f} GiB per device")
 
 
+def cmd_personalize(args: argparse.Namespace) -> None:
+    from persguard_jax import sharding as shd
+    shd.request_cpu_devices()  # on a CPU: one device per core, so the data axis uses them all
+    from persguard_jax import config as cfglib
+    from persguard_jax.workflows.personalize import DEFAULT_CONFIG, personalize
+
+    overrides = list(args.overrides)
+    if args.instance_prompt:
+        overrides.append(f"dreambooth.instance_prompt={args.instance_prompt}")
+    if args.class_prompt:
+        overrides.append(f"dreambooth.class_prompt={args.class_prompt}")
+    raw = cfglib.load_config(args.config or DEFAULT_CONFIG, overrides)
+    results = personalize(args.model, args.instance_dir, args.out, raw, overwrite=args.overwrite, resume=args.resume)
+    if results.get("preempted"):
+        print(f"stopped at step {results['step']} (SIGTERM); rerun with --resume to continue")
+        return
+    print(f"personalised model: {results['model']}\nsamples: {results['samples']}\n"
+          f"results: {Path(args.out) / 'results.json'} ({results['steps']} steps in {results['wall_s']} s)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="persguard", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -175,6 +196,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--devices", type=int, help="fake this many CPU devices (plan a pod on a laptop)")
     p.add_argument("--limit", type=int, default=25, help="rows shown, largest first (0: all)")
     p.set_defaults(fn=cmd_plan)
+
+    z = sub.add_parser("personalize", help="DreamBooth with prior preservation (the simulated attacker)")
+    z.add_argument("--model", required=True, help="diffusers pipeline folder to personalise")
+    z.add_argument("--instance-dir", required=True, help="folder of the subject's photos (jpg, png, webp)")
+    z.add_argument("--instance-prompt", help='e.g. "a photo of sks person" (default: from the config)')
+    z.add_argument("--class-prompt", help='e.g. "a photo of person" (default: from the config)')
+    z.add_argument("--out", required=True, help="new folder for checkpoints, the model, samples and results")
+    z.add_argument("--config", help="YAML config (default: configs/dreambooth_sd15.yaml)")
+    z.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    z.add_argument("--resume", action="store_true", help="continue the run in an existing --out folder")
+    z.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. dreambooth.steps=400")
+    z.set_defaults(fn=cmd_personalize)
 
     d = sub.add_parser("demo", help="the main job on the built-in tiny world")
     d.add_argument("--out", default="runs/demo")

@@ -148,13 +148,17 @@ def _decode(graphdef, state, z):
 def text_to_image(pipe, prompts: Sequence[str], negative_prompts: Sequence[str] | str | None = None, *,
                   num_steps: int = 50, guidance_scale: float = 7.5, seed: int = 0, sampler: str = "ddim",
                   eta: float = 0.0, height: int | None = None, width: int | None = None,
-                  latents: jax.Array | None = None, seed_offset: int = 0, progress: bool = True) -> np.ndarray:
+                  latents: jax.Array | None = None, seed_offset: int = 0, progress: bool = True,
+                  output_type: str = "images") -> np.ndarray:
     """Images ``(N, H, W, 3)`` in [0, 1] for ``prompts``, as diffusers' ``StableDiffusionPipeline`` makes them.
 
     Classifier-free guidance runs against ``negative_prompts`` (the empty prompt when None). The sampler
     timesteps and DDIM targets follow diffusers for the pipeline's ``scheduler_config``; ``latents`` (NHWC,
-    unit variance) replaces the seeded initial noise.
+    unit variance) replaces the seeded initial noise. ``output_type="latents"`` returns the final latents
+    (NHWC, in the UNet's scaled latent space) instead of decoded images.
     """
+    if output_type not in ("images", "latents"):
+        raise ValueError(f"output_type must be 'images' or 'latents', got {output_type!r}")
     from persguard_jax.schedulers import (SchedulerConfig, diffusers_ddim_prev_timesteps, make_schedule,
                                           sampling_timesteps)
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -180,6 +184,8 @@ def text_to_image(pipe, prompts: Sequence[str], negative_prompts: Sequence[str] 
     z = sample_latents(denoise, latents, schedule, ts, sampler=sampler, prediction_type=cfg.prediction_type,
                        eta=eta, rng=jax.random.key(seed) if eta else None, progress=progress,
                        prev_timesteps=prev, args=(unet_state, cond, uncond))
+    if output_type == "latents":
+        return np.asarray(z, np.float32)
     vae_cfg = pipe.vae.config
     z = z / vae_cfg.scaling_factor + (vae_cfg.shift_factor or 0.0)
     vae_def, vae_state = nnx.split(pipe.vae)

@@ -215,15 +215,24 @@ def opt_state_shardings(optimizer, params_shapes: Any, shardings: Any, mesh: Mes
         transform_non_params=lambda _: replicated(mesh))
 
 
-def batch_spec(ndim: int, mesh: Mesh, cfg: MeshConfig | None = None) -> P:
-    """Batch arrays are split on their leading dimension over the layout's ``batch`` mesh axes."""
+def batch_spec(ndim: int, mesh: Mesh, cfg: MeshConfig | None = None, size: int | None = None) -> P:
+    """Batch arrays are split on their leading dimension over the layout's ``batch`` mesh axes.
+
+    With ``size`` (the global batch), only as many of those axes as divide it are used, so a DreamBooth batch of
+    1 instance + 1 class image still runs on 8 devices (the devices of the unused axes compute replicas).
+    """
     rules = dict(rules_for((cfg or MeshConfig()).layout))
     axes = tuple(a for a in _axes_of(rules.get("batch", BATCH_AXES)) if a in mesh.axis_names)
+    if size is not None:
+        sizes = dict(zip(mesh.axis_names, mesh.devices.shape))
+        while axes and size % math.prod(sizes[a] for a in axes):
+            axes = axes[:-1]
     return P(axes if len(axes) > 1 else (axes[0] if axes else None), *([None] * (ndim - 1)))
 
 
 def batch_sharding(batch: Any, mesh: Mesh, cfg: MeshConfig | None = None) -> Any:
-    return jax.tree.map(lambda x: NamedSharding(mesh, batch_spec(np.ndim(x), mesh, cfg)), batch)
+    """Shardings for a global batch (arrays or shapes): leading dimension over the batch axes that divide it."""
+    return jax.tree.map(lambda x: NamedSharding(mesh, batch_spec(np.ndim(x), mesh, cfg, np.shape(x)[0])), batch)
 
 
 def batch_divisor(mesh: Mesh, cfg: MeshConfig | None = None) -> int:
@@ -239,8 +248,8 @@ def global_batch(local_batch: Any, mesh: Mesh, cfg: MeshConfig | None = None) ->
     global arrays sharded over the batch axes. On one process this is a plain ``device_put``."""
     def one(x):
         x = np.asarray(x)
-        sharding = NamedSharding(mesh, batch_spec(x.ndim, mesh, cfg))
         global_shape = (x.shape[0] * jax.process_count(),) + x.shape[1:]
+        sharding = NamedSharding(mesh, batch_spec(x.ndim, mesh, cfg, global_shape[0]))
         return jax.make_array_from_process_local_data(sharding, x, global_shape)
     return jax.tree.map(one, local_batch)
 

@@ -8,6 +8,20 @@ import os
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
+# A compilation cache for this test session only (a fresh folder, inherited by the subprocesses the tests start):
+# XLA:CPU takes 10-30 s per training-step compile on 2 cores, and several tests compile the same program.
+_SESSION_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import tempfile
+    _SESSION_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="persguard-test-xla-cache-")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _SESSION_CACHE:
+        import shutil
+        shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
+
 import numpy as np
 import pytest
 

@@ -1,0 +1,80 @@
+"""YAML configs with ``key=value`` overrides from the command line.
+
+A config is a YAML mapping; ``load_config(path, ["optimizer.learning_rate=1e-6", "lora.rank=8"])`` returns the
+nested dict with the overrides applied (values parsed as YAML, so ``true``, ``1e-6``, ``[a, b]`` and ``null``
+work). Unknown top-level keys are caught by the dataclasses each section is read into (``from_dict``).
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def apply_overrides(config: dict, overrides: Iterable[str], *, source: str = "command line") -> dict:
+    """A copy of ``config`` with each ``a.b.c=value`` set (intermediate mappings are created)."""
+    config = copy.deepcopy(config)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"{source}: override {item!r} is not key=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        node = config
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"{source}: cannot set {key}: {part} is a {type(child).__name__}, not a mapping")
+            node = child
+        node[parts[-1]] = value
+    return config
+
+
+def load_config(path: str | Path, overrides: Iterable[str] = ()) -> dict:
+    return apply_overrides(read_yaml(path), overrides)
+
+
+def section(config: dict, name: str) -> dict:
+    value = config.get(name) or {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"config section {name!r} must be a mapping, got {value!r}")
+    return value
+
+
+def dump(config: dict, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+
+
+def get(config: dict, dotted: str, default: Any = None) -> Any:
+    node: Any = config
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return default
+        node = node[part]
+    return node

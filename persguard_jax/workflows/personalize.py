@@ -1,0 +1,331 @@
+"""``persguard personalize``: DreamBooth with prior preservation on the engine, the simulated attacker.
+
+Reads a diffusers pipeline folder and a folder of instance photos, generates (or reads) class images for prior
+preservation, caches VAE latents (mean/logvar, sampled each step) and, when the text encoder is frozen, the
+prompt embeddings, then trains with ``dreambooth_loss`` through the engine's step and loop. Writes into ``out``:
+``checkpoints/`` (Orbax, resumable), ``metrics.jsonl``, ``class_images/`` (the cache, unless ``class_dir`` names
+another folder), ``model/`` (the personalised pipeline, diffusers layout), ``samples.png`` (eval prompts),
+``config.yaml`` (the resolved config) and ``results.json``.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from persguard_jax import config as cfglib
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "dreambooth_sd15.yaml"
+
+
+@dataclass(frozen=True)
+class DreamBoothConfig:
+    instance_prompt: str = "a photo of sks person"
+    class_prompt: str = "a photo of person"
+    resolution: int = 512
+    steps: int = 1000
+    batch_size: int = 1                 # instance examples per step (each paired with one class example)
+    prior_weight: float = 1.0           # lambda; 0 turns prior preservation off (no class images needed)
+    num_class_images: int = 200
+    class_dir: str | None = None        # read (and top up) class images here; default <out>/class_images
+    class_sample_steps: int = 50
+    class_guidance: float = 7.5
+    class_negative_prompt: str = ""
+    class_batch_size: int = 8
+    train_text_encoder: bool = True
+    remat: str = "none"                 # none | dots_saveable | full
+    seed: int = 0
+    eval_prompts: tuple[str, ...] = ()  # default: the instance and the class prompt
+    eval_num_images: int = 4
+    eval_steps: int = 50
+    eval_guidance: float = 7.5
+    eval_negative_prompt: str = ""
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> "DreamBoothConfig":
+        d = dict(d or {})
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise cfglib.ConfigError(f"dreambooth config: unknown keys {sorted(unknown)}; known: {sorted(names)}")
+        if "eval_prompts" in d and d["eval_prompts"] is not None:
+            d["eval_prompts"] = tuple(d["eval_prompts"])
+        cfg = cls(**{k: v for k, v in d.items() if v is not None or k == "class_dir"})
+        if cfg.steps < 1 or cfg.batch_size < 1 or cfg.resolution < 8:
+            raise cfglib.ConfigError(f"dreambooth config: steps, batch_size >= 1 and resolution >= 8 required, got "
+                                     f"steps={cfg.steps} batch_size={cfg.batch_size} resolution={cfg.resolution}")
+        return cfg
+
+
+@dataclass
+class Settings:
+    """Every section of a personalisation config, parsed."""
+    dreambooth: DreamBoothConfig
+    optimizer: Any
+    step: Any
+    loss: dict
+    mesh: Any
+    loop: Any
+    lora: Any = None
+    raw: dict = field(default_factory=dict)
+
+
+def parse_config(raw: dict) -> Settings:
+    from persguard_jax.lora import LoRAConfig
+    from persguard_jax.sharding import MeshConfig
+    from persguard_jax.train import LoopConfig, OptimizerConfig, StepConfig
+    known = {"dreambooth", "optimizer", "step", "loss", "mesh", "loop", "lora"}
+    unknown = set(raw) - known
+    if unknown:
+        raise cfglib.ConfigError(f"config: unknown sections {sorted(unknown)}; known: {sorted(known)}")
+    db = DreamBoothConfig.from_dict(cfglib.section(raw, "dreambooth"))
+    loop = dict(cfglib.section(raw, "loop"))
+    loop["num_steps"] = db.steps
+    opt = dict(cfglib.section(raw, "optimizer"))
+    opt.setdefault("total_steps", db.steps)
+    lora = raw.get("lora")
+    return Settings(dreambooth=db, optimizer=OptimizerConfig.from_dict(opt),
+                    step=StepConfig.from_dict(cfglib.section(raw, "step")), loss=dict(cfglib.section(raw, "loss")),
+                    mesh=MeshConfig.from_dict(cfglib.section(raw, "mesh")), loop=LoopConfig.from_dict(loop),
+                    lora=LoRAConfig.from_dict(lora) if lora else None, raw=raw)
+
+
+# --------------------------------------------------------------------------- output folder
+
+def prepare_output(out: Path, *, overwrite: bool, resume: bool) -> None:
+    """Refuse to touch an existing non-empty folder unless told: ``resume`` continues in it, ``overwrite``
+    deletes it first."""
+    if out.exists() and any(out.iterdir()):
+        if resume:
+            return
+        if not overwrite:
+            raise FileExistsError(f"{out}: already exists and is not empty (pass --resume to continue the run in it, "
+                                  f"or --overwrite to replace it)")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+# --------------------------------------------------------------------------- class images
+
+def ensure_class_images(pipe, folder: Path, cfg: DreamBoothConfig) -> None:
+    """Top ``folder`` up to ``num_class_images`` PNGs sampled from the model with the class prompt. Image ``i``
+    always comes from seed offset ``i``: an interrupted generation resumes where it stopped."""
+    from tqdm.auto import tqdm
+
+    from persguard_jax.data.images import IMAGE_SUFFIXES
+    from persguard_jax.report import save_png
+    from persguard_jax.sample import text_to_image
+    folder.mkdir(parents=True, exist_ok=True)
+    have = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    missing = cfg.num_class_images - len(have)
+    if missing <= 0:
+        return
+    start = len(have)
+    bar = tqdm(total=missing, desc="class images", unit="img")
+    for offset in range(start, cfg.num_class_images, cfg.class_batch_size):
+        n = min(cfg.class_batch_size, cfg.num_class_images - offset)
+        images = text_to_image(pipe, [cfg.class_prompt] * n, cfg.class_negative_prompt,
+                               num_steps=cfg.class_sample_steps, guidance_scale=cfg.class_guidance,
+                               seed=cfg.seed + 1, seed_offset=offset, height=cfg.resolution, width=cfg.resolution,
+                               progress=False)
+        for j, image in enumerate(images):
+            pixels = (np.clip(image, 0.0, 1.0) * 255).round().astype(np.uint8)
+            save_png(pixels, folder / f"class_{offset + j:05d}.png")  # atomic: a crash leaves no half file
+        bar.update(n)
+    bar.close()
+
+
+# --------------------------------------------------------------------------- caching
+
+def encode_latents(pipe, images: np.ndarray, batch: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """VAE posterior (mean, logvar) of images in [-1, 1], computed once; a draw is taken every step."""
+    import jax
+    from flax import nnx
+    graphdef, state = nnx.split(pipe.vae)
+
+    @jax.jit
+    def encode(state, x):
+        return nnx.merge(graphdef, state).encode(x)
+
+    means, logvars = [], []
+    for i in range(0, len(images), batch):
+        m, lv = encode(state, images[i:i + batch].astype(np.float32))
+        means.append(np.asarray(m, np.float32))
+        logvars.append(np.asarray(lv, np.float32))
+    return np.concatenate(means), np.concatenate(logvars)
+
+
+class PairSource:
+    """Item ``i``: instance example ``i mod n_inst`` and class example ``i mod n_class`` stacked as ``(2, ...)``
+    (the class half repeats the instance one when prior preservation is off)."""
+
+    def __init__(self, instance: Mapping[str, np.ndarray], prior: Mapping[str, np.ndarray] | None):
+        self.instance, self.prior = instance, prior
+        self.n_inst = len(next(iter(instance.values())))
+        self.n_prior = len(next(iter(prior.values()))) if prior else 0
+
+    def __len__(self) -> int:
+        return max(self.n_inst, self.n_prior)
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        inst = {k: v[i % self.n_inst] for k, v in self.instance.items()}
+        other = {k: v[i % self.n_prior] for k, v in self.prior.items()} if self.prior else inst
+        return {k: np.stack([inst[k], other[k]]) for k in inst}
+
+
+def _flatten_pairs(batch: dict) -> dict:
+    from persguard_jax.workflows.dreambooth import pairs_to_examples
+    return pairs_to_examples(batch)
+
+
+# --------------------------------------------------------------------------- the run
+
+def personalize(model_dir: str | Path, instance_dir: str | Path, out: str | Path, raw_config: dict, *,
+                overwrite: bool = False, resume: bool = False) -> dict:
+    """Run DreamBooth; returns the results dict (also written to ``out/results.json``)."""
+    import jax
+
+    from persguard_jax import losses
+    from persguard_jax import sharding as shd
+    from persguard_jax.data.batches import StepBatches, batch_iterator
+    from persguard_jax.data.images import load_folder
+    from persguard_jax.models import load_pipeline, save_pipeline
+    from persguard_jax.models import functional as F
+    from persguard_jax.models.remat import set_remat
+    from persguard_jax.report import image_grid, save_png
+    from persguard_jax.sample import encode_text, text_to_image
+    from persguard_jax.schedulers import SchedulerConfig, make_schedule
+    from persguard_jax.train import create_state, make_optimizer, make_train_step, train
+    from persguard_jax.workflows.dreambooth import dreambooth_loss
+
+    settings = parse_config(raw_config)
+    db = settings.dreambooth
+    out = Path(out)
+    t0 = time.time()
+    # read every input before anything is written: bad photos fail here, naming them all
+    instance_images = load_folder(instance_dir, db.resolution)
+    pipe = load_pipeline(model_dir)
+    prepare_output(out, overwrite=overwrite, resume=resume)
+    cfglib.dump(settings.raw, out / "config.yaml")
+
+    use_prior = db.prior_weight > 0
+    if use_prior:
+        class_dir = Path(db.class_dir) if db.class_dir else out / "class_images"
+        ensure_class_images(pipe, class_dir, db)
+        class_images = load_folder(class_dir, db.resolution)[: db.num_class_images]
+
+    print(f"encoding {len(instance_images)} instance" + (f" and {len(class_images)} class" if use_prior else "")
+          + " images with the VAE (cached for all steps)")
+    inst_mean, inst_logvar = encode_latents(pipe, instance_images)
+    instance = {"latent_mean": inst_mean, "latent_logvar": inst_logvar}
+    prior = None
+    if use_prior:
+        cls_mean, cls_logvar = encode_latents(pipe, class_images)
+        prior = {"latent_mean": cls_mean, "latent_logvar": cls_logvar}
+    if db.train_text_encoder:
+        instance["input_ids"] = np.repeat(pipe.tokenizer([db.instance_prompt]), len(inst_mean), 0)
+        if prior:
+            prior["input_ids"] = np.repeat(pipe.tokenizer([db.class_prompt]), len(prior["latent_mean"]), 0)
+    else:  # frozen text encoder: the two prompt embeddings are computed once
+        instance["context"] = np.repeat(np.asarray(encode_text(pipe, [db.instance_prompt])), len(inst_mean), 0)
+        if prior:
+            prior["context"] = np.repeat(np.asarray(encode_text(pipe, [db.class_prompt])),
+                                         len(prior["latent_mean"]), 0)
+
+    # model -> params; what trains
+    mesh = shd.make_mesh(settings.mesh)
+    set_remat(pipe.unet, db.remat)
+    set_remat(pipe.text_encoder, db.remat)
+    modules = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
+    logical = {k: shd.logical_axes(m) for k, m in modules.items()}
+    model, params = F.split_modules(modules)
+    trainable = ["unet", "text_encoder"] if db.train_text_encoder else ["unet"]
+    scheduler_cfg = SchedulerConfig.from_dict(pipe.scheduler_config)
+    loss_cfg = losses.LossConfig.from_dict({"prediction_type": scheduler_cfg.prediction_type,
+                                            "scaling_factor": pipe.vae.config.scaling_factor, **settings.loss})
+    loss_kw = dict(model=model, schedule=make_schedule(scheduler_cfg), cfg=loss_cfg,
+                   prior_weight=db.prior_weight if use_prior else 0.0)
+    if settings.lora is not None:
+        from persguard_jax import lora as loralib
+        lora_params = loralib.init_lora(params, settings.lora, jax.random.key(db.seed))
+        # distinct top-level names: the step merges the trainable and the frozen tree before calling the loss
+        train_params, frozen = {"lora": lora_params}, {"base": params}
+        train_logical = {"lora": loralib.lora_logical_axes(logical, lora_params)}
+        frozen_logical = {"base": logical}
+
+        def loss_fn(p, batch, rng):
+            return dreambooth_loss(loralib.apply_lora(p["base"], p["lora"], settings.lora), batch, rng, **loss_kw)
+    else:
+        train_params, frozen = F.partition(params, trainable)
+        train_logical, frozen_logical = F.partition(logical, trainable)
+
+        def loss_fn(p, batch, rng):
+            return dreambooth_loss(p, batch, rng, **loss_kw)
+
+    optimizer = make_optimizer(settings.optimizer)
+    state, state_sh = create_state(train_params, train_logical, optimizer, mesh, settings.mesh, seed=db.seed,
+                                   rng_impl=settings.step.rng_impl)
+    frozen_sh = shd.param_shardings(frozen_logical, frozen, mesh, settings.mesh)
+    frozen = jax.device_put(frozen, frozen_sh)
+
+    source = PairSource(instance, prior)
+    batches = StepBatches(source, global_batch=db.batch_size, num_steps=db.steps, seed=db.seed)
+    example = _flatten_pairs(batches[0])
+    global_example = {k: jax.ShapeDtypeStruct((v.shape[0] * jax.process_count(),) + v.shape[1:], v.dtype)
+                      for k, v in example.items()}
+    step = make_train_step(loss_fn, optimizer, state_shardings=state_sh, frozen_shardings=frozen_sh,
+                           batch_shardings=shd.batch_sharding(global_example, mesh, settings.mesh),
+                           cfg=settings.step)
+    result = train(step, state, frozen, _Mapped(batch_iterator(batches), _flatten_pairs), workdir=out,
+                   cfg=settings.loop, mesh=mesh, mesh_cfg=settings.mesh, state_shardings=state_sh)
+    if result.preempted:
+        return {"preempted": True, "step": result.step}
+
+    # write the personalised weights back into the modules, export, sample
+    trained = jax.device_get(result.state.params)
+    if settings.lora is not None:
+        from persguard_jax import lora as loralib
+        final = loralib.apply_lora(jax.device_get(frozen["base"]), trained["lora"], settings.lora)
+    else:
+        final = F.merge(trained, jax.device_get(frozen))
+    set_remat(pipe.unet, "none")
+    set_remat(pipe.text_encoder, "none")
+    F.update_modules(modules, final)
+    model_out = save_pipeline(pipe, out / "model", overwrite=True)
+    prompts = list(db.eval_prompts) or [db.instance_prompt, db.class_prompt]
+    images = text_to_image(pipe, [p for p in prompts for _ in range(db.eval_num_images)], db.eval_negative_prompt,
+                           num_steps=db.eval_steps, guidance_scale=db.eval_guidance, seed=db.seed,
+                           height=db.resolution, width=db.resolution)
+    save_png(image_grid(images, ncols=db.eval_num_images), out / "samples.png")
+    results = {"steps": result.step, "resumed_from": result.resumed_from, "final_metrics": result.last_metrics,
+               "instance_images": len(instance_images), "class_images": len(class_images) if use_prior else 0,
+               "trainable": "lora" if settings.lora is not None else trainable,
+               "model": str(model_out), "samples": str(out / "samples.png"), "wall_s": round(time.time() - t0, 1)}
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=2))
+    tmp.replace(out / "results.json")
+    return results
+
+
+class _Mapped:
+    """A checkpointable iterator with a function applied to each item (state passes through)."""
+
+    def __init__(self, it, fn):
+        self.it, self.fn = it, fn
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return self.fn(next(self.it))
+
+    def get_state(self):
+        return self.it.get_state()
+
+    def set_state(self, state):
+        self.it.set_state(state)
