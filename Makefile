@@ -11,7 +11,8 @@ PYTHON := python3
 endif
 VENV ?= .venv
 PY := $(VENV)/bin/python
-PYTEST_ARGS ?=
+# two workers: XLA:CPU compiles one program at a time per process, most test time is compilation
+PYTEST_ARGS ?= -n 2
 
 .PHONY: venv test demo bench test-latest clean
 
@@ -37,7 +38,7 @@ PYTHON312 ?= python3.12
 test-latest:
 	$(PYTHON312) -m venv .venv312
 	.venv312/bin/python -m pip install -q --upgrade pip
-	.venv312/bin/python -m pip install -q -e . pytest
+	.venv312/bin/python -m pip install -q -e . pytest pytest-xdist
 	.venv312/bin/python -m pytest -q $(PYTEST_ARGS)
 
 clean:

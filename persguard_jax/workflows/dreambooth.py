@@ -45,17 +45,21 @@ def dreambooth_loss(params, batch, rng, *, model, schedule, cfg: losses.LossConf
 def finetune(params: Any, data: Mapping[str, jax.Array], steps: int, *, model, schedule, rng: jax.Array,
              trainable: Sequence[str] = ("unet",), learning_rate: float = 5e-6,
              loss_cfg: losses.LossConfig = losses.LossConfig(), prior_weight: float = 1.0,
-             optimizer: optax.GradientTransformation | None = None) -> tuple[Any, jax.Array]:
+             optimizer: optax.GradientTransformation | None = None,
+             per_step_data: bool = False) -> tuple[Any, jax.Array]:
     """``steps`` DreamBooth updates of the ``trainable`` parameters on ``data`` (one batch, fresh noise and
     timesteps each step), as one ``jax.lax.scan``: returns (params after, the loss of each step).
 
     Pure and differentiable: ``jax.grad`` of an outer objective of the returned params flows through every
-    inner step (PersGuard's retention loss). ``data`` leaves may carry a leading ``steps`` dimension to feed a
-    different batch to each step. The default optimizer is Adam (no weight decay), as the papers' attacker.
+    inner step (PersGuard's retention loss). With ``per_step_data`` every ``data`` leaf carries a leading
+    ``steps`` dimension: step ``i`` trains on ``data[i]``. The default optimizer is Adam (no weight decay), as
+    the papers' attacker.
     """
     optimizer = optimizer or optax.adam(learning_rate)
     train, frozen = partition(params, trainable)
-    per_step = all(x.shape[:1] == (steps,) for x in jax.tree.leaves(data)) and steps > 1
+    per_step = per_step_data
+    if per_step and any(x.shape[:1] != (steps,) for x in jax.tree.leaves(data)):
+        raise ValueError(f"per_step_data: every data array needs a leading dimension of {steps} (the steps)")
 
     def loss(p, batch, key):
         return dreambooth_loss(merge(p, frozen), batch, key, model=model, schedule=schedule, cfg=loss_cfg,
