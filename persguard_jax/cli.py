@@ -192,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fsdp", type=int, default=1)
     p.add_argument("--tensor", type=int, default=1)
     p.add_argument("--layout", default="fsdp", help="rules table: fsdp or data")
-    p.add_argument("--min-shard-size", type=int, default=1024)
+    p.add_argument("--min-shard-size", type=int, default=1)
     p.add_argument("--devices", type=int, help="fake this many CPU devices (plan a pod on a laptop)")
     p.add_argument("--limit", type=int, default=25, help="rows shown, largest first (0: all)")
     p.set_defaults(fn=cmd_plan)
