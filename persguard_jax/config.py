@@ -7,9 +7,10 @@ work). Unknown top-level keys are caught by the dataclasses each section is read
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import yaml
 
@@ -32,6 +33,24 @@ _Loader.add_implicit_resolver(
 
 def parse_yaml(text: str):
     return yaml.load(text, Loader=_Loader)
+
+
+class Section:
+    """Mixin for the frozen dataclasses config sections are read into: ``from_dict`` refuses unknown keys
+    (a typo must not be silently ignored), ``to_dict`` gives the mapping back. ``SECTION`` names it in errors."""
+    SECTION = "config"
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None):
+        d = dict(d or {})
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ConfigError(f"{cls.SECTION} config: unknown keys {sorted(unknown)}; known: {sorted(names)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
 
 
 def read_yaml(path: str | Path) -> dict:

@@ -28,13 +28,14 @@ Batch keys read by ``denoising_loss`` (first present wins):
 from __future__ import annotations
 
 import functools
-from dataclasses import asdict, dataclass
-from typing import Any, Callable, Mapping
+from dataclasses import dataclass
+from typing import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 
 from persguard_jax import schedulers
+from persguard_jax.config import Section
 
 Aux = dict[str, jax.Array]
 LossFn = Callable[..., tuple[jax.Array, Aux]]
@@ -42,7 +43,8 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
 @dataclass(frozen=True)
-class LossConfig:
+class LossConfig(Section):
+    SECTION = "loss"
     """Hyperparameters of the denoising loss (hashable: safe to close over in jitted code)."""
     prediction_type: str = "epsilon"    # what the UNet predicts: epsilon | v_prediction | sample
     min_snr_gamma: float | None = None  # Min-SNR-gamma weighting (Hang et al. 2023); None = uniform
@@ -57,16 +59,6 @@ class LossConfig:
         if self.min_snr_gamma is not None and self.min_snr_gamma <= 0:
             raise ValueError(f"min_snr_gamma must be > 0 or None, got {self.min_snr_gamma}")
 
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any] | None) -> "LossConfig":
-        d = dict(d or {})
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"loss config: unknown keys {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
-        return cls(**d)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def bind(loss_fn: LossFn, **kwargs) -> LossFn:

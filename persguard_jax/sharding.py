@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, dataclass
-from typing import Any, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from persguard_jax.config import Section
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # a batch is split over every axis that holds a different slice of data
@@ -55,7 +57,8 @@ RULES: dict[str, Rules] = {
 
 
 @dataclass(frozen=True)
-class MeshConfig:
+class MeshConfig(Section):
+    SECTION = "mesh"
     """Mesh shape. A size of -1 takes the devices left over (at most one axis may say -1).
 
     ``dcn_data`` > 1 builds a multi-slice (hybrid ICI/DCN) mesh for TPU pods: the data axis is split across
@@ -71,16 +74,6 @@ class MeshConfig:
     # (norm scales and biases too: maxdiffusion leaves those replicated, costing ~1 MB per device on SD 1.5)
     min_shard_size: int = 1
 
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any] | None) -> "MeshConfig":
-        d = dict(d or {})
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"mesh config: unknown keys {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
-        return cls(**d)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def resolve_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:

@@ -13,14 +13,15 @@ import math
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import jax
 from tqdm.auto import tqdm
 
 from persguard_jax import sharding as shd
+from persguard_jax.config import Section
 from persguard_jax.train.checkpoint import Checkpointer, abstract_like
 from persguard_jax.train.metrics import MetricsWriter
 
@@ -30,7 +31,8 @@ class TrainingDiverged(RuntimeError):
 
 
 @dataclass(frozen=True)
-class LoopConfig:
+class LoopConfig(Section):
+    SECTION = "loop"
     num_steps: int = 1000
     log_every: int = 10
     checkpoint_every: int = 100
@@ -39,16 +41,6 @@ class LoopConfig:
     tensorboard: bool = True
     progress: bool = True
 
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any] | None) -> "LoopConfig":
-        d = dict(d or {})
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"loop config: unknown keys {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
-        return cls(**d)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass

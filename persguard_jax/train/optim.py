@@ -1,14 +1,16 @@
 """Optimizer from config: optax transforms chained (clipping, then AdamW with a learning-rate schedule)."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any, Mapping
+from dataclasses import dataclass
 
 import optax
 
+from persguard_jax.config import Section
+
 
 @dataclass(frozen=True)
-class OptimizerConfig:
+class OptimizerConfig(Section):
+    SECTION = "optimizer"
     learning_rate: float = 5e-6
     schedule: str = "constant"     # constant | cosine | linear (decay to 0 over total_steps, after warmup)
     warmup_steps: int = 0
@@ -19,17 +21,6 @@ class OptimizerConfig:
     weight_decay: float = 1e-2
     max_grad_norm: float | None = 1.0  # global-norm clipping; None = off
 
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any] | None) -> "OptimizerConfig":
-        d = dict(d or {})
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"optimizer config: unknown keys {sorted(unknown)}; "
-                             f"known: {sorted(cls.__dataclass_fields__)}")
-        return cls(**d)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def learning_rate_schedule(cfg: OptimizerConfig) -> optax.Schedule:

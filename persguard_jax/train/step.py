@@ -18,35 +18,27 @@ frozen, batch).compile()`` compiles ahead of time (and ``.memory_analysis()`` re
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from persguard_jax.config import Section
 from persguard_jax.losses import scalar_metrics
 from persguard_jax.models.functional import cast_floating, merge
 from persguard_jax.train.state import TrainState
 
 
 @dataclass(frozen=True)
-class StepConfig:
+class StepConfig(Section):
+    SECTION = "step"
     compute_dtype: str | None = None   # None: the parameters' dtype; "bfloat16": bf16 compute, fp32 master weights
     grad_accum: int = 1
     ema_decay: float | None = None     # used when the state carries an EMA
     rng_impl: str | None = None        # PRNG implementation of state.rng (None: jax's default)
 
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any] | None) -> "StepConfig":
-        d = dict(d or {})
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"step config: unknown keys {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
-        return cls(**d)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def _micro_batches(batch: Any, n: int) -> Any:
