@@ -49,9 +49,12 @@ import argparse
 import copy
 import json
 import os
-import platform
-import statistics
+import sys
 import time
+
+if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # imported rather than run as a script
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import cpu_times, device_info, interleaved, request_cpu_devices, steal_pct, versions
 
 BATCH, LATENT, CONTEXT_LEN = 2, 16, 77
 LR, BETAS, EPS, WEIGHT_DECAY = 1e-4, (0.9, 0.999), 1e-8, 1e-2  # torch.optim.AdamW defaults, lr aside
@@ -71,13 +74,6 @@ def parse_args(argv=None):
     p.add_argument("--no-extra", action="store_true",
                    help="only the main pair (+dp2): skip per-tensor AdamW (JAX) and default AdamW (torch)")
     return p.parse_args(argv)
-
-
-def request_cpu_devices(n: int = DP_DEVICES) -> None:
-    """Ask XLA for ``n`` CPU devices; only effective before jax's CPU backend starts (``main`` calls it first)."""
-    flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_force_host_platform_device_count" not in flags:
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
 
 
 # --------------------------------------------------------------------------- shared data
@@ -250,76 +246,10 @@ class JaxRunner:
         return float(loss.block_until_ready())
 
 
-# --------------------------------------------------------------------------- timing
-
-def interleaved(variants: dict, batches: dict, *, rounds: int, block: int, warmup: int):
-    """Median seconds per step of each variant, blocks of ``block`` steps interleaved over ``rounds`` rounds.
-
-    Returns (medians, all step times, first-step losses) keyed like ``variants``.
-    """
-    times = {name: [] for name in variants}
-    first_loss = {}
-    counters = dict.fromkeys(variants, 0)
-
-    def run(name, record):
-        bs = batches[name]
-        b = bs[counters[name] % len(bs)]
-        counters[name] += 1
-        t0 = time.perf_counter()
-        loss = variants[name](b)
-        dt = time.perf_counter() - t0
-        first_loss.setdefault(name, loss)
-        if record:
-            times[name].append(dt)
-
-    for name in variants:
-        for _ in range(warmup):
-            run(name, False)
-    for _ in range(rounds):
-        for name in variants:
-            for _ in range(block):
-                run(name, True)
-    return {name: statistics.median(ts) for name, ts in times.items()}, times, first_loss
-
-
-def versions() -> dict:
-    import importlib.metadata as md
-    out = {"python": platform.python_version()}
-    for pkg in ("jax", "jaxlib", "flax", "optax", "torch", "diffusers"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = None
-    return out
-
-
-def device_info() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} logical cores"
-
-
-def cpu_times():
-    """Aggregate (steal, total) jiffies from /proc/stat, or None off Linux."""
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if not args.no_dp2:
-        request_cpu_devices()
+        request_cpu_devices(DP_DEVICES)
     import jax
     import numpy as np
     from jax.sharding import Mesh
@@ -361,7 +291,6 @@ def main(argv=None) -> dict:
     cpu0 = cpu_times()
     med, _, loss = interleaved(variants, data, rounds=args.rounds, block=args.block, warmup=args.warmup)
     cpu1 = cpu_times()
-    steal_pct = (100.0 * (cpu1[0] - cpu0[0]) / max(cpu1[1] - cpu0[1], 1)) if cpu0 and cpu1 else None
     if compile_loss is not None:
         loss["torch_compile"] = compile_loss
 
@@ -392,7 +321,7 @@ def main(argv=None) -> dict:
         "param_count": sum(p.numel() for p in tmodel.parameters()),
         "steps_timed_per_variant": args.rounds * args.block,
         "load_avg_1min": load_avg,
-        "cpu_steal_pct": steal_pct,
+        "cpu_steal_pct": steal_pct(cpu0, cpu1),
         "jax_backend": jax.default_backend(),
         "jax_devices": jax.device_count(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
