@@ -11,12 +11,13 @@ import statistics
 import time
 
 
-def request_cpu_devices(n: int) -> None:
-    """Ask XLA for ``n`` CPU devices; only effective before jax's CPU backend starts (call it before importing
-    jax). Leaves XLA_FLAGS alone when it already names a device count."""
-    flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_force_host_platform_device_count" not in flags:
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+def add_timing_args(p) -> None:
+    """The interleaved-timing flags every benchmark takes (see ``interleaved``)."""
+    p.add_argument("--json", action="store_true", help="print one JSON line")
+    p.add_argument("--rounds", type=int, default=8, help="interleaved rounds (default 8)")
+    p.add_argument("--block", type=int, default=4, help="steps per variant per round (default 4)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first (default 3)")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2, the cores here)")
 
 
 def interleaved(variants: dict, batches: dict, *, rounds: int, block: int, warmup: int):

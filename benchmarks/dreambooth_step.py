@@ -66,7 +66,7 @@ from pathlib import Path
 
 if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # imported rather than run as a script
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import cpu_times, device_info, interleaved, load_avg_1min, steal_pct, versions
+from common import add_timing_args, cpu_times, device_info, interleaved, load_avg_1min, steal_pct, versions
 
 INSTANCE_PROMPT, CLASS_PROMPT = "a photo of sks person", "a photo of person"
 LR, BETAS, EPS, WEIGHT_DECAY, MAX_GRAD_NORM = 5e-6, (0.9, 0.999), 1e-8, 1e-2, 1.0
@@ -76,11 +76,7 @@ NUM_BATCHES = 8
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--json", action="store_true", help="print one JSON line")
-    p.add_argument("--rounds", type=int, default=8, help="interleaved rounds (default 8)")
-    p.add_argument("--block", type=int, default=4, help="steps per variant per round (default 4)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first (default 3)")
-    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2, the cores here)")
+    add_timing_args(p)
     p.add_argument("--no-extra", action="store_true", help="skip the default-AdamW torch variant")
     p.add_argument("--breakdown", action="store_true",
                    help="also time UNet-only steps (text encoder frozen, cached context) and a no-op JAX step")

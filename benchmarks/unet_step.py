@@ -54,7 +54,7 @@ import time
 
 if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # imported rather than run as a script
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import cpu_times, device_info, interleaved, request_cpu_devices, steal_pct, versions
+from common import add_timing_args, cpu_times, device_info, interleaved, steal_pct, versions
 
 BATCH, LATENT, CONTEXT_LEN = 2, 16, 77
 LR, BETAS, EPS, WEIGHT_DECAY = 1e-4, (0.9, 0.999), 1e-8, 1e-2  # torch.optim.AdamW defaults, lr aside
@@ -64,11 +64,7 @@ DP_DEVICES = 2
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--json", action="store_true", help="print one JSON line")
-    p.add_argument("--rounds", type=int, default=8, help="interleaved rounds (default 8)")
-    p.add_argument("--block", type=int, default=4, help="steps per variant per round (default 4)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first (default 3)")
-    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2, the cores here)")
+    add_timing_args(p)
     p.add_argument("--torch-compile", action="store_true", help="also time torch.compile (minutes to compile)")
     p.add_argument("--no-dp2", action="store_true", help="skip the 2-device data-parallel variant")
     p.add_argument("--no-extra", action="store_true",
@@ -249,6 +245,7 @@ class JaxRunner:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if not args.no_dp2:
+        from persguard_jax.sharding import request_cpu_devices
         request_cpu_devices(DP_DEVICES)
     import jax
     import numpy as np
