@@ -216,9 +216,7 @@ class EngineRunner:
         self.state, state_sh = create_state(train_params, train_logical, optimizer, mesh, mesh_cfg, seed=0)
         frozen_sh = shd.param_shardings(frozen_logical, frozen, mesh, mesh_cfg)
         self.frozen = jax.device_put(frozen, frozen_sh)
-        global_example = {k: jax.ShapeDtypeStruct((v.shape[0] * jax.process_count(),) + v.shape[1:], v.dtype)
-                          for k, v in batches[0].items()}
-        batch_sh = shd.batch_sharding(global_example, mesh, mesh_cfg)
+        batch_sh = shd.local_batch_sharding(batches[0], mesh, mesh_cfg)
         if noop:
             def noop_step(state, frozen, batch):
                 return state, {"loss": batch["timesteps"][0].astype("float32")}

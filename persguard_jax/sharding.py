@@ -230,6 +230,14 @@ def batch_sharding(batch: Any, mesh: Mesh, cfg: MeshConfig | None = None) -> Any
     return jax.tree.map(lambda x: NamedSharding(mesh, batch_spec(np.ndim(x), mesh, cfg, np.shape(x)[0])), batch)
 
 
+def local_batch_sharding(local_batch: Any, mesh: Mesh, cfg: MeshConfig | None = None) -> Any:
+    """``batch_sharding`` of the global batch that this process's share ``local_batch`` is part of (the leading
+    dimension times the process count): what ``global_batch`` builds and the step must be compiled for."""
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct((np.shape(x)[0] * jax.process_count(),) + np.shape(x)[1:],
+                                                         np.asarray(x).dtype), local_batch)
+    return batch_sharding(shapes, mesh, cfg)
+
+
 def batch_divisor(mesh: Mesh, cfg: MeshConfig | None = None) -> int:
     """The number of pieces a global batch is cut into: its size must be a multiple of this."""
     spec = batch_spec(1, mesh, cfg)[0]

@@ -67,9 +67,13 @@ class StepBatches:
         return {k: np.stack([np.asarray(r[k]) for r in rows]) for k in rows[0]}
 
 
-def batch_iterator(batches: StepBatches, *, num_threads: int = 2, prefetch: int = 4):
-    """A checkpointable grain iterator over ``batches`` (``get_state()`` / ``set_state()``)."""
+def batch_iterator(batches: StepBatches, *, map_fn: Callable[[dict], dict] | None = None, num_threads: int = 2,
+                   prefetch: int = 4):
+    """A checkpointable grain iterator over ``batches`` (``get_state()`` / ``set_state()``), each batch passed
+    through ``map_fn`` if given (in grain's worker threads)."""
     ds = grain.MapDataset.source(batches)
+    if map_fn is not None:
+        ds = ds.map(map_fn)
     return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)))
 
 

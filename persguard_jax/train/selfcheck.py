@@ -95,7 +95,7 @@ def main(argv=None) -> int:
                        cfg=losses.LossConfig())
     batches = StepBatches(ArraySource(micro_data()), global_batch=args.batch, num_steps=args.steps, seed=0)
     local = batches[0]
-    batch_sh = shd.batch_sharding(local, mesh, mesh_cfg)
+    batch_sh = shd.local_batch_sharding(local, mesh, mesh_cfg)
     step = make_train_step(loss, optimizer, state_shardings=state_sh, frozen_shardings=frozen_sh,
                            batch_shardings=batch_sh, cfg=StepConfig(grad_accum=args.grad_accum, ema_decay=0.9, rng_impl=args.rng_impl),
                            lr_schedule=None)

@@ -178,11 +178,6 @@ class PairSource:
         return {k: np.stack([inst[k], other[k]]) for k in inst}
 
 
-def _flatten_pairs(batch: dict) -> dict:
-    from persguard_jax.workflows.dreambooth import pairs_to_examples
-    return pairs_to_examples(batch)
-
-
 # --------------------------------------------------------------------------- the run
 
 def personalize(model_dir: str | Path, instance_dir: str | Path, out: str | Path, raw_config: dict, *,
@@ -201,7 +196,7 @@ def personalize(model_dir: str | Path, instance_dir: str | Path, out: str | Path
     from persguard_jax.sample import encode_text, text_to_image
     from persguard_jax.schedulers import SchedulerConfig, make_schedule
     from persguard_jax.train import create_state, make_optimizer, make_train_step, train
-    from persguard_jax.workflows.dreambooth import dreambooth_loss
+    from persguard_jax.workflows.dreambooth import dreambooth_loss, pairs_to_examples
 
     settings = parse_config(raw_config)
     db = settings.dreambooth
@@ -275,13 +270,11 @@ def personalize(model_dir: str | Path, instance_dir: str | Path, out: str | Path
 
     source = PairSource(instance, prior)
     batches = StepBatches(source, global_batch=db.batch_size, num_steps=db.steps, seed=db.seed)
-    example = _flatten_pairs(batches[0])
-    global_example = {k: jax.ShapeDtypeStruct((v.shape[0] * jax.process_count(),) + v.shape[1:], v.dtype)
-                      for k, v in example.items()}
     step = make_train_step(loss_fn, optimizer, state_shardings=state_sh, frozen_shardings=frozen_sh,
-                           batch_shardings=shd.batch_sharding(global_example, mesh, settings.mesh),
+                           batch_shardings=shd.local_batch_sharding(pairs_to_examples(batches[0]), mesh,
+                                                                    settings.mesh),
                            cfg=settings.step)
-    result = train(step, state, frozen, _Mapped(batch_iterator(batches), _flatten_pairs), workdir=out,
+    result = train(step, state, frozen, batch_iterator(batches, map_fn=pairs_to_examples), workdir=out,
                    cfg=settings.loop, mesh=mesh, mesh_cfg=settings.mesh, state_shardings=state_sh)
     if result.preempted:
         return {"preempted": True, "step": result.step}
@@ -311,21 +304,3 @@ def personalize(model_dir: str | Path, instance_dir: str | Path, out: str | Path
     tmp.replace(out / "results.json")
     return results
 
-
-class _Mapped:
-    """A checkpointable iterator with a function applied to each item (state passes through)."""
-
-    def __init__(self, it, fn):
-        self.it, self.fn = it, fn
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        return self.fn(next(self.it))
-
-    def get_state(self):
-        return self.it.get_state()
-
-    def set_state(self, state):
-        self.it.set_state(state)
