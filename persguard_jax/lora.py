@@ -40,13 +40,14 @@ LoRA support needed.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from persguard_jax.config import Section
 from persguard_jax.models import functional as F
 from persguard_jax.models.functional import _compile
 
@@ -67,7 +68,7 @@ TEXT_ENCODER_ATTENTION = tuple(f"text_encoder/*/self_attn/{p}" for p in ("q_proj
 
 
 @dataclass(frozen=True)
-class LoRAConfig:
+class LoRAConfig(Section):
     """Which Linear layers get an adapter, its rank and scale (hashable: safe to close over in jitted code).
 
     ``targets`` are matched against the path of each 2-D ``kernel``'s parent module (``unet/down_blocks/0/
@@ -77,6 +78,7 @@ class LoRAConfig:
     """
     rank: int = 4
     alpha: float | None = None          # None = rank, i.e. scale 1 (the diffusers LoRA scripts' default)
+    SECTION = "lora"
     targets: tuple[str, ...] = UNET_ATTENTION
     init: str = "kaiming_uniform"       # A's initialiser: kaiming_uniform (PEFT default) | gaussian (std 1/r)
 
@@ -98,16 +100,8 @@ class LoRAConfig:
     def scale(self) -> float:
         return (self.rank if self.alpha is None else self.alpha) / self.rank
 
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any] | None) -> "LoRAConfig":
-        d = dict(d or {})
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"lora config: unknown keys {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
-        return cls(**d)
-
     def to_dict(self) -> dict:
-        d = asdict(self)
+        d = super().to_dict()
         d["targets"] = list(self.targets)
         return d
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -24,7 +24,8 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "dreambooth_s
 
 
 @dataclass(frozen=True)
-class DreamBoothConfig:
+class DreamBoothConfig(cfglib.Section):
+    SECTION = "dreambooth"
     instance_prompt: str = "a photo of sks person"
     class_prompt: str = "a photo of person"
     resolution: int = 512
@@ -46,20 +47,16 @@ class DreamBoothConfig:
     eval_guidance: float = 7.5
     eval_negative_prompt: str = ""
 
+    def __post_init__(self):
+        object.__setattr__(self, "eval_prompts", tuple(self.eval_prompts or ()))
+        if self.steps < 1 or self.batch_size < 1 or self.resolution < 8:
+            raise cfglib.ConfigError(f"dreambooth config: steps, batch_size >= 1 and resolution >= 8 required, got "
+                                     f"steps={self.steps} batch_size={self.batch_size} resolution={self.resolution}")
+
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> "DreamBoothConfig":
-        d = dict(d or {})
-        names = {f.name for f in fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise cfglib.ConfigError(f"dreambooth config: unknown keys {sorted(unknown)}; known: {sorted(names)}")
-        if "eval_prompts" in d and d["eval_prompts"] is not None:
-            d["eval_prompts"] = tuple(d["eval_prompts"])
-        cfg = cls(**{k: v for k, v in d.items() if v is not None or k == "class_dir"})
-        if cfg.steps < 1 or cfg.batch_size < 1 or cfg.resolution < 8:
-            raise cfglib.ConfigError(f"dreambooth config: steps, batch_size >= 1 and resolution >= 8 required, got "
-                                     f"steps={cfg.steps} batch_size={cfg.batch_size} resolution={cfg.resolution}")
-        return cfg
+        # a YAML "key:" with no value means "the default" here, except class_dir where None is the default
+        return super().from_dict({k: v for k, v in dict(d or {}).items() if v is not None or k == "class_dir"})
 
 
 @dataclass
