@@ -14,7 +14,7 @@ PY := $(VENV)/bin/python
 # two workers: XLA:CPU compiles one program at a time per process, most test time is compilation
 PYTEST_ARGS ?= -n 2
 
-.PHONY: venv test demo bench test-latest clean
+.PHONY: venv test demo bench world-assets test-latest clean
 
 venv: $(VENV)/.installed
 
@@ -29,6 +29,16 @@ test: venv
 
 demo: venv
 	$(VENV)/bin/persguard demo
+
+# Re-make the committed synthetic-world models (assets/README.md): ~10 + ~3 minutes on 2 CPU cores.
+world-assets: venv
+	$(VENV)/bin/persguard pretrain --out runs/world_tiny --overwrite
+	$(VENV)/bin/persguard train-clip --out runs/world_clip --overwrite
+	rm -rf assets/world_tiny assets/world_clip
+	cp -r runs/world_tiny/model assets/world_tiny
+	cp -r runs/world_clip/model assets/world_clip
+	cp runs/world_tiny/results.json assets/world_tiny_results.json
+	cp runs/world_clip/results.json assets/world_clip_results.json
 
 bench: venv
 	$(PY) benchmarks/unet_step.py --json

@@ -2,14 +2,13 @@
 
 Commands so far: ``sample`` (text -> image grid from a diffusers-format pipeline folder), ``init-tiny`` (write
 a tiny random pipeline folder), ``plan`` (how a model's parameters shard over a mesh), ``personalize``
-(DreamBooth) and ``demo``. Errors from bad input print one line and exit with status 2.
+(DreamBooth), ``pretrain`` (the synthetic world's model) and ``demo``. Errors from bad input print one line and exit with status 2.
 """
 from __future__ import annotations
 
 import argparse
 import math
 import sys
-import time
 from pathlib import Path
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -60,24 +59,19 @@ def cmd_init_tiny(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    """Until the synthetic world's pre-trained model lands: a tiny random pipeline, saved and sampled."""
-    from persguard_jax.models import save_pipeline
-    from persguard_jax.models.tiny import tiny_pipeline
+    """The main job on the synthetic world: DreamBooth on a held-out subject, before/after, metrics, report."""
+    from persguard_jax import sharding as shd
+    shd.request_cpu_devices()
+    from persguard_jax.workflows.demo import run_demo
 
-    run = Path(args.out)
-    model = run / "tiny-random"
-    t0 = time.time()
-    if not (model / "model_index.json").is_file():
-        save_pipeline(tiny_pipeline(0), model, overwrite=True)
-        print(f"wrote a tiny random diffusers-format pipeline to {model}")
-    grid = run / "samples.png"
-    sample_args = build_parser().parse_args([
-        "sample", "--model", str(model), "--prompt", "a photo of a red circle on a striped background",
-        "--prompt", "a photo of sks dog", "--negative-prompt", "noisy, lowres, artifact, pattern",
-        "--num-images", "4", "--steps", str(args.steps), "--guidance", "5", "--out", str(grid), "--overwrite"])
-    cmd_sample(sample_args)
-    print(f"demo done in {time.time() - t0:.0f} s: the grid is {grid} (random weights: expect noise until the "
-          f"synthetic-world model lands). Real Stable Diffusion: persguard sample --model /path/to/sd-folder ...")
+    results = run_demo(args.out, subject=args.subject, overrides=args.overrides)
+    b, a = results["before"], results["after"]
+    print(f"\ndemo done in {results['wall_s']:.0f} s. Subject {results['subject']}, prompt "
+          f"\"{results['instance_prompt']}\":\n"
+          f"  identity similarity {b['identity_similarity']:.3f} -> {a['identity_similarity']:.3f}, "
+          f"CLIP-I {b['clip_i']:.3f} -> {a['clip_i']:.3f}, "
+          f"subject colour in samples {b['subject_colour_match']:.2f} -> {a['subject_colour_match']:.2f}\n"
+          f"report: {results['run']}/results.md, {results['files']['report']}")
 
 
 def _plan_models(args: argparse.Namespace) -> dict:
@@ -155,6 +149,38 @@ def cmd_personalize(args: argparse.Namespace) -> None:
           f"results: {Path(args.out) / 'results.json'} ({results['steps']} steps in {results['wall_s']} s)")
 
 
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    from persguard_jax import sharding as shd
+    shd.request_cpu_devices()
+    from persguard_jax import config as cfglib
+    from persguard_jax.workflows.pretrain import DEFAULT_CONFIG, pretrain
+
+    raw = cfglib.load_config(args.config or DEFAULT_CONFIG, args.overrides)
+    results = pretrain(args.out, raw, overwrite=args.overwrite, resume=args.resume)
+    if results.get("preempted"):
+        print(f"stopped in stage {results['stage']} at step {results['step']} (SIGTERM); rerun with --resume")
+        return
+    print(f"world model: {results['model']}\nsamples: {results['samples']}\n"
+          f"colour accuracy {results['colour_accuracy']:.2f} (chance {results['chance']:.2f}), "
+          f"{results['wall_s']} s in all")
+
+
+def cmd_train_clip(args: argparse.Namespace) -> None:
+    from persguard_jax import sharding as shd
+    shd.request_cpu_devices()
+    from persguard_jax import config as cfglib
+    from persguard_jax.workflows.world_clip import DEFAULT_CONFIG, train_clip
+
+    raw = cfglib.load_config(args.config or DEFAULT_CONFIG, args.overrides)
+    results = train_clip(args.out, raw, overwrite=args.overwrite, resume=args.resume)
+    if results.get("preempted"):
+        print(f"stopped at step {results['step']} (SIGTERM); rerun with --resume to continue")
+        return
+    print(f"world CLIP: {results['model']}\nzero-shot on held-out scenes: colour {results['colour_accuracy']:.2f} "
+          f"(chance {results['colour_chance']:.2f}), shape {results['shape_accuracy']:.2f} "
+          f"(chance {results['shape_chance']:.2f}); {results['wall_s']} s")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="persguard", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -209,9 +235,27 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. dreambooth.steps=400")
     z.set_defaults(fn=cmd_personalize)
 
-    d = sub.add_parser("demo", help="the main job on the built-in tiny world")
-    d.add_argument("--out", default="runs/demo")
-    d.add_argument("--steps", type=int, default=25)
+    w = sub.add_parser("pretrain", help="pre-train the synthetic world's text-to-image model from scratch")
+    w.add_argument("--config", help="YAML config (default: configs/world_tiny.yaml)")
+    w.add_argument("--out", default="runs/world_tiny", help="new folder for checkpoints, the model and results")
+    w.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    w.add_argument("--resume", action="store_true", help="continue the run in an existing --out folder")
+    w.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. pretrain.unet.steps=800")
+    w.set_defaults(fn=cmd_pretrain)
+
+    c = sub.add_parser("train-clip", help="train the synthetic world's CLIP (for the metrics)")
+    c.add_argument("--config", help="YAML config (default: configs/world_clip.yaml)")
+    c.add_argument("--out", default="runs/world_clip", help="new folder for checkpoints, the model and results")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    c.add_argument("--resume", action="store_true", help="continue the run in an existing --out folder")
+    c.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. clip.steps=800")
+    c.set_defaults(fn=cmd_train_clip)
+
+    d = sub.add_parser("demo", help="the main job on the built-in synthetic world (DreamBooth before/after)")
+    d.add_argument("--out", default="runs/demo", help="report folder (a new one beside it if it is not empty)")
+    d.add_argument("--subject", help="world subject to personalise, e.g. dog_04 (default: a held-out dog)")
+    d.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="overrides of configs/dreambooth_world.yaml, e.g. dreambooth.steps=100")
     d.set_defaults(fn=cmd_demo)
     return parser
 

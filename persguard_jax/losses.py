@@ -153,6 +153,51 @@ def denoising_loss(params, batch, rng, *, model, schedule: schedulers.Schedule,
     return loss, {"loss": loss, "per_example": per_example}
 
 
+def vae_loss(params, batch, rng, *, model, kl_weight: float = 1e-4, name: str = "vae") -> tuple[jax.Array, Aux]:
+    """The autoencoder's training loss (Kingma & Welling; SD's VAE adds perceptual and GAN terms, omitted here):
+    squared reconstruction error of a posterior draw, mean per pixel, plus ``kl_weight`` times the KL divergence
+    to N(0, I), mean per latent element. ``batch["images"]`` is ``(B, H, W, 3)`` in [-1, 1]. A small weight keeps
+    the latents informative while bounding their scale (the diffusion model's ``scaling_factor`` is fitted after)."""
+    vae = model.bind(params, name)
+    images = batch["images"].astype(jnp.float32)
+    mean, logvar = vae.encode(images.astype(vae.dtype))
+    mean, logvar = mean.astype(jnp.float32), logvar.astype(jnp.float32)
+    z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape)
+    recon = vae.decode(z.astype(vae.dtype)).astype(jnp.float32)
+    rec = squared_error(recon, images)
+    kl = mean_per_example(0.5 * (mean**2 + jnp.exp(logvar) - 1.0 - logvar))
+    per_example = rec + kl_weight * kl
+    loss = weighted_mean(per_example, batch.get("weight"))
+    return loss, {"loss": loss, "per_example": per_example, "reconstruction": jnp.mean(rec), "kl": jnp.mean(kl)}
+
+
+def clip_contrastive_loss(params, batch, rng, *, model, name: str = "clip") -> tuple[jax.Array, Aux]:
+    """CLIP's symmetric InfoNCE (Radford et al., 2021): cross-entropy of image->text and text->image over the
+    in-batch similarity matrix scaled by the model's learned temperature. ``batch["pixel_values"]`` and
+    ``batch["input_ids"]`` are matched pairs; duplicate captions in a batch count as negatives (as in CLIP), so
+    batches from a small world should be drawn with varied captions. ``rng`` is unused (no noise)."""
+    del rng
+    clip = model.bind(params, name)
+    image = clip.get_image_features(batch["pixel_values"]).astype(jnp.float32)
+    text = clip.get_text_features(batch["input_ids"]).astype(jnp.float32)
+    image = image / jnp.linalg.norm(image, axis=-1, keepdims=True)
+    text = text / jnp.linalg.norm(text, axis=-1, keepdims=True)
+    # CLIP clips the learned temperature at 100 so the logits cannot blow up early in training
+    scale = jnp.minimum(jnp.exp(params[name]["logit_scale"].astype(jnp.float32)), 100.0)
+    logits = scale * image @ text.T                                     # (B_img, B_txt)
+    labels = jnp.arange(logits.shape[0])
+    per_example = 0.5 * (info_nce(logits, labels) + info_nce(logits.T, labels))
+    loss = weighted_mean(per_example, batch.get("weight"))
+    acc = jnp.mean(jnp.argmax(logits, axis=1) == labels)
+    return loss, {"loss": loss, "per_example": per_example, "accuracy": acc}
+
+
+def info_nce(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Per-row InfoNCE: ``-log softmax(logits)[i, labels[i]]``, unreduced ``(B,)``."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -jnp.take_along_axis(logp, labels[:, None], axis=-1)[:, 0]
+
+
 # --------------------------------------------------------------------------- combinators
 
 def _example_weights(batch) -> jax.Array | float:
@@ -200,6 +245,21 @@ def prior_preservation(loss_fn: LossFn, *, weight: float = 1.0, prior_key: str =
         prior_loss = weighted_mean(aux["per_example"], prior * w)
         loss = instance + weight * prior_loss
         return loss, {**aux, "loss": loss, "instance_loss": instance, "prior_loss": prior_loss}
+    return fn
+
+
+def caption_dropout(loss_fn: LossFn, *, rate: float, empty_ids: jax.Array, key: str = "input_ids") -> LossFn:
+    """Replace each example's ``batch[key]`` by ``empty_ids`` (the tokenized empty prompt) with probability
+    ``rate``: the unconditional model classifier-free guidance needs (Ho & Salimans, 2022) trained in the same
+    network. The draw comes from ``rng``, so it differs every step and is reproducible."""
+    empty_ids = jnp.asarray(empty_ids).reshape(-1)
+
+    def fn(params, batch, rng):
+        k_drop, k_inner = jax.random.split(rng)
+        ids = batch[key]
+        drop = jax.random.bernoulli(k_drop, rate, (ids.shape[0],))
+        ids = jnp.where(drop[:, None], empty_ids[None, :].astype(ids.dtype), ids)
+        return loss_fn(params, {**batch, key: ids}, k_inner)
     return fn
 
 

@@ -5,6 +5,7 @@ Only callables cross this boundary: ``denoise(x_t, t) -> model_output`` with ``x
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Sequence
 
 import jax
@@ -51,14 +52,31 @@ def sample_latents(denoise: Denoise, x_T, schedule: Schedule, timesteps, *, samp
     xs = (ts.astype(np.int32), prev.astype(np.int32), np.arange(len(ts), dtype=np.int32))
 
     x_T = jnp.asarray(x_T, jnp.float32)
-    batch = x_T.shape[0]
     key = rng if rng is not None else jax.random.key(0)  # unused unless stochastic; keeps the signature fixed
     solver_state: Any = dpmpp_2m_init(x_T) if sampler == "dpmpp_2m" else None
+    config = (denoise, sampler, prediction_type, eta, stochastic, progress)
+    try:  # one compiled sampler per (denoise, settings): later calls with new prompts or weights reuse it
+        runner = _runner(*config)
+    except TypeError:  # an unhashable eta (an array): build it uncached
+        runner = _runner.__wrapped__(*config)
+    if not progress:
+        return runner(x_T, solver_state, schedule, key, xs, tuple(args))
 
+    from tqdm.auto import tqdm
+
+    carry = (x_T, solver_state)
+    for i in tqdm(range(len(ts)), desc=f"{sampler} sampling", leave=False):
+        carry, _ = runner(carry, tuple(a[i] for a in xs), schedule, key, tuple(args))  # int32 scalars: same trace
+    return carry[0]
+
+
+@functools.lru_cache(maxsize=16)  # small: a user's denoise closure may hold arrays
+def _runner(denoise: Denoise, sampler: str, prediction_type: str, eta, stochastic: bool, progress: bool):
+    """The jitted sampler loop (``progress=False``: all steps in one scan) or one jitted step."""
     def step(carry, step_in, schedule, key, args):
         x, state = carry
         t, t_prev, i = step_in
-        out = denoise(x, jnp.full((batch,), t, jnp.int32), *args)
+        out = denoise(x, jnp.full((x.shape[0],), t, jnp.int32), *args)
         if sampler == "ddim":
             noise = jax.random.normal(jax.random.fold_in(key, i), x.shape, jnp.float32) if stochastic else None
             x = ddim_step(schedule, out, t, t_prev, x, prediction_type=prediction_type, eta=eta, noise=noise)
@@ -66,20 +84,14 @@ def sample_latents(denoise: Denoise, x_T, schedule: Schedule, timesteps, *, samp
             x, state = dpmpp_2m_step(schedule, out, t, t_prev, x, state, prediction_type=prediction_type)
         return (x, state), None
 
-    if not progress:
-        @jax.jit
-        def run(x, state, schedule, key, xs, args):
-            (x, _), _ = jax.lax.scan(lambda c, s: step(c, s, schedule, key, args), (x, state), xs)
-            return x
-        return run(x_T, solver_state, schedule, key, xs, tuple(args))
+    if progress:
+        return jax.jit(step)
 
-    from tqdm.auto import tqdm
-
-    step_jit = jax.jit(step)
-    carry = (x_T, solver_state)
-    for i in tqdm(range(len(ts)), desc=f"{sampler} sampling", leave=False):
-        carry, _ = step_jit(carry, tuple(a[i] for a in xs), schedule, key, tuple(args))  # int32 scalars: same trace
-    return carry[0]
+    @jax.jit
+    def run(x, state, schedule, key, xs, args):
+        (x, _), _ = jax.lax.scan(lambda c, s: step(c, s, schedule, key, args), (x, state), xs)
+        return x
+    return run
 
 
 def guided(unet_apply: Callable[[jax.Array, jax.Array, jax.Array], jax.Array], cond_context, uncond_context,
@@ -135,6 +147,17 @@ def encode_text(pipe, texts) -> jax.Array:
     return _apply(graphdef, state, jnp.asarray(pipe.tokenizer(texts)))
 
 
+@functools.lru_cache(maxsize=32)
+def _pipeline_denoise(unet_def, skip_uncond: bool) -> Denoise:
+    """The guided UNet call of a pipeline, one object per UNet graph (so ``_runner`` caches its compilation);
+    the guidance scale is an argument, so a new scale does not recompile either."""
+    def denoise(x, t, unet_state, cond, uncond, guidance_scale):
+        unet = nnx.merge(unet_def, unet_state)
+        apply = lambda x, t, ctx: unet(x.astype(unet.dtype), t, ctx).astype(jnp.float32)
+        return guided(apply, cond, uncond, 1 if skip_uncond else guidance_scale)(x, t)
+    return denoise
+
+
 @jax.jit(static_argnums=0)
 def _apply(graphdef, state, ids):
     return nnx.merge(graphdef, state)(ids)
@@ -175,15 +198,11 @@ def text_to_image(pipe, prompts: Sequence[str], negative_prompts: Sequence[str] 
 
     cond, uncond = encode_text(pipe, prompts), encode_text(pipe, negative_prompts)
     unet_def, unet_state = nnx.split(pipe.unet)
-
-    def denoise(x, t, unet_state, cond, uncond):
-        unet = nnx.merge(unet_def, unet_state)
-        apply = lambda x, t, ctx: unet(x.astype(unet.dtype), t, ctx).astype(jnp.float32)
-        return guided(apply, cond, uncond, guidance_scale)(x, t)
-
+    denoise = _pipeline_denoise(unet_def, isinstance(guidance_scale, (int, float)) and guidance_scale == 1)
     z = sample_latents(denoise, latents, schedule, ts, sampler=sampler, prediction_type=cfg.prediction_type,
                        eta=eta, rng=jax.random.key(seed) if eta else None, progress=progress,
-                       prev_timesteps=prev, args=(unet_state, cond, uncond))
+                       prev_timesteps=prev,
+                       args=(unet_state, cond, uncond, jnp.float32(guidance_scale)))
     if output_type == "latents":
         return np.asarray(z, np.float32)
     vae_cfg = pipe.vae.config

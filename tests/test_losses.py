@@ -440,3 +440,101 @@ def test_combinators_keep_per_example_weights():
     assert float(loss) == pytest.approx(1.0 + 2.0 * 6.5)
     loss, _ = losses.masked(inner, "is_prior", invert=True)(None, batch, jax.random.key(0))
     assert float(loss) == pytest.approx(1.0)
+
+
+# --------------------------------------------------------------------------- pre-training losses
+
+class FakeVAE:
+    """encode = (x * a, constant logvar), decode = z / a: reconstruction and KL computable by hand."""
+    dtype = jnp.float32
+
+    def __init__(self, p):
+        self.p = p
+
+    def encode(self, x):
+        return x * self.p["a"], jnp.full(x.shape, self.p["lv"])
+
+    def decode(self, z):
+        return z / self.p["a"]
+
+
+class FakeVAEModel:
+    def bind(self, params, name):
+        return FakeVAE(params[name])
+
+
+def test_vae_loss_matches_hand_formula():
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1, 1, size=(3, 4, 4, 3)).astype(np.float32)
+    a, lv, kl_w = 0.5, np.log(0.04), 0.1
+    params = {"vae": {"a": jnp.float32(a), "lv": jnp.float32(lv)}}
+    key = jax.random.key(3)
+    loss, aux = jax.jit(lambda p, b, k: losses.vae_loss(p, b, k, model=FakeVAEModel(), kl_weight=kl_w))(
+        params, {"images": jnp.asarray(x)}, key)
+    eps = np.asarray(jax.random.normal(key, x.shape))
+    z = x * a + np.exp(0.5 * lv) * eps
+    rec = ((z / a - x) ** 2).reshape(3, -1).mean(1)
+    kl = (0.5 * ((x * a) ** 2 + np.exp(lv) - 1 - lv)).reshape(3, -1).mean(1)
+    np.testing.assert_allclose(aux["per_example"], rec + kl_w * kl, rtol=1e-5)
+    np.testing.assert_allclose(loss, np.mean(rec + kl_w * kl), rtol=1e-5)
+    # a standard-normal posterior has zero KL
+    _, aux0 = losses.vae_loss({"vae": {"a": jnp.float32(1e-6), "lv": jnp.float32(0.0)}}, {"images": jnp.asarray(x)},
+                              key, model=FakeVAEModel(), kl_weight=1.0)
+    assert float(aux0["kl"]) < 1e-9
+
+
+def test_caption_dropout_replaces_a_fraction_with_the_empty_prompt():
+    def inner(params, batch, rng):
+        return jnp.float32(0.0), {"ids": batch["input_ids"]}
+
+    ids = jnp.tile(jnp.arange(2, 9, dtype=jnp.int32)[None], (4000, 1))
+    empty = jnp.array([0, 1, 1, 1, 1, 1, 1], jnp.int32)
+    for rate, lo, hi in ((0.0, 0, 0), (1.0, 4000, 4000), (0.25, 900, 1100)):
+        _, aux = jax.jit(losses.caption_dropout(inner, rate=rate, empty_ids=empty))({}, {"input_ids": ids},
+                                                                                    jax.random.key(0))
+        dropped = np.all(np.asarray(aux["ids"]) == np.asarray(empty), axis=1)
+        kept = np.all(np.asarray(aux["ids"]) == np.asarray(ids), axis=1)
+        assert lo <= dropped.sum() <= hi and np.all(dropped | kept)
+
+
+def test_info_nce_hand_value():
+    logits = jnp.array([[2.0, 0.0, -1.0], [0.5, 1.5, 0.0], [0.0, 0.0, 0.0]])
+    got = losses.info_nce(logits, jnp.arange(3))
+    lg = np.asarray(logits, np.float64)
+    want = -(np.diag(lg) - np.log(np.exp(lg).sum(1)))
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    np.testing.assert_allclose(got[2], np.log(3), rtol=1e-6)
+
+
+class FakeCLIP:
+    def __init__(self, p):
+        self.p = p
+
+    def get_image_features(self, pixels):
+        return pixels.reshape(pixels.shape[0], -1) @ self.p["wi"]
+
+    def get_text_features(self, ids):
+        return ids.astype(jnp.float32) @ self.p["wt"]
+
+
+class FakeCLIPModel:
+    def bind(self, params, name):
+        return FakeCLIP(params[name])
+
+
+def test_clip_contrastive_loss_is_symmetric_infonce_with_clipped_temperature():
+    rng = np.random.default_rng(1)
+    p = {"clip": {"wi": jnp.asarray(rng.normal(size=(12, 5)), jnp.float32),
+                  "wt": jnp.asarray(rng.normal(size=(6, 5)), jnp.float32),
+                  "logit_scale": jnp.float32(np.log(200.0))}}  # above CLIP's cap of 100
+    batch = {"pixel_values": jnp.asarray(rng.normal(size=(4, 2, 2, 3)), jnp.float32),
+             "input_ids": jnp.asarray(rng.integers(0, 9, size=(4, 6)), jnp.int32)}
+    loss, aux = jax.jit(lambda p, b: losses.clip_contrastive_loss(p, b, None, model=FakeCLIPModel()))(p, batch)
+    img = np.asarray(batch["pixel_values"], np.float64).reshape(4, -1) @ np.asarray(p["clip"]["wi"], np.float64)
+    txt = np.asarray(batch["input_ids"], np.float64) @ np.asarray(p["clip"]["wt"], np.float64)
+    img /= np.linalg.norm(img, axis=1, keepdims=True)
+    txt /= np.linalg.norm(txt, axis=1, keepdims=True)
+    lg = 100.0 * img @ txt.T
+    ce = lambda m: -(np.diag(m) - np.log(np.exp(m - m.max(1, keepdims=True)).sum(1)) - m.max(1))
+    np.testing.assert_allclose(aux["per_example"], 0.5 * (ce(lg) + ce(lg.T)), rtol=1e-4)
+    np.testing.assert_allclose(loss, np.mean(0.5 * (ce(lg) + ce(lg.T))), rtol=1e-4)

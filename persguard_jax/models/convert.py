@@ -181,7 +181,8 @@ def state_dict(model: nnx.Module, *, prefix: str = "", dtype=None) -> dict[str, 
         arr = np.asarray(jax.device_get(var.get_value()))
         if dtype is not None:
             arr = arr.astype(dtype)
-        out[prefix + torch_key(path)] = np.ascontiguousarray(to_torch_layout(arr, str(path[-1])))
+        # np.array, not ascontiguousarray: the latter turns 0-d arrays (CLIP's logit_scale) into shape (1,)
+        out[prefix + torch_key(path)] = np.array(to_torch_layout(arr, str(path[-1])), order="C")
     return out
 
 

@@ -7,6 +7,7 @@ the file, so loading SD-size weights never initialises random ones first.
 """
 from __future__ import annotations
 
+import math
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -22,6 +23,9 @@ from persguard_jax.models.convert import (WeightsError, find_weight_files, load_
                                           read_tensors, rename_keys, save_json, save_safetensors, state_dict)
 from persguard_jax.models.tokenizer import CLIPTokenizer
 
+# The constants of OpenAI's CLIP image processor (every openai/clip-vit-* preprocessor_config.json).
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model"
 TRANSFORMERS_WEIGHTS = "model"
 
@@ -192,3 +196,60 @@ def save_pipeline(pipe: Pipeline, out_dir: str | Path, *, dtype=None, overwrite:
         if tmp.exists():
             shutil.rmtree(tmp)
     return out_dir
+
+
+# --------------------------------------------------------------------------- CLIP folders
+
+CLIP = ModelKind("clip", clip.CLIPConfig, clip.CLIPModel, TRANSFORMERS_WEIGHTS, clip.LEGACY_RENAMES, clip.IGNORE_KEYS)
+PREPROCESSOR_CONFIG = "preprocessor_config.json"
+
+
+@dataclass(frozen=True)
+class ImageNorm:
+    """The per-channel mean and std a CLIP was trained with (its ``preprocessor_config.json``)."""
+    mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
+    std: tuple[float, float, float] = OPENAI_CLIP_STD
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> "ImageNorm":
+        """Read ``image_mean`` / ``image_std``; a folder without the file gets OpenAI's constants."""
+        path = Path(folder) / PREPROCESSOR_CONFIG
+        if not path.is_file():
+            return cls()
+        cfg = read_json(path)
+        norm = cls(tuple(cfg.get("image_mean", OPENAI_CLIP_MEAN)), tuple(cfg.get("image_std", OPENAI_CLIP_STD)))
+        if len(norm.mean) != 3 or len(norm.std) != 3 or min(norm.std) <= 0:
+            raise WeightsError(f"{path}: image_mean/image_std need 3 values each, std > 0 (got {norm})")
+        if cfg.get("do_rescale") is False or not math.isclose(cfg.get("rescale_factor", 1 / 255), 1 / 255):
+            # our images are already in [0, 1]: anything but the standard 1/255 rescale would change the inputs
+            raise WeightsError(f"{path}: only the standard do_rescale=true, rescale_factor=1/255 is supported")
+        return norm
+
+
+def load_clip(folder: str | Path, *, dtype=jnp.float32, param_dtype=jnp.float32) -> tuple[
+        clip.CLIPModel, CLIPTokenizer, ImageNorm]:
+    """A transformers ``CLIPModel`` folder (e.g. openai/clip-vit-large-patch14 saved with safetensors) ->
+    model, tokenizer (files in the folder itself or in ``tokenizer/``) and normalisation constants."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise WeightsError(f"{folder}: CLIP folder not found (put a transformers CLIPModel folder there: "
+                           f"config.json, model.safetensors, vocab.json, merges.txt, preprocessor_config.json)")
+    model = load_model(CLIP, folder, dtype=dtype, param_dtype=param_dtype)
+    tok_dir = folder / "tokenizer" if (folder / "tokenizer").is_dir() else folder
+    return model, CLIPTokenizer.from_folder(tok_dir), ImageNorm.from_folder(folder)
+
+
+def save_clip(model: clip.CLIPModel, tokenizer: CLIPTokenizer, folder: str | Path,
+              norm: ImageNorm = ImageNorm()) -> Path:
+    """Write a folder ``load_clip`` and transformers' ``CLIPModel`` / ``CLIPProcessor`` both read."""
+    folder = Path(folder)
+    tensors = state_dict(model)
+    save_json(model.config.to_dict(), folder / "config.json")
+    save_safetensors(tensors, folder / f"{TRANSFORMERS_WEIGHTS}.safetensors")
+    tokenizer.save(folder)
+    size = model.config.vision_config.image_size
+    save_json({"image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": size},
+               "resample": 3, "do_center_crop": True, "crop_size": {"height": size, "width": size},
+               "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(norm.mean),
+               "image_std": list(norm.std), "do_convert_rgb": True}, folder / PREPROCESSOR_CONFIG)
+    return folder

@@ -184,7 +184,6 @@ def personalize(model_dir: str | Path, instance_dir: str | Path, out: str | Path
 
     from persguard_jax import losses
     from persguard_jax import sharding as shd
-    from persguard_jax.data.batches import StepBatches, batch_iterator
     from persguard_jax.data.images import load_folder
     from persguard_jax.models import load_pipeline, save_pipeline
     from persguard_jax.models import functional as F
@@ -192,7 +191,7 @@ def personalize(model_dir: str | Path, instance_dir: str | Path, out: str | Path
     from persguard_jax.report import image_grid, save_png
     from persguard_jax.sample import encode_text, text_to_image
     from persguard_jax.schedulers import SchedulerConfig, make_schedule
-    from persguard_jax.train import create_state, make_optimizer, make_train_step, train
+    from persguard_jax.train import fit
     from persguard_jax.workflows.dreambooth import dreambooth_loss, pairs_to_examples
 
     settings = parse_config(raw_config)
@@ -230,7 +229,6 @@ def personalize(model_dir: str | Path, instance_dir: str | Path, out: str | Path
                                          len(prior["latent_mean"]), 0)
 
     # model -> params; what trains
-    mesh = shd.make_mesh(settings.mesh)
     set_remat(pipe.unet, db.remat)
     set_remat(pipe.text_encoder, db.remat)
     modules = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
@@ -259,20 +257,10 @@ def personalize(model_dir: str | Path, instance_dir: str | Path, out: str | Path
         def loss_fn(p, batch, rng):
             return dreambooth_loss(p, batch, rng, **loss_kw)
 
-    optimizer = make_optimizer(settings.optimizer)
-    state, state_sh = create_state(train_params, train_logical, optimizer, mesh, settings.mesh, seed=db.seed,
-                                   rng_impl=settings.step.rng_impl)
-    frozen_sh = shd.param_shardings(frozen_logical, frozen, mesh, settings.mesh)
-    frozen = jax.device_put(frozen, frozen_sh)
-
-    source = PairSource(instance, prior)
-    batches = StepBatches(source, global_batch=db.batch_size, num_steps=db.steps, seed=db.seed)
-    step = make_train_step(loss_fn, optimizer, state_shardings=state_sh, frozen_shardings=frozen_sh,
-                           batch_shardings=shd.local_batch_sharding(pairs_to_examples(batches[0]), mesh,
-                                                                    settings.mesh),
-                           cfg=settings.step)
-    result = train(step, state, frozen, batch_iterator(batches, map_fn=pairs_to_examples), workdir=out,
-                   cfg=settings.loop, mesh=mesh, mesh_cfg=settings.mesh, state_shardings=state_sh)
+    result, frozen = fit(loss_fn, train_params, frozen, train_logical=train_logical, frozen_logical=frozen_logical,
+                         source=PairSource(instance, prior), global_batch=db.batch_size, workdir=out,
+                         optimizer=settings.optimizer, loop=settings.loop, step=settings.step,
+                         mesh_cfg=settings.mesh, seed=db.seed, map_fn=pairs_to_examples)
     if result.preempted:
         return {"preempted": True, "step": result.step}
 

@@ -1,0 +1,306 @@
+"""``persguard pretrain``: the synthetic world's text-to-image model, trained from scratch on a CPU in minutes.
+
+Stable Diffusion's recipe at toy scale, every stage on the engine (``train.fit``: sharded step, Orbax
+checkpoints, metrics, resumable):
+
+1. ``vae``: a tiny AutoencoderKL on world images (``losses.vae_loss``: reconstruction + a small KL).
+2. latents: the training images encoded once (posterior mean and log-variance); the latent scale is fitted as
+   SD's was: ``scaling_factor = 1 / std(latents)``.
+3. ``unet``: UNet and CLIP text encoder trained together from scratch on the cached latents with the world's
+   captions, a fraction of them dropped to the empty prompt so classifier-free guidance works.
+4. export: a diffusers pipeline folder (``model/``), ``samples.png`` (one row per colour), ``results.json``
+   with the colour-following accuracy of the samples (``world.dominant_colour``), and ``config.yaml``.
+
+The output folder is the run's: ``vae/`` and ``unet/`` hold the stage checkpoints and metrics (an interrupted
+run resumes with ``--resume``), ``model/`` the result.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from persguard_jax import config as cfglib
+
+ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_CONFIG = ROOT / "configs" / "world_tiny.yaml"
+WORLD_FILE = "world_config.json"
+
+
+def world_of(model_dir: str | Path):
+    """The ``World`` a pre-trained world model was trained on (its ``world_config.json``; default world if absent)."""
+    from persguard_jax.data.world import World, WorldConfig
+    from persguard_jax.models.convert import read_json
+    path = Path(model_dir) / WORLD_FILE
+    return World(WorldConfig.from_dict(read_json(path)) if path.is_file() else WorldConfig())
+
+
+@dataclass(frozen=True)
+class StageConfig(cfglib.Section):
+    """One training stage: its length, batch and optimizer."""
+    steps: int = 500
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    warmup_steps: int = 0
+    schedule: str = "cosine"
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+
+    def optimizer(self):
+        from persguard_jax.train import OptimizerConfig
+        return OptimizerConfig(learning_rate=self.learning_rate, schedule=self.schedule,
+                               warmup_steps=self.warmup_steps, total_steps=self.steps,
+                               weight_decay=self.weight_decay, max_grad_norm=self.max_grad_norm)
+
+
+@dataclass(frozen=True)
+class VAEStageConfig(StageConfig):
+    SECTION = "pretrain.vae"
+    kl_weight: float = 1e-4
+
+
+@dataclass(frozen=True)
+class UNetStageConfig(StageConfig):
+    SECTION = "pretrain.unet"
+    caption_dropout: float = 0.1     # fraction of captions replaced by "" (the unconditional model for CFG)
+    min_snr_gamma: float | None = 5.0  # Min-SNR-gamma loss weights (Hang et al. 2023): ~3x faster convergence
+
+
+@dataclass(frozen=True)
+class PretrainConfig(cfglib.Section):
+    SECTION = "pretrain"
+    seed: int = 0
+    dataset_size: int = 20000        # world images rendered once and reused by both stages
+    vocab_size: int = 512
+    eval_steps: int = 25             # DDIM steps of the evaluation samples
+    eval_guidance: float = 4.0
+    eval_per_colour: int = 4         # samples per colour prompt (the colour-following check)
+    vae: VAEStageConfig = field(default_factory=VAEStageConfig)
+    unet: UNetStageConfig = field(default_factory=UNetStageConfig)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> "PretrainConfig":
+        d = dict(d or {})
+        vae, unet = VAEStageConfig.from_dict(d.pop("vae", None)), UNetStageConfig.from_dict(d.pop("unet", None))
+        return dataclasses.replace(super().from_dict(d), vae=vae, unet=unet)
+
+
+@dataclass
+class Settings:
+    world: Any
+    pretrain: PretrainConfig
+    models: dict
+    scheduler: dict
+    step: Any
+    mesh: Any
+    loop: dict
+    raw: dict = field(default_factory=dict)
+
+
+def parse_config(raw: dict) -> Settings:
+    from persguard_jax.data.world import WorldConfig
+    from persguard_jax.sharding import MeshConfig
+    from persguard_jax.train import StepConfig
+    known = {"world", "pretrain", "models", "scheduler", "step", "mesh", "loop"}
+    unknown = set(raw) - known
+    if unknown:
+        raise cfglib.ConfigError(f"config: unknown sections {sorted(unknown)}; known: {sorted(known)}")
+    models = dict(cfglib.section(raw, "models"))
+    missing = {"unet", "vae", "text_encoder"} - set(models)
+    if missing:
+        raise cfglib.ConfigError(f"config section 'models' needs unet, vae and text_encoder; missing {sorted(missing)}")
+    return Settings(world=WorldConfig.from_dict(cfglib.section(raw, "world")),
+                    pretrain=PretrainConfig.from_dict(cfglib.section(raw, "pretrain")), models=models,
+                    scheduler=dict(cfglib.section(raw, "scheduler")),
+                    step=StepConfig.from_dict(cfglib.section(raw, "step")),
+                    mesh=MeshConfig.from_dict(cfglib.section(raw, "mesh")),
+                    loop=dict(cfglib.section(raw, "loop")), raw=raw)
+
+
+# --------------------------------------------------------------------------- pieces
+
+def build_pipeline(settings: Settings, tokenizer) -> Any:
+    """Randomly initialised modules of the configured sizes (numpy init: seconds, not minutes, on a CPU)."""
+    from persguard_jax.models import clip, unet, vae
+    from persguard_jax.models.init import random_init
+    from persguard_jax.models.pretrained import Pipeline
+    from persguard_jax.schedulers import SchedulerConfig
+    seed = settings.pretrain.seed
+    text_cfg = clip.CLIPTextConfig.from_dict({**settings.models["text_encoder"], "vocab_size": tokenizer.vocab_size},
+                                             source="config models.text_encoder")
+    unet_cfg = unet.UNetConfig.from_dict({**settings.models["unet"], "cross_attention_dim": text_cfg.hidden_size},
+                                         source="config models.unet")
+    vae_cfg = vae.VAEConfig.from_dict({**settings.models["vae"], "sample_size": settings.world.image_size},
+                                      source="config models.vae")
+    return Pipeline(unet=random_init(unet.UNet2DConditionModel, unet_cfg, seed=seed),
+                    vae=random_init(vae.AutoencoderKL, vae_cfg, seed=seed + 1),
+                    text_encoder=random_init(clip.CLIPTextModel, text_cfg, seed=seed + 2),
+                    tokenizer=tokenizer, scheduler_config=SchedulerConfig.from_dict(settings.scheduler).to_dict())
+
+
+def render_dataset(world, size: int, *, split: str = "train", class_fraction: float = 0.3
+                   ) -> tuple[np.ndarray, list[str]]:
+    """``size`` world images (uint8) and captions, rendered once with a progress bar."""
+    from tqdm.auto import tqdm
+
+    from persguard_jax.data.world import WorldSource
+    source = WorldSource(world, size, split=split, class_fraction=class_fraction)
+    images = np.empty((size, world.cfg.image_size, world.cfg.image_size, 3), np.uint8)
+    captions = []
+    for i in tqdm(range(size), desc="rendering the world", unit="img", mininterval=1.0):
+        item = source[i]
+        images[i] = item["image"]
+        captions.append(item["caption"])
+    return images, captions
+
+
+def _to_unit_range(batch: dict) -> dict:
+    return {"images": batch["images"].astype(np.float32) / 127.5 - 1.0}
+
+
+def _loop_config(settings: Settings, steps: int):
+    from persguard_jax.train import LoopConfig
+    return LoopConfig.from_dict({"log_every": 25, "checkpoint_every": 250, "max_to_keep": 1, "tensorboard": False,
+                                 **settings.loop, "num_steps": steps})
+
+
+def train_vae(pipe, images: np.ndarray, settings: Settings, workdir: Path):
+    import jax
+
+    from persguard_jax import losses
+    from persguard_jax import sharding as shd
+    from persguard_jax.data.batches import ArraySource
+    from persguard_jax.models import functional as F
+    from persguard_jax.train import fit
+    stage = settings.pretrain.vae
+    model, params = F.split_modules({"vae": pipe.vae})
+    loss_fn = losses.bind(losses.vae_loss, model=model, kl_weight=stage.kl_weight)
+    result, _ = fit(loss_fn, params, {}, train_logical={"vae": shd.logical_axes(pipe.vae)}, frozen_logical={},
+                    source=ArraySource({"images": images}), global_batch=stage.batch_size, workdir=workdir,
+                    optimizer=stage.optimizer(), loop=_loop_config(settings, stage.steps), step=settings.step,
+                    mesh_cfg=settings.mesh, seed=settings.pretrain.seed, map_fn=_to_unit_range)
+    F.update_modules({"vae": pipe.vae}, jax.device_get(result.state.params))
+    return result
+
+
+def encode_dataset(pipe, images: np.ndarray, batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    from persguard_jax.workflows.personalize import encode_latents
+    return encode_latents(pipe, images.astype(np.float32) / 127.5 - 1.0, batch=batch)
+
+
+def train_unet(pipe, latents: tuple[np.ndarray, np.ndarray], input_ids: np.ndarray, settings: Settings,
+               workdir: Path):
+    import jax
+
+    from persguard_jax import losses
+    from persguard_jax import sharding as shd
+    from persguard_jax.data.batches import ArraySource
+    from persguard_jax.models import functional as F
+    from persguard_jax.schedulers import SchedulerConfig, make_schedule
+    from persguard_jax.train import fit
+    stage = settings.pretrain.unet
+    modules = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
+    model, params = F.split_modules(modules)
+    scheduler_cfg = SchedulerConfig.from_dict(pipe.scheduler_config)
+    loss_cfg = losses.LossConfig(prediction_type=scheduler_cfg.prediction_type, min_snr_gamma=stage.min_snr_gamma,
+                                 scaling_factor=pipe.vae.config.scaling_factor)
+    inner = losses.bind(losses.denoising_loss, model=model, schedule=make_schedule(scheduler_cfg), cfg=loss_cfg)
+    loss_fn = losses.caption_dropout(inner, rate=stage.caption_dropout, empty_ids=pipe.tokenizer([""])[0])
+    mean, logvar = latents
+    result, _ = fit(loss_fn, params, {}, train_logical={k: shd.logical_axes(m) for k, m in modules.items()},
+                    frozen_logical={}, source=ArraySource({"latent_mean": mean, "latent_logvar": logvar,
+                                                           "input_ids": input_ids}),
+                    global_batch=stage.batch_size, workdir=workdir, optimizer=stage.optimizer(),
+                    loop=_loop_config(settings, stage.steps), step=settings.step, mesh_cfg=settings.mesh,
+                    seed=settings.pretrain.seed)
+    F.update_modules(modules, jax.device_get(result.state.params))
+    return result
+
+
+def colour_prompts(world) -> list[tuple[str, str]]:
+    """(colour, prompt) pairs of the colour-following check: one plain-background circle per colour."""
+    from persguard_jax.data.world import COLOURS, SceneSpec
+    return [(c, world.caption(SceneSpec(shape="circle", colour=c))) for c in COLOURS]
+
+
+def evaluate_colours(pipe, world, cfg: PretrainConfig) -> tuple[np.ndarray, dict]:
+    """Sample every colour prompt and measure how often the dominant colour is the one asked for."""
+    from persguard_jax.data.world import COLOURS, dominant_colour
+    from persguard_jax.sample import text_to_image
+    pairs = colour_prompts(world)
+    prompts = [p for _, p in pairs for _ in range(cfg.eval_per_colour)]
+    images = text_to_image(pipe, prompts, num_steps=cfg.eval_steps, guidance_scale=cfg.eval_guidance,
+                           seed=cfg.seed, height=world.cfg.image_size, width=world.cfg.image_size)
+    pixels = (np.clip(np.asarray(images), 0.0, 1.0) * 255).round().astype(np.uint8)
+    names = list(COLOURS)
+    want = np.repeat([names.index(c) for c, _ in pairs], cfg.eval_per_colour)
+    got = dominant_colour(pixels)
+    per_colour = {c: float(np.mean(got[want == i] == i)) for i, c in enumerate(names)}
+    return pixels, {"colour_accuracy": float(np.mean(got == want)), "chance": 1.0 / len(names),
+                    "per_colour": per_colour}
+
+
+# --------------------------------------------------------------------------- the run
+
+def pretrain(out: str | Path, raw_config: dict, *, overwrite: bool = False, resume: bool = False) -> dict:
+    """Pre-train the world's pipeline into ``out``; returns the results (also in ``out/results.json``)."""
+    import jax
+
+    from persguard_jax.data.world import World
+    from persguard_jax.models import save_pipeline
+    from persguard_jax.models.convert import save_json
+    from persguard_jax.report import image_grid, save_png
+    from persguard_jax.workflows.personalize import prepare_output
+
+    settings = parse_config(raw_config)
+    cfg = settings.pretrain
+    out = Path(out)
+    t0 = time.time()
+    world = World(settings.world)
+    context_length = settings.models["text_encoder"].get("max_position_embeddings", 77)
+    tokenizer = world.tokenizer(cfg.vocab_size, max_length=context_length)
+    pipe = build_pipeline(settings, tokenizer)
+    prepare_output(out, overwrite=overwrite, resume=resume)
+    cfglib.dump(settings.raw, out / "config.yaml")
+    print(f"pre-training the world model into {out} on {jax.device_count()} {jax.default_backend()} device(s)")
+
+    images, captions = render_dataset(world, cfg.dataset_size)
+    timings = {}
+    t = time.time()
+    vae_result = train_vae(pipe, images, settings, out / "vae")
+    timings["vae_s"] = round(time.time() - t, 1)
+    if vae_result.preempted:
+        return {"preempted": True, "stage": "vae", "step": vae_result.step}
+
+    t = time.time()
+    mean, logvar = encode_dataset(pipe, images)
+    scale = float(1.0 / np.std(mean))
+    pipe.vae.config = dataclasses.replace(pipe.vae.config, scaling_factor=scale)
+    input_ids = np.asarray(tokenizer(captions), np.int32)
+    timings["encode_s"] = round(time.time() - t, 1)
+
+    t = time.time()
+    unet_result = train_unet(pipe, (mean, logvar), input_ids, settings, out / "unet")
+    timings["unet_s"] = round(time.time() - t, 1)
+    if unet_result.preempted:
+        return {"preempted": True, "stage": "unet", "step": unet_result.step}
+
+    model_dir = save_pipeline(pipe, out / "model", overwrite=True)
+    # the world the model was trained on travels with it (diffusers ignores extra files in the folder)
+    save_json(settings.world.to_dict(), model_dir / WORLD_FILE)
+    t = time.time()
+    samples, colour = evaluate_colours(pipe, world, cfg)
+    timings["eval_s"] = round(time.time() - t, 1)
+    save_png(image_grid(samples / 255.0, ncols=cfg.eval_per_colour * 2), out / "samples.png")
+    results = {"model": str(model_dir), "samples": str(out / "samples.png"), "scaling_factor": scale,
+               "vae": vae_result.last_metrics, "unet": unet_result.last_metrics, **colour,
+               "timings": timings, "wall_s": round(time.time() - t0, 1)}
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=2))
+    tmp.replace(out / "results.json")
+    return results

@@ -1,0 +1,154 @@
+"""``persguard train-clip``: the synthetic world's CLIP, trained contrastively, for the metrics.
+
+The same ``CLIPModel`` port that reads OpenAI's weights, at toy size (32 px images in 4 px patches, two 64-d
+layers per tower), trained with ``losses.clip_contrastive_loss`` (symmetric InfoNCE) on world scenes and their
+captions through ``train.fit``. Evaluated zero-shot on the held-out ``val`` split: for each image, its true caption
+against the same caption with the colour (or the shape) swapped for every other one; ``colour_accuracy`` and
+``shape_accuracy`` are how often the true one scores highest. Writes a transformers CLIP folder (``model/``:
+config.json, model.safetensors, tokenizer files, preprocessor_config.json) that ``CLIPEvaluator.from_folder``
+reads exactly as it reads openai/clip-vit-large-patch14.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from persguard_jax import config as cfglib
+
+ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_CONFIG = ROOT / "configs" / "world_clip.yaml"
+# The world's pixel statistics are not ImageNet's; CLIP's own recipe normalises with the training set's.
+WORLD_NORM = dict(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+
+
+@dataclass(frozen=True)
+class ClipTrainConfig(cfglib.Section):
+    SECTION = "clip"
+    seed: int = 0
+    dataset_size: int = 20000
+    class_fraction: float = 0.1      # class photos repeat captions ("a photo of a dog"): in-batch false negatives
+    vocab_size: int = 512
+    steps: int = 600
+    batch_size: int = 128
+    learning_rate: float = 2e-3
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    eval_size: int = 512             # held-out (val) scenes for the zero-shot accuracies
+
+
+@dataclass
+class Settings:
+    world: Any
+    clip: ClipTrainConfig
+    model: dict
+    step: Any
+    mesh: Any
+    loop: dict
+    raw: dict = field(default_factory=dict)
+
+
+def parse_config(raw: dict) -> Settings:
+    from persguard_jax.data.world import WorldConfig
+    from persguard_jax.sharding import MeshConfig
+    from persguard_jax.train import StepConfig
+    known = {"world", "clip", "model", "step", "mesh", "loop"}
+    unknown = set(raw) - known
+    if unknown:
+        raise cfglib.ConfigError(f"config: unknown sections {sorted(unknown)}; known: {sorted(known)}")
+    return Settings(world=WorldConfig.from_dict(cfglib.section(raw, "world")),
+                    clip=ClipTrainConfig.from_dict(cfglib.section(raw, "clip")), model=dict(cfglib.section(raw, "model")),
+                    step=StepConfig.from_dict(cfglib.section(raw, "step")),
+                    mesh=MeshConfig.from_dict(cfglib.section(raw, "mesh")), loop=dict(cfglib.section(raw, "loop")),
+                    raw=raw)
+
+
+def build_clip(settings: Settings, vocab_size: int):
+    from persguard_jax.models import clip
+    from persguard_jax.models.init import random_init
+    d = dict(settings.model)
+    d["text_config"] = {**d.get("text_config", {}), "vocab_size": vocab_size}
+    d["vision_config"] = {**d.get("vision_config", {}), "image_size": settings.world.image_size}
+    cfg = clip.CLIPConfig.from_dict(d, source="config model")
+    return random_init(clip.CLIPModel, cfg, seed=settings.clip.seed)
+
+
+def pixel_values(images_uint8: np.ndarray) -> np.ndarray:
+    """uint8 world images -> the normalised NHWC floats the world CLIP takes (``WORLD_NORM``)."""
+    mean, std = (np.asarray(WORLD_NORM[k], np.float32) for k in ("mean", "std"))
+    return (images_uint8.astype(np.float32) / 255.0 - mean) / std
+
+
+def zero_shot(evaluator, world, size: int, split: str = "val") -> dict[str, float]:
+    """Zero-shot accuracies on ``size`` held-out scenes: the true caption against every colour (shape) swap."""
+    from persguard_jax.data.world import ALL_SHAPES, COLOURS, SHAPES
+    specs = [world.random_spec(i, split) for i in range(size)]
+    images = np.stack([world.render(s) for s in specs]).astype(np.float32) / 255.0
+    img = np.asarray(evaluator.image_features(images))
+    out = {}
+    for attr, options in (("colour", list(COLOURS)), ("shape", list(ALL_SHAPES))):
+        keep = [i for i, s in enumerate(specs) if attr != "shape" or s.shape in SHAPES + tuple(world.cfg.classes)]
+        prompts = [world.caption(dataclasses.replace(specs[i], **{attr: o})) for i in keep for o in options]
+        txt = np.asarray(evaluator.text_features(prompts)).reshape(len(keep), len(options), -1)
+        scores = np.einsum("nd,nkd->nk", img[keep], txt)
+        truth = np.array([options.index(getattr(specs[i], attr)) for i in keep])
+        out[f"{attr}_accuracy"] = float(np.mean(scores.argmax(1) == truth))
+        out[f"{attr}_chance"] = 1.0 / len(options)
+    return out
+
+
+def train_clip(out: str | Path, raw_config: dict, *, overwrite: bool = False, resume: bool = False) -> dict:
+    """Train the world CLIP into ``out``; returns the results (also in ``out/results.json``)."""
+    import jax
+
+    from persguard_jax import losses
+    from persguard_jax import sharding as shd
+    from persguard_jax.data.batches import ArraySource
+    from persguard_jax.data.world import World
+    from persguard_jax.metrics import CLIPEvaluator
+    from persguard_jax.models import functional as F
+    from persguard_jax.models.pretrained import ImageNorm, save_clip
+    from persguard_jax.train import LoopConfig, OptimizerConfig, fit
+    from persguard_jax.workflows.personalize import prepare_output
+    from persguard_jax.workflows.pretrain import render_dataset
+
+    settings = parse_config(raw_config)
+    cfg = settings.clip
+    out = Path(out)
+    t0 = time.time()
+    world = World(settings.world)
+    tokenizer = world.tokenizer(cfg.vocab_size, max_length=settings.model.get("text_config", {}).get(
+        "max_position_embeddings", 77))
+    model = build_clip(settings, tokenizer.vocab_size)
+    prepare_output(out, overwrite=overwrite, resume=resume)
+    cfglib.dump(settings.raw, out / "config.yaml")
+
+    images, captions = render_dataset(world, cfg.dataset_size, class_fraction=cfg.class_fraction)
+    source = ArraySource({"images": images, "input_ids": np.asarray(tokenizer(captions), np.int32)})
+    mods, params = F.split_modules({"clip": model})
+    loss_fn = losses.bind(losses.clip_contrastive_loss, model=mods)
+    optimizer = OptimizerConfig(learning_rate=cfg.learning_rate, schedule="cosine", warmup_steps=cfg.warmup_steps,
+                                total_steps=cfg.steps, weight_decay=cfg.weight_decay, max_grad_norm=1.0)
+    loop = LoopConfig.from_dict({"log_every": 25, "checkpoint_every": 250, "max_to_keep": 1, "tensorboard": False,
+                                 **settings.loop, "num_steps": cfg.steps})
+    result, _ = fit(loss_fn, params, {}, train_logical={"clip": shd.logical_axes(model)}, frozen_logical={},
+                    source=source, global_batch=cfg.batch_size, workdir=out, optimizer=optimizer, loop=loop,
+                    step=settings.step, mesh_cfg=settings.mesh, seed=cfg.seed,
+                    map_fn=lambda b: {"pixel_values": pixel_values(b["images"]), "input_ids": b["input_ids"]})
+    if result.preempted:
+        return {"preempted": True, "step": result.step}
+    F.update_modules({"clip": model}, jax.device_get(result.state.params))
+    norm = ImageNorm(**WORLD_NORM)
+    model_dir = save_clip(model, tokenizer, out / "model", norm)
+    accuracy = zero_shot(CLIPEvaluator(model, tokenizer, norm), world, cfg.eval_size)
+    results = {"model": str(model_dir), "steps": result.step, "final_metrics": result.last_metrics, **accuracy,
+               "wall_s": round(time.time() - t0, 1)}
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=2))
+    tmp.replace(out / "results.json")
+    return results

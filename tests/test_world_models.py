@@ -1,0 +1,101 @@
+"""The synthetic world's pre-trained models (committed under assets/, made by `persguard pretrain` and
+`persguard train-clip`): they follow colour and shape prompts, the CLIP classifies held-out scenes, and the
+commands that make them run end to end (smoke scale)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from persguard_jax import config as cfglib
+from persguard_jax.data.world import ALL_SHAPES, COLOURS, SceneSpec, dominant_colour
+from persguard_jax.workflows import world_assets
+from persguard_jax.workflows.pretrain import DEFAULT_CONFIG as PRETRAIN_CONFIG
+from persguard_jax.workflows.pretrain import pretrain, world_of
+from persguard_jax.workflows.world_clip import DEFAULT_CONFIG as CLIP_CONFIG
+from persguard_jax.workflows.world_clip import train_clip, zero_shot
+
+
+@pytest.fixture(scope="module")
+def world_pipe():
+    from persguard_jax.models import load_pipeline
+    folder = world_assets.world_model(build=False)
+    return load_pipeline(folder), world_of(folder)
+
+
+@pytest.fixture(scope="module")
+def evaluator():
+    from persguard_jax.metrics import CLIPEvaluator
+    return CLIPEvaluator.from_folder(world_assets.world_clip(build=False))
+
+
+def test_world_model_follows_colour_prompts(world_pipe):
+    from persguard_jax.sample import text_to_image
+    pipe, world = world_pipe
+    names = list(COLOURS)
+    prompts = [world.caption(SceneSpec(shape="circle", colour=c)) for c in names for _ in range(2)]
+    images = text_to_image(pipe, prompts, num_steps=20, guidance_scale=4.0, seed=7, progress=False)
+    got = dominant_colour((np.clip(np.asarray(images), 0, 1) * 255).round().astype(np.uint8))
+    accuracy = np.mean(got == np.repeat(np.arange(len(names)), 2))
+    assert accuracy >= 0.5, f"colour accuracy {accuracy:.2f} (chance {1 / len(names):.2f})"
+
+
+@pytest.mark.xfail(strict=True, reason="known gap (issue 5): the 10-minute CPU pre-training learns colour, not yet "
+                   "shape; samples score at chance (0.17) with the world CLIP. Strict: remove this mark when it passes")
+def test_world_model_follows_shape_prompts(world_pipe, evaluator):
+    from persguard_jax.sample import text_to_image
+    pipe, world = world_pipe
+    shapes = ["circle", "square", "triangle", "cross", "person", "bird"]
+    specs = [SceneSpec(shape=s, colour=c) for s in shapes for c in ("red", "blue")]
+    images = np.clip(np.asarray(text_to_image(pipe, [world.caption(s) for s in specs], num_steps=20,
+                                              guidance_scale=4.0, seed=3, progress=False)), 0, 1)
+    img = np.asarray(evaluator.image_features(images))
+    # zero-shot: each sample's caption against the same caption with every other shape
+    cands = [world.caption(SceneSpec(shape=o, colour=s.colour)) for s in specs for o in shapes]
+    txt = np.asarray(evaluator.text_features(cands)).reshape(len(specs), len(shapes), -1)
+    got = np.einsum("nd,nkd->nk", img, txt).argmax(1)
+    accuracy = np.mean(got == np.repeat(np.arange(len(shapes)), 2))
+    assert accuracy >= 2.0 / len(shapes), f"shape accuracy {accuracy:.2f} (chance {1 / len(shapes):.2f})"
+
+
+def test_world_clip_zero_shot_on_held_out_scenes(evaluator):
+    acc = zero_shot(evaluator, world_of(world_assets.world_model(build=False)), 128)
+    assert acc["colour_accuracy"] >= 0.6, acc
+    assert acc["shape_accuracy"] >= 0.25, acc  # chance 0.10; measured 0.33 (assets/world_clip_results.json)
+
+
+def test_committed_assets_record_the_command_that_made_them():
+    readme = (world_assets.ASSETS / "README.md").read_text()
+    assert "persguard pretrain" in readme and "persguard train-clip" in readme
+    for name in ("world_tiny", "world_clip"):
+        size = sum(p.stat().st_size for p in (world_assets.ASSETS / name).rglob("*") if p.is_file())
+        assert size < 12e6, f"assets/{name} is {size / 1e6:.1f} MB: keep committed models small"
+
+
+def test_pretrain_command_smoke(tmp_path):
+    """The whole pre-training path at smoke scale: render, VAE, latents, UNet + text encoder, export, eval."""
+    from persguard_jax.models import load_pipeline
+    raw = cfglib.load_config(PRETRAIN_CONFIG, [
+        "pretrain.dataset_size=64", "pretrain.vae.steps=2", "pretrain.vae.batch_size=8", "pretrain.unet.steps=2",
+        "pretrain.unet.batch_size=8", "pretrain.eval_per_colour=1", "pretrain.eval_steps=2", "loop.log_every=1"])
+    results = pretrain(tmp_path / "run", raw)
+    assert set(results) >= {"model", "colour_accuracy", "scaling_factor", "timings"}
+    assert np.isfinite(results["vae"]["loss"]) and np.isfinite(results["unet"]["loss"])
+    pipe = load_pipeline(tmp_path / "run" / "model")
+    assert pipe.vae.config.scaling_factor == pytest.approx(results["scaling_factor"])
+    assert world_of(tmp_path / "run" / "model").cfg.image_size == 32
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["model"] == results["model"]
+    with pytest.raises(FileExistsError, match="--resume"):
+        pretrain(tmp_path / "run", raw)
+
+
+def test_train_clip_command_smoke(tmp_path):
+    from persguard_jax.models.pretrained import load_clip
+    raw = cfglib.load_config(CLIP_CONFIG, ["clip.dataset_size=64", "clip.steps=2", "clip.batch_size=16",
+                                           "clip.eval_size=8", "loop.log_every=1"])
+    results = train_clip(tmp_path / "clip", raw)
+    assert 0.0 <= results["colour_accuracy"] <= 1.0 and np.isfinite(results["final_metrics"]["loss"])
+    model, tokenizer, norm = load_clip(Path(results["model"]))
+    assert model.config.vision_config.image_size == 32 and norm.std == (0.25, 0.25, 0.25)
