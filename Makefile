@@ -30,7 +30,7 @@ test: venv
 demo: venv
 	$(VENV)/bin/persguard demo
 
-# Re-make the committed synthetic-world models (assets/README.md): ~10 + ~3 minutes on 2 CPU cores.
+# Re-make the committed synthetic-world models (assets/README.md): ~9 + ~3 minutes on 2 CPU cores.
 world-assets: venv
 	$(VENV)/bin/persguard pretrain --out runs/world_tiny --overwrite
 	$(VENV)/bin/persguard train-clip --out runs/world_clip --overwrite
