@@ -39,6 +39,8 @@ world-assets: venv
 	cp -r runs/world_clip/model assets/world_clip
 	cp runs/world_tiny/results.json assets/world_tiny_results.json
 	cp runs/world_clip/results.json assets/world_clip_results.json
+	cp runs/world_tiny/samples.png assets/world_tiny_samples.png
+	cp runs/world_tiny/shape_samples.png assets/world_tiny_shape_samples.png
 
 bench: venv
 	$(PY) benchmarks/unet_step.py --json

@@ -10,6 +10,7 @@ import argparse
 import math
 import sys
 from pathlib import Path
+from typing import Any, Callable, Sequence
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -129,56 +130,54 @@ def cmd_plan(args: argparse.Namespace) -> None:
           f"with AdamW state x3: {3 * per_device / 2**30:.3f} GiB per device")
 
 
-def cmd_personalize(args: argparse.Namespace) -> None:
+def _run_workflow(args: argparse.Namespace, module_name: str, run: Callable[[Any, dict], dict],
+                  extra_overrides: Sequence[str] = ()) -> dict | None:
+    """The training commands' common path: one CPU device per core, the config (``--config`` or the workflow's
+    ``DEFAULT_CONFIG``, then the overrides), ``run(module, raw_config)``. None (after saying so) when the run was
+    stopped by SIGTERM."""
+    import importlib
+
     from persguard_jax import sharding as shd
     shd.request_cpu_devices()  # on a CPU: one device per core, so the data axis uses them all
     from persguard_jax import config as cfglib
-    from persguard_jax.workflows.personalize import DEFAULT_CONFIG, personalize
 
-    overrides = list(args.overrides)
-    if args.instance_prompt:
-        overrides.append(f"dreambooth.instance_prompt={args.instance_prompt}")
-    if args.class_prompt:
-        overrides.append(f"dreambooth.class_prompt={args.class_prompt}")
-    raw = cfglib.load_config(args.config or DEFAULT_CONFIG, overrides)
-    results = personalize(args.model, args.instance_dir, args.out, raw, overwrite=args.overwrite, resume=args.resume)
+    module = importlib.import_module(f"persguard_jax.workflows.{module_name}")
+    raw = cfglib.load_config(args.config or module.DEFAULT_CONFIG, [*args.overrides, *extra_overrides])
+    results = run(module, raw)
     if results.get("preempted"):
-        print(f"stopped at step {results['step']} (SIGTERM); rerun with --resume to continue")
-        return
-    print(f"personalised model: {results['model']}\nsamples: {results['samples']}\n"
-          f"results: {Path(args.out) / 'results.json'} ({results['steps']} steps in {results['wall_s']} s)")
+        stage = f"in stage {results['stage']} " if "stage" in results else ""
+        print(f"stopped {stage}at step {results['step']} (SIGTERM); rerun with --resume to continue")
+        return None
+    return results
+
+
+def cmd_personalize(args: argparse.Namespace) -> None:
+    extra = [f"dreambooth.{key}={value}" for key, value in
+             (("instance_prompt", args.instance_prompt), ("class_prompt", args.class_prompt)) if value]
+    results = _run_workflow(args, "personalize", lambda m, raw: m.personalize(
+        args.model, args.instance_dir, args.out, raw, overwrite=args.overwrite, resume=args.resume), extra)
+    if results:
+        print(f"personalised model: {results['model']}\nsamples: {results['samples']}\n"
+              f"results: {Path(args.out) / 'results.json'} ({results['steps']} steps in {results['wall_s']} s)")
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
-    from persguard_jax import sharding as shd
-    shd.request_cpu_devices()
-    from persguard_jax import config as cfglib
-    from persguard_jax.workflows.pretrain import DEFAULT_CONFIG, pretrain
-
-    raw = cfglib.load_config(args.config or DEFAULT_CONFIG, args.overrides)
-    results = pretrain(args.out, raw, overwrite=args.overwrite, resume=args.resume)
-    if results.get("preempted"):
-        print(f"stopped in stage {results['stage']} at step {results['step']} (SIGTERM); rerun with --resume")
-        return
-    print(f"world model: {results['model']}\nsamples: {results['samples']}\n"
-          f"colour accuracy {results['colour_accuracy']:.2f} (chance {results['chance']:.2f}), "
-          f"{results['wall_s']} s in all")
+    results = _run_workflow(args, "pretrain", lambda m, raw: m.pretrain(
+        args.out, raw, overwrite=args.overwrite, resume=args.resume))
+    if results:
+        print(f"world model: {results['model']}\nsamples: {results['samples']}, {results['shape_samples']}\n"
+              f"colour accuracy {results['colour_accuracy']:.2f} (chance {results['chance']:.2f}), "
+              f"shape accuracy {results['shape_accuracy']:.2f} (chance {results['shape_chance']:.2f}); "
+              f"{results['wall_s']} s in all")
 
 
 def cmd_train_clip(args: argparse.Namespace) -> None:
-    from persguard_jax import sharding as shd
-    shd.request_cpu_devices()
-    from persguard_jax import config as cfglib
-    from persguard_jax.workflows.world_clip import DEFAULT_CONFIG, train_clip
-
-    raw = cfglib.load_config(args.config or DEFAULT_CONFIG, args.overrides)
-    results = train_clip(args.out, raw, overwrite=args.overwrite, resume=args.resume)
-    if results.get("preempted"):
-        print(f"stopped at step {results['step']} (SIGTERM); rerun with --resume to continue")
-        return
-    print(f"world CLIP: {results['model']}\nzero-shot on held-out scenes: colour {results['colour_accuracy']:.2f} "
-          f"(chance {results['colour_chance']:.2f}), shape {results['shape_accuracy']:.2f} "
-          f"(chance {results['shape_chance']:.2f}); {results['wall_s']} s")
+    results = _run_workflow(args, "world_clip", lambda m, raw: m.train_clip(
+        args.out, raw, overwrite=args.overwrite, resume=args.resume))
+    if results:
+        print(f"world CLIP: {results['model']}\nzero-shot on held-out scenes: colour "
+              f"{results['colour_accuracy']:.2f} (chance {results['colour_chance']:.2f}), shape "
+              f"{results['shape_accuracy']:.2f} (chance {results['shape_chance']:.2f}); {results['wall_s']} s")
 
 
 def build_parser() -> argparse.ArgumentParser:

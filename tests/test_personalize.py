@@ -106,6 +106,20 @@ def test_bad_inputs(run, tmp_path, capsys):
     assert "model_index.json" in capsys.readouterr().err
 
 
+def test_encode_latents_compiles_once_per_vae_and_pads_the_last_chunk():
+    from persguard_jax.workflows import personalize
+    pipe = tiny_pipeline(0)
+    images = np.random.default_rng(0).uniform(-1, 1, (5, 32, 32, 3)).astype(np.float32)
+    before = personalize._encode._cache_size()
+    mean, logvar = encode_latents(pipe, images, batch=2)  # chunks of 2, 2, 1 (padded to 2)
+    again, _ = encode_latents(pipe, images[:3], batch=2)
+    assert personalize._encode._cache_size() - before == 1  # one shape, one graph: compiled once
+    assert mean.shape[0] == 5 and logvar.shape == mean.shape
+    single, _ = encode_latents(pipe, images[4:5], batch=1)
+    np.testing.assert_allclose(mean[4:5], single, atol=1e-5)  # padding does not leak into real rows
+    np.testing.assert_allclose(again, mean[:3], atol=1e-6)
+
+
 def test_finetune_scans_the_real_unet():
     """The inner loop on the micro UNet: a lax.scan of DreamBooth steps that trains the UNet and leaves the
     frozen text encoder alone."""

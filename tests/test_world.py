@@ -13,8 +13,8 @@ import pytest
 
 from persguard_jax.config import ConfigError
 from persguard_jax.data.world import (ALL_SHAPES, BACKGROUNDS, CLASSES, COLOURS, MARK_POSITIONS, SHAPES, TEXTURES,
-                                      SceneSpec, World, WorldConfig, WorldSource, dominant_colour, parse_caption,
-                                      save_photos)
+                                      SceneSpec, World, WorldConfig, WorldSource, detect_shape, dominant_colour,
+                                      parse_caption, save_photos)
 
 COLOUR_NAMES = list(COLOURS)
 
@@ -176,6 +176,26 @@ def test_held_out_subjects_never_reach_the_data_source(world):
     assert 200 < n_class < 400
 
 
+def test_simple_scenes_carry_the_canonical_caption(world):
+    """``simple_fraction`` of the items: one plain object near the centre, captioned exactly as the default
+    ``SceneSpec(shape, colour)`` (the prompt the colour/shape-following checks use); the other items unchanged."""
+    plain = WorldSource(world, 400, class_fraction=0.3)
+    mixed = WorldSource(world, 400, class_fraction=0.3, simple_fraction=0.4)
+    n_simple = 0
+    for i in range(len(mixed)):
+        spec, caption, subject = mixed.describe(i)
+        if (spec, caption) != plain.describe(i)[:2]:
+            n_simple += 1
+            assert subject is None and spec.texture == "plain" and spec.background == "plain"
+            assert caption == world.caption(SceneSpec(spec.shape, spec.colour))
+            assert abs(spec.x - 0.5) <= 0.05 and abs(spec.y - 0.5) <= 0.05
+    assert 110 < n_simple < 210  # about 0.4 x 400
+    shapes = {mixed.describe(i)[0].shape for i in range(len(mixed))}
+    assert shapes == set(world.shapes)
+    with pytest.raises(ValueError, match="simple_fraction"):
+        WorldSource(world, 10, class_fraction=0.7, simple_fraction=0.5)
+
+
 def test_world_source_items_and_pickling(world):
     source = WorldSource(world, 50, split="val")
     item = source[7]
@@ -215,6 +235,35 @@ def test_dominant_colour_follows_random_scenes(world):
     specs = [world.random_spec(i) for i in range(300)]
     found = dominant_colour(np.stack([world.render(s) for s in specs]), background="any")
     assert np.mean(found == [COLOUR_NAMES.index(s.colour) for s in specs]) > 0.98
+
+
+def test_detect_shape_on_hand_made_blocks():
+    canvas = np.full((3, 32, 32, 3), 140, np.uint8)
+    canvas[0, 8:24, 8:24] = (220, 40, 40)  # a 16 px square
+    yy, xx = np.mgrid[:32, :32]
+    canvas[1][(yy - 15.5) ** 2 + (xx - 15.5) ** 2 < 7.5**2] = (40, 80, 220)  # a disc
+    assert list(detect_shape(canvas, ("circle", "square"))) == [1, 0, -1]  # the third is background only
+    # a plus made of two bars is a cross, not a square or a circle
+    plus = np.full((32, 32, 3), 140, np.uint8)
+    plus[13:19, 6:26] = plus[6:26, 13:19] = (40, 170, 60)
+    assert SHAPES[detect_shape(plus, SHAPES)[0]] == "cross"
+    with pytest.raises(ValueError, match="unknown candidates"):
+        detect_shape(canvas, ("circle", "hexagon"))
+
+
+def test_detect_shape_follows_rendered_scenes(world):
+    """Every shape and class on a plain background, any colour, texture, size, lighting, pose (flip, tilt)."""
+    rng = np.random.default_rng(0)
+    specs = []
+    for i in range(120):
+        shape = ALL_SHAPES[i % len(ALL_SHAPES)]
+        pose = shape in CLASSES
+        specs.append(SceneSpec(shape, COLOUR_NAMES[i % len(COLOUR_NAMES)], TEXTURES[(i // 10) % len(TEXTURES)],
+                               x=0.5 + rng.uniform(-0.15, 0.15), y=0.5 + rng.uniform(-0.15, 0.15),
+                               size=rng.uniform(0.3, 0.7), lighting=rng.uniform(0.75, 1.2), flip=bool(pose and i % 2),
+                               tilt=float(rng.uniform(-12, 12)) if pose else 0.0, seed=i + 1))
+    found = detect_shape(np.stack([world.render(s) for s in specs]))
+    assert np.mean(found == [ALL_SHAPES.index(s.shape) for s in specs]) >= 0.95
 
 
 # ------------------------------------------------------------------------------------------------------ config

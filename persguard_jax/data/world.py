@@ -363,6 +363,11 @@ class World:
         self._subjects = self._make_subjects()
         self._tokenizers: dict[int, CLIPTokenizer] = {}
 
+    @property
+    def shapes(self) -> tuple[str, ...]:
+        """Every silhouette this world draws: the generic shapes, then its classes."""
+        return SHAPES + self.cfg.classes
+
     def __reduce__(self):  # pickle as the config alone: everything else is derived (grain workers, tfds)
         return (World, (self.cfg,))
 
@@ -372,7 +377,7 @@ class World:
     # ------------------------------------------------------------------------------------------ randomness
     def _rng(self, stream: str, *keys: int) -> np.random.Generator:
         """An independent generator per (seed, stream, keys): items are random-access, no shared state."""
-        code = {"scene": 1, "subjects": 2, "subject_photo": 3, "class_photo": 4, "source": 5}[stream]
+        code = {"scene": 1, "subjects": 2, "subject_photo": 3, "class_photo": 4, "source": 5, "simple": 6}[stream]
         return np.random.default_rng([self.cfg.seed, code, *(int(k) for k in keys)])
 
     @staticmethod
@@ -503,6 +508,16 @@ class World:
         shape = _pick(self.cfg.classes, r[1]) if pose else _pick(SHAPES, r[1])
         texture = TEXTURES[0] if r[3] < 0.4 else _pick(TEXTURES[1:], (r[3] - 0.4) / 0.6)  # plain 40%
         return self._place(rng, shape, _pick(tuple(COLOURS), r[2]), texture, None, sizes=(0.3, 0.8), pose=pose)
+
+    def simple_spec(self, index: int, split: str = "train") -> SceneSpec:
+        """Simple scene ``index`` of ``split``: one plain object (a shape or a class silhouette, any colour) on the
+        plain background, near the centre, medium-sized, in normal light, facing right; jittered only inside the
+        caption's thresholds, so its caption is the short canonical one ("a photo of a red circle on a plain
+        background"), the caption of ``SceneSpec(shape, colour)``."""
+        r = self._rng("simple", self._split_code(split), index).random(6)
+        shapes = self.shapes
+        return SceneSpec(_pick(shapes, r[0]), _pick(tuple(COLOURS), r[1]), x=0.45 + 0.1 * r[2],
+                         y=0.45 + 0.1 * r[3], size=0.46 + 0.12 * r[4], lighting=0.9 + 0.15 * r[5])
 
     def scene(self, index: int, split: str = "train") -> tuple[np.ndarray, str]:
         spec = self.random_spec(index, split)
@@ -635,23 +650,30 @@ class WorldSource:
 
     Item ``i``: ``{"image": uint8 (S, S, 3), "caption": str, "shape": int32, "colour": int32}``. About
     ``class_fraction`` of the items are photos of non-held-out class members, captioned with class forms
-    ("a photo of a dog", "a photo of dog", or the full caption, which never names the mark); the rest are
-    ``world.random_spec(i, split)``. Held-out subjects never appear.
+    ("a photo of a dog", "a photo of dog", or the full caption, which never names the mark); about
+    ``simple_fraction`` are ``world.simple_spec(i, split)`` (one plain centred object, the canonical caption); the
+    rest are ``world.random_spec(i, split)``. Held-out subjects never appear.
     """
 
-    def __init__(self, world: World, size: int, *, split: str = "train", class_fraction: float = 0.3):
+    def __init__(self, world: World, size: int, *, split: str = "train", class_fraction: float = 0.3,
+                 simple_fraction: float = 0.0):
         if not isinstance(size, (int, np.integer)) or size <= 0:
             raise ValueError(f"WorldSource size must be a positive integer, got {size!r}")
-        if not 0.0 <= class_fraction <= 1.0:
-            raise ValueError(f"class_fraction must be in [0, 1], got {class_fraction!r}")
+        for name, value in (("class_fraction", class_fraction), ("simple_fraction", simple_fraction)):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+        if class_fraction + simple_fraction > 1.0:
+            raise ValueError(f"class_fraction + simple_fraction must be <= 1, got {class_fraction} + {simple_fraction}")
         World._split_code(split)
-        self.world, self.size, self.split, self.class_fraction = world, int(size), split, float(class_fraction)
+        self.world, self.size, self.split = world, int(size), split
+        self.class_fraction, self.simple_fraction = float(class_fraction), float(simple_fraction)
 
     def __len__(self) -> int:
         return self.size
 
     def __repr__(self) -> str:
-        return f"WorldSource({self.world!r}, {self.size}, split={self.split!r}, class_fraction={self.class_fraction})"
+        return (f"WorldSource({self.world!r}, {self.size}, split={self.split!r}, class_fraction={self.class_fraction}, "
+                f"simple_fraction={self.simple_fraction})")
 
     def describe(self, index: int) -> tuple[SceneSpec, str, Subject | None]:
         """Item ``index`` before rendering: its spec, caption, and the subject photographed (None if generic)."""
@@ -673,6 +695,9 @@ class WorldSource:
             else:
                 caption = world.caption(spec)
             return spec, caption, member
+        if r[0] < self.class_fraction + self.simple_fraction:
+            spec = world.simple_spec(index, self.split)
+            return spec, world.caption(spec), None
         spec = world.random_spec(index, self.split)
         return spec, world.caption(spec), None
 
@@ -685,21 +710,14 @@ class WorldSource:
 
 # --------------------------------------------------------------------------------------------- pixel detector
 
-def dominant_colour(images: np.ndarray, *, background: str | None = "plain", max_distance: float = 40.0) -> np.ndarray:
-    """For each uint8 image ``(N, S, S, 3)`` (or one ``(S, S, 3)``), the index into ``list(COLOURS)`` of the
-    palette colour that most of its object pixels are nearest to; -1 where no pixel qualifies.
-
-    Nearness allows for the world's lighting: the distance to a colour ``c`` is ``min |p - g*c|`` over gains
-    ``g`` in [0.72, 1.25], so a dim yellow is still yellow. Pixels nearest a grey of ``background`` are left out
-    ("plain": the light grey; "dark", "striped", "dotted": that background's greys; "any": all of them; None:
-    none), as are pixels farther than ``max_distance`` from every colour (anti-aliased edges, texture shades),
-    which would otherwise vote at random.
-    """
+def _nearest_palette(images: np.ndarray, background: str | None, fn: str) -> tuple[np.ndarray, np.ndarray]:
+    """For ``(N, S, S, 3)`` uint8 images: each pixel's nearest centre (palette colours first, then the greys of
+    ``background``) and the squared distance to it, ``(N, S*S)`` each, allowing for the world's lighting."""
     images = np.asarray(images)
     if images.ndim == 3:
         images = images[None]
     if images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"dominant_colour expects (N, S, S, 3) images, got shape {images.shape}")
+        raise ValueError(f"{fn} expects (N, S, S, 3) images, got shape {images.shape}")
     if background is None:
         greys: list = []
     elif background == "any":
@@ -715,10 +733,70 @@ def dominant_colour(images: np.ndarray, *, background: str | None = "plain", max
     gain = np.clip(dot / norm2, 0.72, 1.25)
     # |p - g c|^2 expanded, so no (N, P, K, 3) array is ever built
     dist2 = np.sum(pixels**2, -1, keepdims=True) - 2 * gain * dot + gain**2 * norm2
-    nearest = np.argmin(dist2, -1)
-    ok = (nearest < len(COLOURS)) & (np.min(dist2, -1) <= max_distance**2)
+    return np.argmin(dist2, -1), np.min(dist2, -1)
+
+
+def dominant_colour(images: np.ndarray, *, background: str | None = "plain", max_distance: float = 40.0) -> np.ndarray:
+    """For each uint8 image ``(N, S, S, 3)`` (or one ``(S, S, 3)``), the index into ``list(COLOURS)`` of the
+    palette colour that most of its object pixels are nearest to; -1 where no pixel qualifies.
+
+    Nearness allows for the world's lighting: the distance to a colour ``c`` is ``min |p - g*c|`` over gains
+    ``g`` in [0.72, 1.25], so a dim yellow is still yellow. Pixels nearest a grey of ``background`` are left out
+    ("plain": the light grey; "dark", "striped", "dotted": that background's greys; "any": all of them; None:
+    none), as are pixels farther than ``max_distance`` from every colour (anti-aliased edges, texture shades),
+    which would otherwise vote at random.
+    """
+    nearest, dist2 = _nearest_palette(images, background, "dominant_colour")
+    ok = (nearest < len(COLOURS)) & (dist2 <= max_distance**2)
     counts = np.stack([np.sum(ok & (nearest == k), -1) for k in range(len(COLOURS))], -1)
     return np.where(counts.max(-1) > 0, np.argmax(counts, -1), -1)
+
+
+@functools.lru_cache(maxsize=None)
+def _silhouette_centroid(shape: str) -> tuple[float, float]:
+    """Centre of mass of a silhouette in local units (facing right), from a fine grid."""
+    g = (np.arange(256, dtype=np.float64) + 0.5) / 128 - 1.0
+    u, v = np.meshgrid(g, g)
+    inside = _silhouette(shape, u, v) < 0
+    return float(u[inside].mean()), float(v[inside].mean())
+
+
+def detect_shape(images: np.ndarray, candidates: Sequence[str] = ALL_SHAPES, *, background: str | None = "plain",
+                 sizes: Sequence[float] = tuple(np.linspace(0.2, 0.95, 16))) -> np.ndarray:
+    """For each uint8 image ``(N, S, S, 3)``, the index into ``candidates`` of the silhouette that best covers its
+    object pixels; -1 where there are fewer than 4 of them.
+
+    The object mask is every pixel nearest a palette colour rather than a grey of ``background`` (as in
+    ``dominant_colour``). Each candidate is drawn with the world's own signed distances, its centre of mass on the
+    mask's, at every size in ``sizes`` (fractions of the image side) and, for the class silhouettes, facing either
+    way; the score is the best intersection over union. Tilt is not searched: it is at most 12 degrees.
+    """
+    unknown = [c for c in candidates if c not in _SILHOUETTES]
+    if unknown or not candidates:
+        raise ValueError(f"detect_shape: unknown candidates {unknown}; choose from {list(ALL_SHAPES)}")
+    nearest, _ = _nearest_palette(images, background, "detect_shape")
+    side = int(round(math.sqrt(nearest.shape[1])))
+    masks = (nearest < len(COLOURS)).reshape(-1, side, side).astype(np.float32)
+    centres = (np.arange(side, dtype=np.float32) + 0.5) / side
+    px, py = np.meshgrid(centres, centres)
+    out = np.full(len(masks), -1, np.int64)
+    for n, mask in enumerate(masks):
+        area = mask.sum()
+        if area < 4:
+            continue
+        mx, my = float((mask * px).sum() / area), float((mask * py).sum() / area)
+        best = np.full(len(candidates), -1.0)
+        for k, shape in enumerate(candidates):
+            cu, cv = _silhouette_centroid(shape)
+            for flip in ((False, True) if shape in CLASSES else (False,)):
+                for size in sizes:
+                    half = size / 2
+                    u, v = (px - mx) / half + (-cu if flip else cu), (py - my) / half + cv
+                    t = _coverage(_silhouette(shape, -u if flip else u, v), half * side)
+                    iou = np.minimum(t, mask).sum() / np.maximum(t, mask).sum()
+                    best[k] = max(best[k], iou)
+        out[n] = int(np.argmax(best))
+    return out
 
 
 # ------------------------------------------------------------------------------------------------------ files

@@ -9,16 +9,18 @@ another folder), ``model/`` (the personalised pipeline, diffusers layout), ``sam
 """
 from __future__ import annotations
 
-import json
-import shutil
+import functools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+import jax
 import numpy as np
+from flax import nnx
 
 from persguard_jax import config as cfglib
+from persguard_jax.workflows.runs import check_sections, start_run
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "dreambooth_sd15.yaml"
 
@@ -76,10 +78,7 @@ def parse_config(raw: dict) -> Settings:
     from persguard_jax.lora import LoRAConfig
     from persguard_jax.sharding import MeshConfig
     from persguard_jax.train import LoopConfig, OptimizerConfig, StepConfig
-    known = {"dreambooth", "optimizer", "step", "loss", "mesh", "loop", "lora"}
-    unknown = set(raw) - known
-    if unknown:
-        raise cfglib.ConfigError(f"config: unknown sections {sorted(unknown)}; known: {sorted(known)}")
+    check_sections(raw, {"dreambooth", "optimizer", "step", "loss", "mesh", "loop", "lora"})
     db = DreamBoothConfig.from_dict(cfglib.section(raw, "dreambooth"))
     loop = dict(cfglib.section(raw, "loop"))
     loop["num_steps"] = db.steps
@@ -90,21 +89,6 @@ def parse_config(raw: dict) -> Settings:
                     step=StepConfig.from_dict(cfglib.section(raw, "step")), loss=dict(cfglib.section(raw, "loss")),
                     mesh=MeshConfig.from_dict(cfglib.section(raw, "mesh")), loop=LoopConfig.from_dict(loop),
                     lora=LoRAConfig.from_dict(lora) if lora else None, raw=raw)
-
-
-# --------------------------------------------------------------------------- output folder
-
-def prepare_output(out: Path, *, overwrite: bool, resume: bool) -> None:
-    """Refuse to touch an existing non-empty folder unless told: ``resume`` continues in it, ``overwrite``
-    deletes it first."""
-    if out.exists() and any(out.iterdir()):
-        if resume:
-            return
-        if not overwrite:
-            raise FileExistsError(f"{out}: already exists and is not empty (pass --resume to continue the run in it, "
-                                  f"or --overwrite to replace it)")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
 
 
 # --------------------------------------------------------------------------- class images
@@ -139,21 +123,25 @@ def ensure_class_images(pipe, folder: Path, cfg: DreamBoothConfig) -> None:
 
 # --------------------------------------------------------------------------- caching
 
+@functools.partial(jax.jit, static_argnums=0)
+def _encode(graphdef, state, x):
+    return nnx.merge(graphdef, state).encode(x)
+
+
 def encode_latents(pipe, images: np.ndarray, batch: int = 8) -> tuple[np.ndarray, np.ndarray]:
-    """VAE posterior (mean, logvar) of images in [-1, 1], computed once; a draw is taken every step."""
-    import jax
-    from flax import nnx
+    """VAE posterior (mean, logvar) of images in [-1, 1], computed once; a draw is taken every step. The jitted
+    encoder is cached per VAE graph, so later calls on the same model (class images, a second run) reuse it."""
     graphdef, state = nnx.split(pipe.vae)
-
-    @jax.jit
-    def encode(state, x):
-        return nnx.merge(graphdef, state).encode(x)
-
+    batch = max(1, min(batch, len(images)))
     means, logvars = [], []
     for i in range(0, len(images), batch):
-        m, lv = encode(state, images[i:i + batch].astype(np.float32))
-        means.append(np.asarray(m, np.float32))
-        logvars.append(np.asarray(lv, np.float32))
+        chunk = images[i:i + batch].astype(np.float32)
+        n = len(chunk)
+        if n < batch:  # pad the last chunk: one compiled shape for the whole run
+            chunk = np.concatenate([chunk, np.zeros((batch - n, *chunk.shape[1:]), np.float32)])
+        m, lv = _encode(graphdef, state, chunk)
+        means.append(np.asarray(m, np.float32)[:n])
+        logvars.append(np.asarray(lv, np.float32)[:n])
     return np.concatenate(means), np.concatenate(logvars)
 
 
@@ -188,7 +176,7 @@ def personalize(model_dir: str | Path, instance_dir: str | Path, out: str | Path
     from persguard_jax.models import load_pipeline, save_pipeline
     from persguard_jax.models import functional as F
     from persguard_jax.models.remat import set_remat
-    from persguard_jax.report import image_grid, save_png
+    from persguard_jax.report import image_grid, save_png, write_results
     from persguard_jax.sample import encode_text, text_to_image
     from persguard_jax.schedulers import SchedulerConfig, make_schedule
     from persguard_jax.train import fit
@@ -201,8 +189,7 @@ def personalize(model_dir: str | Path, instance_dir: str | Path, out: str | Path
     # read every input before anything is written: bad photos fail here, naming them all
     instance_images = load_folder(instance_dir, db.resolution)
     pipe = load_pipeline(model_dir)
-    prepare_output(out, overwrite=overwrite, resume=resume)
-    cfglib.dump(settings.raw, out / "config.yaml")
+    start_run(out, settings.raw, overwrite=overwrite, resume=resume)
 
     use_prior = db.prior_weight > 0
     if use_prior:
@@ -284,8 +271,7 @@ def personalize(model_dir: str | Path, instance_dir: str | Path, out: str | Path
                "instance_images": len(instance_images), "class_images": len(class_images) if use_prior else 0,
                "trainable": "lora" if settings.lora is not None else trainable,
                "model": str(model_out), "samples": str(out / "samples.png"), "wall_s": round(time.time() - t0, 1)}
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=2))
-    tmp.replace(out / "results.json")
+    # the run owns ``out`` (start_run checked it): a resumed run's results replace the earlier ones
+    write_results(out, results, title="DreamBooth personalisation", overwrite=True)
     return results
 

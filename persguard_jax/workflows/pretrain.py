@@ -8,8 +8,9 @@ checkpoints, metrics, resumable):
    SD's was: ``scaling_factor = 1 / std(latents)``.
 3. ``unet``: UNet and CLIP text encoder trained together from scratch on the cached latents with the world's
    captions, a fraction of them dropped to the empty prompt so classifier-free guidance works.
-4. export: a diffusers pipeline folder (``model/``), ``samples.png`` (one row per colour), ``results.json``
-   with the colour-following accuracy of the samples (``world.dominant_colour``), and ``config.yaml``.
+4. export: a diffusers pipeline folder (``model/``), ``samples.png`` (one row per colour), ``shape_samples.png``
+   (one row per shape), ``results.json`` / ``results.md`` with how often the samples follow the prompt's colour
+   (``world.dominant_colour``) and shape (``world.detect_shape``), and ``config.yaml``.
 
 The output folder is the run's: ``vae/`` and ``unet/`` hold the stage checkpoints and metrics (an interrupted
 run resumes with ``--resume``), ``model/`` the result.
@@ -17,7 +18,6 @@ run resumes with ``--resume``), ``model/`` the result.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +26,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from persguard_jax import config as cfglib
+from persguard_jax.workflows.runs import check_sections, loop_config, start_run
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = ROOT / "configs" / "world_tiny.yaml"
@@ -69,6 +70,7 @@ class UNetStageConfig(StageConfig):
     SECTION = "pretrain.unet"
     caption_dropout: float = 0.1     # fraction of captions replaced by "" (the unconditional model for CFG)
     min_snr_gamma: float | None = 5.0  # Min-SNR-gamma loss weights (Hang et al. 2023): ~3x faster convergence
+    ema_decay: float | None = None   # keep an exponential moving average of the weights and export it
 
 
 @dataclass(frozen=True)
@@ -76,10 +78,13 @@ class PretrainConfig(cfglib.Section):
     SECTION = "pretrain"
     seed: int = 0
     dataset_size: int = 20000        # world images rendered once and reused by both stages
+    class_fraction: float = 0.3      # photos of (non-held-out) class members, for the class prompts
+    simple_fraction: float = 0.0     # one plain centred object, canonical caption (``World.simple_spec``)
     vocab_size: int = 512
     eval_steps: int = 25             # DDIM steps of the evaluation samples
     eval_guidance: float = 4.0
     eval_per_colour: int = 4         # samples per colour prompt (the colour-following check)
+    eval_per_shape: int = 4          # samples per shape prompt, in as many colours (the shape-following check)
     vae: VAEStageConfig = field(default_factory=VAEStageConfig)
     unet: UNetStageConfig = field(default_factory=UNetStageConfig)
 
@@ -106,10 +111,7 @@ def parse_config(raw: dict) -> Settings:
     from persguard_jax.data.world import WorldConfig
     from persguard_jax.sharding import MeshConfig
     from persguard_jax.train import StepConfig
-    known = {"world", "pretrain", "models", "scheduler", "step", "mesh", "loop"}
-    unknown = set(raw) - known
-    if unknown:
-        raise cfglib.ConfigError(f"config: unknown sections {sorted(unknown)}; known: {sorted(known)}")
+    check_sections(raw, {"world", "pretrain", "models", "scheduler", "step", "mesh", "loop"})
     models = dict(cfglib.section(raw, "models"))
     missing = {"unet", "vae", "text_encoder"} - set(models)
     if missing:
@@ -143,13 +145,13 @@ def build_pipeline(settings: Settings, tokenizer) -> Any:
                     tokenizer=tokenizer, scheduler_config=SchedulerConfig.from_dict(settings.scheduler).to_dict())
 
 
-def render_dataset(world, size: int, *, split: str = "train", class_fraction: float = 0.3
-                   ) -> tuple[np.ndarray, list[str]]:
-    """``size`` world images (uint8) and captions, rendered once with a progress bar."""
+def render_dataset(world, size: int, *, split: str = "train", class_fraction: float = 0.3,
+                   simple_fraction: float = 0.0) -> tuple[np.ndarray, list[str]]:
+    """``size`` world images (uint8) and captions (``WorldSource``), rendered once with a progress bar."""
     from tqdm.auto import tqdm
 
     from persguard_jax.data.world import WorldSource
-    source = WorldSource(world, size, split=split, class_fraction=class_fraction)
+    source = WorldSource(world, size, split=split, class_fraction=class_fraction, simple_fraction=simple_fraction)
     images = np.empty((size, world.cfg.image_size, world.cfg.image_size, 3), np.uint8)
     captions = []
     for i in tqdm(range(size), desc="rendering the world", unit="img", mininterval=1.0):
@@ -161,12 +163,6 @@ def render_dataset(world, size: int, *, split: str = "train", class_fraction: fl
 
 def _to_unit_range(batch: dict) -> dict:
     return {"images": batch["images"].astype(np.float32) / 127.5 - 1.0}
-
-
-def _loop_config(settings: Settings, steps: int):
-    from persguard_jax.train import LoopConfig
-    return LoopConfig.from_dict({"log_every": 25, "checkpoint_every": 250, "max_to_keep": 1, "tensorboard": False,
-                                 **settings.loop, "num_steps": steps})
 
 
 def train_vae(pipe, images: np.ndarray, settings: Settings, workdir: Path):
@@ -182,7 +178,7 @@ def train_vae(pipe, images: np.ndarray, settings: Settings, workdir: Path):
     loss_fn = losses.bind(losses.vae_loss, model=model, kl_weight=stage.kl_weight)
     result, _ = fit(loss_fn, params, {}, train_logical={"vae": shd.logical_axes(pipe.vae)}, frozen_logical={},
                     source=ArraySource({"images": images}), global_batch=stage.batch_size, workdir=workdir,
-                    optimizer=stage.optimizer(), loop=_loop_config(settings, stage.steps), step=settings.step,
+                    optimizer=stage.optimizer(), loop=loop_config(settings.loop, stage.steps), step=settings.step,
                     mesh_cfg=settings.mesh, seed=settings.pretrain.seed, map_fn=_to_unit_range)
     F.update_modules({"vae": pipe.vae}, jax.device_get(result.state.params))
     return result
@@ -212,13 +208,15 @@ def train_unet(pipe, latents: tuple[np.ndarray, np.ndarray], input_ids: np.ndarr
     inner = losses.bind(losses.denoising_loss, model=model, schedule=make_schedule(scheduler_cfg), cfg=loss_cfg)
     loss_fn = losses.caption_dropout(inner, rate=stage.caption_dropout, empty_ids=pipe.tokenizer([""])[0])
     mean, logvar = latents
+    ema = stage.ema_decay is not None
+    step = dataclasses.replace(settings.step, ema_decay=stage.ema_decay) if ema else settings.step
     result, _ = fit(loss_fn, params, {}, train_logical={k: shd.logical_axes(m) for k, m in modules.items()},
                     frozen_logical={}, source=ArraySource({"latent_mean": mean, "latent_logvar": logvar,
                                                            "input_ids": input_ids}),
                     global_batch=stage.batch_size, workdir=workdir, optimizer=stage.optimizer(),
-                    loop=_loop_config(settings, stage.steps), step=settings.step, mesh_cfg=settings.mesh,
-                    seed=settings.pretrain.seed)
-    F.update_modules(modules, jax.device_get(result.state.params))
+                    loop=loop_config(settings.loop, stage.steps), step=step, mesh_cfg=settings.mesh,
+                    seed=settings.pretrain.seed, ema=ema)
+    F.update_modules(modules, jax.device_get(result.state.ema if ema else result.state.params))
     return result
 
 
@@ -228,21 +226,47 @@ def colour_prompts(world) -> list[tuple[str, str]]:
     return [(c, world.caption(SceneSpec(shape="circle", colour=c))) for c in COLOURS]
 
 
+def shape_prompts(world, per_shape: int) -> list[tuple[str, str]]:
+    """(shape, prompt) pairs of the shape-following check: every shape and class of ``world``, each in
+    ``per_shape`` colours (cycling through the palette), centred on a plain background."""
+    from persguard_jax.data.world import COLOURS, SceneSpec
+    colours = list(COLOURS)
+    return [(shape, world.caption(SceneSpec(shape=shape, colour=colours[(k * per_shape + j) % len(colours)])))
+            for k, shape in enumerate(world.shapes) for j in range(per_shape)]
+
+
+def _sample_pixels(pipe, world, prompts: list[str], cfg: PretrainConfig) -> np.ndarray:
+    from persguard_jax.sample import text_to_image
+    images = text_to_image(pipe, prompts, num_steps=cfg.eval_steps, guidance_scale=cfg.eval_guidance,
+                           seed=cfg.seed, height=world.cfg.image_size, width=world.cfg.image_size)
+    return (np.clip(np.asarray(images), 0.0, 1.0) * 255).round().astype(np.uint8)
+
+
 def evaluate_colours(pipe, world, cfg: PretrainConfig) -> tuple[np.ndarray, dict]:
     """Sample every colour prompt and measure how often the dominant colour is the one asked for."""
     from persguard_jax.data.world import COLOURS, dominant_colour
-    from persguard_jax.sample import text_to_image
     pairs = colour_prompts(world)
-    prompts = [p for _, p in pairs for _ in range(cfg.eval_per_colour)]
-    images = text_to_image(pipe, prompts, num_steps=cfg.eval_steps, guidance_scale=cfg.eval_guidance,
-                           seed=cfg.seed, height=world.cfg.image_size, width=world.cfg.image_size)
-    pixels = (np.clip(np.asarray(images), 0.0, 1.0) * 255).round().astype(np.uint8)
+    pixels = _sample_pixels(pipe, world, [p for _, p in pairs for _ in range(cfg.eval_per_colour)], cfg)
     names = list(COLOURS)
     want = np.repeat([names.index(c) for c, _ in pairs], cfg.eval_per_colour)
     got = dominant_colour(pixels)
     per_colour = {c: float(np.mean(got[want == i] == i)) for i, c in enumerate(names)}
     return pixels, {"colour_accuracy": float(np.mean(got == want)), "chance": 1.0 / len(names),
                     "per_colour": per_colour}
+
+
+def evaluate_shapes(pipe, world, cfg: PretrainConfig) -> tuple[np.ndarray, dict]:
+    """Sample every shape prompt and measure how often the detected silhouette (``world.detect_shape``, which
+    scores 0.99 on rendered scenes) is the one asked for."""
+    from persguard_jax.data.world import detect_shape
+    pairs = shape_prompts(world, cfg.eval_per_shape)
+    pixels = _sample_pixels(pipe, world, [p for _, p in pairs], cfg)
+    shapes = world.shapes
+    want = np.array([shapes.index(shape) for shape, _ in pairs])
+    got = detect_shape(pixels, shapes)
+    per_shape = {s: float(np.mean(got[want == i] == i)) for i, s in enumerate(shapes)}
+    return pixels, {"shape_accuracy": float(np.mean(got == want)), "shape_chance": 1.0 / len(shapes),
+                    "per_shape": per_shape}
 
 
 # --------------------------------------------------------------------------- the run
@@ -254,8 +278,7 @@ def pretrain(out: str | Path, raw_config: dict, *, overwrite: bool = False, resu
     from persguard_jax.data.world import World
     from persguard_jax.models import save_pipeline
     from persguard_jax.models.convert import save_json
-    from persguard_jax.report import image_grid, save_png
-    from persguard_jax.workflows.personalize import prepare_output
+    from persguard_jax.report import image_grid, save_png, write_results
 
     settings = parse_config(raw_config)
     cfg = settings.pretrain
@@ -265,11 +288,11 @@ def pretrain(out: str | Path, raw_config: dict, *, overwrite: bool = False, resu
     context_length = settings.models["text_encoder"].get("max_position_embeddings", 77)
     tokenizer = world.tokenizer(cfg.vocab_size, max_length=context_length)
     pipe = build_pipeline(settings, tokenizer)
-    prepare_output(out, overwrite=overwrite, resume=resume)
-    cfglib.dump(settings.raw, out / "config.yaml")
+    start_run(out, settings.raw, overwrite=overwrite, resume=resume)
     print(f"pre-training the world model into {out} on {jax.device_count()} {jax.default_backend()} device(s)")
 
-    images, captions = render_dataset(world, cfg.dataset_size)
+    images, captions = render_dataset(world, cfg.dataset_size, class_fraction=cfg.class_fraction,
+                                      simple_fraction=cfg.simple_fraction)
     timings = {}
     t = time.time()
     vae_result = train_vae(pipe, images, settings, out / "vae")
@@ -294,13 +317,15 @@ def pretrain(out: str | Path, raw_config: dict, *, overwrite: bool = False, resu
     # the world the model was trained on travels with it (diffusers ignores extra files in the folder)
     save_json(settings.world.to_dict(), model_dir / WORLD_FILE)
     t = time.time()
-    samples, colour = evaluate_colours(pipe, world, cfg)
+    colour_samples, colour = evaluate_colours(pipe, world, cfg)
+    shape_samples, shape = evaluate_shapes(pipe, world, cfg)
     timings["eval_s"] = round(time.time() - t, 1)
-    save_png(image_grid(samples / 255.0, ncols=cfg.eval_per_colour * 2), out / "samples.png")
-    results = {"model": str(model_dir), "samples": str(out / "samples.png"), "scaling_factor": scale,
-               "vae": vae_result.last_metrics, "unet": unet_result.last_metrics, **colour,
+    save_png(image_grid(colour_samples / 255.0, ncols=cfg.eval_per_colour * 2), out / "samples.png")
+    save_png(image_grid(shape_samples / 255.0, ncols=cfg.eval_per_shape * 2), out / "shape_samples.png")
+    results = {"model": str(model_dir), "samples": str(out / "samples.png"),
+               "shape_samples": str(out / "shape_samples.png"), "scaling_factor": scale,
+               "vae": vae_result.last_metrics, "unet": unet_result.last_metrics, **colour, **shape,
                "timings": timings, "wall_s": round(time.time() - t0, 1)}
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=2))
-    tmp.replace(out / "results.json")
+    # the run owns ``out`` (start_run checked it): a resumed run's results replace the earlier ones
+    write_results(out, results, title="World model pre-training", overwrite=True)
     return results

@@ -11,7 +11,6 @@ reads exactly as it reads openai/clip-vit-large-patch14.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from persguard_jax import config as cfglib
+from persguard_jax.workflows.runs import check_sections, loop_config, start_run
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = ROOT / "configs" / "world_clip.yaml"
@@ -57,10 +57,7 @@ def parse_config(raw: dict) -> Settings:
     from persguard_jax.data.world import WorldConfig
     from persguard_jax.sharding import MeshConfig
     from persguard_jax.train import StepConfig
-    known = {"world", "clip", "model", "step", "mesh", "loop"}
-    unknown = set(raw) - known
-    if unknown:
-        raise cfglib.ConfigError(f"config: unknown sections {sorted(unknown)}; known: {sorted(known)}")
+    check_sections(raw, {"world", "clip", "model", "step", "mesh", "loop"})
     return Settings(world=WorldConfig.from_dict(cfglib.section(raw, "world")),
                     clip=ClipTrainConfig.from_dict(cfglib.section(raw, "clip")), model=dict(cfglib.section(raw, "model")),
                     step=StepConfig.from_dict(cfglib.section(raw, "step")),
@@ -113,8 +110,8 @@ def train_clip(out: str | Path, raw_config: dict, *, overwrite: bool = False, re
     from persguard_jax.metrics import CLIPEvaluator
     from persguard_jax.models import functional as F
     from persguard_jax.models.pretrained import ImageNorm, save_clip
-    from persguard_jax.train import LoopConfig, OptimizerConfig, fit
-    from persguard_jax.workflows.personalize import prepare_output
+    from persguard_jax.train import OptimizerConfig, fit
+    from persguard_jax.report import write_results
     from persguard_jax.workflows.pretrain import render_dataset
 
     settings = parse_config(raw_config)
@@ -125,8 +122,7 @@ def train_clip(out: str | Path, raw_config: dict, *, overwrite: bool = False, re
     tokenizer = world.tokenizer(cfg.vocab_size, max_length=settings.model.get("text_config", {}).get(
         "max_position_embeddings", 77))
     model = build_clip(settings, tokenizer.vocab_size)
-    prepare_output(out, overwrite=overwrite, resume=resume)
-    cfglib.dump(settings.raw, out / "config.yaml")
+    start_run(out, settings.raw, overwrite=overwrite, resume=resume)
 
     images, captions = render_dataset(world, cfg.dataset_size, class_fraction=cfg.class_fraction)
     source = ArraySource({"images": images, "input_ids": np.asarray(tokenizer(captions), np.int32)})
@@ -134,8 +130,7 @@ def train_clip(out: str | Path, raw_config: dict, *, overwrite: bool = False, re
     loss_fn = losses.bind(losses.clip_contrastive_loss, model=mods)
     optimizer = OptimizerConfig(learning_rate=cfg.learning_rate, schedule="cosine", warmup_steps=cfg.warmup_steps,
                                 total_steps=cfg.steps, weight_decay=cfg.weight_decay, max_grad_norm=1.0)
-    loop = LoopConfig.from_dict({"log_every": 25, "checkpoint_every": 250, "max_to_keep": 1, "tensorboard": False,
-                                 **settings.loop, "num_steps": cfg.steps})
+    loop = loop_config(settings.loop, cfg.steps)
     result, _ = fit(loss_fn, params, {}, train_logical={"clip": shd.logical_axes(model)}, frozen_logical={},
                     source=source, global_batch=cfg.batch_size, workdir=out, optimizer=optimizer, loop=loop,
                     step=settings.step, mesh_cfg=settings.mesh, seed=cfg.seed,
@@ -148,7 +143,6 @@ def train_clip(out: str | Path, raw_config: dict, *, overwrite: bool = False, re
     accuracy = zero_shot(CLIPEvaluator(model, tokenizer, norm), world, cfg.eval_size)
     results = {"model": str(model_dir), "steps": result.step, "final_metrics": result.last_metrics, **accuracy,
                "wall_s": round(time.time() - t0, 1)}
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=2))
-    tmp.replace(out / "results.json")
+    # the run owns ``out`` (start_run checked it): a resumed run's results replace the earlier ones
+    write_results(out, results, title="World CLIP training", overwrite=True)
     return results
