@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from persguard_jax import config as cfglib
-from persguard_jax.data.world import ALL_SHAPES, COLOURS, SceneSpec, dominant_colour
+from persguard_jax.data.world import COLOURS, SceneSpec, detect_shape, dominant_colour
 from persguard_jax.workflows import world_assets
 from persguard_jax.workflows.pretrain import DEFAULT_CONFIG as PRETRAIN_CONFIG
 from persguard_jax.workflows.pretrain import pretrain, world_of
@@ -42,22 +42,19 @@ def test_world_model_follows_colour_prompts(world_pipe):
     assert accuracy >= 0.5, f"colour accuracy {accuracy:.2f} (chance {1 / len(names):.2f})"
 
 
-@pytest.mark.xfail(strict=True, reason="known gap (issue 5): the 10-minute CPU pre-training learns colour, not yet "
-                   "shape; samples score at chance (0.17) with the world CLIP. Strict: remove this mark when it passes")
-def test_world_model_follows_shape_prompts(world_pipe, evaluator):
+def test_world_model_follows_shape_prompts(world_pipe):
+    """Every shape and class of the world in four colours, judged by the pixel detector (``detect_shape``, 0.99
+    on rendered scenes), which is sharper about silhouettes than the world CLIP (0.33 zero-shot). A model that
+    draws one silhouette for every prompt scores 0.10; at chance, 10 of 40 right has probability ~0.005."""
     from persguard_jax.sample import text_to_image
     pipe, world = world_pipe
-    shapes = ["circle", "square", "triangle", "cross", "person", "bird"]
-    specs = [SceneSpec(shape=s, colour=c) for s in shapes for c in ("red", "blue")]
-    images = np.clip(np.asarray(text_to_image(pipe, [world.caption(s) for s in specs], num_steps=20,
-                                              guidance_scale=4.0, seed=3, progress=False)), 0, 1)
-    img = np.asarray(evaluator.image_features(images))
-    # zero-shot: each sample's caption against the same caption with every other shape
-    cands = [world.caption(SceneSpec(shape=o, colour=s.colour)) for s in specs for o in shapes]
-    txt = np.asarray(evaluator.text_features(cands)).reshape(len(specs), len(shapes), -1)
-    got = np.einsum("nd,nkd->nk", img, txt).argmax(1)
-    accuracy = np.mean(got == np.repeat(np.arange(len(shapes)), 2))
-    assert accuracy >= 2.0 / len(shapes), f"shape accuracy {accuracy:.2f} (chance {1 / len(shapes):.2f})"
+    shapes, colours = world.shapes, ("red", "blue", "green", "yellow")
+    specs = [SceneSpec(shape=s, colour=c) for s in shapes for c in colours]
+    images = text_to_image(pipe, [world.caption(s) for s in specs], num_steps=20, guidance_scale=4.0, seed=3,
+                           progress=False)
+    found = detect_shape((np.clip(np.asarray(images), 0, 1) * 255).round().astype(np.uint8), shapes)
+    accuracy = np.mean(found == np.repeat(np.arange(len(shapes)), len(colours)))
+    assert accuracy >= 0.25, f"shape accuracy {accuracy:.2f} (chance {1 / len(shapes):.2f})"
 
 
 def test_world_clip_zero_shot_on_held_out_scenes(evaluator):
@@ -79,9 +76,11 @@ def test_pretrain_command_smoke(tmp_path):
     from persguard_jax.models import load_pipeline
     raw = cfglib.load_config(PRETRAIN_CONFIG, [
         "pretrain.dataset_size=64", "pretrain.vae.steps=2", "pretrain.vae.batch_size=8", "pretrain.unet.steps=2",
-        "pretrain.unet.batch_size=8", "pretrain.eval_per_colour=1", "pretrain.eval_steps=2", "loop.log_every=1"])
+        "pretrain.unet.batch_size=8", "pretrain.eval_per_colour=1", "pretrain.eval_per_shape=1", "pretrain.eval_steps=2",
+        "loop.log_every=1"])
     results = pretrain(tmp_path / "run", raw)
-    assert set(results) >= {"model", "colour_accuracy", "scaling_factor", "timings"}
+    assert set(results) >= {"model", "colour_accuracy", "shape_accuracy", "scaling_factor", "timings"}
+    assert (tmp_path / "run" / "shape_samples.png").is_file() and (tmp_path / "run" / "results.md").is_file()
     assert np.isfinite(results["vae"]["loss"]) and np.isfinite(results["unet"]["loss"])
     pipe = load_pipeline(tmp_path / "run" / "model")
     assert pipe.vae.config.scaling_factor == pytest.approx(results["scaling_factor"])
