@@ -180,6 +180,17 @@ def cmd_train_clip(args: argparse.Namespace) -> None:
               f"{results['shape_accuracy']:.2f} (chance {results['shape_chance']:.2f}); {results['wall_s']} s")
 
 
+def _add_run_arguments(parser: argparse.ArgumentParser, config: str, out: str | None, example: str,
+                       out_help: str = "new folder for checkpoints, the model and results") -> None:
+    """The arguments every training command takes: --config, --out (required when ``out`` is None),
+    --overwrite, --resume and key=value overrides."""
+    parser.add_argument("--out", required=out is None, default=out, help=out_help)
+    parser.add_argument("--config", help=f"YAML config (default: {config})")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    parser.add_argument("--resume", action="store_true", help="continue the run in an existing --out folder")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help=f"config overrides, e.g. {example}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="persguard", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -227,27 +238,16 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("--instance-dir", required=True, help="folder of the subject's photos (jpg, png, webp)")
     z.add_argument("--instance-prompt", help='e.g. "a photo of sks person" (default: from the config)')
     z.add_argument("--class-prompt", help='e.g. "a photo of person" (default: from the config)')
-    z.add_argument("--out", required=True, help="new folder for checkpoints, the model, samples and results")
-    z.add_argument("--config", help="YAML config (default: configs/dreambooth_sd15.yaml)")
-    z.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
-    z.add_argument("--resume", action="store_true", help="continue the run in an existing --out folder")
-    z.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. dreambooth.steps=400")
+    _add_run_arguments(z, "configs/dreambooth_sd15.yaml", None, "dreambooth.steps=400",
+                       "new folder for checkpoints, the model, samples and results")
     z.set_defaults(fn=cmd_personalize)
 
     w = sub.add_parser("pretrain", help="pre-train the synthetic world's text-to-image model from scratch")
-    w.add_argument("--config", help="YAML config (default: configs/world_tiny.yaml)")
-    w.add_argument("--out", default="runs/world_tiny", help="new folder for checkpoints, the model and results")
-    w.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
-    w.add_argument("--resume", action="store_true", help="continue the run in an existing --out folder")
-    w.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. pretrain.unet.steps=800")
+    _add_run_arguments(w, "configs/world_tiny.yaml", "runs/world_tiny", "pretrain.unet.steps=800")
     w.set_defaults(fn=cmd_pretrain)
 
     c = sub.add_parser("train-clip", help="train the synthetic world's CLIP (for the metrics)")
-    c.add_argument("--config", help="YAML config (default: configs/world_clip.yaml)")
-    c.add_argument("--out", default="runs/world_clip", help="new folder for checkpoints, the model and results")
-    c.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
-    c.add_argument("--resume", action="store_true", help="continue the run in an existing --out folder")
-    c.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. clip.steps=800")
+    _add_run_arguments(c, "configs/world_clip.yaml", "runs/world_clip", "clip.steps=800")
     c.set_defaults(fn=cmd_train_clip)
 
     d = sub.add_parser("demo", help="the main job on the built-in synthetic world (DreamBooth before/after)")

@@ -77,7 +77,7 @@ def test_pretrain_command_smoke(tmp_path):
     raw = cfglib.load_config(PRETRAIN_CONFIG, [
         "pretrain.dataset_size=64", "pretrain.vae.steps=2", "pretrain.vae.batch_size=8", "pretrain.unet.steps=2",
         "pretrain.unet.batch_size=8", "pretrain.eval_per_colour=1", "pretrain.eval_per_shape=1", "pretrain.eval_steps=2",
-        "loop.log_every=1"])
+        "pretrain.unet.ema_decay=0.9", "loop.log_every=1"])  # EMA on: its weights are the ones exported
     results = pretrain(tmp_path / "run", raw)
     assert set(results) >= {"model", "colour_accuracy", "shape_accuracy", "scaling_factor", "timings"}
     assert (tmp_path / "run" / "shape_samples.png").is_file() and (tmp_path / "run" / "results.md").is_file()
