@@ -103,14 +103,10 @@ def section(config: dict, name: str) -> dict:
     return value
 
 
-def dump(config: dict, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+def dumps(config: Mapping[str, Any]) -> str:
+    """YAML text of a config, keys in their given order."""
+    return yaml.safe_dump(dict(config), sort_keys=False)
 
 
-def get(config: dict, dotted: str, default: Any = None) -> Any:
-    node: Any = config
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return default
-        node = node[part]
-    return node
+def dump(config: Mapping[str, Any], path: str | Path) -> None:
+    Path(path).write_text(dumps(config), encoding="utf-8")

@@ -6,7 +6,7 @@ Only callables cross this boundary: ``denoise(x_t, t) -> model_output`` with ``x
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -141,9 +141,20 @@ def latent_shape(pipe, height: int | None, width: int | None) -> tuple[int, int,
     return height // factor, width // factor, pipe.unet.config.in_channels
 
 
-def encode_text(pipe, texts) -> jax.Array:
-    """CLIP last hidden states ``(B, 77, D)`` for a list of prompts."""
-    graphdef, state = nnx.split(pipe.text_encoder)
+def _network(pipe, name: str, params: Mapping[str, Any] | None):
+    """(graph definition, parameters) of one of the pipeline's networks: ``params[name]`` when given (a pure
+    dict, e.g. a fine-tuned tree), else the module's own weights as a pure dict. Jitted callers take the graph definition as a
+    static argument, so new parameters of the same graph reuse the compiled program."""
+    graphdef, state = nnx.split(getattr(pipe, name))
+    if params is not None and name in params:
+        return graphdef, params[name]
+    return graphdef, state.to_pure_dict()  # the same pytree type as a given tree: one compiled program for both
+
+
+def encode_text(pipe, texts, *, params: Mapping[str, Any] | None = None) -> jax.Array:
+    """CLIP last hidden states ``(B, 77, D)`` for a list of prompts (``params["text_encoder"]`` instead of the
+    pipeline's own weights when given)."""
+    graphdef, state = _network(pipe, "text_encoder", params)
     return _apply(graphdef, state, jnp.asarray(pipe.tokenizer(texts)))
 
 
@@ -172,8 +183,12 @@ def text_to_image(pipe, prompts: Sequence[str], negative_prompts: Sequence[str] 
                   num_steps: int = 50, guidance_scale: float = 7.5, seed: int = 0, sampler: str = "ddim",
                   eta: float = 0.0, height: int | None = None, width: int | None = None,
                   latents: jax.Array | None = None, seed_offset: int = 0, progress: bool = True,
-                  output_type: str = "images") -> np.ndarray:
+                  output_type: str = "images", params: Mapping[str, Any] | None = None) -> np.ndarray:
     """Images ``(N, H, W, 3)`` in [0, 1] for ``prompts``, as diffusers' ``StableDiffusionPipeline`` makes them.
+
+    ``params`` (a pure-dict tree with any of ``unet`` / ``vae`` / ``text_encoder``, e.g. what a fine-tuning run
+    returns) replaces the pipeline's own weights for this call; nothing is written into ``pipe``. The programs
+    are compiled once per graph and shape: sampling another parameter tree of the same model compiles nothing.
 
     Classifier-free guidance runs against ``negative_prompts`` (the empty prompt when None). The sampler
     timesteps and DDIM targets follow diffusers for the pipeline's ``scheduler_config``; ``latents`` (NHWC,
@@ -196,8 +211,8 @@ def text_to_image(pipe, prompts: Sequence[str], negative_prompts: Sequence[str] 
     if latents is None:
         latents = initial_latents(seed, len(prompts), latent_shape(pipe, height, width), offset=seed_offset)
 
-    cond, uncond = encode_text(pipe, prompts), encode_text(pipe, negative_prompts)
-    unet_def, unet_state = nnx.split(pipe.unet)
+    cond, uncond = encode_text(pipe, prompts, params=params), encode_text(pipe, negative_prompts, params=params)
+    unet_def, unet_state = _network(pipe, "unet", params)
     denoise = _pipeline_denoise(unet_def, isinstance(guidance_scale, (int, float)) and guidance_scale == 1)
     z = sample_latents(denoise, latents, schedule, ts, sampler=sampler, prediction_type=cfg.prediction_type,
                        eta=eta, rng=jax.random.key(seed) if eta else None, progress=progress,
@@ -207,6 +222,6 @@ def text_to_image(pipe, prompts: Sequence[str], negative_prompts: Sequence[str] 
         return np.asarray(z, np.float32)
     vae_cfg = pipe.vae.config
     z = z / vae_cfg.scaling_factor + (vae_cfg.shift_factor or 0.0)
-    vae_def, vae_state = nnx.split(pipe.vae)
+    vae_def, vae_state = _network(pipe, "vae", params)
     images = _decode(vae_def, vae_state, z.astype(pipe.vae.dtype))
     return np.asarray(jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0))

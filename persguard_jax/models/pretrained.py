@@ -7,6 +7,7 @@ the file, so loading SD-size weights never initialises random ones first.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import shutil
 import tempfile
@@ -18,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from persguard_jax.models import clip, unet, vae
+from persguard_jax.models import clip, functional, unet, vae
 from persguard_jax.models.convert import (WeightsError, find_weight_files, load_state_dict, read_json,
                                           read_tensors, rename_keys, save_json, save_safetensors, state_dict)
 from persguard_jax.models.tokenizer import CLIPTokenizer
@@ -136,6 +137,22 @@ class Pipeline:
     tokenizer: CLIPTokenizer
     scheduler_config: dict[str, Any]
     model_index: dict[str, Any] = field(default_factory=lambda: dict(MODEL_INDEX))
+
+    MODULES = ("unet", "vae", "text_encoder")
+
+    def split(self) -> tuple["functional.Modules", dict[str, Any]]:
+        """(graph definitions, pure-dict parameters) of the three networks: the form samplers and losses take."""
+        return functional.split_modules({name: getattr(self, name) for name in self.MODULES})
+
+    def with_params(self, params: dict[str, Any]) -> "Pipeline":
+        """A new pipeline whose networks carry ``params`` (any subset of unet / vae / text_encoder; the rest are
+        shared with this one). Nothing is written into ``self``: a fine-tuned parameter tree is exported or
+        sampled without touching the base model."""
+        unknown = set(params) - set(self.MODULES)
+        if unknown:
+            raise KeyError(f"with_params: unknown networks {sorted(unknown)}; a pipeline has {list(self.MODULES)}")
+        replaced = {name: nnx.merge(nnx.graphdef(getattr(self, name)), tree) for name, tree in params.items()}
+        return dataclasses.replace(self, **replaced)
 
 
 def load_pipeline(folder: str | Path, *, dtype=jnp.float32, param_dtype=jnp.float32,

@@ -56,3 +56,28 @@ def initialize(cfg: DistributedConfig | None = None) -> bool:
                                    num_processes=cfg.num_processes, process_id=cfg.process_id)
     _initialized = True
     return True
+
+
+# --------------------------------------------------------------------------- who writes, and host copies
+
+def is_writer() -> bool:
+    """Whether this process writes reports, images, exports and results (process 0; Orbax coordinates its own
+    checkpoint writes across processes)."""
+    return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+    """Wait until every process reaches the same ``name`` (a no-op with one process): e.g. files one process
+    wrote are complete before the others read them."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
+def to_host(tree: Any) -> Any:
+    """Numpy copies of a tree of (possibly multi-process, sharded) arrays, the whole arrays on every process."""
+    import numpy as np
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
+    return jax.tree.map(np.asarray, jax.device_get(tree))

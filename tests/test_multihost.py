@@ -1,0 +1,73 @@
+"""Every training command runs multi-host: ``launch/local.py -n 2`` running ``persguard personalize`` on the world
+model (two jax processes over gloo, one CPU device each) exports the same weights as one process with two
+devices and the same global batch, and writes every file once (process 0 writes, Orbax coordinates checkpoints)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 6
+OVERRIDES = [f"dreambooth.steps={STEPS}", "dreambooth.batch_size=2", "dreambooth.num_class_images=4",
+             "dreambooth.class_batch_size=2", "dreambooth.class_sample_steps=3", "dreambooth.eval_num_images=1",
+             "dreambooth.eval_steps=2", "loop.log_every=2", "loop.checkpoint_every=3"]
+
+
+def _env(devices: int) -> dict:
+    env = dict(os.environ)
+    for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        env.pop(k, None)
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
+    env.update(XLA_FLAGS=" ".join(flags + [f"--xla_force_host_platform_device_count={devices}"]),
+               JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
+    return env
+
+
+def _personalize(model: Path, photos: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "persguard_jax.cli", "personalize", "--model", str(model), "--instance-dir",
+            str(photos), "--instance-prompt", "a photo of sks dog", "--class-prompt", "a photo of dog", "--out",
+            str(out), "--config", "dreambooth_world", *OVERRIDES]
+
+
+def _files(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and "checkpoints" not in p.parts}
+
+
+def test_two_processes_export_what_one_process_exports(tmp_path):
+    from persguard_jax.data.world import save_photos
+    from persguard_jax.workflows import world_assets
+    from persguard_jax.workflows.pretrain import world_of
+
+    model = world_assets.world_model(build=False)
+    world = world_of(model)
+    subject = next(s for s in world.subjects if s.class_name == "dog" and s.held_out)
+    photos = tmp_path / "photos"
+    save_photos(world.subject_photos(subject, 4), photos, prefix=subject.name)
+
+    one = subprocess.run(_personalize(model, photos, tmp_path / "one"), env=_env(2), cwd=tmp_path,
+                         capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
+    two = subprocess.run([sys.executable, str(REPO / "launch" / "local.py"), "-n", "2", "--devices-per-process", "1",
+                          "--", *_personalize(model, photos, tmp_path / "two")],
+                         env=_env(1), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stdout[-5000:] + two.stderr[-3000:]
+    assert "[1] personalised model" not in two.stdout  # process 1 neither prints the summary nor writes
+
+    a, b = tmp_path / "one", tmp_path / "two"
+    assert _files(a) == _files(b)
+    for part, name in (("unet", "diffusion_pytorch_model.safetensors"), ("text_encoder", "model.safetensors")):
+        wa, wb = load_file(a / "model" / part / name), load_file(b / "model" / part / name)
+        assert wa.keys() == wb.keys()
+        diff = max(float(np.max(np.abs(wa[k] - wb[k]))) for k in wa)
+        moved = max(float(np.max(np.abs(wa[k] - load_file(model / part / name)[k]))) for k in wa)
+        assert diff <= 1e-6 < moved, (part, diff, moved)
+    # written once: one record per logged step, one image per class-image index
+    records = [json.loads(line) for line in (b / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(2, STEPS + 1, 2))
+    assert sorted(p.name for p in (b / "class_images").iterdir()) == [f"class_{i:05d}.png" for i in range(4)]
