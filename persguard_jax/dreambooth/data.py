@@ -27,7 +27,7 @@ Examples = dict[str, np.ndarray]
 def ensure_class_images(pipe, folder: str | Path, cfg: DreamBoothConfig, *, params: Mapping[str, Any] | None = None,
                         progress: bool = True) -> np.ndarray:
     """Top ``folder`` up to ``cfg.num_class_images`` PNGs sampled with ``cfg.class_prompt`` and return the first
-    ``num_class_images`` images of the folder (uint8, ``cfg.resolution`` square). Every file is written
+    ``num_class_images`` images of the folder (float32 in [-1, 1], ``cfg.resolution`` square, as ``load_folder``). Every file is written
     atomically by the process that sampled it; all processes then read the complete folder."""
     from tqdm.auto import tqdm
 
@@ -90,9 +90,10 @@ def prompt_conditioning(pipe, prompt: str, n: int, *, embed: bool) -> Examples:
     return {"input_ids": np.repeat(np.asarray(pipe.tokenizer([prompt]), np.int32), n, 0)}
 
 
-def image_examples(pipe, images_uint8: np.ndarray, prompt: str, *, embed_prompt: bool) -> Examples:
-    """One example per image: its cached VAE posterior and the prompt's conditioning."""
-    mean, logvar = encode_latents(pipe.vae, images_uint8.astype(np.float32) / 127.5 - 1.0)
+def image_examples(pipe, images: np.ndarray, prompt: str, *, embed_prompt: bool) -> Examples:
+    """One example per image (float32 in [-1, 1], as ``data.images.load_folder`` reads them): its cached VAE
+    posterior and the prompt's conditioning."""
+    mean, logvar = encode_latents(pipe.vae, images)
     return {"latent_mean": mean, "latent_logvar": logvar,
             **prompt_conditioning(pipe, prompt, len(mean), embed=embed_prompt)}
 

@@ -59,7 +59,8 @@ def resolve(raw: dict, args: argparse.Namespace | None = None) -> dict:
 
 def personalize(pipe, instance_images: np.ndarray, config: runs.Config, out: str | Path, *,
                 class_dir: str | Path | None = None) -> dict:
-    """DreamBooth on ``pipe`` with the photos ``instance_images`` (uint8, at the config's resolution) into the
+    """DreamBooth on ``pipe`` with the photos ``instance_images`` (float32 in [-1, 1] at the config's resolution,
+    as ``data.images.load_folder`` reads them) into the
     run folder ``out`` (already prepared: ``runs.start_run``). Returns the results (process 0 also writes them,
     the model, samples and class images); ``{"preempted": True, ...}`` when SIGTERM stopped it."""
     import jax
