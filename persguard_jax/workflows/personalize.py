@@ -99,7 +99,7 @@ def ensure_class_images(pipe, folder: Path, cfg: DreamBoothConfig) -> None:
     from tqdm.auto import tqdm
 
     from persguard_jax.data.images import IMAGE_SUFFIXES
-    from persguard_jax.report import save_png
+    from persguard_jax.io import save_png, unit_to_uint8
     from persguard_jax.sample import text_to_image
     folder.mkdir(parents=True, exist_ok=True)
     have = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -115,8 +115,7 @@ def ensure_class_images(pipe, folder: Path, cfg: DreamBoothConfig) -> None:
                                seed=cfg.seed + 1, seed_offset=offset, height=cfg.resolution, width=cfg.resolution,
                                progress=False)
         for j, image in enumerate(images):
-            pixels = (np.clip(image, 0.0, 1.0) * 255).round().astype(np.uint8)
-            save_png(pixels, folder / f"class_{offset + j:05d}.png")  # atomic: a crash leaves no half file
+            save_png(unit_to_uint8(image), folder / f"class_{offset + j:05d}.png")  # atomic: never a half file
         bar.update(n)
     bar.close()
 

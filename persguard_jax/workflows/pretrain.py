@@ -26,6 +26,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from persguard_jax import config as cfglib
+from persguard_jax.io import uint8_to_signed, uint8_to_unit, unit_to_uint8
 from persguard_jax.workflows.runs import check_sections, loop_config, start_run
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,7 +37,7 @@ WORLD_FILE = "world_config.json"
 def world_of(model_dir: str | Path):
     """The ``World`` a pre-trained world model was trained on (its ``world_config.json``; default world if absent)."""
     from persguard_jax.data.world import World, WorldConfig
-    from persguard_jax.models.convert import read_json
+    from persguard_jax.io import read_json
     path = Path(model_dir) / WORLD_FILE
     return World(WorldConfig.from_dict(read_json(path)) if path.is_file() else WorldConfig())
 
@@ -161,8 +162,8 @@ def render_dataset(world, size: int, *, split: str = "train", class_fraction: fl
     return images, captions
 
 
-def _to_unit_range(batch: dict) -> dict:
-    return {"images": batch["images"].astype(np.float32) / 127.5 - 1.0}
+def _to_signed_range(batch: dict) -> dict:
+    return {"images": uint8_to_signed(batch["images"])}
 
 
 def train_vae(pipe, images: np.ndarray, settings: Settings, workdir: Path):
@@ -179,14 +180,14 @@ def train_vae(pipe, images: np.ndarray, settings: Settings, workdir: Path):
     result, _ = fit(loss_fn, params, {}, train_logical={"vae": shd.logical_axes(pipe.vae)}, frozen_logical={},
                     source=ArraySource({"images": images}), global_batch=stage.batch_size, workdir=workdir,
                     optimizer=stage.optimizer(), loop=loop_config(settings.loop, stage.steps), step=settings.step,
-                    mesh_cfg=settings.mesh, seed=settings.pretrain.seed, map_fn=_to_unit_range)
+                    mesh_cfg=settings.mesh, seed=settings.pretrain.seed, map_fn=_to_signed_range)
     F.update_modules({"vae": pipe.vae}, jax.device_get(result.state.params))
     return result
 
 
 def encode_dataset(pipe, images: np.ndarray, batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
     from persguard_jax.workflows.personalize import encode_latents
-    return encode_latents(pipe, images.astype(np.float32) / 127.5 - 1.0, batch=batch)
+    return encode_latents(pipe, uint8_to_signed(images), batch=batch)
 
 
 def train_unet(pipe, latents: tuple[np.ndarray, np.ndarray], input_ids: np.ndarray, settings: Settings,
@@ -239,7 +240,7 @@ def _sample_pixels(pipe, world, prompts: list[str], cfg: PretrainConfig) -> np.n
     from persguard_jax.sample import text_to_image
     images = text_to_image(pipe, prompts, num_steps=cfg.eval_steps, guidance_scale=cfg.eval_guidance,
                            seed=cfg.seed, height=world.cfg.image_size, width=world.cfg.image_size)
-    return (np.clip(np.asarray(images), 0.0, 1.0) * 255).round().astype(np.uint8)
+    return unit_to_uint8(images)
 
 
 def evaluate_colours(pipe, world, cfg: PretrainConfig) -> tuple[np.ndarray, dict]:
@@ -277,8 +278,8 @@ def pretrain(out: str | Path, raw_config: dict, *, overwrite: bool = False, resu
 
     from persguard_jax.data.world import World
     from persguard_jax.models import save_pipeline
-    from persguard_jax.models.convert import save_json
-    from persguard_jax.report import image_grid, save_png, write_results
+    from persguard_jax.io import save_json, save_png
+    from persguard_jax.report import image_grid, write_results
 
     settings = parse_config(raw_config)
     cfg = settings.pretrain
@@ -320,8 +321,8 @@ def pretrain(out: str | Path, raw_config: dict, *, overwrite: bool = False, resu
     colour_samples, colour = evaluate_colours(pipe, world, cfg)
     shape_samples, shape = evaluate_shapes(pipe, world, cfg)
     timings["eval_s"] = round(time.time() - t, 1)
-    save_png(image_grid(colour_samples / 255.0, ncols=cfg.eval_per_colour * 2), out / "samples.png")
-    save_png(image_grid(shape_samples / 255.0, ncols=cfg.eval_per_shape * 2), out / "shape_samples.png")
+    save_png(image_grid(uint8_to_unit(colour_samples), ncols=cfg.eval_per_colour * 2), out / "samples.png")
+    save_png(image_grid(uint8_to_unit(shape_samples), ncols=cfg.eval_per_shape * 2), out / "shape_samples.png")
     results = {"model": str(model_dir), "samples": str(out / "samples.png"),
                "shape_samples": str(out / "shape_samples.png"), "scaling_factor": scale,
                "vae": vae_result.last_metrics, "unet": unet_result.last_metrics, **colour, **shape,
