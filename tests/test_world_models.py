@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from persguard_jax import config as cfglib
-from persguard_jax.data.world import COLOURS, SceneSpec, detect_shape, dominant_colour
+from persguard_jax.data.world import COLOURS, SceneSpec
+from persguard_jax.metrics import detect_shape, dominant_colour
 from persguard_jax.workflows import world_assets
 from persguard_jax.workflows.pretrain import DEFAULT_CONFIG as PRETRAIN_CONFIG
 from persguard_jax.workflows.pretrain import pretrain, world_of

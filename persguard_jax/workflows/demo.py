@@ -51,7 +51,8 @@ def _samples(pipe, prompts: list[str], n: int, cfg) -> np.ndarray:
 
 def subject_metrics(evaluator, world, subject, instance_samples: np.ndarray, photos: np.ndarray) -> dict:
     """How much the identifier-prompt samples look like the subject."""
-    from persguard_jax.data.world import COLOURS, SceneSpec, dominant_colour
+    from persguard_jax.data.world import COLOURS, SceneSpec
+    from persguard_jax.metrics.detectors import dominant_colour
     description = world.caption(SceneSpec(shape=subject.class_name, colour=subject.colour, texture=subject.texture))
     scores = evaluator.evaluate(instance_samples, prompts=description, references=uint8_to_unit(photos))
     pixels = unit_to_uint8(instance_samples)

@@ -10,7 +10,7 @@ checkpoints, metrics, resumable):
    captions, a fraction of them dropped to the empty prompt so classifier-free guidance works.
 4. export: a diffusers pipeline folder (``model/``), ``samples.png`` (one row per colour), ``shape_samples.png``
    (one row per shape), ``results.json`` / ``results.md`` with how often the samples follow the prompt's colour
-   (``world.dominant_colour``) and shape (``world.detect_shape``), and ``config.yaml``.
+   (``metrics.dominant_colour``) and shape (``metrics.detect_shape``), and ``config.yaml``.
 
 The output folder is the run's: ``vae/`` and ``unet/`` hold the stage checkpoints and metrics (an interrupted
 run resumes with ``--resume``), ``model/`` the result.
@@ -146,22 +146,6 @@ def build_pipeline(settings: Settings, tokenizer) -> Any:
                     tokenizer=tokenizer, scheduler_config=SchedulerConfig.from_dict(settings.scheduler).to_dict())
 
 
-def render_dataset(world, size: int, *, split: str = "train", class_fraction: float = 0.3,
-                   simple_fraction: float = 0.0) -> tuple[np.ndarray, list[str]]:
-    """``size`` world images (uint8) and captions (``WorldSource``), rendered once with a progress bar."""
-    from tqdm.auto import tqdm
-
-    from persguard_jax.data.world import WorldSource
-    source = WorldSource(world, size, split=split, class_fraction=class_fraction, simple_fraction=simple_fraction)
-    images = np.empty((size, world.cfg.image_size, world.cfg.image_size, 3), np.uint8)
-    captions = []
-    for i in tqdm(range(size), desc="rendering the world", unit="img", mininterval=1.0):
-        item = source[i]
-        images[i] = item["image"]
-        captions.append(item["caption"])
-    return images, captions
-
-
 def _to_signed_range(batch: dict) -> dict:
     return {"images": uint8_to_signed(batch["images"])}
 
@@ -245,7 +229,8 @@ def _sample_pixels(pipe, world, prompts: list[str], cfg: PretrainConfig) -> np.n
 
 def evaluate_colours(pipe, world, cfg: PretrainConfig) -> tuple[np.ndarray, dict]:
     """Sample every colour prompt and measure how often the dominant colour is the one asked for."""
-    from persguard_jax.data.world import COLOURS, dominant_colour
+    from persguard_jax.data.world import COLOURS
+    from persguard_jax.metrics.detectors import dominant_colour
     pairs = colour_prompts(world)
     pixels = _sample_pixels(pipe, world, [p for _, p in pairs for _ in range(cfg.eval_per_colour)], cfg)
     names = list(COLOURS)
@@ -257,9 +242,9 @@ def evaluate_colours(pipe, world, cfg: PretrainConfig) -> tuple[np.ndarray, dict
 
 
 def evaluate_shapes(pipe, world, cfg: PretrainConfig) -> tuple[np.ndarray, dict]:
-    """Sample every shape prompt and measure how often the detected silhouette (``world.detect_shape``, which
+    """Sample every shape prompt and measure how often the detected silhouette (``metrics.detect_shape``, which
     scores 0.99 on rendered scenes) is the one asked for."""
-    from persguard_jax.data.world import detect_shape
+    from persguard_jax.metrics.detectors import detect_shape
     pairs = shape_prompts(world, cfg.eval_per_shape)
     pixels = _sample_pixels(pipe, world, [p for _, p in pairs], cfg)
     shapes = world.shapes
@@ -276,9 +261,9 @@ def pretrain(out: str | Path, raw_config: dict, *, overwrite: bool = False, resu
     """Pre-train the world's pipeline into ``out``; returns the results (also in ``out/results.json``)."""
     import jax
 
-    from persguard_jax.data.world import World
-    from persguard_jax.models import save_pipeline
+    from persguard_jax.data.world import World, render_dataset
     from persguard_jax.io import save_json, save_png
+    from persguard_jax.models import save_pipeline
     from persguard_jax.report import image_grid, write_results
 
     settings = parse_config(raw_config)

@@ -107,13 +107,12 @@ def train_clip(out: str | Path, raw_config: dict, *, overwrite: bool = False, re
     from persguard_jax import losses
     from persguard_jax import sharding as shd
     from persguard_jax.data.batches import ArraySource
-    from persguard_jax.data.world import World
+    from persguard_jax.data.world import World, render_dataset
     from persguard_jax.metrics import CLIPEvaluator
     from persguard_jax.models import functional as F
     from persguard_jax.models.pretrained import ImageNorm, save_clip
     from persguard_jax.report import write_results
     from persguard_jax.train import OptimizerConfig, fit
-    from persguard_jax.workflows.pretrain import render_dataset
 
     settings = parse_config(raw_config)
     cfg = settings.clip
