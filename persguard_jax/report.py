@@ -18,7 +18,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from persguard_jax.models.convert import atomic_write
+from persguard_jax.io import atomic_write, read_jsonl, unit_to_uint8
+from persguard_jax.io import save_png  # noqa: F401  (moved to io; ``from persguard_jax.report import save_png`` works)
 
 # matplotlib's "tab10": distinguishable, and familiar from every other plot a reader has seen
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
@@ -54,23 +55,10 @@ def image_grid(images: np.ndarray, ncols: int | None = None, pad: int = 2) -> np
     ncols = ncols or math.ceil(math.sqrt(n))
     nrows = math.ceil(n / ncols)
     grid = np.full((nrows * (h + pad) - pad, ncols * (w + pad) - pad, c), 255, np.uint8)
-    pixels = (np.clip(images, 0.0, 1.0) * 255).round().astype(np.uint8)
-    for i, img in enumerate(pixels):
+    for i, img in enumerate(unit_to_uint8(images)):
         r, col = divmod(i, ncols)
         grid[r * (h + pad): r * (h + pad) + h, col * (w + pad): col * (w + pad) + w] = img
     return grid
-
-
-def save_png(array: np.ndarray, path: str | Path, *, overwrite: bool = True) -> Path:
-    """Write a uint8 image atomically (a crash never leaves a truncated PNG).
-
-    ``overwrite`` defaults to True here (unlike the report writers) because the workflows rewrite their sample
-    sheets on every run into the same output folder."""
-    path = Path(path)
-    _refuse_existing([path], overwrite)
-    img = Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array)
-    atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
-    return path
 
 
 def _wrap(text: str, font, width: int) -> list[str]:
@@ -283,19 +271,18 @@ def loss_curves(metrics: str | Path | Sequence[Mapping[str, Any]], keys: Sequenc
                 title: str | None = None, overwrite: bool = False) -> Path:
     """Plot training curves against ``step`` into a PNG; returns ``path``.
 
-    ``metrics``: a ``metrics.jsonl`` path (read with ``train.metrics.read_metrics``: a resumed run's repeated steps
+    ``metrics``: a ``metrics.jsonl`` path (read as ``train.metrics.read_metrics`` does: a resumed run's repeated steps
     count once) or its records. ``keys``: one panel per entry, stacked; an entry that is a list of keys shares its
     panel (one y axis, one legend), e.g. ``["loss", ["loss_instance", "loss_prior"], "grad_norm"]``.
     ``smooth`` in [0, 1): TensorBoard's exponential-moving-average weight; when > 0 the raw curve is drawn faint
     behind the smoothed one. ``log_y`` for losses spanning decades (non-positive values dropped). ``size``
     ``(width, height)`` in pixels, default 800 wide and 260 per panel. Non-finite values break the line.
     """
-    from persguard_jax.train.metrics import read_metrics
     if not 0.0 <= smooth < 1.0:
         raise ValueError(f"smooth must be in [0, 1), got {smooth}")
     path = Path(path)
     _refuse_existing([path], overwrite)
-    records = read_metrics(metrics) if isinstance(metrics, (str, Path)) else list(metrics)
+    records = read_jsonl(metrics, unique="step") if isinstance(metrics, (str, Path)) else list(metrics)
     panels = [[k] if isinstance(k, str) else list(k) for k in keys]
     if not panels or not all(panels):
         raise ValueError("loss_curves: no keys to plot")

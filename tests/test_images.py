@@ -7,7 +7,8 @@ import pytest
 from PIL import Image, features
 
 from persguard_jax.data.images import (IMAGE_SUFFIXES, ImageFileError, ImageFolderError, load_folder, load_image,
-                                       scan_folder, to_uint8)
+                                       scan_folder)
+from persguard_jax.io import signed_to_uint8 as to_uint8
 
 RED, BLUE, GREEN, GREY = (255, 0, 0), (0, 0, 255), (0, 200, 0), (128, 128, 128)
 HAS_WEBP = features.check("webp")

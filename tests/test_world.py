@@ -13,8 +13,8 @@ import pytest
 
 from persguard_jax.config import ConfigError
 from persguard_jax.data.world import (ALL_SHAPES, BACKGROUNDS, CLASSES, COLOURS, MARK_POSITIONS, SHAPES, TEXTURES,
-                                      SceneSpec, World, WorldConfig, WorldSource, detect_shape, dominant_colour,
-                                      parse_caption, save_photos)
+                                      SceneSpec, World, WorldConfig, WorldSource, parse_caption, save_photos)
+from persguard_jax.metrics import detect_shape, dominant_colour
 
 COLOUR_NAMES = list(COLOURS)
 
@@ -331,7 +331,7 @@ def test_save_photos_refuses_to_overwrite(tmp_path, world):
 
 def test_tfds_round_trip(tmp_path):
     pytest.importorskip("tensorflow_datasets")
-    from persguard_jax.data.world_tfds import build_tfds, read_tfds
+    from persguard_jax.data.world.tfds import build_tfds, read_tfds
     cfg = WorldConfig(seed=5)
     builder = build_tfds(cfg, tmp_path, sizes={"train": 6, "val": 3})
     world = World(cfg)

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from persguard_jax import config as cfglib
-from persguard_jax.data.world import COLOURS, SceneSpec, detect_shape, dominant_colour
+from persguard_jax.data.world import COLOURS, SceneSpec
+from persguard_jax.io import unit_to_uint8
+from persguard_jax.metrics import detect_shape, dominant_colour
 from persguard_jax.workflows import world_assets
 from persguard_jax.workflows.pretrain import DEFAULT_CONFIG as PRETRAIN_CONFIG
 from persguard_jax.workflows.pretrain import pretrain, world_of
@@ -37,7 +39,7 @@ def test_world_model_follows_colour_prompts(world_pipe):
     names = list(COLOURS)
     prompts = [world.caption(SceneSpec(shape="circle", colour=c)) for c in names for _ in range(2)]
     images = text_to_image(pipe, prompts, num_steps=20, guidance_scale=4.0, seed=7, progress=False)
-    got = dominant_colour((np.clip(np.asarray(images), 0, 1) * 255).round().astype(np.uint8))
+    got = dominant_colour(unit_to_uint8(images))
     accuracy = np.mean(got == np.repeat(np.arange(len(names)), 2))
     assert accuracy >= 0.5, f"colour accuracy {accuracy:.2f} (chance {1 / len(names):.2f})"
 
@@ -52,7 +54,7 @@ def test_world_model_follows_shape_prompts(world_pipe):
     specs = [SceneSpec(shape=s, colour=c) for s in shapes for c in colours]
     images = text_to_image(pipe, [world.caption(s) for s in specs], num_steps=20, guidance_scale=4.0, seed=3,
                            progress=False)
-    found = detect_shape((np.clip(np.asarray(images), 0, 1) * 255).round().astype(np.uint8), shapes)
+    found = detect_shape(unit_to_uint8(images), shapes)
     accuracy = np.mean(found == np.repeat(np.arange(len(shapes)), len(colours)))
     assert accuracy >= 0.25, f"shape accuracy {accuracy:.2f} (chance {1 / len(shapes):.2f})"
 

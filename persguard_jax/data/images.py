@@ -13,6 +13,8 @@ from typing import Callable, Mapping, TypeVar
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from persguard_jax.io import uint8_to_signed
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
 # 16-bit greyscale PNGs open in these modes; PIL's own convert("RGB") clips them at 255 instead of scaling.
@@ -117,7 +119,7 @@ def load_image(path: str | os.PathLike, resolution: int, *, min_size: int | None
     min_size = _check_sizes(resolution, min_size)
     path = Path(path)
     img = _resize_crop(_to_rgb(_decode(path, min_size), path), int(resolution))
-    return np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+    return uint8_to_signed(np.asarray(img))
 
 
 def _image_files(folder: str | os.PathLike) -> list[Path]:
@@ -171,8 +173,3 @@ def load_folder(folder: str | os.PathLike, resolution: int, *, min_size: int | N
     paths = _image_files(folder)
     arrays = _each_or_report(folder, paths, lambda p: load_image(p, resolution, min_size=min_size))
     return np.stack(arrays)
-
-
-def to_uint8(images: np.ndarray) -> np.ndarray:
-    """Arrays in [-1, 1] back to uint8 [0, 255] (the exact inverse of the loading scale, then clipped)."""
-    return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)

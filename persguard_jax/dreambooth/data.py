@@ -32,7 +32,7 @@ def ensure_class_images(pipe, folder: str | Path, cfg: DreamBoothConfig, *, para
     from tqdm.auto import tqdm
 
     from persguard_jax.data.images import IMAGE_SUFFIXES, load_folder
-    from persguard_jax.report import save_png
+    from persguard_jax.io import save_png, unit_to_uint8
     from persguard_jax.sample import text_to_image
     from persguard_jax.train.distributed import barrier
 
@@ -50,8 +50,7 @@ def ensure_class_images(pipe, folder: str | Path, cfg: DreamBoothConfig, *, para
                                seed=cfg.seed + 1, seed_offset=offset, height=cfg.resolution, width=cfg.resolution,
                                progress=False, params=params)
         for j, image in enumerate(images):
-            save_png((np.clip(image, 0.0, 1.0) * 255).round().astype(np.uint8),
-                     folder / f"class_{offset + j:05d}.png")  # atomic: a crash leaves no half file
+            save_png(unit_to_uint8(image), folder / f"class_{offset + j:05d}.png")  # atomic: never a half file
         bar.update(n)
     bar.close()
     barrier(f"class images {folder}")

@@ -9,18 +9,19 @@ Loading never unpickles: ``.bin``/``.ckpt``/``.pt`` files are refused with a mes
 """
 from __future__ import annotations
 
-import json
-import os
 import re
-import tempfile
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from typing import Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from safetensors.numpy import load_file, save_file
+
+from persguard_jax.io import atomic_write
+from persguard_jax.io import read_json as _read_json
+from persguard_jax.io import save_json  # noqa: F401  (moved to io; re-exported for callers of models.convert)
 
 LEAF_TO_TORCH = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
@@ -39,15 +40,9 @@ def _variant_name(name: str, variant: str | None) -> str:
     return f"{stem}.{variant}.{ext}"
 
 
-def read_json(path: Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"{path}: file not found")
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise WeightsError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+def read_json(path: str | Path) -> dict:
+    """``io.read_json`` raising ``WeightsError``: a model folder's JSON files are part of its weights."""
+    return _read_json(path, error=WeightsError)
 
 
 def find_weight_files(folder: Path, stems: Iterable[str], variant: str | None = None) -> list[Path]:
@@ -186,27 +181,5 @@ def state_dict(model: nnx.Module, *, prefix: str = "", dtype=None) -> dict[str, 
     return out
 
 
-def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Write through a temporary file in the same folder, then rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def save_safetensors(tensors: Mapping[str, np.ndarray], path: Path, metadata: dict | None = None) -> None:
     atomic_write(path, lambda tmp: save_file(dict(tensors), tmp, metadata=metadata or {"format": "pt"}))
-
-
-def save_json(obj: dict, path: Path) -> None:
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.write("\n")
-    atomic_write(path, write)

@@ -19,9 +19,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from persguard_jax.io import save_json
 from persguard_jax.models import clip, functional, unet, vae
 from persguard_jax.models.convert import (WeightsError, find_weight_files, load_state_dict, read_json,
-                                          read_tensors, rename_keys, save_json, save_safetensors, state_dict)
+                                          read_tensors, rename_keys, save_safetensors, state_dict)
 from persguard_jax.models.tokenizer import CLIPTokenizer
 
 # The constants of OpenAI's CLIP image processor (every openai/clip-vit-* preprocessor_config.json).

@@ -120,7 +120,7 @@ class CLIPTokenizer:
 
     def save(self, folder: str | Path) -> None:
         """Write vocab.json, merges.txt and the configs transformers' CLIPTokenizer reads."""
-        from persguard_jax.models.convert import atomic_write, save_json
+        from persguard_jax.io import atomic_write, save_json
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         model = json.loads(self.bpe.to_str())["model"]

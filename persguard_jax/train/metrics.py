@@ -9,6 +9,8 @@ from typing import Mapping
 
 import jax
 
+from persguard_jax.io import read_jsonl
+
 
 class MetricsWriter:
     """Appends ``{"step": s, "time": t, **metrics}`` to ``<workdir>/metrics.jsonl`` and writes TensorBoard events
@@ -44,9 +46,4 @@ class MetricsWriter:
 
 def read_metrics(path: str | Path) -> list[dict]:
     """The records of a metrics.jsonl (a resumed run may repeat steps: the later record wins)."""
-    by_step: dict[int, dict] = {}
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            rec = json.loads(line)
-            by_step[rec["step"]] = rec
-    return [by_step[s] for s in sorted(by_step)]
+    return read_jsonl(path, unique="step")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from persguard_jax.io import uint8_to_unit, unit_to_uint8
 from persguard_jax.workflows.world_assets import ROOT
 
 DEFAULT_CONFIG = ROOT / "configs" / "dreambooth_world.yaml"
@@ -50,10 +51,11 @@ def _samples(pipe, prompts: list[str], n: int, cfg) -> np.ndarray:
 
 def subject_metrics(evaluator, world, subject, instance_samples: np.ndarray, photos: np.ndarray) -> dict:
     """How much the identifier-prompt samples look like the subject."""
-    from persguard_jax.data.world import COLOURS, SceneSpec, dominant_colour
+    from persguard_jax.data.world import COLOURS, SceneSpec
+    from persguard_jax.metrics.detectors import dominant_colour
     description = world.caption(SceneSpec(shape=subject.class_name, colour=subject.colour, texture=subject.texture))
-    scores = evaluator.evaluate(instance_samples, prompts=description, references=photos / 255.0)
-    pixels = (instance_samples * 255).round().astype(np.uint8)
+    scores = evaluator.evaluate(instance_samples, prompts=description, references=uint8_to_unit(photos))
+    pixels = unit_to_uint8(instance_samples)
     colour_match = float(np.mean(dominant_colour(pixels, background="any") == list(COLOURS).index(subject.colour)))
     return {"clip_i": scores["clip_i"], "identity_similarity": scores["identity_similarity"],
             "clip_t_subject": scores["clip_t"], "subject_colour_match": colour_match}
@@ -64,7 +66,8 @@ def run_demo(out: str | Path = "runs/demo", *, subject: str | None = None, overr
     from persguard_jax.data.world import save_photos
     from persguard_jax.metrics import CLIPEvaluator
     from persguard_jax.models import load_pipeline
-    from persguard_jax.report import labelled_grid, loss_curves, save_png, write_results
+    from persguard_jax.io import save_png
+    from persguard_jax.report import labelled_grid, loss_curves, write_results
     from persguard_jax.workflows.personalize import DreamBoothConfig, personalize
     from persguard_jax.workflows.pretrain import world_of
     from persguard_jax.workflows.world_assets import world_clip, world_model
@@ -101,7 +104,7 @@ def run_demo(out: str | Path = "runs/demo", *, subject: str | None = None, overr
         "after": subject_metrics(evaluator, world, subj, after[n:], photos)["subject_colour_match"]}
 
     photo_row = np.zeros((n, *photos.shape[1:]), np.float32) + 1.0
-    photo_row[: len(photos)] = photos[:n] / 255.0
+    photo_row[: len(photos)] = uint8_to_unit(photos[:n])
     rows = [photo_row, before[:n], after[:n], before[n:], after[n:]]
     labels = ["subject photos", f"before: {instance_prompt}", f"after: {instance_prompt}",
               f"before: {class_prompt}", f"after: {class_prompt}"]

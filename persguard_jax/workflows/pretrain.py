@@ -10,7 +10,7 @@ checkpoints, metrics, resumable):
    captions, a fraction of them dropped to the empty prompt so classifier-free guidance works.
 4. export: a diffusers pipeline folder (``model/``), ``samples.png`` (one row per colour), ``shape_samples.png``
    (one row per shape), ``results.json`` / ``results.md`` with how often the samples follow the prompt's colour
-   (``world.dominant_colour``) and shape (``world.detect_shape``), and ``config.yaml``.
+   (``metrics.dominant_colour``) and shape (``metrics.detect_shape``), and ``config.yaml``.
 
 The output folder is the run's: ``vae/`` and ``unet/`` hold the stage checkpoints and metrics (an interrupted
 run resumes with ``--resume``), ``model/`` the result.
@@ -26,6 +26,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from persguard_jax import config as cfglib
+from persguard_jax.io import uint8_to_signed, uint8_to_unit, unit_to_uint8
 from persguard_jax.workflows.runs import check_sections, loop_config, start_run
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,7 +37,7 @@ WORLD_FILE = "world_config.json"
 def world_of(model_dir: str | Path):
     """The ``World`` a pre-trained world model was trained on (its ``world_config.json``; default world if absent)."""
     from persguard_jax.data.world import World, WorldConfig
-    from persguard_jax.models.convert import read_json
+    from persguard_jax.io import read_json
     path = Path(model_dir) / WORLD_FILE
     return World(WorldConfig.from_dict(read_json(path)) if path.is_file() else WorldConfig())
 
@@ -145,24 +146,8 @@ def build_pipeline(settings: Settings, tokenizer) -> Any:
                     tokenizer=tokenizer, scheduler_config=SchedulerConfig.from_dict(settings.scheduler).to_dict())
 
 
-def render_dataset(world, size: int, *, split: str = "train", class_fraction: float = 0.3,
-                   simple_fraction: float = 0.0) -> tuple[np.ndarray, list[str]]:
-    """``size`` world images (uint8) and captions (``WorldSource``), rendered once with a progress bar."""
-    from tqdm.auto import tqdm
-
-    from persguard_jax.data.world import WorldSource
-    source = WorldSource(world, size, split=split, class_fraction=class_fraction, simple_fraction=simple_fraction)
-    images = np.empty((size, world.cfg.image_size, world.cfg.image_size, 3), np.uint8)
-    captions = []
-    for i in tqdm(range(size), desc="rendering the world", unit="img", mininterval=1.0):
-        item = source[i]
-        images[i] = item["image"]
-        captions.append(item["caption"])
-    return images, captions
-
-
-def _to_unit_range(batch: dict) -> dict:
-    return {"images": batch["images"].astype(np.float32) / 127.5 - 1.0}
+def _to_signed_range(batch: dict) -> dict:
+    return {"images": uint8_to_signed(batch["images"])}
 
 
 def train_vae(pipe, images: np.ndarray, settings: Settings, workdir: Path):
@@ -179,14 +164,14 @@ def train_vae(pipe, images: np.ndarray, settings: Settings, workdir: Path):
     result, _ = fit(loss_fn, params, {}, train_logical={"vae": shd.logical_axes(pipe.vae)}, frozen_logical={},
                     source=ArraySource({"images": images}), global_batch=stage.batch_size, workdir=workdir,
                     optimizer=stage.optimizer(), loop=loop_config(settings.loop, stage.steps), step=settings.step,
-                    mesh_cfg=settings.mesh, seed=settings.pretrain.seed, map_fn=_to_unit_range)
+                    mesh_cfg=settings.mesh, seed=settings.pretrain.seed, map_fn=_to_signed_range)
     F.update_modules({"vae": pipe.vae}, jax.device_get(result.state.params))
     return result
 
 
 def encode_dataset(pipe, images: np.ndarray, batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
     from persguard_jax.workflows.personalize import encode_latents
-    return encode_latents(pipe, images.astype(np.float32) / 127.5 - 1.0, batch=batch)
+    return encode_latents(pipe, uint8_to_signed(images), batch=batch)
 
 
 def train_unet(pipe, latents: tuple[np.ndarray, np.ndarray], input_ids: np.ndarray, settings: Settings,
@@ -239,12 +224,13 @@ def _sample_pixels(pipe, world, prompts: list[str], cfg: PretrainConfig) -> np.n
     from persguard_jax.sample import text_to_image
     images = text_to_image(pipe, prompts, num_steps=cfg.eval_steps, guidance_scale=cfg.eval_guidance,
                            seed=cfg.seed, height=world.cfg.image_size, width=world.cfg.image_size)
-    return (np.clip(np.asarray(images), 0.0, 1.0) * 255).round().astype(np.uint8)
+    return unit_to_uint8(images)
 
 
 def evaluate_colours(pipe, world, cfg: PretrainConfig) -> tuple[np.ndarray, dict]:
     """Sample every colour prompt and measure how often the dominant colour is the one asked for."""
-    from persguard_jax.data.world import COLOURS, dominant_colour
+    from persguard_jax.data.world import COLOURS
+    from persguard_jax.metrics.detectors import dominant_colour
     pairs = colour_prompts(world)
     pixels = _sample_pixels(pipe, world, [p for _, p in pairs for _ in range(cfg.eval_per_colour)], cfg)
     names = list(COLOURS)
@@ -256,9 +242,9 @@ def evaluate_colours(pipe, world, cfg: PretrainConfig) -> tuple[np.ndarray, dict
 
 
 def evaluate_shapes(pipe, world, cfg: PretrainConfig) -> tuple[np.ndarray, dict]:
-    """Sample every shape prompt and measure how often the detected silhouette (``world.detect_shape``, which
+    """Sample every shape prompt and measure how often the detected silhouette (``metrics.detect_shape``, which
     scores 0.99 on rendered scenes) is the one asked for."""
-    from persguard_jax.data.world import detect_shape
+    from persguard_jax.metrics.detectors import detect_shape
     pairs = shape_prompts(world, cfg.eval_per_shape)
     pixels = _sample_pixels(pipe, world, [p for _, p in pairs], cfg)
     shapes = world.shapes
@@ -275,10 +261,10 @@ def pretrain(out: str | Path, raw_config: dict, *, overwrite: bool = False, resu
     """Pre-train the world's pipeline into ``out``; returns the results (also in ``out/results.json``)."""
     import jax
 
-    from persguard_jax.data.world import World
+    from persguard_jax.data.world import World, render_dataset
+    from persguard_jax.io import save_json, save_png
     from persguard_jax.models import save_pipeline
-    from persguard_jax.models.convert import save_json
-    from persguard_jax.report import image_grid, save_png, write_results
+    from persguard_jax.report import image_grid, write_results
 
     settings = parse_config(raw_config)
     cfg = settings.pretrain
@@ -320,8 +306,8 @@ def pretrain(out: str | Path, raw_config: dict, *, overwrite: bool = False, resu
     colour_samples, colour = evaluate_colours(pipe, world, cfg)
     shape_samples, shape = evaluate_shapes(pipe, world, cfg)
     timings["eval_s"] = round(time.time() - t, 1)
-    save_png(image_grid(colour_samples / 255.0, ncols=cfg.eval_per_colour * 2), out / "samples.png")
-    save_png(image_grid(shape_samples / 255.0, ncols=cfg.eval_per_shape * 2), out / "shape_samples.png")
+    save_png(image_grid(uint8_to_unit(colour_samples), ncols=cfg.eval_per_colour * 2), out / "samples.png")
+    save_png(image_grid(uint8_to_unit(shape_samples), ncols=cfg.eval_per_shape * 2), out / "shape_samples.png")
     results = {"model": str(model_dir), "samples": str(out / "samples.png"),
                "shape_samples": str(out / "shape_samples.png"), "scaling_factor": scale,
                "vae": vae_result.last_metrics, "unet": unet_result.last_metrics, **colour, **shape,

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from persguard_jax import config as cfglib
+from persguard_jax.io import uint8_to_unit
 from persguard_jax.workflows.runs import check_sections, loop_config, start_run
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -78,14 +79,14 @@ def build_clip(settings: Settings, vocab_size: int):
 def pixel_values(images_uint8: np.ndarray) -> np.ndarray:
     """uint8 world images -> the normalised NHWC floats the world CLIP takes (``WORLD_NORM``)."""
     mean, std = (np.asarray(WORLD_NORM[k], np.float32) for k in ("mean", "std"))
-    return (images_uint8.astype(np.float32) / 255.0 - mean) / std
+    return (uint8_to_unit(images_uint8) - mean) / std
 
 
 def zero_shot(evaluator, world, size: int, split: str = "val") -> dict[str, float]:
     """Zero-shot accuracies on ``size`` held-out scenes: the true caption against every colour (shape) swap."""
     from persguard_jax.data.world import ALL_SHAPES, COLOURS, SHAPES
     specs = [world.random_spec(i, split) for i in range(size)]
-    images = np.stack([world.render(s) for s in specs]).astype(np.float32) / 255.0
+    images = uint8_to_unit(np.stack([world.render(s) for s in specs]))
     img = np.asarray(evaluator.image_features(images))
     out = {}
     for attr, options in (("colour", list(COLOURS)), ("shape", list(ALL_SHAPES))):
@@ -106,13 +107,12 @@ def train_clip(out: str | Path, raw_config: dict, *, overwrite: bool = False, re
     from persguard_jax import losses
     from persguard_jax import sharding as shd
     from persguard_jax.data.batches import ArraySource
-    from persguard_jax.data.world import World
+    from persguard_jax.data.world import World, render_dataset
     from persguard_jax.metrics import CLIPEvaluator
     from persguard_jax.models import functional as F
     from persguard_jax.models.pretrained import ImageNorm, save_clip
     from persguard_jax.report import write_results
     from persguard_jax.train import OptimizerConfig, fit
-    from persguard_jax.workflows.pretrain import render_dataset
 
     settings = parse_config(raw_config)
     cfg = settings.clip

@@ -1,18 +1,10 @@
-"""Evaluation metrics: pure, jitted functions on features and images, and a CLIP evaluator that makes the features.
+"""The CLIP evaluator: images in [0, 1] and prompts -> CLIP features -> every score of ``metrics.scores``.
 
-Two layers, so the same numbers come out of the tiny CLIP trained on the synthetic world and of real OpenAI CLIP
-weights read from disk:
-
-- Array functions (no model): ``cosine_matrix``, ``clip_i``, ``clip_t``, ``identity_similarity``,
-  ``frechet_distance``, ``pattern_score``, ``feature_distance``. Batched, ``jax.jit``-able, float32 or wider.
-- ``CLIPEvaluator``: a ``CLIPModel``, its tokenizer and its preprocessing constants, with jitted batched
-  ``image_features`` / ``text_features`` / ``hidden_features`` and ``evaluate`` (all metrics in one dict).
-  ``models.pretrained.load_clip`` reads a transformers CLIP folder (``config.json``, ``model.safetensors``, tokenizer files,
-  ``preprocessor_config.json``) with the same machinery as the Stable Diffusion folders (models/pretrained.py).
-
-Similarities are plain cosines in [-1, 1] (DreamBooth's CLIP-I / CLIP-T convention), not CLIPScore's
-``2.5 * max(cos, 0)``. Matmuls run at ``Precision.HIGHEST``: GPUs otherwise use TF32 for float32 products, and the
-Fréchet distance subtracts large, nearly equal traces.
+``CLIPEvaluator`` holds a ``CLIPModel``, its tokenizer and its preprocessing constants, with jitted batched
+``image_features`` / ``text_features`` / ``hidden_features`` and ``evaluate`` (all metrics in one dict), so the same
+numbers come out of the tiny CLIP trained on the synthetic world and of real OpenAI CLIP weights read from disk
+(``models.pretrained.load_clip`` reads a transformers CLIP folder: ``config.json``, ``model.safetensors``,
+tokenizer files, ``preprocessor_config.json``).
 """
 from __future__ import annotations
 
@@ -27,137 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from persguard_jax.metrics.scores import (_float, _unit, clip_i, clip_t, feature_distance, frechet_distance,
+                                          identity_similarity, pattern_score)
 from persguard_jax.models import clip
 from persguard_jax.models.pretrained import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageNorm, load_clip
 from persguard_jax.models.tokenizer import CLIPTokenizer
-
-_HI = jax.lax.Precision.HIGHEST
-_EPS = 1e-12
-
-
-# --------------------------------------------------------------------------- features -> scores
-
-def _float(x) -> jax.Array:
-    """At least float32: bf16 features from a bf16 model would lose the small differences the metrics measure."""
-    x = jnp.asarray(x)
-    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
-
-
-def _unit(x: jax.Array, axis: int = -1) -> jax.Array:
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=axis, keepdims=True), _EPS)
-
-
-@jax.jit
-def cosine_matrix(a: jax.Array, b: jax.Array) -> jax.Array:
-    """``(N, D), (M, D) -> (N, M)`` cosine similarities (rows need not be normalised)."""
-    return jnp.matmul(_unit(_float(a)), _unit(_float(b)).T, precision=_HI)
-
-
-@jax.jit
-def clip_i(image_feats: jax.Array, ref_feats: jax.Array) -> jax.Array:
-    """DreamBooth's CLIP-I: the mean cosine over all (generated, reference) pairs of image embeddings."""
-    return jnp.mean(cosine_matrix(image_feats, ref_feats))
-
-
-@jax.jit
-def clip_t(image_feats: jax.Array, text_feats: jax.Array) -> jax.Array:
-    """DreamBooth's CLIP-T: the mean cosine of each image embedding with its prompt's text embedding.
-
-    ``text_feats`` is ``(N, D)`` (one prompt per image), or ``(1, D)`` / ``(D,)`` (one prompt for all)."""
-    img, txt = _unit(_float(image_feats)), _unit(jnp.atleast_2d(_float(text_feats)))
-    return jnp.mean(jnp.sum(img * txt, axis=-1))  # (1, D) broadcasts over the images
-
-
-@jax.jit
-def identity_similarity(feats: jax.Array, ref_feats: jax.Array) -> jax.Array:
-    """``(N,)``: the cosine of each embedding with the mean reference embedding (Anti-DreamBooth's ISM).
-
-    The paper embeds faces with ArcFace; any embedding works here (CLIP image features in ``CLIPEvaluator``).
-    The references are averaged as given (not unit-normalised first), as ISM does."""
-    centre = jnp.mean(_float(ref_feats), axis=0, keepdims=True)
-    return cosine_matrix(feats, centre)[:, 0]
-
-
-def _psd_sqrt(s: jax.Array) -> jax.Array:
-    """The symmetric square root of a PSD matrix; round-off negative eigenvalues are clipped to 0."""
-    w, v = jnp.linalg.eigh(s)
-    return jnp.matmul(v * jnp.sqrt(jnp.clip(w, 0.0)), v.T, precision=_HI)
-
-
-def _mean_cov(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    mu = jnp.mean(x, axis=0)
-    xc = x - mu
-    return mu, jnp.matmul(xc.T, xc, precision=_HI) / (x.shape[0] - 1)  # unbiased, as np.cov and FID
-
-
-@jax.jit
-def frechet_distance(feats_a: jax.Array, feats_b: jax.Array) -> jax.Array:
-    """Fréchet distance between Gaussians fitted to two feature sets ``(N, D)``, ``(M, D)`` (N, M >= 2).
-
-    ``|mu_a - mu_b|^2 + tr(S_a) + tr(S_b) - 2 tr sqrt(S_a S_b)``. ``S_a S_b`` is not symmetric, but it is similar to
-    the PSD matrix ``sqrt(S_a) S_b sqrt(S_a)``, whose eigenvalues ``eigh`` finds on any backend (scipy's ``sqrtm``
-    runs on the host only): the trace of the root is the sum of their square roots. In float32 the result carries
-    round-off of about 1e-6 times the traces; pass float64 features (with ``jax_enable_x64``) for more.
-    """
-    a, b = _float(feats_a), _float(feats_b)
-    mu_a, s_a = _mean_cov(a)
-    mu_b, s_b = _mean_cov(b)
-    root_a = _psd_sqrt(s_a)
-    m = jnp.matmul(jnp.matmul(root_a, s_b, precision=_HI), root_a, precision=_HI)
-    eig = jnp.linalg.eigvalsh((m + m.T) / 2)  # symmetrised: round-off makes it slightly asymmetric
-    tr_sqrt = jnp.sum(jnp.sqrt(jnp.clip(eig, 0.0)))
-    fd = jnp.sum(jnp.square(mu_a - mu_b)) + jnp.trace(s_a) + jnp.trace(s_b) - 2.0 * tr_sqrt
-    return jnp.maximum(fd, 0.0)  # >= 0 exactly; identical sets would otherwise give round-off like -2e-5
-
-
-@jax.jit
-def pattern_score(images: jax.Array, pattern: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-    """``(N,)`` in [-1, 1]: how strongly a known pattern shows in each image (normalised cross-correlation).
-
-    ``images`` ``(N, H, W, C)`` and ``pattern`` ``(H, W, C)`` or ``(1, H, W, C)`` are floats in [0, 1]; ``mask``
-    ``(H, W)``, ``(H, W, 1)`` or ``(H, W, C)`` weights where the pattern lives (default: everywhere). Both are
-    centred by their (masked) mean over pixels and channels, so a brightness offset does not count: 1 is the
-    pattern itself (at any contrast), about 0 unrelated content, -1 the inverted pattern. A flat image scores 0.
-    """
-    x = _float(images)
-    if math.prod(jnp.shape(pattern)) != math.prod(x.shape[1:]):
-        raise ValueError(f"pattern_score: pattern shape {jnp.shape(pattern)} does not match images {x.shape}")
-    p = jnp.broadcast_to(_float(pattern).reshape(x.shape[1:]), x.shape)
-    m = jnp.ones(x.shape[1:], x.dtype) if mask is None else _float(mask)
-    if m.ndim == 2:
-        m = m[..., None]
-    m = jnp.broadcast_to(m, x.shape)
-    axes = (1, 2, 3)
-    total = jnp.maximum(jnp.sum(m, axis=axes, keepdims=True), _EPS)
-    xc = x - jnp.sum(m * x, axis=axes, keepdims=True) / total
-    pc = p - jnp.sum(m * p, axis=axes, keepdims=True) / total
-    num = jnp.sum(m * xc * pc, axis=axes)
-    den = jnp.sqrt(jnp.sum(m * xc * xc, axis=axes) * jnp.sum(m * pc * pc, axis=axes))
-    return num / jnp.maximum(den, _EPS)
-
-
-@jax.jit
-def feature_distance(feats_a: Sequence[jax.Array], feats_b: Sequence[jax.Array]) -> jax.Array:
-    """``(N,)``: an LPIPS-style perceptual distance between paired deep features, without learned weights.
-
-    ``feats_a[l]`` / ``feats_b[l]`` are layer ``l``'s features ``(N, ..., C)``, channels last, any spatial axes
-    between (tokens, an ``(h, w)`` grid, or none). Per layer: unit-normalise along channels, square the
-    difference, average over spatial positions, sum over channels; then average over layers. LPIPS proper weighs
-    the channels with linear heads trained on human judgements (and sums the layers); with no such weights for
-    CLIP every channel counts once, so the values are comparable between runs, not to published LPIPS numbers.
-    """
-    if len(feats_a) != len(feats_b) or not feats_a:
-        raise ValueError(f"feature_distance: {len(feats_a)} and {len(feats_b)} layers (need the same, at least 1)")
-    per_layer = []
-    for a, b in zip(feats_a, feats_b):
-        if a.shape != b.shape:
-            raise ValueError(f"feature_distance: layer shapes differ, {a.shape} vs {b.shape}")
-        a = _float(a).reshape(a.shape[0], -1, a.shape[-1])
-        b = _float(b).reshape(b.shape[0], -1, b.shape[-1])
-        diff = jnp.square(_unit(a) - _unit(b))
-        per_layer.append(jnp.sum(jnp.mean(diff, axis=1), axis=-1))
-    return jnp.mean(jnp.stack(per_layer), axis=0)
-
 
 # --------------------------------------------------------------------------- images -> CLIP inputs
 
