@@ -101,6 +101,10 @@ def test_image_j_of_a_prompt_does_not_depend_on_the_other_prompts(world, subject
     both, alone = evaluate_pipeline(pipe, [a, b], **kw), evaluate_pipeline(pipe, [b], **kw)
     np.testing.assert_array_equal(both.images[1], alone.images[0])
     assert not np.array_equal(both.images[0, 0], both.images[0, 1])  # but the images of one prompt differ
+    # at guidance 0 only the unconditional branch counts: the prompt no longer matters, so equal images show
+    # that image j of every prompt starts from the same noise
+    unconditional = evaluate_pipeline(pipe, [a, b], **{**kw, "guidance_scale": 0.0})
+    np.testing.assert_array_equal(unconditional.images[0], unconditional.images[1])
 
 
 def test_colour_detector_prefers_the_subjects_colour(evaluated, subject):
