@@ -1,4 +1,4 @@
-""""Personalise with recipe R, then measure": the one harness every workflow reports through.
+"""The "personalise with recipe R, then measure" harness that every workflow reports through.
 
 ``evaluate_pipeline`` samples a pipeline on each prompt with fixed seeds and ``measure``s the samples:
 
@@ -20,13 +20,17 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
 
 import numpy as np
 
 from persguard_jax.data.world import COLOURS, World, parse_caption
 # The world's pixel detectors (moving to persguard_jax.metrics.detectors: this is the one line to change).
 from persguard_jax.data.world import detect_shape, dominant_colour
+
+if TYPE_CHECKING:  # heavy (jax, flax): imported by the caller that builds them
+    from persguard_jax.metrics import CLIPEvaluator
+    from persguard_jax.models.pretrained import Pipeline
 
 
 @dataclass(frozen=True)
@@ -139,7 +143,7 @@ def _means(rows: list[dict[str, Any]]) -> dict[str, float | None]:
 
 
 def measure(prompts: Sequence[str], images: Sequence[np.ndarray], *, references: np.ndarray | None = None,
-            evaluator=None, world: World | None = None,
+            evaluator: CLIPEvaluator | None = None, world: World | None = None,
             detectors: Sequence[Detector] = WORLD_DETECTORS) -> dict[str, Any]:
     """Metrics of samples already made: ``images[k]`` ``(N, H, W, 3)`` in [0, 1] are ``prompts[k]``'s.
 
@@ -171,7 +175,7 @@ def measure(prompts: Sequence[str], images: Sequence[np.ndarray], *, references:
     return results
 
 
-def _sample(pipe, prompt: str, negative_prompt: str, num_images: int, *, seed: int, num_steps: int,
+def _sample(pipe: Pipeline, prompt: str, negative_prompt: str, num_images: int, *, seed: int, num_steps: int,
             guidance_scale: float, batch_size: int) -> np.ndarray:
     from persguard_jax.sample import text_to_image
     chunks = [text_to_image(pipe, [prompt] * min(batch_size, num_images - start), negative_prompt,
@@ -181,9 +185,10 @@ def _sample(pipe, prompt: str, negative_prompt: str, num_images: int, *, seed: i
     return np.clip(np.concatenate(chunks).astype(np.float32), 0.0, 1.0)
 
 
-def evaluate_pipeline(pipe, prompts: str | Sequence[str], *, references: np.ndarray | None = None, evaluator=None,
-                      world: World | None = None, num_images: int = 4, seed: int = 0, num_steps: int = 25,
-                      guidance_scale: float = 7.5, negative_prompt: str = "", batch_size: int = 16,
+def evaluate_pipeline(pipe: Pipeline, prompts: str | Sequence[str], *, references: np.ndarray | None = None,
+                      evaluator: CLIPEvaluator | None = None, world: World | None = None, num_images: int = 4,
+                      seed: int = 0, num_steps: int = 25, guidance_scale: float = 7.5, negative_prompt: str = "",
+                      batch_size: int = 16,
                       detectors: Sequence[Detector] = WORLD_DETECTORS) -> Evaluation:
     """Sample ``num_images`` per prompt (DDIM, ``num_steps``, classifier-free guidance against
     ``negative_prompt``) and ``measure`` them against ``references`` (uint8, or floats in [0, 1]).
