@@ -2,7 +2,8 @@
 
 Commands so far: ``sample`` (text -> image grid from a diffusers-format pipeline folder), ``init-tiny`` (write
 a tiny random pipeline folder), ``plan`` (how a model's parameters shard over a mesh), ``personalize``
-(DreamBooth), ``pretrain`` (the synthetic world's model) and ``demo``. Errors from bad input print one line and exit with status 2.
+(DreamBooth), ``pretrain`` (the synthetic world's model), ``demo`` and ``evaluate`` (sample with fixed seeds,
+measure). Errors from bad input print one line and exit with status 2.
 """
 from __future__ import annotations
 
@@ -73,6 +74,47 @@ def cmd_demo(args: argparse.Namespace) -> None:
           f"CLIP-I {b['clip_i']:.3f} -> {a['clip_i']:.3f}, "
           f"subject colour in samples {b['subject_colour_match']:.2f} -> {a['subject_colour_match']:.2f}\n"
           f"report: {results['run']}/results.md, {results['files']['report']}")
+
+
+def _model_resolution(model: Path) -> int:
+    """A pipeline folder's native image side, from its configs alone (so bad references fail before loading)."""
+    from persguard_jax.models.convert import read_json
+    unet, vae = read_json(model / "unet" / "config.json"), read_json(model / "vae" / "config.json")
+    return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    """Sample a model on each prompt with fixed seeds and measure it against reference photos (evaluate.py)."""
+    from persguard_jax.data.images import load_folder
+    from persguard_jax.evaluate import evaluate_pipeline, evaluation_table, write_evaluation
+    from persguard_jax.workflows.pretrain import WORLD_FILE, PretrainConfig, world_of
+    from persguard_jax.workflows.world_assets import world_clip
+
+    out, model = Path(args.out), Path(args.model)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out}: --out must be a new or empty folder")
+    is_world = (model / WORLD_FILE).is_file()
+    if not (args.clip or is_world):
+        raise ValueError(f"{model}: not a world model (no {WORLD_FILE}), so there is no default CLIP; "
+                         f"pass --clip with a CLIP folder")
+    clip_dir = Path(args.clip) if args.clip else world_clip(build=False)
+    # every input is checked (references decoded) before the slow loads and before --out is created
+    references = (load_folder(args.references, args.resolution or _model_resolution(model)) + 1.0) / 2.0
+
+    from persguard_jax.metrics import CLIPEvaluator
+    from persguard_jax.models import load_pipeline
+    evaluator = CLIPEvaluator.from_folder(clip_dir)
+    pipe = load_pipeline(model)
+    # a world model was tuned to sample at its pre-training evaluation's scale; 7.5 is diffusers' default
+    guidance = args.guidance if args.guidance is not None else PretrainConfig.eval_guidance if is_world else 7.5
+    evaluation = evaluate_pipeline(
+        pipe, args.prompt, references=references, evaluator=evaluator, world=world_of(model) if is_world else None,
+        num_images=args.num_images, seed=args.seed, num_steps=args.steps, guidance_scale=guidance,
+        negative_prompt=args.negative_prompt)
+    evaluation.results.update(model=str(model), clip=str(clip_dir), references_dir=str(args.references))
+    paths = write_evaluation(out, evaluation, title=f"persguard evaluate: {model}", references=references)
+    print(evaluation_table(evaluation.results))
+    print(f"wrote {', '.join(str(p) for p in paths.values())}")
 
 
 def _plan_models(args: argparse.Namespace) -> dict:
@@ -256,6 +298,20 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("overrides", nargs="*", metavar="key=value",
                    help="overrides of configs/dreambooth_world.yaml, e.g. dreambooth.steps=100")
     d.set_defaults(fn=cmd_demo)
+
+    e = sub.add_parser("evaluate", help="sample a model on prompts with fixed seeds; CLIP and detector metrics")
+    e.add_argument("--model", required=True, help="diffusers pipeline folder")
+    e.add_argument("--references", required=True, help="folder of reference photos (e.g. the subject's)")
+    e.add_argument("--prompt", required=True, action="append", help="repeat for several prompts")
+    e.add_argument("--clip", help="CLIP folder for the metrics (default for a world model: the world CLIP)")
+    e.add_argument("--out", required=True, help="new or empty folder for results.json, results.md, grid.png")
+    e.add_argument("--num-images", type=int, default=4, help="samples per prompt")
+    e.add_argument("--steps", type=int, default=25, help="DDIM steps")
+    e.add_argument("--guidance", type=float, help="guidance scale (default: 4.0 for a world model, else 7.5)")
+    e.add_argument("--seed", type=int, default=0, help="image j of every prompt starts from this seed's noise j")
+    e.add_argument("--negative-prompt", default="")
+    e.add_argument("--resolution", type=int, help="side the references are resized to (default: the model's)")
+    e.set_defaults(fn=cmd_evaluate)
     return parser
 
 

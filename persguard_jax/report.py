@@ -384,10 +384,12 @@ def results_markdown(results: Mapping[str, Any], *, title: str) -> str:
 
 
 def write_results(out_dir: str | Path, results: Mapping[str, Any], *, title: str,
-                  overwrite: bool = False) -> tuple[Path, Path]:
+                  overwrite: bool = False, markdown: str | None = None) -> tuple[Path, Path]:
     """Write ``results.json`` (sorted keys, numbers as JSON numbers) and ``results.md`` (tables) into ``out_dir``.
 
     Both are checked before either is written, so a refused call leaves no half-updated pair behind.
+    ``markdown`` replaces ``results_markdown``'s generic tables (``title`` is then unused) for a caller whose
+    results read better in a layout of its own (``evaluate``: one row per prompt).
     """
     out_dir = Path(out_dir)
     json_path, md_path = out_dir / "results.json", out_dir / "results.md"
@@ -395,6 +397,6 @@ def write_results(out_dir: str | Path, results: Mapping[str, Any], *, title: str
     clean = _jsonable(results)
     text = json.dumps(clean, indent=2, sort_keys=True, allow_nan=False) + "\n"
     atomic_write(json_path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-    md = results_markdown(clean, title=title)
+    md = results_markdown(clean, title=title) if markdown is None else markdown
     atomic_write(md_path, lambda tmp: Path(tmp).write_text(md, encoding="utf-8"))
     return json_path, md_path
