@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
 import numpy as np
 
 from persguard_jax.data.world import COLOURS, World, parse_caption
-# The world's pixel detectors (moving to persguard_jax.metrics.detectors: this is the one line to change).
-from persguard_jax.data.world import detect_shape, dominant_colour
+from persguard_jax.io import uint8_to_unit, unit_to_uint8
+from persguard_jax.metrics.detectors import detect_shape, dominant_colour
 
 if TYPE_CHECKING:  # heavy (jax, flax): imported by the caller that builds them
     from persguard_jax.metrics import CLIPEvaluator
@@ -50,7 +50,7 @@ def unit_images(images: np.ndarray, what: str = "images") -> np.ndarray:
     if images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"{what}: expected (N, H, W, 3) RGB images, got shape {images.shape}")
     if images.dtype == np.uint8:
-        return images.astype(np.float32) / 255.0
+        return uint8_to_unit(images)
     images = images.astype(np.float32)
     if images.size and (images.min() < -1e-3 or images.max() > 1 + 1e-3):
         # data.images.load_folder returns [-1, 1]: a silent shift would skew every similarity
@@ -59,9 +59,6 @@ def unit_images(images: np.ndarray, what: str = "images") -> np.ndarray:
     return np.clip(images, 0.0, 1.0)
 
 
-def _pixels(images: np.ndarray) -> np.ndarray:
-    """[0, 1] floats -> the uint8 pixels the world's detectors read."""
-    return (np.clip(images, 0.0, 1.0) * 255).round().astype(np.uint8)
 
 
 # --------------------------------------------------------------------------- detectors
@@ -156,7 +153,7 @@ def measure(prompts: Sequence[str], images: Sequence[np.ndarray], *, references:
     facts: dict[str, Any] = {}
     if world is not None and refs is not None:
         for detector in detectors:
-            facts.update(detector.reference(world, _pixels(refs)))
+            facts.update(detector.reference(world, unit_to_uint8(refs)))
     rows = []
     for prompt, samples in zip(prompts, images):
         samples = unit_images(samples, f"samples of {prompt!r}")
@@ -166,7 +163,7 @@ def measure(prompts: Sequence[str], images: Sequence[np.ndarray], *, references:
             row.pop("lpips_style", None)  # it pairs sample j with photo j, which are unrelated images here
         if world is not None:
             for detector in detectors:
-                row.update(detector.score(world, _pixels(samples), facts, prompt))
+                row.update(detector.score(world, unit_to_uint8(samples), facts, prompt))
         rows.append(row)
     rows = _rectangular(rows)
     results: dict[str, Any] = {"prompts": rows, "mean": _means(rows)}
@@ -239,8 +236,8 @@ def _fit(images: np.ndarray, height: int, width: int) -> np.ndarray:
     if images.shape[1:3] == (height, width):
         return images
     from PIL import Image
-    return np.stack([np.asarray(Image.fromarray(img).resize((width, height), Image.BICUBIC))
-                     for img in _pixels(images)]).astype(np.float32) / 255.0
+    return uint8_to_unit(np.stack([np.asarray(Image.fromarray(img).resize((width, height), Image.BICUBIC))
+                                   for img in unit_to_uint8(images)]))
 
 
 def evaluation_grid(evaluation: Evaluation, references: np.ndarray | None = None) -> np.ndarray:
