@@ -87,7 +87,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     """Sample a model on each prompt with fixed seeds and measure it against reference photos (evaluate.py)."""
     from persguard_jax.data.images import load_folder
     from persguard_jax.evaluate import evaluate_pipeline, evaluation_table, write_evaluation
-    from persguard_jax.workflows.pretrain import WORLD_FILE, PretrainConfig, world_of
+    from persguard_jax.data.world import WORLD_FILE, world_of
+    from persguard_jax.workflows.pretrain import PretrainConfig
     from persguard_jax.workflows.world_assets import world_clip
 
     out, model = Path(args.out), Path(args.model)

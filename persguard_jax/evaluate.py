@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 
@@ -173,11 +173,11 @@ def measure(prompts: Sequence[str], images: Sequence[np.ndarray], *, references:
 
 
 def _sample(pipe: Pipeline, prompt: str, negative_prompt: str, num_images: int, *, seed: int, num_steps: int,
-            guidance_scale: float, batch_size: int) -> np.ndarray:
+            guidance_scale: float, batch_size: int, params: Mapping[str, Any] | None) -> np.ndarray:
     from persguard_jax.sample import text_to_image
     chunks = [text_to_image(pipe, [prompt] * min(batch_size, num_images - start), negative_prompt,
                             num_steps=num_steps, guidance_scale=guidance_scale, seed=seed, seed_offset=start,
-                            progress=False)
+                            progress=False, params=params)
               for start in range(0, num_images, batch_size)]
     return np.clip(np.concatenate(chunks).astype(np.float32), 0.0, 1.0)
 
@@ -185,20 +185,23 @@ def _sample(pipe: Pipeline, prompt: str, negative_prompt: str, num_images: int, 
 def evaluate_pipeline(pipe: Pipeline, prompts: str | Sequence[str], *, references: np.ndarray | None = None,
                       evaluator: CLIPEvaluator | None = None, world: World | None = None, num_images: int = 4,
                       seed: int = 0, num_steps: int = 25, guidance_scale: float = 7.5, negative_prompt: str = "",
-                      batch_size: int = 16,
-                      detectors: Sequence[Detector] = WORLD_DETECTORS) -> Evaluation:
+                      batch_size: int = 16, detectors: Sequence[Detector] = WORLD_DETECTORS,
+                      params: Mapping[str, Any] | None = None) -> Evaluation:
     """Sample ``num_images`` per prompt (DDIM, ``num_steps``, classifier-free guidance against
     ``negative_prompt``) and ``measure`` them against ``references`` (uint8, or floats in [0, 1]).
 
     Seeds: image ``j`` of every prompt starts from the same noise, ``sample.initial_latents(seed, ...)``'s
     ``j``-th, whatever the other prompts, their order or ``batch_size``. So a call repeats exactly, and prompts
-    (or two models: before and after personalisation) are compared on the same starting noise.
+    (or two models: before and after personalisation) are compared on the same starting noise. ``params`` (a
+    pure-dict tree, e.g. what ``personalize`` returns) is sampled instead of the pipeline's own weights, with
+    the same compiled programs.
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts or num_images < 1:
         raise ValueError(f"evaluate_pipeline: need >= 1 prompt and num_images >= 1, got {len(prompts)}, {num_images}")
     images = np.stack([_sample(pipe, p, negative_prompt, num_images, seed=seed, num_steps=num_steps,
-                               guidance_scale=guidance_scale, batch_size=batch_size) for p in prompts])
+                               guidance_scale=guidance_scale, batch_size=batch_size, params=params)
+                       for p in prompts])
     results = measure(prompts, images, references=references, evaluator=evaluator, world=world, detectors=detectors)
     results["settings"] = {"num_images": num_images, "seed": seed, "num_steps": num_steps, "sampler": "ddim",
                            "guidance_scale": guidance_scale, "negative_prompt": negative_prompt}

@@ -273,7 +273,7 @@ def loss_curves(metrics: str | Path | Sequence[Mapping[str, Any]], keys: Sequenc
 
     ``metrics``: a ``metrics.jsonl`` path (read as ``train.metrics.read_metrics`` does: a resumed run's repeated steps
     count once) or its records. ``keys``: one panel per entry, stacked; an entry that is a list of keys shares its
-    panel (one y axis, one legend), e.g. ``["loss", ["loss_instance", "loss_prior"], "grad_norm"]``.
+    panel (one y axis, one legend), e.g. ``["loss", ["instance_loss", "prior_loss"], "grad_norm"]`` (the keys the DreamBooth step logs).
     ``smooth`` in [0, 1): TensorBoard's exponential-moving-average weight; when > 0 the raw curve is drawn faint
     behind the smoothed one. ``log_y`` for losses spanning decades (non-positive values dropped). ``size``
     ``(width, height)`` in pixels, default 800 wide and 260 per panel. Non-finite values break the line.

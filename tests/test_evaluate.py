@@ -15,7 +15,7 @@ from persguard_jax.cli import main
 from persguard_jax.data.world import SceneSpec, save_photos
 from persguard_jax.evaluate import Evaluation, evaluate_pipeline, measure, write_evaluation
 from persguard_jax.workflows import world_assets
-from persguard_jax.workflows.pretrain import WORLD_FILE, world_of
+from persguard_jax.data.world import WORLD_FILE, world_of
 
 SAMPLING = ["--num-images", "4", "--steps", "12"]  # small: the whole file runs in well under a minute of sampling
 METRICS = ("clip_t", "clip_i", "identity_similarity", "fid_clip", "colour_match", "colour_follows", "shape_match",

@@ -42,7 +42,7 @@ def _files(folder: Path) -> set[str]:
 def test_two_processes_export_what_one_process_exports(tmp_path):
     from persguard_jax.data.world import save_photos
     from persguard_jax.workflows import world_assets
-    from persguard_jax.workflows.pretrain import world_of
+    from persguard_jax.data.world import world_of
 
     model = world_assets.world_model(build=False)
     world = world_of(model)

@@ -15,7 +15,8 @@ from persguard_jax.io import unit_to_uint8
 from persguard_jax.metrics import detect_shape, dominant_colour
 from persguard_jax.workflows import world_assets
 from persguard_jax.workflows.pretrain import DEFAULT_CONFIG as PRETRAIN_CONFIG
-from persguard_jax.workflows.pretrain import pretrain, world_of
+from persguard_jax.data.world import world_of
+from persguard_jax.workflows.pretrain import pretrain
 from persguard_jax.workflows.world_clip import DEFAULT_CONFIG as CLIP_CONFIG
 from persguard_jax.workflows.world_clip import train_clip, zero_shot
 

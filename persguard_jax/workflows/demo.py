@@ -1,118 +1,159 @@
 """``persguard demo``: the main job, end to end on the synthetic world.
 
-1. The world's pre-trained text-to-image model and its CLIP (committed under ``assets/``, else cached, else
+1. The world's pre-trained text-to-image model and its CLIP (shipped with the package, else cached, else
    trained now: ``workflows.world_assets``).
 2. One held-out subject of the world (never seen in pre-training): its photos are written to ``instance/``.
-3. Samples before: the instance prompt ("a photo of sks dog") and the class prompt ("a photo of dog").
-4. DreamBooth with prior preservation on the photos (``persguard personalize``, configs/dreambooth_world.yaml).
-5. The same prompts and seeds after; metrics from the world CLIP (CLIP-I and identity similarity to the photos,
-   CLIP-T to the subject's description) and a direct pixel check (how many samples have the subject's colour).
+3. Before: the instance prompt ("a photo of sks dog") and the class prompt ("a photo of dog") sampled and
+   measured by the evaluation harness (``persguard_jax.evaluate``: CLIP-I, identity similarity and CLIP-T from the
+   world CLIP; the world's colour and shape detectors against the photos).
+4. DreamBooth with prior preservation on the photos (the ``personalize`` recipe, configs/dreambooth_world.yaml).
+5. After: the same prompts and seeds, sampled from the fine-tuned parameters, measured the same way.
 6. The report: ``report.png`` (photos, before/after rows), ``loss.png``, ``results.json`` and ``results.md``.
 
 Every run writes a new folder (``runs/demo``, else ``runs/demo-2``, ...): earlier results are never replaced.
 """
 from __future__ import annotations
 
+import argparse
 import time
 from pathlib import Path
 
 import numpy as np
 
-from persguard_jax.io import uint8_to_unit, unit_to_uint8
-from persguard_jax.workflows.world_assets import ROOT
+from persguard_jax.workflows import personalize as personalize_wf
+from persguard_jax.workflows import runs
 
-DEFAULT_CONFIG = ROOT / "configs" / "dreambooth_world.yaml"
+# what the summary and the README quote: the instance prompt's likeness to the subject, the class prompt's drift
+HEADLINE = ("identity_similarity", "clip_i", "colour_match", "shape_match")
 
 
 def fresh_folder(out: str | Path) -> Path:
-    """``out`` if it is absent or empty, else the first free ``out-2``, ``out-3``, ..."""
+    """``out`` if it is absent or empty, else the first free ``out-2``, ``out-3``, ... Every process picks the
+    same one (they all look before process 0 creates it)."""
+    from persguard_jax.train.distributed import barrier, is_writer
     out = Path(out)
     candidate, n = out, 1
-    while candidate.exists() and any(candidate.iterdir()):
+    while candidate.exists() and (not candidate.is_dir() or any(candidate.iterdir())):
         n += 1
         candidate = out.with_name(f"{out.name}-{n}")
-    candidate.mkdir(parents=True, exist_ok=True)
+    barrier(f"fresh folder {out}")
+    if is_writer():
+        candidate.mkdir(parents=True, exist_ok=True)
+    barrier(f"created {candidate}")
     return candidate
 
 
 def pick_subject(world, name: str | None, class_name: str = "dog"):
     """The named subject, or the first held-out member of ``class_name``."""
     if name:
-        return world.subject(name)
+        try:
+            return world.subject(name)
+        except (KeyError, IndexError, ValueError):
+            held_out = [s.name for s in world.subjects if s.held_out]
+            raise ValueError(f"--subject {name!r}: no such world subject; held-out subjects (never seen in "
+                             f"pre-training): {', '.join(held_out[:12])} ...") from None
     return next(s for s in world.subjects if s.class_name == class_name and s.held_out)
 
 
-def _samples(pipe, prompts: list[str], n: int, cfg) -> np.ndarray:
-    from persguard_jax.sample import text_to_image
-    images = text_to_image(pipe, [p for p in prompts for _ in range(n)], num_steps=cfg.eval_steps,
-                           guidance_scale=cfg.eval_guidance, seed=cfg.seed + 100, progress=False)
-    return np.clip(np.asarray(images, np.float32), 0.0, 1.0)
+def _row(evaluation, prompt: str) -> dict:
+    row = next(r for r in evaluation.results["prompts"] if r["prompt"] == prompt)
+    return {k: row.get(k) for k in HEADLINE}
 
 
-def subject_metrics(evaluator, world, subject, instance_samples: np.ndarray, photos: np.ndarray) -> dict:
-    """How much the identifier-prompt samples look like the subject."""
-    from persguard_jax.data.world import COLOURS, SceneSpec
-    from persguard_jax.metrics.detectors import dominant_colour
-    description = world.caption(SceneSpec(shape=subject.class_name, colour=subject.colour, texture=subject.texture))
-    scores = evaluator.evaluate(instance_samples, prompts=description, references=uint8_to_unit(photos))
-    pixels = unit_to_uint8(instance_samples)
-    colour_match = float(np.mean(dominant_colour(pixels, background="any") == list(COLOURS).index(subject.colour)))
-    return {"clip_i": scores["clip_i"], "identity_similarity": scores["identity_similarity"],
-            "clip_t_subject": scores["clip_t"], "subject_colour_match": colour_match}
-
-
-def run_demo(out: str | Path = "runs/demo", *, subject: str | None = None, overrides: list[str] = ()) -> dict:
+def run_demo(out: str | Path = "runs/demo", *, subject: str | None = None, overrides: list[str] = (),
+             config: str | None = None) -> dict:
     from persguard_jax import config as cfglib
-    from persguard_jax.data.world import save_photos
+    from persguard_jax.data.world import save_photos, world_of
+    from persguard_jax.evaluate import evaluate_pipeline
+    from persguard_jax.io import save_png, uint8_to_signed, uint8_to_unit
     from persguard_jax.metrics import CLIPEvaluator
     from persguard_jax.models import load_pipeline
-    from persguard_jax.io import save_png
     from persguard_jax.report import labelled_grid, loss_curves, write_results
-    from persguard_jax.workflows.personalize import DreamBoothConfig, personalize
-    from persguard_jax.workflows.pretrain import world_of
+    from persguard_jax.resources import config_path
+    from persguard_jax.train.distributed import is_writer
     from persguard_jax.workflows.world_assets import world_clip, world_model
 
     t0 = time.time()
-    raw = cfglib.load_config(DEFAULT_CONFIG, overrides)
+    raw = cfglib.load_config(config_path(config or DEMO.config), overrides)
     model_dir, clip_dir = world_model(), world_clip()
     world = world_of(model_dir)
     subj = pick_subject(world, subject)
+    instance_prompt, class_prompt = world.instance_prompt(subj), world.class_prompt(subj.class_name)
+    raw.setdefault("dreambooth", {}).update(instance_prompt=instance_prompt, class_prompt=class_prompt)
+    settings = runs.parse_config(personalize_wf.resolve(raw), personalize_wf.sections())  # before any work
+    db = settings.dreambooth
     run = fresh_folder(out)
     print(f"demo: personalising the world model ({model_dir}) on held-out subject {subj.name} "
           f"({subj.colour} {subj.texture} {subj.class_name}); writing to {run}")
-    instance_prompt, class_prompt = world.instance_prompt(subj), world.class_prompt(subj.class_name)
-    raw.setdefault("dreambooth", {}).update(instance_prompt=instance_prompt, class_prompt=class_prompt)
-    db = DreamBoothConfig.from_dict(raw["dreambooth"])
     photos = world.subject_photos(subj, 5)
-    save_photos(photos, run / "instance", prefix=subj.name)
+    if is_writer():
+        save_photos(photos, run / "instance", prefix=subj.name)
 
-    prompts = [instance_prompt, class_prompt]
-    n = db.eval_num_images
-    before = _samples(load_pipeline(model_dir), prompts, n, db)
-    personalize(model_dir, run / "instance", run / "dreambooth", raw)
-    after = _samples(load_pipeline(run / "dreambooth" / "model"), prompts, n, db)
-
+    pipe = load_pipeline(model_dir)
     evaluator = CLIPEvaluator.from_folder(clip_dir)
-    results = {"subject": subj.name, "instance_prompt": instance_prompt, "class_prompt": class_prompt,
-               "before": subject_metrics(evaluator, world, subj, before[:n], photos),
-               "after": subject_metrics(evaluator, world, subj, after[:n], photos)}
-    # prior preservation: class-prompt samples should stay the model's own, not turn into the subject
-    results["class_prompt_drift_lpips_style"] = float(np.mean(evaluator.paired_distance(before[n:], after[n:])))
-    results["class_prompt_drift_pixel_rms"] = float(np.sqrt(np.mean((before[n:] - after[n:]) ** 2)))
-    results["class_prompt_subject_colour_match"] = {
-        "before": subject_metrics(evaluator, world, subj, before[n:], photos)["subject_colour_match"],
-        "after": subject_metrics(evaluator, world, subj, after[n:], photos)["subject_colour_match"]}
+    prompts = [instance_prompt, class_prompt]
+    measure = dict(references=photos, evaluator=evaluator, world=world, num_images=db.eval_num_images,
+                   seed=db.seed + 100, num_steps=db.eval_steps, guidance_scale=db.eval_guidance)
+    before = evaluate_pipeline(pipe, prompts, **measure)
+    db_run = runs.start_run(run / "dreambooth", settings.raw, overwrite=False, resume=False)
+    trained = personalize_wf.personalize(pipe, uint8_to_signed(photos), settings, db_run)
+    if trained.get("preempted"):
+        return trained
+    after = evaluate_pipeline(pipe, prompts, params=trained["params"], **measure)
 
-    photo_row = np.zeros((n, *photos.shape[1:]), np.float32) + 1.0
-    photo_row[: len(photos)] = uint8_to_unit(photos[:n])
-    rows = [photo_row, before[:n], after[:n], before[n:], after[n:]]
-    labels = ["subject photos", f"before: {instance_prompt}", f"after: {instance_prompt}",
-              f"before: {class_prompt}", f"after: {class_prompt}"]
-    save_png(labelled_grid(np.concatenate(rows), row_labels=labels), run / "report.png")
-    loss_curves(run / "dreambooth" / "metrics.jsonl", [["loss", "instance_loss", "prior_loss"]], run / "loss.png",
-                smooth=0.6, title="DreamBooth loss")
-    results["wall_s"] = round(time.time() - t0, 1)
-    results["files"] = {"report": str(run / "report.png"), "loss": str(run / "loss.png"),
-                        "model": str(run / "dreambooth" / "model")}
-    write_results(run, results, title=f"persguard demo: DreamBooth on world subject {subj.name}")
+    results = {"subject": subj.name, "instance_prompt": instance_prompt, "class_prompt": class_prompt,
+               "before": _row(before, instance_prompt), "after": _row(after, instance_prompt),
+               # prior preservation: class-prompt samples should stay the model's own, not turn into the subject
+               "prior_preservation": {"before": _row(before, class_prompt),
+                                "after": _row(after, class_prompt),
+                                "drift_pixel_rms": float(np.sqrt(np.mean((before.images[1] - after.images[1]) ** 2))),
+                                "drift_lpips_style": float(np.mean(evaluator.paired_distance(before.images[1],
+                                                                                             after.images[1])))},
+               "evaluation": {"before": before.results, "after": after.results},
+               "dreambooth": {k: trained[k] for k in ("steps", "final_metrics", "trainable")}}
+    if is_writer():
+        n = db.eval_num_images
+        photo_row = np.ones((n, *photos.shape[1:]), np.float32)
+        photo_row[: len(photos)] = uint8_to_unit(photos[:n])
+        rows = [photo_row, before.images[0], after.images[0], before.images[1], after.images[1]]
+        labels = ["subject photos", f"before: {instance_prompt}", f"after: {instance_prompt}",
+                  f"before: {class_prompt}", f"after: {class_prompt}"]
+        save_png(labelled_grid(np.concatenate(rows), row_labels=labels), run / "report.png")
+        loss_curves(db_run / "metrics.jsonl", [["loss", "instance_loss", "prior_loss"]], run / "loss.png",
+                    smooth=0.6, title="DreamBooth loss")
+        results["wall_s"] = round(time.time() - t0, 1)
+        results["files"] = {"report": str(run / "report.png"), "loss": str(run / "loss.png"),
+                            "model": str(db_run / "model")}
+        write_results(run, results, title=f"persguard demo: DreamBooth on world subject {subj.name}")
     return {**results, "run": str(run)}
+
+
+def run(args: argparse.Namespace, config: runs.Config) -> dict:
+    return run_demo(args.out, subject=args.subject, overrides=args.overrides, config=args.config)
+
+
+def _arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--subject", help="world subject to personalise, e.g. dog_04 (default: a held-out dog)")
+
+
+def _summary(results: dict) -> str:
+    b, a = results["before"], results["after"]
+    cb, ca = results["prior_preservation"]["before"], results["prior_preservation"]["after"]
+    fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
+    return (f"\ndemo done in {results.get('wall_s', 0):.0f} s. Subject {results['subject']}, prompt "
+            f"\"{results['instance_prompt']}\":\n"
+            f"  identity similarity {fmt(b['identity_similarity'])} -> {fmt(a['identity_similarity'])}, "
+            f"CLIP-I {fmt(b['clip_i'])} -> {fmt(a['clip_i'])}, samples in the subject's colour "
+            f"{fmt(b['colour_match'])} -> {fmt(a['colour_match'])}, its silhouette "
+            f"{fmt(b['shape_match'])} -> {fmt(a['shape_match'])}\n"
+            f"  \"{results['class_prompt']}\" samples in the subject's colour (prior preservation keeps "
+            f"this low): {fmt(cb['colour_match'])} -> {fmt(ca['colour_match'])}\n"
+            f"report: {results['run']}/results.md, {results['files']['report']}")
+
+
+DEMO = runs.Workflow(
+    name="demo", help="the main job on the built-in synthetic world (DreamBooth before/after)",
+    config="dreambooth_world", sections=personalize_wf.sections, run=run, summary=_summary, arguments=_arguments,
+    resolve=personalize_wf.resolve, out="runs/demo",
+    out_help="report folder (a new one beside it if it is not empty)", example="dreambooth.steps=100",
+    resumable=False)

@@ -31,17 +31,6 @@ from persguard_jax.workflows.runs import check_sections, loop_config, start_run
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = ROOT / "configs" / "world_tiny.yaml"
-WORLD_FILE = "world_config.json"
-
-
-def world_of(model_dir: str | Path):
-    """The ``World`` a pre-trained world model was trained on (its ``world_config.json``; default world if absent)."""
-    from persguard_jax.data.world import World, WorldConfig
-    from persguard_jax.io import read_json
-    path = Path(model_dir) / WORLD_FILE
-    return World(WorldConfig.from_dict(read_json(path)) if path.is_file() else WorldConfig())
-
-
 @dataclass(frozen=True)
 class StageConfig(cfglib.Section):
     """One training stage: its length, batch and optimizer."""
@@ -301,6 +290,7 @@ def pretrain(out: str | Path, raw_config: dict, *, overwrite: bool = False, resu
 
     model_dir = save_pipeline(pipe, out / "model", overwrite=True)
     # the world the model was trained on travels with it (diffusers ignores extra files in the folder)
+    from persguard_jax.data.world import WORLD_FILE
     save_json(settings.world.to_dict(), model_dir / WORLD_FILE)
     t = time.time()
     colour_samples, colour = evaluate_colours(pipe, world, cfg)

@@ -103,3 +103,21 @@ def save_photos(images: np.ndarray, folder: str | Path, prefix: str = "photo") -
         with open(path, "xb") as f:  # "x": fail rather than overwrite a file that appeared meanwhile
             Image.fromarray(image).save(f, format="PNG")
     return paths
+
+
+# The world a model was trained on travels with it: ``persguard pretrain`` writes its ``WorldConfig`` beside the
+# diffusers files (diffusers ignores extra files in the folder).
+WORLD_FILE = "world_config.json"
+
+
+def is_world_model(model_dir: str | Path) -> bool:
+    return (Path(model_dir) / WORLD_FILE).is_file()
+
+
+def world_of(model_dir: str | Path) -> World:
+    """The ``World`` a pre-trained world model was trained on (its ``world_config.json``; the default world if
+    the folder has none)."""
+    from persguard_jax.data.world.subjects import WorldConfig
+    from persguard_jax.io import read_json
+    path = Path(model_dir) / WORLD_FILE
+    return World(WorldConfig.from_dict(read_json(path)) if path.is_file() else WorldConfig())
