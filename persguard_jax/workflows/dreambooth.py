@@ -15,31 +15,13 @@ from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from persguard_jax import losses
+from persguard_jax.losses import dreambooth_loss, pairs_to_examples
 from persguard_jax.models.functional import merge, partition
 
-
-def pairs_to_examples(batch: Mapping[str, Any]) -> dict:
-    """``(B, 2, ...)`` -> ``(2B, ...)`` for every array, adding ``is_prior`` (0 for instance, 1 for class)."""
-    xp = jnp if any(isinstance(v, jax.Array) for v in batch.values()) else np
-    out = {k: v.reshape((-1,) + tuple(v.shape[2:])) for k, v in batch.items()}
-    n = next(iter(batch.values())).shape[0]
-    out["is_prior"] = xp.tile(xp.asarray([0, 1], dtype=xp.int32), n)
-    return out
-
-
-def dreambooth_loss(params, batch, rng, *, model, schedule, cfg: losses.LossConfig = losses.LossConfig(),
-                    prior_weight: float = 1.0) -> tuple[jax.Array, dict]:
-    """Denoising loss on instance examples + ``prior_weight`` x the loss on class examples (``is_prior``), one
-    UNet call on the whole batch. ``batch`` in example layout (``pairs_to_examples``); without ``is_prior``
-    every example counts as an instance example (plain fine-tuning)."""
-    inner = losses.bind(losses.denoising_loss, model=model, schedule=schedule, cfg=cfg)
-    if "is_prior" not in batch:
-        return inner(params, batch, rng)
-    return losses.prior_preservation(inner, weight=prior_weight)(params, batch, rng)
+__all__ = ["dreambooth_loss", "finetune", "pairs_to_examples"]  # the loss and layout live in the loss library
 
 
 def finetune(params: Any, data: Mapping[str, jax.Array], steps: int, *, model, schedule, rng: jax.Array,
