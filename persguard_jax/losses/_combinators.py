@@ -30,16 +30,25 @@ def masked(loss_fn: LossFn, mask_key: str, *, invert: bool = False) -> LossFn:
 
 
 def weighted_sum(terms: Mapping[str, tuple[float, LossFn]]) -> LossFn:
-    """``sum_i w_i * loss_i``; aux has each term's scalar aux under ``<name>/<key>`` and the total as ``loss``."""
+    """``sum_i w_i * loss_i``; aux has each term's scalar aux under ``<name>/<key>`` and the total as ``loss``.
+
+    When every term reports ``per_example`` of one shape, aux also has ``per_example = sum_i w_i *
+    per_example_i``, so ``masked`` and ``prior_preservation`` can wrap the sum (the mean of the sum is the sum of
+    the means when each term is the plain mean of its per-example values). Each term draws from its own key
+    (``fold_in(rng, i)``)."""
     if not terms:
         raise ValueError("weighted_sum needs at least one term")
 
     def fn(params, batch, rng):
-        total, aux = 0.0, {}
+        total, aux, per = 0.0, {}, []
         for i, (name, (w, term)) in enumerate(terms.items()):
             value, term_aux = term(params, batch, jax.random.fold_in(rng, i))
             total = total + w * value
             aux.update({f"{name}/{k}": v for k, v in term_aux.items() if jnp.ndim(v) == 0})
+            per.append((w, term_aux.get("per_example")))
+        shapes = {None if p is None else jnp.shape(p) for _, p in per}
+        if len(shapes) == 1 and None not in shapes:  # shapes are static: decided when tracing
+            aux["per_example"] = sum(w * p for w, p in per)
         return total, {**aux, "loss": total}
     return fn
 
