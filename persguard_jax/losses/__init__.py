@@ -24,9 +24,11 @@ Batch keys read by ``denoising_loss`` (first present wins):
   ``model.bind(params, "text_encoder")``, so the text encoder is trained when it is among the trainable params);
 - optional ``weight`` ``(B,)``: per-example weights; optional ``timesteps`` ``(B,)`` and ``noise``: fixed
   instead of drawn from ``rng`` (tests, and objectives that need the same noise twice).
+``distillation_loss`` reads the same keys plus ``teacher_context`` / ``teacher_input_ids``, and the teacher's
+weights from ``params["teacher"]``.
 
 One private module per family: ``_base`` (config and array pieces), ``_denoising``, ``_contrastive``,
-``_dreambooth``, ``_combinators``; import from the package, not from them.
+``_distillation``, ``_dreambooth``, ``_combinators``; import from the package, not from them.
 """
 from persguard_jax.losses._base import (PREDICTION_TYPES, Aux, LossConfig, LossFn, Noised, bind, clean_latents,
                                         mean_per_example, min_snr_weights, noised_latents, predict, sample_timesteps,
@@ -34,10 +36,11 @@ from persguard_jax.losses._base import (PREDICTION_TYPES, Aux, LossConfig, LossF
 from persguard_jax.losses._combinators import caption_dropout, masked, prior_preservation, weighted_sum
 from persguard_jax.losses._contrastive import clip_contrastive_loss, info_nce
 from persguard_jax.losses._denoising import denoising_loss, vae_loss
+from persguard_jax.losses._distillation import distillation_loss
 from persguard_jax.losses._dreambooth import dreambooth_loss, pairs_to_examples
 
 __all__ = ["PREDICTION_TYPES", "Aux", "LossConfig", "LossFn", "Noised", "bind", "caption_dropout", "clean_latents",
-           "clip_contrastive_loss", "denoising_loss", "dreambooth_loss", "info_nce", "masked",
+           "clip_contrastive_loss", "denoising_loss", "distillation_loss", "dreambooth_loss", "info_nce", "masked",
            "mean_per_example", "min_snr_weights", "noised_latents", "pairs_to_examples", "predict",
            "prior_preservation", "sample_timesteps", "scalar_metrics", "snr_weighted", "squared_error",
            "text_context", "vae_loss", "weighted_mean", "weighted_sum"]
