@@ -55,7 +55,8 @@ def test_matches_hand_computation(min_snr_gamma):
                                                      KEY)
     t = np.asarray(batch["timesteps"])
     a = AC[t][:, None, None, None]
-    x_t = np.sqrt(a) * np.asarray(batch["latents"], np.float64) + np.sqrt(1 - a) * np.asarray(batch["noise"], np.float64)
+    x0, noise = (np.asarray(batch[k], np.float64) for k in ("latents", "noise"))
+    x_t = np.sqrt(a) * x0 + np.sqrt(1 - a) * noise
     t4 = t[:, None, None, None]
     student = np_pred(params["unet"], x_t, t4, batch["context"])
     teacher = np_pred(params["teacher"]["unet"], x_t, t4, teacher_ctx)
