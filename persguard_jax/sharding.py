@@ -58,13 +58,13 @@ RULES: dict[str, Rules] = {
 
 @dataclass(frozen=True)
 class MeshConfig(Section):
-    SECTION = "mesh"
     """Mesh shape. A size of -1 takes the devices left over (at most one axis may say -1).
 
     ``dcn_data`` > 1 builds a multi-slice (hybrid ICI/DCN) mesh for TPU pods: the data axis is split across
     ``dcn_data`` slices (slow data-centre network: only the gradient all-reduce crosses it) and fsdp/tensor stay
     within a slice (fast interconnect). ``layout`` names the rules table.
     """
+    SECTION = "mesh"
     data: int = -1
     fsdp: int = 1
     tensor: int = 1

@@ -290,6 +290,35 @@ def test_weighted_sum():
         losses.weighted_sum({})
 
 
+def test_weighted_sum_keeps_per_example_so_masks_can_wrap_it():
+    params, batch = fake_params(), fake_batch()  # fixed noise and timesteps: every term sees the same draw
+    eps, v = np_per_example(params, batch, "epsilon"), np_per_example(params, batch, "v_prediction")
+    ws = losses.weighted_sum({"eps": (1.0, make_loss()), "v": (0.25, make_loss(prediction_type="v_prediction"))})
+    total, aux = ws(params, batch, KEY)
+    np.testing.assert_allclose(np.asarray(aux["per_example"]), eps + 0.25 * v, rtol=1e-5)
+    np.testing.assert_allclose(float(total), float(np.mean(eps + 0.25 * v)), rtol=1e-5)
+    # wrapped: prior preservation and masking of the sum, one number per example
+    prior = np.array([False, True, False, True])
+    with_prior = {**batch, "is_prior": jnp.asarray(prior)}
+    pp, pp_aux = losses.prior_preservation(ws, weight=0.5)(params, with_prior, KEY)
+    both = eps + 0.25 * v
+    np.testing.assert_allclose(float(pp_aux["instance_loss"]), both[~prior].mean(), rtol=1e-5)
+    np.testing.assert_allclose(float(pp), both[~prior].mean() + 0.5 * both[prior].mean(), rtol=1e-5)
+    m, _ = losses.masked(ws, "is_prior")(params, with_prior, KEY)
+    np.testing.assert_allclose(float(m), both[prior].mean(), rtol=1e-5)
+    # a term without per_example, or of another shape: no per_example (a sum would be meaningless)
+    _, aux = losses.weighted_sum({"eps": (1.0, make_loss()), "draw": (1.0, _draw)})(params, batch, KEY)
+    assert "per_example" not in aux
+
+    def pairs(p, b, k):
+        return jnp.float32(0.0), {"per_example": jnp.zeros(2)}
+
+    _, aux = losses.weighted_sum({"eps": (1.0, make_loss()), "pairs": (1.0, pairs)})(params, batch, KEY)
+    assert "per_example" not in aux
+    with pytest.raises(KeyError, match="per_example"):
+        losses.masked(losses.weighted_sum({"draw": (1.0, _draw)}), "is_prior")(params, with_prior, KEY)
+
+
 # --------------------------------------------------------------------------- transformations
 
 def pp_loss(model=None, **cfg):
@@ -309,8 +338,9 @@ def test_jit_equals_eager():
     eager, eager_aux = fn(params, batch, KEY)
     jitted, jit_aux = jax.jit(fn)(params, batch, KEY)
     np.testing.assert_allclose(float(jitted), float(eager), rtol=1e-6)
+    # per_example: every term has one of shape (B,), so weighted_sum reports their weighted sum (test below)
     assert set(jit_aux) == set(eager_aux) == {"loss", "pp/loss", "pp/instance_loss", "pp/prior_loss", "masked/loss",
-                                              "offset/loss"}
+                                              "offset/loss", "per_example"}
     for k in eager_aux:
         np.testing.assert_allclose(np.asarray(jit_aux[k]), np.asarray(eager_aux[k]), rtol=1e-5)
 

@@ -163,3 +163,36 @@ def test_finetune_is_differentiable_through_every_step():
     # and the loss it optimises is the prior-preservation composition of the loss library
     loss, aux = dreambooth_loss(params, batch, jax.random.key(0), model=model, schedule=schedule, prior_weight=0.5)
     assert float(loss) == pytest.approx(float(aux["instance_loss"] + 0.5 * aux["prior_loss"]), rel=1e-6)
+
+
+def test_finetune_default_optimizer_is_the_personalize_recipe_and_orders_and_remat_pass_through():
+    """The default optimizer is ``make_optimizer(OptimizerConfig(learning_rate, total_steps=steps))`` (AdamW with
+    clipping, what ``persguard personalize`` runs), not a bare Adam; ``order`` and ``remat`` reach the scan."""
+    from test_losses import FakeModel, fake_batch, fake_params
+    from persguard_jax.train import OptimizerConfig, make_optimizer
+    model, params = FakeModel(), fake_params()
+    schedule = make_schedule(SchedulerConfig())
+    batch = dict(fake_batch(0), is_prior=jnp.array([0, 1, 0, 1]))
+
+    def tuned(**kw):
+        return finetune(params, batch, 3, model=model, schedule=schedule, rng=jax.random.key(0), **kw)
+
+    default, history = tuned(learning_rate=0.1)
+    recipe = make_optimizer(OptimizerConfig(learning_rate=0.1, total_steps=3))
+    for same in (tuned(optimizer=recipe)[0], tuned(optimizer=OptimizerConfig(learning_rate=0.1, total_steps=3))[0]):
+        assert all(bool((a == b).all()) for a, b in zip(jax.tree.leaves(default), jax.tree.leaves(same)))
+    adam, _ = tuned(optimizer=optax.adam(0.1))
+    assert max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(default["unet"]),
+                                                          jax.tree.leaves(adam["unet"]))) > 1e-5
+    assert history.shape == (3,)
+
+    def outer(latents, **kw):
+        b = dict(batch, latents=latents)
+        out, _ = finetune(params, b, 3, model=model, schedule=schedule, rng=jax.random.key(0),
+                          optimizer=optax.sgd(0.1), **kw)
+        return dreambooth_loss(out, b, jax.random.key(7), model=model, schedule=schedule)[0]
+
+    x = batch["latents"]
+    exact, remat, first = (jax.grad(outer)(x, **kw) for kw in ({}, {"remat": True}, {"order": 1}))
+    np.testing.assert_allclose(np.asarray(remat), np.asarray(exact), rtol=1e-5, atol=1e-7)
+    assert float(jnp.abs(first - exact).max()) > 1e-4  # first order drops the path through the inner gradients

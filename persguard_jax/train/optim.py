@@ -1,8 +1,14 @@
-"""Optimizer from config: optax transforms chained (clipping, then AdamW with a learning-rate schedule)."""
+"""Optimizer from config: optax transforms chained (clipping, then AdamW with a learning-rate schedule).
+
+The engine takes either an ``OptimizerConfig`` (the recipe every command runs) or any optax
+``GradientTransformation`` (a PGD sign step with projection, gradient ascent, SGD...): ``resolve_optimizer`` turns
+both into (transform, learning-rate schedule to log).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import jax.numpy as jnp
 import optax
 
 from persguard_jax.config import Section
@@ -10,6 +16,7 @@ from persguard_jax.config import Section
 
 @dataclass(frozen=True)
 class OptimizerConfig(Section):
+    """Global-norm clipping + AdamW with a constant, cosine or linear learning rate after a linear warm-up."""
     SECTION = "optimizer"
     learning_rate: float = 5e-6
     schedule: str = "constant"     # constant | cosine | linear (decay to 0 over total_steps, after warmup)
@@ -24,6 +31,7 @@ class OptimizerConfig(Section):
 
 
 def learning_rate_schedule(cfg: OptimizerConfig) -> optax.Schedule:
+    """The learning rate at each update count (what ``make_optimizer``'s AdamW uses, and what the step logs)."""
     warm = max(cfg.warmup_steps, 0)
     decay_steps = max(cfg.total_steps - warm, 1)
     if cfg.schedule == "constant":
@@ -40,7 +48,31 @@ def learning_rate_schedule(cfg: OptimizerConfig) -> optax.Schedule:
 
 
 def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
+    """``chain(clip_by_global_norm, adamw(learning_rate_schedule(cfg)))`` (no clipping when ``max_grad_norm`` is
+    None)."""
     parts = [optax.clip_by_global_norm(cfg.max_grad_norm)] if cfg.max_grad_norm else []
     parts.append(optax.adamw(learning_rate_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                              weight_decay=cfg.weight_decay))
     return optax.chain(*parts)
+
+
+Optimizer = OptimizerConfig | optax.GradientTransformation  # what the engine accepts as an optimizer
+
+
+def resolve_optimizer(optimizer: Optimizer, lr_schedule: optax.ScalarOrSchedule | None = None
+                      ) -> tuple[optax.GradientTransformation, optax.Schedule | None]:
+    """(transform, learning-rate schedule) of an ``OptimizerConfig`` (``make_optimizer`` and its schedule) or of
+    a transform with the schedule the caller says it uses (a number means constant; None: nothing to log). A
+    transform cannot report its own learning rate in general (a sign step has none), so it is the caller's to
+    give; with a config the schedule is the config's and ``lr_schedule`` must be None."""
+    if isinstance(optimizer, OptimizerConfig):
+        if lr_schedule is not None:
+            raise ValueError("lr_schedule is given only with an optax transform: an OptimizerConfig has its own")
+        return make_optimizer(optimizer), learning_rate_schedule(optimizer)
+    if not isinstance(optimizer, optax.GradientTransformation):
+        raise TypeError(f"optimizer must be an OptimizerConfig or an optax GradientTransformation, got "
+                        f"{type(optimizer).__name__}")
+    if lr_schedule is None or callable(lr_schedule):
+        return optimizer, lr_schedule
+    rate = float(lr_schedule)
+    return optimizer, lambda count: jnp.full((), rate, jnp.float32)

@@ -96,9 +96,8 @@ def main(argv=None) -> int:
     batches = StepBatches(ArraySource(micro_data()), global_batch=args.batch, num_steps=args.steps, seed=0)
     local = batches[0]
     batch_sh = shd.local_batch_sharding(local, mesh, mesh_cfg)
-    step = make_train_step(loss, optimizer, state_shardings=state_sh, frozen_shardings=frozen_sh,
-                           batch_shardings=batch_sh, cfg=StepConfig(grad_accum=args.grad_accum, ema_decay=0.9, rng_impl=args.rng_impl),
-                           lr_schedule=None)
+    step = make_train_step(loss, opt_cfg, state_shardings=state_sh, frozen_shardings=frozen_sh,  # logs its lr
+                           batch_shardings=batch_sh, cfg=StepConfig(grad_accum=args.grad_accum, ema_decay=0.9, rng_impl=args.rng_impl))
     loop_cfg = LoopConfig(num_steps=args.steps, log_every=1, checkpoint_every=args.checkpoint_every,
                           async_checkpoint=not args.sync_checkpoints, tensorboard=False,
                           progress=not args.no_progress)

@@ -9,7 +9,9 @@
   halves the bytes FSDP all-gathers.
 - Gradient accumulation: the batch is cut into ``grad_accum`` micro-batches scanned with ``jax.lax.scan``
   (one optimizer update, the activation memory of one micro-batch).
-- Clipping, weight decay, learning-rate schedule: in the optax chain (``optim.make_optimizer``).
+- The optimizer is any optax ``GradientTransformation`` (a PGD sign step with projection, an ascent step) or an
+  ``OptimizerConfig`` (clipping, AdamW, schedule: ``optim.make_optimizer``). The learning rate of each update is
+  logged as ``learning_rate``: the config's schedule, or ``lr_schedule`` given with a transform.
 - EMA of the trainable parameters when the state has one.
 - Rematerialisation is a property of the modules (``models.remat``): set it before splitting the model.
 
@@ -28,11 +30,13 @@ import optax
 from persguard_jax.config import Section
 from persguard_jax.losses import scalar_metrics
 from persguard_jax.models.functional import cast_floating, merge
+from persguard_jax.train.optim import Optimizer, resolve_optimizer
 from persguard_jax.train.state import TrainState
 
 
 @dataclass(frozen=True)
 class StepConfig(Section):
+    """How one step computes: compute dtype, gradient accumulation, EMA decay, PRNG implementation."""
     SECTION = "step"
     compute_dtype: str | None = None   # None: the parameters' dtype; "bfloat16": bf16 compute, fp32 master weights
     grad_accum: int = 1
@@ -100,12 +104,18 @@ def train_step(state: TrainState, frozen: Any, batch: Any, *, loss_fn: Callable,
     return new, metrics
 
 
-def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, *,
+def make_train_step(loss_fn: Callable, optimizer: Optimizer, *,
                     state_shardings: TrainState | None = None, frozen_shardings: Any = None,
                     batch_shardings: Any = None, cfg: StepConfig = StepConfig(),
-                    lr_schedule: Callable | None = None, donate: bool = True):
+                    lr_schedule: optax.ScalarOrSchedule | None = None, donate: bool = True) -> Callable:
     """``step(state, frozen, batch) -> (state, metrics)``, jitted with the given shardings (None: let jit infer
-    them from the arguments) and the state donated (its buffers are reused for the new state)."""
+    them from the arguments) and the state donated (its buffers are reused for the new state).
+
+    ``optimizer``: an optax transform, or an ``OptimizerConfig`` (made with ``make_optimizer``, so the state must
+    come from the same config). ``lr_schedule`` (a schedule or a constant, with a transform only) is evaluated at
+    ``state.step`` and logged as ``learning_rate``; a config logs its own schedule."""
+    optimizer, lr_schedule = resolve_optimizer(optimizer, lr_schedule)
+
     def step(state, frozen, batch):
         return train_step(state, frozen, batch, loss_fn=loss_fn, optimizer=optimizer, cfg=cfg,
                           lr_schedule=lr_schedule)

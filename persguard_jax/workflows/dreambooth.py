@@ -1,77 +1,52 @@
-"""DreamBooth with prior preservation (Ruiz et al., 2023) as pure pieces: the loss, the batch layout, and a
-differentiable, scannable fine-tuning inner loop.
+"""DreamBooth (Ruiz et al., 2023) as a differentiable inner loop: ``finetune`` is the attacker's fine-tuning that
+PersGuard's retention loss and the purification workflow simulate inside their own objectives.
 
-The command (``persguard personalize``, workflows/personalize.py) runs it on the engine; PersGuard's retention
-loss and the purification workflow call ``finetune`` inside their own objectives.
-
-Batch layout: each row of a DreamBooth batch is one instance example and one class (prior) example, so a batch
-of B pairs carries arrays ``(B, 2, ...)``; ``pairs_to_examples`` lays them out as ``(2B, ...)`` with
-``is_prior`` = 0, 1, 0, 1, ... (done on the host by the data pipeline, or inside the loss for arrays built
-in-graph).
+The command (``persguard personalize``, workflows/personalize.py) runs the same loss on the engine. The loss and
+the batch layout (``dreambooth_loss``, ``pairs_to_examples``) live in the loss library; they are re-exported here
+for the callers that import them from this module.
 """
 from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
 
 from persguard_jax import losses
+from persguard_jax.losses import dreambooth_loss, pairs_to_examples
 from persguard_jax.models.functional import merge, partition
+from persguard_jax.train.optim import Optimizer, OptimizerConfig
+from persguard_jax.train.unroll import unroll
 
-
-def pairs_to_examples(batch: Mapping[str, Any]) -> dict:
-    """``(B, 2, ...)`` -> ``(2B, ...)`` for every array, adding ``is_prior`` (0 for instance, 1 for class)."""
-    xp = jnp if any(isinstance(v, jax.Array) for v in batch.values()) else np
-    out = {k: v.reshape((-1,) + tuple(v.shape[2:])) for k, v in batch.items()}
-    n = next(iter(batch.values())).shape[0]
-    out["is_prior"] = xp.tile(xp.asarray([0, 1], dtype=xp.int32), n)
-    return out
-
-
-def dreambooth_loss(params, batch, rng, *, model, schedule, cfg: losses.LossConfig = losses.LossConfig(),
-                    prior_weight: float = 1.0) -> tuple[jax.Array, dict]:
-    """Denoising loss on instance examples + ``prior_weight`` x the loss on class examples (``is_prior``), one
-    UNet call on the whole batch. ``batch`` in example layout (``pairs_to_examples``); without ``is_prior``
-    every example counts as an instance example (plain fine-tuning)."""
-    inner = losses.bind(losses.denoising_loss, model=model, schedule=schedule, cfg=cfg)
-    if "is_prior" not in batch:
-        return inner(params, batch, rng)
-    return losses.prior_preservation(inner, weight=prior_weight)(params, batch, rng)
+__all__ = ["dreambooth_loss", "finetune", "pairs_to_examples"]
 
 
 def finetune(params: Any, data: Mapping[str, jax.Array], steps: int, *, model, schedule, rng: jax.Array,
              trainable: Sequence[str] = ("unet",), learning_rate: float = 5e-6,
              loss_cfg: losses.LossConfig = losses.LossConfig(), prior_weight: float = 1.0,
-             optimizer: optax.GradientTransformation | None = None,
-             per_step_data: bool = False) -> tuple[Any, jax.Array]:
-    """``steps`` DreamBooth updates of the ``trainable`` parameters on ``data`` (one batch, fresh noise and
-    timesteps each step), as one ``jax.lax.scan``: returns (params after, the loss of each step).
+             optimizer: Optimizer | None = None, per_step_data: bool = False, order: int = 2,
+             remat: bool = False) -> tuple[Any, jax.Array]:
+    """``steps`` DreamBooth updates of the ``trainable`` parameters on ``data`` (example layout, see
+    ``pairs_to_examples``; fresh noise and timesteps each step from ``fold_in(rng, i)``), as one
+    ``jax.lax.scan`` (``train.unroll``): returns (all params after, the loss before each step).
 
     Pure and differentiable: ``jax.grad`` of an outer objective of the returned params flows through every
-    inner step (PersGuard's retention loss). With ``per_step_data`` every ``data`` leaf carries a leading
-    ``steps`` dimension: step ``i`` trains on ``data[i]``. The default optimizer is Adam (no weight decay), as
-    the papers' attacker.
+    inner step, inner gradients included (``order=2``, PersGuard's unrolled retention loss), or treats them as
+    constants (``order=1``, first-order). ``remat`` recomputes each step's activations in the backward pass
+    instead of keeping them. With ``per_step_data`` every ``data`` leaf carries a leading ``steps`` dimension:
+    step ``i`` trains on ``data[i]``.
+
+    ``optimizer``: an ``OptimizerConfig`` or any optax transform. The default is the recipe ``persguard
+    personalize`` runs, the config's AdamW with global-norm clipping: ``OptimizerConfig(learning_rate=
+    learning_rate, total_steps=steps)``; pass the run's own ``OptimizerConfig`` to simulate exactly that run.
     """
-    optimizer = optimizer or optax.adam(learning_rate)
+    if optimizer is None:
+        optimizer = OptimizerConfig(learning_rate=learning_rate, total_steps=steps)
     train, frozen = partition(params, trainable)
-    per_step = per_step_data
-    if per_step and any(x.shape[:1] != (steps,) for x in jax.tree.leaves(data)):
-        raise ValueError(f"per_step_data: every data array needs a leading dimension of {steps} (the steps)")
 
     def loss(p, batch, key):
         return dreambooth_loss(merge(p, frozen), batch, key, model=model, schedule=schedule, cfg=loss_cfg,
-                               prior_weight=prior_weight)[0]
+                               prior_weight=prior_weight)
 
-    def body(carry, xs):
-        p, opt_state = carry
-        i, batch = xs if per_step else (xs, data)  # one batch: closed over, not copied per step
-        value, grads = jax.value_and_grad(loss)(p, batch, jax.random.fold_in(rng, i))
-        updates, opt_state = optimizer.update(grads, opt_state, p)
-        return (optax.apply_updates(p, updates), opt_state), value
-
-    xs = (jnp.arange(steps), data) if per_step else jnp.arange(steps)
-    (train, _), history = jax.lax.scan(body, (train, optimizer.init(train)), xs)
-    return merge(train, frozen), history
+    inner = unroll(loss, optimizer, steps, order=order, remat=remat, per_step_data=per_step_data)
+    tuned, history = inner(train, data, rng)
+    return merge(tuned, frozen), history

@@ -1,0 +1,46 @@
+"""The loss library: pure functions, and combinators that build paper objectives out of them.
+
+Every loss has one signature::
+
+    loss_fn(params, batch, rng, *, model, schedule, cfg) -> (scalar, aux)
+
+``params`` is the nested dict of arrays (``{"unet": ..., "text_encoder": ...}``), ``batch`` a dict of arrays
+with a leading batch dimension, ``rng`` a key, ``model`` a ``models.functional.Modules`` (graph definitions),
+``schedule`` a ``schedulers.Schedule`` and ``cfg`` a ``LossConfig``. ``aux`` is a dict of arrays; every loss
+puts its unreduced ``(B,)`` values under ``"per_example"`` so that combinators can re-weight and mask them
+without calling the model twice. No hidden state: all of them are jit/grad/vmap/scan-safe.
+
+Bind the keyword arguments with ``functools.partial`` (or ``bind``) to get the ``(params, batch, rng)`` form
+the step factory takes. Combinators take and return that same form, the way optax transforms compose::
+
+    inner = bind(denoising_loss, model=model, schedule=schedule, cfg=LossConfig(min_snr_gamma=5.0))
+    loss = prior_preservation(inner, weight=1.0)            # DreamBooth
+    loss = weighted_sum({"fit": (1.0, loss), "reg": (0.1, other)})
+
+Batch keys read by ``denoising_loss`` (first present wins):
+- the clean latents: ``latents`` (already scaled), or ``latent_mean`` + ``latent_logvar`` (VAE posterior,
+  sampled here and multiplied by ``cfg.scaling_factor``: the latent cache keeps the distribution, not a draw);
+- the conditioning: ``context`` (cached text embeddings ``(B, L, D)``) or ``input_ids`` (run through
+  ``model.bind(params, "text_encoder")``, so the text encoder is trained when it is among the trainable params);
+- optional ``weight`` ``(B,)``: per-example weights; optional ``timesteps`` ``(B,)`` and ``noise``: fixed
+  instead of drawn from ``rng`` (tests, and objectives that need the same noise twice).
+``distillation_loss`` reads the same keys plus ``teacher_context`` / ``teacher_input_ids``, and the teacher's
+weights from ``params["teacher"]``.
+
+One private module per family: ``_base`` (config and array pieces), ``_denoising``, ``_contrastive``,
+``_distillation``, ``_dreambooth``, ``_combinators``; import from the package, not from them.
+"""
+from persguard_jax.losses._base import (PREDICTION_TYPES, Aux, LossConfig, LossFn, Noised, bind, clean_latents,
+                                        mean_per_example, min_snr_weights, noised_latents, predict, sample_timesteps,
+                                        scalar_metrics, snr_weighted, squared_error, text_context, weighted_mean)
+from persguard_jax.losses._combinators import caption_dropout, masked, prior_preservation, weighted_sum
+from persguard_jax.losses._contrastive import clip_contrastive_loss, info_nce
+from persguard_jax.losses._denoising import denoising_loss, vae_loss
+from persguard_jax.losses._distillation import distillation_loss
+from persguard_jax.losses._dreambooth import dreambooth_loss, pairs_to_examples
+
+__all__ = ["PREDICTION_TYPES", "Aux", "LossConfig", "LossFn", "Noised", "bind", "caption_dropout", "clean_latents",
+           "clip_contrastive_loss", "denoising_loss", "distillation_loss", "dreambooth_loss", "info_nce", "masked",
+           "mean_per_example", "min_snr_weights", "noised_latents", "pairs_to_examples", "predict",
+           "prior_preservation", "sample_timesteps", "scalar_metrics", "snr_weighted", "squared_error",
+           "text_context", "vae_loss", "weighted_mean", "weighted_sum"]

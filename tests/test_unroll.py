@@ -1,0 +1,150 @@
+"""``train.unroll``: the differentiable inner loop against a Python loop, closed forms, finite differences, and
+what ``remat`` saves. A quadratic inner loss makes SGD's unrolled map linear, so its exact second-order gradient
+and the first-order (FOMAML) one are closed forms."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from persguard_jax.train import OptimizerConfig, make_optimizer, unroll
+
+A = np.array([[2.0, 0.5, 0.0], [0.5, 1.0, 0.3], [0.0, 0.3, 1.5]])  # SPD: the inner loss's Hessian
+LR, K = 0.2, 5
+KEY = jax.random.key(0)
+
+
+def quadratic(params, batch, rng):
+    """``0.5 (w - a)^T A (w - a)``: its gradient is ``A (w - a)``, its Hessian ``A``."""
+    del rng
+    d = params["w"] - batch["a"]
+    return 0.5 * d @ jnp.asarray(A, jnp.float32) @ d, {}
+
+
+def noisy(params, batch, rng):
+    """The quadratic around a target moved by noise from ``rng``: the steps must draw ``fold_in(rng, i)``."""
+    d = params["w"] - batch["a"] - 0.1 * jax.random.normal(rng, (3,))
+    return 0.5 * d @ jnp.asarray(A, jnp.float32) @ d + 0.01 * jnp.sum(params["w"] ** 4), {}
+
+
+W0 = {"w": jnp.array([0.3, -0.7, 1.1], jnp.float32)}
+DATA = {"a": jnp.array([1.0, 0.5, -0.5], jnp.float32)}
+B = np.array([0.2, 0.1, -0.4])  # the outer objective: 0.5 ||w_K - B||^2
+
+
+def outer(run, params=W0, data=DATA):
+    tuned, _ = run(params, data, KEY)
+    return 0.5 * jnp.sum((tuned["w"] - jnp.asarray(B, jnp.float32)) ** 2)
+
+
+def closed_form():
+    """(w_K, d outer / d w_0 exact, FOMAML's, d outer / d a exact) for SGD on the quadratic, in float64."""
+    w, a = np.asarray(W0["w"], np.float64), np.asarray(DATA["a"], np.float64)
+    M = np.eye(3) - LR * A
+    for _ in range(K):
+        w = w - LR * A @ (w - a)
+    J = np.linalg.matrix_power(M, K)  # d w_K / d w_0 (w_K = J w_0 + (I - J) a)
+    return w, J.T @ (w - B), w - B, (np.eye(3) - J).T @ (w - B)
+
+
+@pytest.mark.parametrize("optimizer", [optax.adamw(0.05, weight_decay=0.1),
+                                       OptimizerConfig(learning_rate=0.05, schedule="linear", total_steps=K)])
+def test_equals_a_python_loop_of_the_same_updates(optimizer):
+    tx = optimizer if isinstance(optimizer, optax.GradientTransformation) else make_optimizer(optimizer)
+    p, state, history = W0, tx.init(W0), []
+    for i in range(K):
+        (value, _), g = jax.value_and_grad(noisy, has_aux=True)(p, DATA, jax.random.fold_in(KEY, i))
+        updates, state = tx.update(g, state, p)
+        p, history = optax.apply_updates(p, updates), history + [float(value)]
+    tuned, losses = jax.jit(unroll(noisy, optimizer, K))(W0, DATA, KEY)
+    np.testing.assert_allclose(np.asarray(tuned["w"]), np.asarray(p["w"]), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(losses), history, rtol=1e-5)
+    assert history[-1] < history[0]
+
+
+def test_per_step_data():
+    targets = {"a": jnp.stack([DATA["a"] + i for i in range(K)])}
+    tuned, _ = unroll(quadratic, optax.sgd(LR), K, per_step_data=True)(W0, targets, KEY)
+    w = np.asarray(W0["w"], np.float64)
+    for i in range(K):
+        w = w - LR * A @ (w - np.asarray(targets["a"][i], np.float64))
+    np.testing.assert_allclose(np.asarray(tuned["w"]), w, rtol=1e-5)
+    with pytest.raises(ValueError, match=f"leading dimension of {K}"):
+        unroll(quadratic, optax.sgd(LR), K, per_step_data=True)(W0, DATA, KEY)
+    with pytest.raises(ValueError, match="order must be 1"):
+        unroll(quadratic, optax.sgd(LR), K, order=3)
+
+
+def test_second_order_is_exact_and_first_order_is_fomaml():
+    w_k, exact, fomaml, exact_data = closed_form()
+    second = unroll(quadratic, optax.sgd(LR), K, order=2)
+    first = unroll(quadratic, optax.sgd(LR), K, order=1)
+    np.testing.assert_allclose(np.asarray(second(W0, DATA, KEY)[0]["w"]), w_k, rtol=1e-5)
+    g2 = np.asarray(jax.grad(lambda p: outer(second, p))(W0)["w"])
+    g1 = np.asarray(jax.grad(lambda p: outer(first, p))(W0)["w"])
+    np.testing.assert_allclose(g2, exact, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(g1, fomaml, rtol=1e-4, atol=1e-6)
+    assert np.abs(g1 - g2).max() > 0.05  # the two orders really differ here
+    # the data reach the outer gradient through the inner gradients only: exact at order 2, none at order 1
+    gd2 = np.asarray(jax.grad(lambda d: outer(second, data=d))(DATA)["a"])
+    gd1 = np.asarray(jax.grad(lambda d: outer(first, data=d))(DATA)["a"])
+    np.testing.assert_allclose(gd2, exact_data, rtol=1e-4, atol=1e-6)
+    assert np.abs(gd1).max() == 0.0
+
+
+def test_second_order_through_adam_matches_finite_differences():
+    """A non-quadratic loss and Adam (no closed form): central differences along random directions."""
+    run = unroll(noisy, optax.adam(0.05), K)
+    f = jax.jit(lambda w: outer(run, {"w": w}))
+    w0 = W0["w"]
+    g = np.asarray(jax.grad(f)(w0), np.float64)
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        d = rng.normal(size=3).astype(np.float32)
+        eps = 1e-2
+        fd = (float(f(w0 + eps * d)) - float(f(w0 - eps * d))) / (2 * eps)
+        assert float(g @ d) == pytest.approx(fd, rel=2e-2, abs=1e-4)
+    fo = np.asarray(jax.grad(lambda w: outer(unroll(noisy, optax.adam(0.05), K, order=1), {"w": w}))(w0))
+    assert np.abs(fo - g).max() > 1e-3
+
+
+def mlp(params, batch, rng):
+    del rng
+    h = jnp.tanh(batch["x"] @ params["w1"])
+    return jnp.mean(jnp.tanh(h @ params["w2"]) ** 2), {}
+
+
+def test_remat_gives_the_same_numbers_and_keeps_only_the_carry():
+    p = {"w1": jnp.full((16, 16), 0.1), "w2": jnp.eye(16)}
+    data = {"x": jax.random.normal(KEY, (512, 16))}
+
+    def grad_fn(steps, remat):
+        run = unroll(mlp, optax.adam(0.01), steps, remat=remat)
+
+        def objective(q):
+            tuned, losses = run(q, data, KEY)
+            return jnp.sum(tuned["w1"] ** 2) + losses[-1]
+
+        return jax.jit(jax.value_and_grad(objective))
+
+    v0, g0 = grad_fn(4, False)(p)
+    v1, g1 = grad_fn(4, True)(p)
+    assert float(v0) == pytest.approx(float(v1), rel=1e-6)
+    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7)
+    jaxpr = str(jax.make_jaxpr(unroll(mlp, optax.sgd(0.1), 2, remat=True))(p, data, KEY))
+    assert "remat" in jaxpr or "checkpoint" in jaxpr  # the primitive's name differs between jax versions
+
+    def temp_bytes(steps, remat):
+        return grad_fn(steps, remat).lower(p).compile().memory_analysis().temp_size_in_bytes
+
+    # the growth from 8 to 24 inner steps: without remat, every step's activations are kept for the backward
+    # pass; with it, about the carry (params and Adam's two moments) per step
+    activation = 512 * 16 * 4  # one (512, 16) float32 hidden layer
+    carry = 3 * sum(x.size * 4 for x in jax.tree.leaves(p))
+    plain = temp_bytes(24, False) - temp_bytes(8, False)
+    remat = temp_bytes(24, True) - temp_bytes(8, True)
+    assert plain > 16 * activation, (plain, remat)
+    assert remat < 16 * 4 * carry and remat < 0.05 * plain, (plain, remat)
