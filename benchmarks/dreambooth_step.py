@@ -93,7 +93,7 @@ def make_pairs(pipe, n: int, seed: int = 0):
     """``n`` DreamBooth batches of 1 pair, in example layout (``pairs_to_examples``): NHWC latents and noise,
     timesteps, input ids (instance prompt, class prompt), is_prior (0, 1). numpy."""
     import numpy as np
-    from persguard_jax.workflows.dreambooth import pairs_to_examples
+    from persguard_jax.losses import pairs_to_examples
     rng = np.random.default_rng(seed)
     c = pipe.unet.config.in_channels
     s = pipe.unet.config.sample_size
@@ -184,7 +184,7 @@ class EngineRunner:
         from persguard_jax.models import functional as F
         from persguard_jax.schedulers import SchedulerConfig, make_schedule
         from persguard_jax.train import OptimizerConfig, StepConfig, create_state, make_optimizer, make_train_step
-        from persguard_jax.workflows.dreambooth import dreambooth_loss
+        from persguard_jax.losses import dreambooth_loss
 
         modules = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
         logical = {k: shd.logical_axes(m) for k, m in modules.items()}

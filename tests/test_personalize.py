@@ -18,8 +18,9 @@ from persguard_jax.models.tiny import tiny_pipeline
 from persguard_jax.sample import text_to_image
 from persguard_jax.schedulers import SchedulerConfig, make_schedule
 from persguard_jax.train.metrics import read_metrics
-from persguard_jax.workflows.dreambooth import dreambooth_loss, finetune, pairs_to_examples
-from persguard_jax.workflows.personalize import encode_latents
+from persguard_jax.dreambooth import finetune
+from persguard_jax.losses import dreambooth_loss, pairs_to_examples
+from persguard_jax.dreambooth import encode_latents
 
 PROMPT, CLASS = "a photo of sks dog", "a photo of dog"
 
@@ -54,7 +55,7 @@ def test_outputs_and_loss_falls(run):
         assert (out / name).exists(), name
     assert len(list((out / "class_images").glob("*.png"))) == 4
     results = json.loads((out / "results.json").read_text())
-    assert results["steps"] == 40 and results["trainable"] == ["unet", "text_encoder"]
+    assert results["steps"] == 40 and results["trainable"] == "unet+text_encoder"
     metrics = read_metrics(out / "metrics.jsonl")
     first, last = metrics[0], metrics[-1]
     assert last["step"] == 40
@@ -66,7 +67,7 @@ def test_identifier_samples_move_toward_the_subject(run):
     photos' latents after personalisation (latent space: the random tiny VAE cannot draw the photos)."""
     base, tuned = load_pipeline(run["model"]), load_pipeline(run["out"] / "model")
     from persguard_jax.data.images import load_folder
-    mean, _ = encode_latents(tuned, load_folder(run["photos"], 32))
+    mean, _ = encode_latents(tuned.vae, load_folder(run["photos"], 32))
     target = mean * tuned.vae.config.scaling_factor
 
     def distance(pipe):
@@ -107,15 +108,15 @@ def test_bad_inputs(run, tmp_path, capsys):
 
 
 def test_encode_latents_compiles_once_per_vae_and_pads_the_last_chunk():
-    from persguard_jax.workflows import personalize
+    from persguard_jax.dreambooth import data
     pipe = tiny_pipeline(0)
     images = np.random.default_rng(0).uniform(-1, 1, (5, 32, 32, 3)).astype(np.float32)
-    before = personalize._encode._cache_size()
-    mean, logvar = encode_latents(pipe, images, batch=2)  # chunks of 2, 2, 1 (padded to 2)
-    again, _ = encode_latents(pipe, images[:3], batch=2)
-    assert personalize._encode._cache_size() - before == 1  # one shape, one graph: compiled once
+    before = data._encode._cache_size()
+    mean, logvar = encode_latents(pipe.vae, images, batch=2)  # chunks of 2, 2, 1 (padded to 2)
+    again, _ = encode_latents(pipe.vae, images[:3], batch=2)
+    assert data._encode._cache_size() - before == 1  # one shape, one graph: compiled once
     assert mean.shape[0] == 5 and logvar.shape == mean.shape
-    single, _ = encode_latents(pipe, images[4:5], batch=1)
+    single, _ = encode_latents(pipe.vae, images[4:5], batch=1)
     np.testing.assert_allclose(mean[4:5], single, atol=1e-5)  # padding does not leak into real rows
     np.testing.assert_allclose(again, mean[:3], atol=1e-6)
 

@@ -1,9 +1,11 @@
 """DreamBooth (Ruiz et al., 2023), the simulated attacker, as library pieces below the workflows: its config
-section, its data (photos and class images -> cached VAE posteriors and prompts -> instance/class pairs).
-The loss lives in the loss library (``losses.dreambooth_loss``); ``persguard personalize`` runs it on the engine."""
+section, its data (photos and class images -> cached VAE posteriors and prompts -> instance/class pairs) and
+``finetune``, the attacker as a differentiable inner loop. The loss lives in the loss library
+(``losses.dreambooth_loss``); ``persguard personalize`` runs it on the engine."""
 from persguard_jax.dreambooth.config import DreamBoothConfig
 from persguard_jax.dreambooth.data import (PairSource, dreambooth_source, encode_latents, ensure_class_images,
                                            prompt_conditioning)
+from persguard_jax.dreambooth.finetune import finetune
 
-__all__ = ["DreamBoothConfig", "PairSource", "dreambooth_source", "encode_latents", "ensure_class_images",
+__all__ = ["DreamBoothConfig", "PairSource", "dreambooth_source", "encode_latents", "ensure_class_images", "finetune",
            "prompt_conditioning"]

@@ -57,6 +57,11 @@ def resolve(raw: dict, args: argparse.Namespace | None = None) -> dict:
     return raw
 
 
+def parse_config(raw: dict) -> runs.Config:
+    """A personalisation config (a YAML mapping) resolved and parsed, every section checked."""
+    return runs.parse_config(resolve(raw), sections())
+
+
 def personalize(pipe, instance_images: np.ndarray, config: runs.Config, out: str | Path, *,
                 class_dir: str | Path | None = None) -> dict:
     """DreamBooth on ``pipe`` with the photos ``instance_images`` (float32 in [-1, 1] at the config's resolution,

@@ -1,9 +1,8 @@
 """DreamBooth (Ruiz et al., 2023) as a differentiable inner loop: ``finetune`` is the attacker's fine-tuning that
 PersGuard's retention loss and the purification workflow simulate inside their own objectives.
 
-The command (``persguard personalize``, workflows/personalize.py) runs the same loss on the engine. The loss and
-the batch layout (``dreambooth_loss``, ``pairs_to_examples``) live in the loss library; they are re-exported here
-for the callers that import them from this module.
+The command (``persguard personalize``, workflows/personalize.py) runs the same loss (``losses.dreambooth_loss``,
+batches laid out by ``losses.pairs_to_examples``) on the engine; here it runs inside ``train.unroll``.
 """
 from __future__ import annotations
 
@@ -12,13 +11,10 @@ from typing import Any, Mapping, Sequence
 import jax
 
 from persguard_jax import losses
-from persguard_jax.losses import dreambooth_loss, pairs_to_examples
+from persguard_jax.losses import dreambooth_loss
 from persguard_jax.models.functional import merge, partition
 from persguard_jax.train.optim import Optimizer, OptimizerConfig
 from persguard_jax.train.unroll import unroll
-
-__all__ = ["dreambooth_loss", "finetune", "pairs_to_examples"]
-
 
 def finetune(params: Any, data: Mapping[str, jax.Array], steps: int, *, model, schedule, rng: jax.Array,
              trainable: Sequence[str] = ("unet",), learning_rate: float = 5e-6,
