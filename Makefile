@@ -30,17 +30,18 @@ test: venv
 demo: venv
 	$(VENV)/bin/persguard demo
 
-# Re-make the committed synthetic-world models (assets/README.md): ~9 + ~3 minutes on 2 CPU cores.
+# Re-make the committed synthetic-world models (persguard_jax/assets/README.md): ~9 + ~3 minutes on 2 CPU cores.
+ASSETS := persguard_jax/assets
 world-assets: venv
 	$(VENV)/bin/persguard pretrain --out runs/world_tiny --overwrite
 	$(VENV)/bin/persguard train-clip --out runs/world_clip --overwrite
-	rm -rf assets/world_tiny assets/world_clip
-	cp -r runs/world_tiny/model assets/world_tiny
-	cp -r runs/world_clip/model assets/world_clip
-	cp runs/world_tiny/results.json assets/world_tiny_results.json
-	cp runs/world_clip/results.json assets/world_clip_results.json
-	cp runs/world_tiny/samples.png assets/world_tiny_samples.png
-	cp runs/world_tiny/shape_samples.png assets/world_tiny_shape_samples.png
+	rm -rf $(ASSETS)/world_tiny $(ASSETS)/world_clip
+	cp -r runs/world_tiny/model $(ASSETS)/world_tiny
+	cp -r runs/world_clip/model $(ASSETS)/world_clip
+	cp runs/world_tiny/results.json $(ASSETS)/world_tiny_results.json
+	cp runs/world_clip/results.json $(ASSETS)/world_clip_results.json
+	cp runs/world_tiny/samples.png $(ASSETS)/world_tiny_samples.png
+	cp runs/world_tiny/shape_samples.png $(ASSETS)/world_tiny_shape_samples.png
 
 bench: venv
 	$(PY) benchmarks/unet_step.py --json

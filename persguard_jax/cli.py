@@ -140,9 +140,11 @@ def _run_workflow(args: argparse.Namespace, module_name: str, run: Callable[[Any
     from persguard_jax import sharding as shd
     shd.request_cpu_devices()  # on a CPU: one device per core, so the data axis uses them all
     from persguard_jax import config as cfglib
+    from persguard_jax import resources
 
     module = importlib.import_module(f"persguard_jax.workflows.{module_name}")
-    raw = cfglib.load_config(args.config or module.DEFAULT_CONFIG, [*args.overrides, *extra_overrides])
+    path = resources.config_path(args.config) if args.config else module.DEFAULT_CONFIG
+    raw = cfglib.load_config(path, [*args.overrides, *extra_overrides])
     results = run(module, raw)
     if results.get("preempted"):
         stage = f"in stage {results['stage']} " if "stage" in results else ""
@@ -185,7 +187,7 @@ def _add_run_arguments(parser: argparse.ArgumentParser, config: str, out: str | 
     """The arguments every training command takes: --config, --out (required when ``out`` is None),
     --overwrite, --resume and key=value overrides."""
     parser.add_argument("--out", required=out is None, default=out, help=out_help)
-    parser.add_argument("--config", help=f"YAML config (default: {config})")
+    parser.add_argument("--config", help=f"YAML config file, or the name of a shipped one (default: {config})")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     parser.add_argument("--resume", action="store_true", help="continue the run in an existing --out folder")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help=f"config overrides, e.g. {example}")
@@ -238,23 +240,23 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("--instance-dir", required=True, help="folder of the subject's photos (jpg, png, webp)")
     z.add_argument("--instance-prompt", help='e.g. "a photo of sks person" (default: from the config)')
     z.add_argument("--class-prompt", help='e.g. "a photo of person" (default: from the config)')
-    _add_run_arguments(z, "configs/dreambooth_sd15.yaml", None, "dreambooth.steps=400",
+    _add_run_arguments(z, "dreambooth_sd15", None, "dreambooth.steps=400",
                        "new folder for checkpoints, the model, samples and results")
     z.set_defaults(fn=cmd_personalize)
 
     w = sub.add_parser("pretrain", help="pre-train the synthetic world's text-to-image model from scratch")
-    _add_run_arguments(w, "configs/world_tiny.yaml", "runs/world_tiny", "pretrain.unet.steps=800")
+    _add_run_arguments(w, "world_tiny", "runs/world_tiny", "pretrain.unet.steps=800")
     w.set_defaults(fn=cmd_pretrain)
 
     c = sub.add_parser("train-clip", help="train the synthetic world's CLIP (for the metrics)")
-    _add_run_arguments(c, "configs/world_clip.yaml", "runs/world_clip", "clip.steps=800")
+    _add_run_arguments(c, "world_clip", "runs/world_clip", "clip.steps=800")
     c.set_defaults(fn=cmd_train_clip)
 
     d = sub.add_parser("demo", help="the main job on the built-in synthetic world (DreamBooth before/after)")
     d.add_argument("--out", default="runs/demo", help="report folder (a new one beside it if it is not empty)")
     d.add_argument("--subject", help="world subject to personalise, e.g. dog_04 (default: a held-out dog)")
     d.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="overrides of configs/dreambooth_world.yaml, e.g. dreambooth.steps=100")
+                   help="overrides of the shipped config dreambooth_world, e.g. dreambooth.steps=100")
     d.set_defaults(fn=cmd_demo)
     return parser
 

@@ -1,10 +1,10 @@
 """``persguard demo``: the main job, end to end on the synthetic world.
 
-1. The world's pre-trained text-to-image model and its CLIP (committed under ``assets/``, else cached, else
+1. The world's pre-trained text-to-image model and its CLIP (shipped in ``persguard_jax/assets/``, else cached, else
    trained now: ``workflows.world_assets``).
 2. One held-out subject of the world (never seen in pre-training): its photos are written to ``instance/``.
 3. Samples before: the instance prompt ("a photo of sks dog") and the class prompt ("a photo of dog").
-4. DreamBooth with prior preservation on the photos (``persguard personalize``, configs/dreambooth_world.yaml).
+4. DreamBooth with prior preservation on the photos (``persguard personalize``, shipped config dreambooth_world).
 5. The same prompts and seeds after; metrics from the world CLIP (CLIP-I and identity similarity to the photos,
    CLIP-T to the subject's description) and a direct pixel check (how many samples have the subject's colour).
 6. The report: ``report.png`` (photos, before/after rows), ``loss.png``, ``results.json`` and ``results.md``.
@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from persguard_jax.workflows.world_assets import ROOT
+from persguard_jax import resources
 
-DEFAULT_CONFIG = ROOT / "configs" / "dreambooth_world.yaml"
+DEFAULT_CONFIG = resources.config_path("dreambooth_world")
 
 
 def fresh_folder(out: str | Path) -> Path:

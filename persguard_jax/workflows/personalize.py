@@ -20,9 +20,10 @@ import numpy as np
 from flax import nnx
 
 from persguard_jax import config as cfglib
+from persguard_jax import resources
 from persguard_jax.workflows.runs import check_sections, start_run
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "dreambooth_sd15.yaml"
+DEFAULT_CONFIG = resources.config_path("dreambooth_sd15")
 
 
 @dataclass(frozen=True)
