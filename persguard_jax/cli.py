@@ -61,8 +61,6 @@ def cmd_init_tiny(args: argparse.Namespace) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> None:
     """The main job on the synthetic world: DreamBooth on a held-out subject, before/after, metrics, report."""
-    from persguard_jax import sharding as shd
-    shd.request_cpu_devices()
     from persguard_jax.workflows.demo import run_demo
 
     results = run_demo(args.out, subject=args.subject, overrides=args.overrides)
@@ -107,10 +105,9 @@ def _abstract(kind, config: dict, source: Path):
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
-    from persguard_jax import sharding as shd
-    if args.devices:
-        shd.request_cpu_devices(args.devices)  # before jax starts: fake CPU devices to plan a pod from a laptop
     import jax
+
+    from persguard_jax import sharding as shd
 
     mesh_cfg = shd.MeshConfig(data=args.data, fsdp=args.fsdp, tensor=args.tensor, layout=args.layout,
                               min_shard_size=args.min_shard_size)
@@ -132,13 +129,10 @@ def cmd_plan(args: argparse.Namespace) -> None:
 
 def _run_workflow(args: argparse.Namespace, module_name: str, run: Callable[[Any, dict], dict],
                   extra_overrides: Sequence[str] = ()) -> dict | None:
-    """The training commands' common path: one CPU device per core, the config (``--config`` or the workflow's
-    ``DEFAULT_CONFIG``, then the overrides), ``run(module, raw_config)``. None (after saying so) when the run was
-    stopped by SIGTERM."""
+    """The training commands' common path: the config (``--config`` or the workflow's ``DEFAULT_CONFIG``, then the
+    overrides), ``run(module, raw_config)``. None (after saying so) when the run was stopped by SIGTERM."""
     import importlib
 
-    from persguard_jax import sharding as shd
-    shd.request_cpu_devices()  # on a CPU: one device per core, so the data axis uses them all
     from persguard_jax import config as cfglib
     from persguard_jax import resources
 
@@ -195,6 +189,8 @@ def _add_run_arguments(parser: argparse.ArgumentParser, config: str, out: str | 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="persguard", description=__doc__.splitlines()[0])
+    parser.add_argument("--no-compile-cache", action="store_true",
+                        help="do not use JAX's persistent compilation cache (also: PERSGUARD_NO_COMPILE_CACHE=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("sample", help="text -> image grid with classifier-free guidance")
@@ -263,8 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from persguard_jax import runtime
     from persguard_jax.models.convert import WeightsError
     try:
+        # before any command touches a device: CPU device count (plan --devices fakes a pod's), jax.distributed,
+        # the compilation cache
+        runtime.setup_process(compile_cache=not args.no_compile_cache, cpu_devices=getattr(args, "devices", None))
         args.fn(args)
     except (WeightsError, FileExistsError, FileNotFoundError, ValueError) as e:
         print(f"persguard {args.command}: error: {e}", file=sys.stderr)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Mapping
 
 # Package data is read as plain files next to this module: setuptools installs wheels unzipped, and the model
 # loaders need real paths (safetensors, tokenizer files), which importlib.resources would only lend temporarily.
@@ -44,9 +45,10 @@ def config_path(name: str | os.PathLike) -> Path:
                             f"(shipped: {', '.join(config_names())})")
 
 
-def cache_root() -> Path:
-    """The per-user folder for things made on demand (not created here)."""
-    if os.environ.get("PERSGUARD_CACHE"):
-        return Path(os.environ["PERSGUARD_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+def cache_root(env: Mapping[str, str] | None = None) -> Path:
+    """The per-user folder for things made on demand (not created here); ``env`` defaults to os.environ."""
+    env = os.environ if env is None else env
+    if env.get("PERSGUARD_CACHE"):
+        return Path(env["PERSGUARD_CACHE"]).expanduser()
+    base = env.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base).expanduser() / "persguard_jax"
