@@ -21,8 +21,9 @@ from typing import Any, Mapping
 from persguard_jax import resources
 
 NO_CACHE_ENV = "PERSGUARD_NO_COMPILE_CACHE"
-# jax's default (1 s) leaves out most of the small CPU programs (samplers, evaluation, the tiny models' steps take
-# 0.2-1 s to compile). Single eager ops compile in milliseconds and stay out.
+# jax's default (1 s) leaves out many of a small CPU run's programs: in the world demo (JAX_LOG_COMPILES=1) VAE
+# encoding, CLIP features, metrics and sampler pieces take 0.2-1 s each to compile. Single eager ops compile in
+# milliseconds and stay out.
 MIN_COMPILE_SECS = 0.2
 
 

@@ -17,8 +17,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT = 600  # seconds per subprocess; the demo at this scale takes about a minute on 2 busy cores
 # The demo shrunk to a smoke run: 2 DreamBooth steps, 2 class images, 2 evaluation images of 2 sampler steps.
@@ -63,7 +61,6 @@ def _user_env(tmp: Path) -> dict[str, str]:
     return env
 
 
-@pytest.mark.skipif(sys.platform == "win32", reason="venv layout (bin/) of POSIX")
 def test_installed_wheel_runs_the_demo_from_anywhere(tmp_path):
     wheels = tmp_path / "wheels"
     (tmp_path / "src").mkdir()
