@@ -14,7 +14,7 @@ PY := $(VENV)/bin/python
 # two workers: XLA:CPU compiles one program at a time per process, most test time is compilation
 PYTEST_ARGS ?= -n 2
 
-.PHONY: venv test demo bench world-assets test-latest clean
+.PHONY: venv test demo bench world-assets test-latest check-install clean
 
 venv: $(VENV)/.installed
 
@@ -30,17 +30,36 @@ test: venv
 demo: venv
 	$(VENV)/bin/persguard demo
 
-# Re-make the committed synthetic-world models (assets/README.md): ~9 + ~3 minutes on 2 CPU cores.
+# Re-make the committed synthetic-world models (persguard_jax/assets/README.md): ~9 + ~3 minutes on 2 CPU cores.
+ASSETS := persguard_jax/assets
 world-assets: venv
 	$(VENV)/bin/persguard pretrain --out runs/world_tiny --overwrite
 	$(VENV)/bin/persguard train-clip --out runs/world_clip --overwrite
-	rm -rf assets/world_tiny assets/world_clip
-	cp -r runs/world_tiny/model assets/world_tiny
-	cp -r runs/world_clip/model assets/world_clip
-	cp runs/world_tiny/results.json assets/world_tiny_results.json
-	cp runs/world_clip/results.json assets/world_clip_results.json
-	cp runs/world_tiny/samples.png assets/world_tiny_samples.png
-	cp runs/world_tiny/shape_samples.png assets/world_tiny_shape_samples.png
+	rm -rf $(ASSETS)/world_tiny $(ASSETS)/world_clip
+	cp -r runs/world_tiny/model $(ASSETS)/world_tiny
+	cp -r runs/world_clip/model $(ASSETS)/world_clip
+	cp runs/world_tiny/results.json $(ASSETS)/world_tiny_results.json
+	cp runs/world_clip/results.json $(ASSETS)/world_clip_results.json
+	cp runs/world_tiny/samples.png $(ASSETS)/world_tiny_samples.png
+	cp runs/world_tiny/shape_samples.png $(ASSETS)/world_tiny_shape_samples.png
+
+# The package as a user gets it: a fresh venv, `pip install .` (not editable; dependencies from the package index),
+# then `persguard demo` from an empty temporary folder, so only what the package ships can be used (and the world
+# models must be the shipped ones: none may be trained into the cache). Built from a copy of the tracked and new
+# files: an in-tree build would leave build/, whose stale files a later build would ship. Everything, the cache
+# included, lives in one temporary folder removed at the end. Demo overrides: CHECK_INSTALL_ARGS='dreambooth.steps=2'.
+CHECK_INSTALL_ARGS ?=
+check-install:
+	@set -e; unset PYTHONPATH; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; export PERSGUARD_CACHE="$$tmp/cache"; \
+	mkdir "$$tmp/src" "$$tmp/elsewhere"; \
+	git ls-files -z --cached --others --exclude-standard | tar --null -T - --ignore-failed-read -cf - | tar -C "$$tmp/src" -xf -; \
+	$(PYTHON) -m venv "$$tmp/venv"; \
+	"$$tmp/venv/bin/python" -m pip install -q --upgrade pip; \
+	"$$tmp/venv/bin/python" -m pip install -q "$$tmp/src"; \
+	rm -rf "$$tmp/src"; \
+	cd "$$tmp/elsewhere" && "$$tmp/venv/bin/persguard" demo --out demo $(CHECK_INSTALL_ARGS); \
+	test -f demo/results.json && test -f demo/report.png && test ! -e "$$PERSGUARD_CACHE/world_tiny"; \
+	echo "check-install: the installed package ran the demo from $$tmp/elsewhere"
 
 bench: venv
 	$(PY) benchmarks/unet_step.py --json

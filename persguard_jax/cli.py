@@ -62,8 +62,6 @@ def cmd_init_tiny(args: argparse.Namespace) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> None:
     """The main job on the synthetic world: DreamBooth on a held-out subject, before/after, metrics, report."""
-    from persguard_jax import sharding as shd
-    shd.request_cpu_devices()
     from persguard_jax.workflows.demo import run_demo
 
     results = run_demo(args.out, subject=args.subject, overrides=args.overrides)
@@ -150,10 +148,9 @@ def _abstract(kind, config: dict, source: Path):
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
-    from persguard_jax import sharding as shd
-    if args.devices:
-        shd.request_cpu_devices(args.devices)  # before jax starts: fake CPU devices to plan a pod from a laptop
     import jax
+
+    from persguard_jax import sharding as shd
 
     mesh_cfg = shd.MeshConfig(data=args.data, fsdp=args.fsdp, tensor=args.tensor, layout=args.layout,
                               min_shard_size=args.min_shard_size)
@@ -175,17 +172,16 @@ def cmd_plan(args: argparse.Namespace) -> None:
 
 def _run_workflow(args: argparse.Namespace, module_name: str, run: Callable[[Any, dict], dict],
                   extra_overrides: Sequence[str] = ()) -> dict | None:
-    """The training commands' common path: one CPU device per core, the config (``--config`` or the workflow's
-    ``DEFAULT_CONFIG``, then the overrides), ``run(module, raw_config)``. None (after saying so) when the run was
-    stopped by SIGTERM."""
+    """The training commands' common path: the config (``--config`` or the workflow's ``DEFAULT_CONFIG``, then the
+    overrides), ``run(module, raw_config)``. None (after saying so) when the run was stopped by SIGTERM."""
     import importlib
 
-    from persguard_jax import sharding as shd
-    shd.request_cpu_devices()  # on a CPU: one device per core, so the data axis uses them all
     from persguard_jax import config as cfglib
+    from persguard_jax import resources
 
     module = importlib.import_module(f"persguard_jax.workflows.{module_name}")
-    raw = cfglib.load_config(args.config or module.DEFAULT_CONFIG, [*args.overrides, *extra_overrides])
+    path = resources.config_path(args.config) if args.config else module.DEFAULT_CONFIG
+    raw = cfglib.load_config(path, [*args.overrides, *extra_overrides])
     results = run(module, raw)
     if results.get("preempted"):
         stage = f"in stage {results['stage']} " if "stage" in results else ""
@@ -228,7 +224,7 @@ def _add_run_arguments(parser: argparse.ArgumentParser, config: str, out: str | 
     """The arguments every training command takes: --config, --out (required when ``out`` is None),
     --overwrite, --resume and key=value overrides."""
     parser.add_argument("--out", required=out is None, default=out, help=out_help)
-    parser.add_argument("--config", help=f"YAML config (default: {config})")
+    parser.add_argument("--config", help=f"YAML config file, or the name of a shipped one (default: {config})")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     parser.add_argument("--resume", action="store_true", help="continue the run in an existing --out folder")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help=f"config overrides, e.g. {example}")
@@ -236,6 +232,8 @@ def _add_run_arguments(parser: argparse.ArgumentParser, config: str, out: str | 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="persguard", description=__doc__.splitlines()[0])
+    parser.add_argument("--no-compile-cache", action="store_true",
+                        help="do not use JAX's persistent compilation cache (also: PERSGUARD_NO_COMPILE_CACHE=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("sample", help="text -> image grid with classifier-free guidance")
@@ -281,23 +279,23 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("--instance-dir", required=True, help="folder of the subject's photos (jpg, png, webp)")
     z.add_argument("--instance-prompt", help='e.g. "a photo of sks person" (default: from the config)')
     z.add_argument("--class-prompt", help='e.g. "a photo of person" (default: from the config)')
-    _add_run_arguments(z, "configs/dreambooth_sd15.yaml", None, "dreambooth.steps=400",
+    _add_run_arguments(z, "dreambooth_sd15", None, "dreambooth.steps=400",
                        "new folder for checkpoints, the model, samples and results")
     z.set_defaults(fn=cmd_personalize)
 
     w = sub.add_parser("pretrain", help="pre-train the synthetic world's text-to-image model from scratch")
-    _add_run_arguments(w, "configs/world_tiny.yaml", "runs/world_tiny", "pretrain.unet.steps=800")
+    _add_run_arguments(w, "world_tiny", "runs/world_tiny", "pretrain.unet.steps=800")
     w.set_defaults(fn=cmd_pretrain)
 
     c = sub.add_parser("train-clip", help="train the synthetic world's CLIP (for the metrics)")
-    _add_run_arguments(c, "configs/world_clip.yaml", "runs/world_clip", "clip.steps=800")
+    _add_run_arguments(c, "world_clip", "runs/world_clip", "clip.steps=800")
     c.set_defaults(fn=cmd_train_clip)
 
     d = sub.add_parser("demo", help="the main job on the built-in synthetic world (DreamBooth before/after)")
     d.add_argument("--out", default="runs/demo", help="report folder (a new one beside it if it is not empty)")
     d.add_argument("--subject", help="world subject to personalise, e.g. dog_04 (default: a held-out dog)")
     d.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="overrides of configs/dreambooth_world.yaml, e.g. dreambooth.steps=100")
+                   help="overrides of the shipped config dreambooth_world, e.g. dreambooth.steps=100")
     d.set_defaults(fn=cmd_demo)
 
     e = sub.add_parser("evaluate", help="sample a model on prompts with fixed seeds; CLIP and detector metrics")
@@ -318,8 +316,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from persguard_jax import runtime
     from persguard_jax.models.convert import WeightsError
     try:
+        # before any command touches a device: CPU device count (plan --devices fakes a pod's), jax.distributed,
+        # the compilation cache
+        runtime.setup_process(compile_cache=not args.no_compile_cache, cpu_devices=getattr(args, "devices", None))
         args.fn(args)
     except (WeightsError, FileExistsError, FileNotFoundError, ValueError) as e:
         print(f"persguard {args.command}: error: {e}", file=sys.stderr)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 
 from persguard_jax import config as cfglib
+from persguard_jax import resources
 from persguard_jax.workflows.personalize import parse_config
 
 
@@ -35,10 +36,10 @@ def test_overrides(tmp_path):
 
 @pytest.mark.parametrize("name", ["dreambooth_sd15", "dreambooth_sd21base", "dreambooth_tiny"])
 def test_shipped_configs_parse(name):
-    settings = parse_config(cfglib.load_config(f"configs/{name}.yaml"))
+    settings = parse_config(cfglib.load_config(resources.config_path(name)))
     assert isinstance(settings.optimizer.learning_rate, float)
     assert settings.loop.num_steps == settings.dreambooth.steps == settings.optimizer.total_steps
-    with_lora = parse_config(cfglib.load_config(f"configs/{name}.yaml", ["lora.rank=4"]))
+    with_lora = parse_config(cfglib.load_config(resources.config_path(name), ["lora.rank=4"]))
     assert with_lora.lora.rank == 4
     with pytest.raises(ValueError, match="unknown sections"):
-        parse_config(cfglib.load_config(f"configs/{name}.yaml", ["optimiser.learning_rate=1"]))
+        parse_config(cfglib.load_config(resources.config_path(name), ["optimiser.learning_rate=1"]))

@@ -1,5 +1,5 @@
-"""DreamBooth on the synthetic world's pre-trained model (assets/world_tiny): what the tiny random model cannot
-show. The demo (the main job) runs end to end, and, run with and without the prior term, shows prior
+"""DreamBooth on the synthetic world's pre-trained model (persguard_jax/assets/world_tiny): what the tiny random
+model cannot show. The demo (the main job) runs end to end, and, run with and without the prior term, shows prior
 preservation keeping the class prompt's samples near the base model's (no language drift toward the subject)."""
 from __future__ import annotations
 
@@ -27,9 +27,9 @@ def test_demo_end_to_end_and_prior_preservation(tmp_path):
               for k, r in (("prior", with_prior), ("no_prior", no_prior))}
     print("class-prompt drift from the base samples:", drift, "fraction in the subject's colour:", turned)
     # without the prior term "a photo of dog" drifts toward the subject (language drift): class samples take the
-    # subject's colour. Measured on assets/world_tiny: 0.50 of them without the prior term, 0.00 with it. (The
-    # pixel RMS drift from the base samples no longer separates the two on this model, 0.100 vs 0.094: it also
-    # counts pose and position changes, which the prior term does not hold; reported, not asserted.)
+    # subject's colour. Measured on persguard_jax/assets/world_tiny: 0.50 of them without the prior term, 0.00 with
+    # it. (The pixel RMS drift from the base samples no longer separates the two on this model, 0.100 vs 0.094: it
+    # also counts pose and position changes, which the prior term does not hold; reported, not asserted.)
     assert turned["prior"] + 0.25 <= turned["no_prior"], (drift, turned)
 
 

@@ -43,7 +43,7 @@ def run(tmp_path_factory):
     photos = subject_photos(root / "photos")
     out = root / "out"
     args = ["personalize", "--model", str(model), "--instance-dir", str(photos), "--instance-prompt", PROMPT,
-            "--class-prompt", CLASS, "--out", str(out), "--config", "configs/dreambooth_tiny.yaml",
+            "--class-prompt", CLASS, "--out", str(out), "--config", "dreambooth_tiny",
             "dreambooth.steps=40", "dreambooth.eval_steps=4", "dreambooth.class_sample_steps=4"]
     assert main(args) == 0
     return dict(root=root, model=model, photos=photos, out=out, args=args)
@@ -93,7 +93,7 @@ def test_bad_inputs(run, tmp_path, capsys):
     (bad / "a.png").write_bytes(b"not an image")
     Image.new("RGB", (8, 8)).save(bad / "small.png")
     base = ["personalize", "--model", str(run["model"]), "--class-prompt", CLASS, "--instance-prompt", PROMPT,
-            "--config", "configs/dreambooth_tiny.yaml"]
+            "--config", "dreambooth_tiny"]
     assert main(base + ["--instance-dir", str(bad), "--out", str(tmp_path / "o1")]) == 2
     err = capsys.readouterr().err
     assert "a.png" in err and "small.png" in err and "cannot be used" in err
@@ -103,7 +103,7 @@ def test_bad_inputs(run, tmp_path, capsys):
     assert main(base + ["--instance-dir", str(run["photos"]), "--out", str(tmp_path / "o3"), "steps"]) == 2
     assert "not key=value" in capsys.readouterr().err
     assert main(["personalize", "--model", str(tmp_path / "nope"), "--instance-dir", str(run["photos"]),
-                 "--out", str(tmp_path / "o4"), "--config", "configs/dreambooth_tiny.yaml"]) == 2
+                 "--out", str(tmp_path / "o4"), "--config", "dreambooth_tiny"]) == 2
     assert "model_index.json" in capsys.readouterr().err
 
 

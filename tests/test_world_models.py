@@ -1,4 +1,4 @@
-"""The synthetic world's pre-trained models (committed under assets/, made by `persguard pretrain` and
+"""The synthetic world's pre-trained models (committed under persguard_jax/assets/, made by `persguard pretrain` and
 `persguard train-clip`): they follow colour and shape prompts, the CLIP classifies held-out scenes, and the
 commands that make them run end to end (smoke scale)."""
 from __future__ import annotations
@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from persguard_jax import config as cfglib
+from persguard_jax import resources
 from persguard_jax.data.world import COLOURS, SceneSpec
 from persguard_jax.io import unit_to_uint8
 from persguard_jax.metrics import detect_shape, dominant_colour
@@ -63,15 +64,16 @@ def test_world_model_follows_shape_prompts(world_pipe):
 def test_world_clip_zero_shot_on_held_out_scenes(evaluator):
     acc = zero_shot(evaluator, world_of(world_assets.world_model(build=False)), 128)
     assert acc["colour_accuracy"] >= 0.6, acc
-    assert acc["shape_accuracy"] >= 0.25, acc  # chance 0.10; measured 0.33 (assets/world_clip_results.json)
+    # chance 0.10; measured 0.33 (persguard_jax/assets/world_clip_results.json)
+    assert acc["shape_accuracy"] >= 0.25, acc
 
 
 def test_committed_assets_record_the_command_that_made_them():
-    readme = (world_assets.ASSETS / "README.md").read_text()
+    readme = (resources.assets_dir() / "README.md").read_text()
     assert "persguard pretrain" in readme and "persguard train-clip" in readme
     for name in ("world_tiny", "world_clip"):
-        size = sum(p.stat().st_size for p in (world_assets.ASSETS / name).rglob("*") if p.is_file())
-        assert size < 12e6, f"assets/{name} is {size / 1e6:.1f} MB: keep committed models small"
+        size = sum(p.stat().st_size for p in (resources.assets_dir() / name).rglob("*") if p.is_file())
+        assert size < 12e6, f"persguard_jax/assets/{name} is {size / 1e6:.1f} MB: keep committed models small"
 
 
 def test_pretrain_command_smoke(tmp_path):

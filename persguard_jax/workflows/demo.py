@@ -6,7 +6,7 @@
 3. Before: the instance prompt ("a photo of sks dog") and the class prompt ("a photo of dog") sampled and
    measured by the evaluation harness (``persguard_jax.evaluate``: CLIP-I, identity similarity and CLIP-T from the
    world CLIP; the world's colour and shape detectors against the photos).
-4. DreamBooth with prior preservation on the photos (the ``personalize`` recipe, configs/dreambooth_world.yaml).
+4. DreamBooth with prior preservation on the photos (the ``personalize`` recipe, shipped config dreambooth_world).
 5. After: the same prompts and seeds, sampled from the fine-tuned parameters, measured the same way.
 6. The report: ``report.png`` (photos, before/after rows), ``loss.png``, ``results.json`` and ``results.md``.
 

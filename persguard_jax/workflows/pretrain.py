@@ -26,11 +26,11 @@ from typing import Any, Mapping
 import numpy as np
 
 from persguard_jax import config as cfglib
+from persguard_jax import resources
 from persguard_jax.io import uint8_to_signed, uint8_to_unit, unit_to_uint8
 from persguard_jax.workflows.runs import check_sections, loop_config, start_run
 
-ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_CONFIG = ROOT / "configs" / "world_tiny.yaml"
+DEFAULT_CONFIG = resources.config_path("world_tiny")
 @dataclass(frozen=True)
 class StageConfig(cfglib.Section):
     """One training stage: its length, batch and optimizer."""

@@ -2,23 +2,25 @@
 
 ``world_model()`` and ``world_clip()`` return a folder, looked up in this order:
 
-1. ``assets/world_tiny/`` / ``assets/world_clip/`` in the repository: small safetensors (a few MB) committed with
-   the command that made them (``assets/README.md``), so tests and the demo start in seconds on a fresh clone;
-2. the cache, ``runs/world_tiny/model`` / ``runs/world_clip/model`` (or ``$PERSGUARD_CACHE/...``), left by an
-   earlier ``persguard pretrain`` / ``persguard train-clip``;
+1. ``persguard_jax/assets/world_tiny/`` / ``.../world_clip/``, shipped with the package: small safetensors (a few
+   MB) committed with the command that made them (``persguard_jax/assets/README.md``), so tests and the demo start
+   in seconds on a fresh clone or a fresh install;
+2. the per-user cache (``resources.cache_root()``: ``$PERSGUARD_CACHE``, else ``~/.cache/persguard_jax``),
+   ``<cache>/world_tiny/model`` / ``<cache>/world_clip/model``, left by an earlier on-demand training or by
+   ``persguard pretrain --out <cache>/world_tiny``;
 3. otherwise the model is trained now into the cache (minutes on a CPU; ``build=False`` raises instead).
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-ASSETS = ROOT / "assets"
+from persguard_jax import resources
+
+ASSETS = resources.assets_dir()
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("PERSGUARD_CACHE", ROOT / "runs"))
+    return resources.cache_root()
 
 
 def _resolve(name: str, marker: str, build, what: str, command: str) -> Path:
@@ -39,7 +41,7 @@ def world_model(*, build: bool = True) -> Path:
         from persguard_jax.workflows.pretrain import DEFAULT_CONFIG, pretrain
         return Path(pretrain(out, cfglib.load_config(DEFAULT_CONFIG), resume=True)["model"])
     return _resolve("world_tiny", "model_index.json", make if build else None, "pre-trained world model",
-                    "persguard pretrain --out runs/world_tiny")
+                    f"persguard pretrain --out {cache_dir() / 'world_tiny'}")
 
 
 def world_clip(*, build: bool = True) -> Path:
@@ -49,4 +51,4 @@ def world_clip(*, build: bool = True) -> Path:
         from persguard_jax.workflows.world_clip import DEFAULT_CONFIG, train_clip
         return Path(train_clip(out, cfglib.load_config(DEFAULT_CONFIG), resume=True)["model"])
     return _resolve("world_clip", "config.json", make if build else None, "world CLIP",
-                    "persguard train-clip --out runs/world_clip")
+                    f"persguard train-clip --out {cache_dir() / 'world_clip'}")

@@ -19,11 +19,11 @@ from typing import Any
 import numpy as np
 
 from persguard_jax import config as cfglib
+from persguard_jax import resources
 from persguard_jax.io import uint8_to_unit
 from persguard_jax.workflows.runs import check_sections, loop_config, start_run
 
-ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_CONFIG = ROOT / "configs" / "world_clip.yaml"
+DEFAULT_CONFIG = resources.config_path("world_clip")
 # The world's pixel statistics are not ImageNet's; CLIP's own recipe normalises with the training set's.
 WORLD_NORM = dict(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 
