@@ -1,9 +1,11 @@
 """``persguard <command>``: the command-line face of the library.
 
-Commands so far: ``sample`` (text -> image grid from a diffusers-format pipeline folder), ``init-tiny`` (write
-a tiny random pipeline folder), ``plan`` (how a model's parameters shard over a mesh), ``personalize``
-(DreamBooth), ``pretrain`` (the synthetic world's model), ``demo`` and ``evaluate`` (sample with fixed seeds,
-measure). Errors from bad input print one line and exit with status 2.
+Commands: ``sample`` (text -> image grid from a diffusers-format pipeline folder), ``init-tiny`` (write a tiny
+random pipeline folder), ``plan`` (how a model's parameters shard over a mesh), ``evaluate`` (sample with fixed
+seeds, measure), and the training workflows of the ``WORKFLOWS`` table: ``personalize`` (DreamBooth), ``pretrain``
+and ``train-clip`` (the synthetic world's models) and ``demo``. Every command first sets up the process
+(``runtime.setup_process``: CPU devices, ``jax.distributed`` when launched as one of several processes, the
+compilation cache). Errors from bad input print one line and exit with status 2.
 """
 from __future__ import annotations
 
@@ -11,9 +13,15 @@ import argparse
 import math
 import sys
 from pathlib import Path
-from typing import Any, Callable, Sequence
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def WORKFLOWS() -> tuple:  # noqa: N802 (the table, read like a constant)
+    """The training commands, one ``runs.Workflow`` entry each: parsing, output folder, preemption and the
+    subcommand come from the entry (workflows/runs.py)."""
+    from persguard_jax.workflows import demo, personalize, pretrain, world_clip
+    return (personalize.WORKFLOW, pretrain.WORKFLOW, world_clip.WORKFLOW, demo.DEMO)
 
 
 def _dtype(name: str):
@@ -58,20 +66,6 @@ def cmd_init_tiny(args: argparse.Namespace) -> None:
 
     out = save_pipeline(tiny_pipeline(args.seed), args.out, overwrite=args.overwrite)
     print(f"wrote a tiny random pipeline to {out}")
-
-
-def cmd_demo(args: argparse.Namespace) -> None:
-    """The main job on the synthetic world: DreamBooth on a held-out subject, before/after, metrics, report."""
-    from persguard_jax.workflows.demo import run_demo
-
-    results = run_demo(args.out, subject=args.subject, overrides=args.overrides)
-    b, a = results["before"], results["after"]
-    print(f"\ndemo done in {results['wall_s']:.0f} s. Subject {results['subject']}, prompt "
-          f"\"{results['instance_prompt']}\":\n"
-          f"  identity similarity {b['identity_similarity']:.3f} -> {a['identity_similarity']:.3f}, "
-          f"CLIP-I {b['clip_i']:.3f} -> {a['clip_i']:.3f}, "
-          f"subject colour in samples {b['subject_colour_match']:.2f} -> {a['subject_colour_match']:.2f}\n"
-          f"report: {results['run']}/results.md, {results['files']['report']}")
 
 
 def _model_resolution(model: Path) -> int:
@@ -170,66 +164,6 @@ def cmd_plan(args: argparse.Namespace) -> None:
           f"with AdamW state x3: {3 * per_device / 2**30:.3f} GiB per device")
 
 
-def _run_workflow(args: argparse.Namespace, module_name: str, run: Callable[[Any, dict], dict],
-                  extra_overrides: Sequence[str] = ()) -> dict | None:
-    """The training commands' common path: the config (``--config`` or the workflow's ``DEFAULT_CONFIG``, then the
-    overrides), ``run(module, raw_config)``. None (after saying so) when the run was stopped by SIGTERM."""
-    import importlib
-
-    from persguard_jax import config as cfglib
-    from persguard_jax import resources
-
-    module = importlib.import_module(f"persguard_jax.workflows.{module_name}")
-    path = resources.config_path(args.config) if args.config else module.DEFAULT_CONFIG
-    raw = cfglib.load_config(path, [*args.overrides, *extra_overrides])
-    results = run(module, raw)
-    if results.get("preempted"):
-        stage = f"in stage {results['stage']} " if "stage" in results else ""
-        print(f"stopped {stage}at step {results['step']} (SIGTERM); rerun with --resume to continue")
-        return None
-    return results
-
-
-def cmd_personalize(args: argparse.Namespace) -> None:
-    extra = [f"dreambooth.{key}={value}" for key, value in
-             (("instance_prompt", args.instance_prompt), ("class_prompt", args.class_prompt)) if value]
-    results = _run_workflow(args, "personalize", lambda m, raw: m.personalize(
-        args.model, args.instance_dir, args.out, raw, overwrite=args.overwrite, resume=args.resume), extra)
-    if results:
-        print(f"personalised model: {results['model']}\nsamples: {results['samples']}\n"
-              f"results: {Path(args.out) / 'results.json'} ({results['steps']} steps in {results['wall_s']} s)")
-
-
-def cmd_pretrain(args: argparse.Namespace) -> None:
-    results = _run_workflow(args, "pretrain", lambda m, raw: m.pretrain(
-        args.out, raw, overwrite=args.overwrite, resume=args.resume))
-    if results:
-        print(f"world model: {results['model']}\nsamples: {results['samples']}, {results['shape_samples']}\n"
-              f"colour accuracy {results['colour_accuracy']:.2f} (chance {results['chance']:.2f}), "
-              f"shape accuracy {results['shape_accuracy']:.2f} (chance {results['shape_chance']:.2f}); "
-              f"{results['wall_s']} s in all")
-
-
-def cmd_train_clip(args: argparse.Namespace) -> None:
-    results = _run_workflow(args, "world_clip", lambda m, raw: m.train_clip(
-        args.out, raw, overwrite=args.overwrite, resume=args.resume))
-    if results:
-        print(f"world CLIP: {results['model']}\nzero-shot on held-out scenes: colour "
-              f"{results['colour_accuracy']:.2f} (chance {results['colour_chance']:.2f}), shape "
-              f"{results['shape_accuracy']:.2f} (chance {results['shape_chance']:.2f}); {results['wall_s']} s")
-
-
-def _add_run_arguments(parser: argparse.ArgumentParser, config: str, out: str | None, example: str,
-                       out_help: str = "new folder for checkpoints, the model and results") -> None:
-    """The arguments every training command takes: --config, --out (required when ``out`` is None),
-    --overwrite, --resume and key=value overrides."""
-    parser.add_argument("--out", required=out is None, default=out, help=out_help)
-    parser.add_argument("--config", help=f"YAML config file, or the name of a shipped one (default: {config})")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
-    parser.add_argument("--resume", action="store_true", help="continue the run in an existing --out folder")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help=f"config overrides, e.g. {example}")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="persguard", description=__doc__.splitlines()[0])
     parser.add_argument("--no-compile-cache", action="store_true",
@@ -274,30 +208,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=25, help="rows shown, largest first (0: all)")
     p.set_defaults(fn=cmd_plan)
 
-    z = sub.add_parser("personalize", help="DreamBooth with prior preservation (the simulated attacker)")
-    z.add_argument("--model", required=True, help="diffusers pipeline folder to personalise")
-    z.add_argument("--instance-dir", required=True, help="folder of the subject's photos (jpg, png, webp)")
-    z.add_argument("--instance-prompt", help='e.g. "a photo of sks person" (default: from the config)')
-    z.add_argument("--class-prompt", help='e.g. "a photo of person" (default: from the config)')
-    _add_run_arguments(z, "dreambooth_sd15", None, "dreambooth.steps=400",
-                       "new folder for checkpoints, the model, samples and results")
-    z.set_defaults(fn=cmd_personalize)
-
-    w = sub.add_parser("pretrain", help="pre-train the synthetic world's text-to-image model from scratch")
-    _add_run_arguments(w, "world_tiny", "runs/world_tiny", "pretrain.unet.steps=800")
-    w.set_defaults(fn=cmd_pretrain)
-
-    c = sub.add_parser("train-clip", help="train the synthetic world's CLIP (for the metrics)")
-    _add_run_arguments(c, "world_clip", "runs/world_clip", "clip.steps=800")
-    c.set_defaults(fn=cmd_train_clip)
-
-    d = sub.add_parser("demo", help="the main job on the built-in synthetic world (DreamBooth before/after)")
-    d.add_argument("--out", default="runs/demo", help="report folder (a new one beside it if it is not empty)")
-    d.add_argument("--subject", help="world subject to personalise, e.g. dog_04 (default: a held-out dog)")
-    d.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="overrides of the shipped config dreambooth_world, e.g. dreambooth.steps=100")
-    d.set_defaults(fn=cmd_demo)
-
     e = sub.add_parser("evaluate", help="sample a model on prompts with fixed seeds; CLIP and detector metrics")
     e.add_argument("--model", required=True, help="diffusers pipeline folder")
     e.add_argument("--references", required=True, help="folder of reference photos (e.g. the subject's)")
@@ -311,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--negative-prompt", default="")
     e.add_argument("--resolution", type=int, help="side the references are resized to (default: the model's)")
     e.set_defaults(fn=cmd_evaluate)
+
+    for workflow in WORKFLOWS():
+        workflow.add_to(sub).set_defaults(fn=workflow.main)
     return parser
 
 

@@ -17,13 +17,15 @@ def test_demo_end_to_end_and_prior_preservation(tmp_path):
         assert (run / name).is_file(), name
     saved = json.loads((run / "results.json").read_text())
     assert saved["subject"] == with_prior["subject"]
-    assert set(saved["after"]) == {"clip_i", "identity_similarity", "clip_t_subject", "subject_colour_match"}
+    assert set(saved["after"]) == {"clip_i", "identity_similarity", "colour_match", "shape_match"}
+    assert [row["prompt"] for row in saved["evaluation"]["after"]["prompts"]] == [saved["instance_prompt"],
+                                                                                  saved["class_prompt"]]
 
     # the same run without the prior term, into a new folder beside the first (never over it)
     no_prior = run_demo(tmp_path / "demo", overrides=DEMO + ["dreambooth.prior_weight=0"])
     assert no_prior["run"].endswith("demo-2") and (run / "report.png").is_file()
-    drift = {k: r["class_prompt_drift_pixel_rms"] for k, r in (("prior", with_prior), ("no_prior", no_prior))}
-    turned = {k: r["class_prompt_subject_colour_match"]["after"]
+    drift = {k: r["prior_preservation"]["drift_pixel_rms"] for k, r in (("prior", with_prior), ("no_prior", no_prior))}
+    turned = {k: r["prior_preservation"]["after"]["colour_match"]
               for k, r in (("prior", with_prior), ("no_prior", no_prior))}
     print("class-prompt drift from the base samples:", drift, "fraction in the subject's colour:", turned)
     # without the prior term "a photo of dog" drifts toward the subject (language drift): class samples take the

@@ -14,11 +14,11 @@ from persguard_jax import resources
 from persguard_jax.data.world import COLOURS, SceneSpec
 from persguard_jax.io import unit_to_uint8
 from persguard_jax.metrics import detect_shape, dominant_colour
-from persguard_jax.workflows import world_assets
-from persguard_jax.workflows.pretrain import DEFAULT_CONFIG as PRETRAIN_CONFIG
 from persguard_jax.data.world import world_of
+from persguard_jax.workflows import pretrain as pretrain_wf
+from persguard_jax.workflows import world_assets
+from persguard_jax.workflows import world_clip as clip_wf
 from persguard_jax.workflows.pretrain import pretrain
-from persguard_jax.workflows.world_clip import DEFAULT_CONFIG as CLIP_CONFIG
 from persguard_jax.workflows.world_clip import train_clip, zero_shot
 
 
@@ -79,10 +79,10 @@ def test_committed_assets_record_the_command_that_made_them():
 def test_pretrain_command_smoke(tmp_path):
     """The whole pre-training path at smoke scale: render, VAE, latents, UNet + text encoder, export, eval."""
     from persguard_jax.models import load_pipeline
-    raw = cfglib.load_config(PRETRAIN_CONFIG, [
+    raw = pretrain_wf.parse_config(cfglib.load_config(resources.config_path("world_tiny"), [
         "pretrain.dataset_size=64", "pretrain.vae.steps=2", "pretrain.vae.batch_size=8", "pretrain.unet.steps=2",
         "pretrain.unet.batch_size=8", "pretrain.eval_per_colour=1", "pretrain.eval_per_shape=1", "pretrain.eval_steps=2",
-        "pretrain.unet.ema_decay=0.9", "loop.log_every=1"])  # EMA on: its weights are the ones exported
+        "pretrain.unet.ema_decay=0.9", "loop.log_every=1"]))  # EMA on: its weights are the ones exported
     results = pretrain(tmp_path / "run", raw)
     assert set(results) >= {"model", "colour_accuracy", "shape_accuracy", "scaling_factor", "timings"}
     assert (tmp_path / "run" / "shape_samples.png").is_file() and (tmp_path / "run" / "results.md").is_file()
@@ -97,8 +97,8 @@ def test_pretrain_command_smoke(tmp_path):
 
 def test_train_clip_command_smoke(tmp_path):
     from persguard_jax.models.pretrained import load_clip
-    raw = cfglib.load_config(CLIP_CONFIG, ["clip.dataset_size=64", "clip.steps=2", "clip.batch_size=16",
-                                           "clip.eval_size=8", "loop.log_every=1"])
+    raw = clip_wf.parse_config(cfglib.load_config(resources.config_path("world_clip"), [
+        "clip.dataset_size=64", "clip.steps=2", "clip.batch_size=16", "clip.eval_size=8", "loop.log_every=1"]))
     results = train_clip(tmp_path / "clip", raw)
     assert 0.0 <= results["colour_accuracy"] <= 1.0 and np.isfinite(results["final_metrics"]["loss"])
     model, tokenizer, norm = load_clip(Path(results["model"]))

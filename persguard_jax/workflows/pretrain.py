@@ -26,27 +26,26 @@ from typing import Any, Mapping
 import numpy as np
 
 from persguard_jax import config as cfglib
-from persguard_jax import resources
 from persguard_jax.io import uint8_to_signed, uint8_to_unit, unit_to_uint8
-from persguard_jax.workflows.runs import check_sections, loop_config, start_run
+from persguard_jax.workflows import runs
+# A stage's optimizer defaults (the same ``optimizer`` keys as every workflow's ``optimizer`` section; its
+# ``total_steps`` is the stage's ``steps``): from-scratch training wants a larger, decaying rate than fine-tuning.
+STAGE_OPTIMIZER = {"learning_rate": 1e-3, "schedule": "cosine", "weight_decay": 0.0, "max_grad_norm": 1.0}
 
-DEFAULT_CONFIG = resources.config_path("world_tiny")
+
 @dataclass(frozen=True)
 class StageConfig(cfglib.Section):
-    """One training stage: its length, batch and optimizer."""
+    """One training stage: its length, batch and ``optimizer`` (an ``OptimizerConfig`` mapping)."""
     steps: int = 500
     batch_size: int = 32
-    learning_rate: float = 1e-3
-    warmup_steps: int = 0
-    schedule: str = "cosine"
-    weight_decay: float = 0.0
-    max_grad_norm: float | None = 1.0
+    optimizer: Any = None
 
-    def optimizer(self):
+    def __post_init__(self):
         from persguard_jax.train import OptimizerConfig
-        return OptimizerConfig(learning_rate=self.learning_rate, schedule=self.schedule,
-                               warmup_steps=self.warmup_steps, total_steps=self.steps,
-                               weight_decay=self.weight_decay, max_grad_norm=self.max_grad_norm)
+        if not isinstance(self.optimizer, OptimizerConfig):
+            given = dict(self.optimizer or {})
+            object.__setattr__(self, "optimizer", OptimizerConfig.from_dict(
+                {**STAGE_OPTIMIZER, "total_steps": self.steps, **given}))
 
 
 @dataclass(frozen=True)
@@ -65,6 +64,7 @@ class UNetStageConfig(StageConfig):
 
 @dataclass(frozen=True)
 class PretrainConfig(cfglib.Section):
+    """The ``pretrain`` section: the training set, the evaluation, and the two stages."""
     SECTION = "pretrain"
     seed: int = 0
     dataset_size: int = 20000        # world images rendered once and reused by both stages
@@ -85,38 +85,30 @@ class PretrainConfig(cfglib.Section):
         return dataclasses.replace(super().from_dict(d), vae=vae, unet=unet)
 
 
-@dataclass
-class Settings:
-    world: Any
-    pretrain: PretrainConfig
-    models: dict
-    scheduler: dict
-    step: Any
-    mesh: Any
-    loop: dict
-    raw: dict = field(default_factory=dict)
+def _models(d: Mapping[str, Any]) -> dict:
+    missing = {"unet", "vae", "text_encoder"} - set(d)
+    if missing:
+        raise cfglib.ConfigError(f"config section 'models' needs unet, vae and text_encoder; missing {sorted(missing)}")
+    return dict(d)
 
 
-def parse_config(raw: dict) -> Settings:
+def sections() -> dict[str, runs.SectionParser]:
+    """The config sections of world pre-training and their parsers."""
     from persguard_jax.data.world import WorldConfig
     from persguard_jax.sharding import MeshConfig
     from persguard_jax.train import StepConfig
-    check_sections(raw, {"world", "pretrain", "models", "scheduler", "step", "mesh", "loop"})
-    models = dict(cfglib.section(raw, "models"))
-    missing = {"unet", "vae", "text_encoder"} - set(models)
-    if missing:
-        raise cfglib.ConfigError(f"config section 'models' needs unet, vae and text_encoder; missing {sorted(missing)}")
-    return Settings(world=WorldConfig.from_dict(cfglib.section(raw, "world")),
-                    pretrain=PretrainConfig.from_dict(cfglib.section(raw, "pretrain")), models=models,
-                    scheduler=dict(cfglib.section(raw, "scheduler")),
-                    step=StepConfig.from_dict(cfglib.section(raw, "step")),
-                    mesh=MeshConfig.from_dict(cfglib.section(raw, "mesh")),
-                    loop=dict(cfglib.section(raw, "loop")), raw=raw)
+    return {"world": WorldConfig.from_dict, "pretrain": PretrainConfig.from_dict, "models": _models,
+            "scheduler": runs.mapping, "step": StepConfig.from_dict, "mesh": MeshConfig.from_dict,
+            "loop": runs.mapping}
+
+
+def parse_config(raw: dict) -> runs.Config:
+    return runs.parse_config(raw, sections())
 
 
 # --------------------------------------------------------------------------- pieces
 
-def build_pipeline(settings: Settings, tokenizer) -> Any:
+def build_pipeline(settings: runs.Config, tokenizer) -> Any:
     """Randomly initialised modules of the configured sizes (numpy init: seconds, not minutes, on a CPU)."""
     from persguard_jax.models import clip, unet, vae
     from persguard_jax.models.init import random_init
@@ -139,40 +131,36 @@ def _to_signed_range(batch: dict) -> dict:
     return {"images": uint8_to_signed(batch["images"])}
 
 
-def train_vae(pipe, images: np.ndarray, settings: Settings, workdir: Path):
-    import jax
-
+def train_vae(pipe, images: np.ndarray, settings: runs.Config, workdir: Path):
     from persguard_jax import losses
     from persguard_jax import sharding as shd
     from persguard_jax.data.batches import ArraySource
     from persguard_jax.models import functional as F
-    from persguard_jax.train import fit
+    from persguard_jax.train import distributed, fit
     stage = settings.pretrain.vae
     model, params = F.split_modules({"vae": pipe.vae})
     loss_fn = losses.bind(losses.vae_loss, model=model, kl_weight=stage.kl_weight)
     result, _ = fit(loss_fn, params, {}, train_logical={"vae": shd.logical_axes(pipe.vae)}, frozen_logical={},
                     source=ArraySource({"images": images}), global_batch=stage.batch_size, workdir=workdir,
-                    optimizer=stage.optimizer(), loop=loop_config(settings.loop, stage.steps), step=settings.step,
+                    optimizer=stage.optimizer, loop=runs.loop_config(settings.loop, stage.steps), step=settings.step,
                     mesh_cfg=settings.mesh, seed=settings.pretrain.seed, map_fn=_to_signed_range)
-    F.update_modules({"vae": pipe.vae}, jax.device_get(result.state.params))
+    F.update_modules({"vae": pipe.vae}, distributed.to_host(result.state.params))
     return result
 
 
 def encode_dataset(pipe, images: np.ndarray, batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    from persguard_jax.workflows.personalize import encode_latents
-    return encode_latents(pipe, uint8_to_signed(images), batch=batch)
+    from persguard_jax.dreambooth import encode_latents
+    return encode_latents(pipe.vae, uint8_to_signed(images), batch=batch)
 
 
-def train_unet(pipe, latents: tuple[np.ndarray, np.ndarray], input_ids: np.ndarray, settings: Settings,
+def train_unet(pipe, latents: tuple[np.ndarray, np.ndarray], input_ids: np.ndarray, settings: runs.Config,
                workdir: Path):
-    import jax
-
     from persguard_jax import losses
     from persguard_jax import sharding as shd
     from persguard_jax.data.batches import ArraySource
     from persguard_jax.models import functional as F
     from persguard_jax.schedulers import SchedulerConfig, make_schedule
-    from persguard_jax.train import fit
+    from persguard_jax.train import distributed, fit
     stage = settings.pretrain.unet
     modules = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
     model, params = F.split_modules(modules)
@@ -187,10 +175,10 @@ def train_unet(pipe, latents: tuple[np.ndarray, np.ndarray], input_ids: np.ndarr
     result, _ = fit(loss_fn, params, {}, train_logical={k: shd.logical_axes(m) for k, m in modules.items()},
                     frozen_logical={}, source=ArraySource({"latent_mean": mean, "latent_logvar": logvar,
                                                            "input_ids": input_ids}),
-                    global_batch=stage.batch_size, workdir=workdir, optimizer=stage.optimizer(),
-                    loop=loop_config(settings.loop, stage.steps), step=step, mesh_cfg=settings.mesh,
+                    global_batch=stage.batch_size, workdir=workdir, optimizer=stage.optimizer,
+                    loop=runs.loop_config(settings.loop, stage.steps), step=step, mesh_cfg=settings.mesh,
                     seed=settings.pretrain.seed, ema=ema)
-    F.update_modules(modules, jax.device_get(result.state.ema if ema else result.state.params))
+    F.update_modules(modules, distributed.to_host(result.state.ema if ema else result.state.params))
     return result
 
 
@@ -246,16 +234,17 @@ def evaluate_shapes(pipe, world, cfg: PretrainConfig) -> tuple[np.ndarray, dict]
 
 # --------------------------------------------------------------------------- the run
 
-def pretrain(out: str | Path, raw_config: dict, *, overwrite: bool = False, resume: bool = False) -> dict:
-    """Pre-train the world's pipeline into ``out``; returns the results (also in ``out/results.json``)."""
+def pretrain(out: str | Path, settings: runs.Config, *, overwrite: bool = False, resume: bool = False) -> dict:
+    """Pre-train the world's pipeline into ``out``; returns the results (process 0 also writes them to
+    ``out/results.json``, with the model and the sample grids)."""
     import jax
 
-    from persguard_jax.data.world import World, render_dataset
+    from persguard_jax.data.world import WORLD_FILE, World, render_dataset
     from persguard_jax.io import save_json, save_png
     from persguard_jax.models import save_pipeline
     from persguard_jax.report import image_grid, write_results
+    from persguard_jax.train.distributed import is_writer
 
-    settings = parse_config(raw_config)
     cfg = settings.pretrain
     out = Path(out)
     t0 = time.time()
@@ -263,7 +252,7 @@ def pretrain(out: str | Path, raw_config: dict, *, overwrite: bool = False, resu
     context_length = settings.models["text_encoder"].get("max_position_embeddings", 77)
     tokenizer = world.tokenizer(cfg.vocab_size, max_length=context_length)
     pipe = build_pipeline(settings, tokenizer)
-    start_run(out, settings.raw, overwrite=overwrite, resume=resume)
+    runs.start_run(out, settings.raw, overwrite=overwrite, resume=resume)
     print(f"pre-training the world model into {out} on {jax.device_count()} {jax.default_backend()} device(s)")
 
     images, captions = render_dataset(world, cfg.dataset_size, class_fraction=cfg.class_fraction,
@@ -288,20 +277,38 @@ def pretrain(out: str | Path, raw_config: dict, *, overwrite: bool = False, resu
     if unet_result.preempted:
         return {"preempted": True, "stage": "unet", "step": unet_result.step}
 
-    model_dir = save_pipeline(pipe, out / "model", overwrite=True)
-    # the world the model was trained on travels with it (diffusers ignores extra files in the folder)
-    from persguard_jax.data.world import WORLD_FILE
-    save_json(settings.world.to_dict(), model_dir / WORLD_FILE)
+    model_dir = out / "model"
+    results = {"model": str(model_dir), "samples": str(out / "samples.png"),
+               "shape_samples": str(out / "shape_samples.png"), "scaling_factor": scale,
+               "vae": vae_result.last_metrics, "unet": unet_result.last_metrics}
+    if not is_writer():
+        return results
+    save_pipeline(pipe, model_dir, overwrite=True)
+    save_json(settings.world.to_dict(), model_dir / WORLD_FILE)  # the world travels with the model
     t = time.time()
     colour_samples, colour = evaluate_colours(pipe, world, cfg)
     shape_samples, shape = evaluate_shapes(pipe, world, cfg)
     timings["eval_s"] = round(time.time() - t, 1)
     save_png(image_grid(uint8_to_unit(colour_samples), ncols=cfg.eval_per_colour * 2), out / "samples.png")
     save_png(image_grid(uint8_to_unit(shape_samples), ncols=cfg.eval_per_shape * 2), out / "shape_samples.png")
-    results = {"model": str(model_dir), "samples": str(out / "samples.png"),
-               "shape_samples": str(out / "shape_samples.png"), "scaling_factor": scale,
-               "vae": vae_result.last_metrics, "unet": unet_result.last_metrics, **colour, **shape,
-               "timings": timings, "wall_s": round(time.time() - t0, 1)}
+    results.update(**colour, **shape, timings=timings, wall_s=round(time.time() - t0, 1))
     # the run owns ``out`` (start_run checked it): a resumed run's results replace the earlier ones
     write_results(out, results, title="World model pre-training", overwrite=True)
     return results
+
+
+def run(args, settings: runs.Config) -> dict:
+    return pretrain(args.out, settings, overwrite=args.overwrite, resume=args.resume)
+
+
+def _summary(results: dict) -> str:
+    return (f"world model: {results['model']}\nsamples: {results['samples']}, {results['shape_samples']}\n"
+            f"colour accuracy {results['colour_accuracy']:.2f} (chance {results['chance']:.2f}), "
+            f"shape accuracy {results['shape_accuracy']:.2f} (chance {results['shape_chance']:.2f}); "
+            f"{results['wall_s']} s in all")
+
+
+WORKFLOW = runs.Workflow(
+    name="pretrain", help="pre-train the synthetic world's text-to-image model from scratch", config="world_tiny",
+    sections=sections, run=run, summary=_summary, out="runs/world_tiny",
+    example="pretrain.unet.steps=800 pretrain.unet.optimizer.learning_rate=1e-3")

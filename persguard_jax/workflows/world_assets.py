@@ -34,12 +34,17 @@ def _resolve(name: str, marker: str, build, what: str, command: str) -> Path:
     return build(cache_dir() / name)
 
 
+def _default_config(workflow):
+    """A workflow's shipped config, resolved and parsed as its command would."""
+    import argparse
+    return workflow.load(argparse.Namespace(config=None, overrides=()))
+
+
 def world_model(*, build: bool = True) -> Path:
     """The world's pre-trained text-to-image pipeline folder (diffusers layout)."""
     def make(out: Path) -> Path:
-        from persguard_jax import config as cfglib
-        from persguard_jax.workflows.pretrain import DEFAULT_CONFIG, pretrain
-        return Path(pretrain(out, cfglib.load_config(DEFAULT_CONFIG), resume=True)["model"])
+        from persguard_jax.workflows import pretrain
+        return Path(pretrain.pretrain(out, _default_config(pretrain.WORKFLOW), resume=True)["model"])
     return _resolve("world_tiny", "model_index.json", make if build else None, "pre-trained world model",
                     f"persguard pretrain --out {cache_dir() / 'world_tiny'}")
 
@@ -47,8 +52,7 @@ def world_model(*, build: bool = True) -> Path:
 def world_clip(*, build: bool = True) -> Path:
     """The world's CLIP folder (transformers layout), for the metrics."""
     def make(out: Path) -> Path:
-        from persguard_jax import config as cfglib
-        from persguard_jax.workflows.world_clip import DEFAULT_CONFIG, train_clip
-        return Path(train_clip(out, cfglib.load_config(DEFAULT_CONFIG), resume=True)["model"])
+        from persguard_jax.workflows import world_clip as clip_wf
+        return Path(clip_wf.train_clip(out, _default_config(clip_wf.WORKFLOW), resume=True)["model"])
     return _resolve("world_clip", "config.json", make if build else None, "world CLIP",
                     f"persguard train-clip --out {cache_dir() / 'world_clip'}")

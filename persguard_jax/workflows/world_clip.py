@@ -12,18 +12,15 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from persguard_jax import config as cfglib
-from persguard_jax import resources
 from persguard_jax.io import uint8_to_unit
-from persguard_jax.workflows.runs import check_sections, loop_config, start_run
-
-DEFAULT_CONFIG = resources.config_path("world_clip")
+from persguard_jax.workflows import runs
 # The world's pixel statistics are not ImageNet's; CLIP's own recipe normalises with the training set's.
 WORLD_NORM = dict(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 
@@ -37,36 +34,37 @@ class ClipTrainConfig(cfglib.Section):
     vocab_size: int = 512
     steps: int = 600
     batch_size: int = 128
-    learning_rate: float = 2e-3
-    warmup_steps: int = 30
-    weight_decay: float = 0.1
     eval_size: int = 512             # held-out (val) scenes for the zero-shot accuracies
 
 
-@dataclass
-class Settings:
-    world: Any
-    clip: ClipTrainConfig
-    model: dict
-    step: Any
-    mesh: Any
-    loop: dict
-    raw: dict = field(default_factory=dict)
+# The contrastive recipe's optimizer (CLIP's: AdamW, warm-up then cosine, weight decay 0.1); the config's
+# ``optimizer`` section overrides any key, and its ``total_steps`` is ``clip.steps``.
+CLIP_OPTIMIZER = {"learning_rate": 2e-3, "schedule": "cosine", "warmup_steps": 30, "weight_decay": 0.1,
+                  "max_grad_norm": 1.0}
 
 
-def parse_config(raw: dict) -> Settings:
+def sections() -> dict[str, runs.SectionParser]:
+    """The config sections of world-CLIP training and their parsers."""
     from persguard_jax.data.world import WorldConfig
     from persguard_jax.sharding import MeshConfig
-    from persguard_jax.train import StepConfig
-    check_sections(raw, {"world", "clip", "model", "step", "mesh", "loop"})
-    return Settings(world=WorldConfig.from_dict(cfglib.section(raw, "world")),
-                    clip=ClipTrainConfig.from_dict(cfglib.section(raw, "clip")), model=dict(cfglib.section(raw, "model")),
-                    step=StepConfig.from_dict(cfglib.section(raw, "step")),
-                    mesh=MeshConfig.from_dict(cfglib.section(raw, "mesh")), loop=dict(cfglib.section(raw, "loop")),
-                    raw=raw)
+    from persguard_jax.train import OptimizerConfig, StepConfig
+    return {"world": WorldConfig.from_dict, "clip": ClipTrainConfig.from_dict, "optimizer": OptimizerConfig.from_dict,
+            "model": runs.mapping, "step": StepConfig.from_dict, "mesh": MeshConfig.from_dict, "loop": runs.mapping}
 
 
-def build_clip(settings: Settings, vocab_size: int):
+def resolve(raw: dict, args=None) -> dict:
+    """The optimizer's defaults and its schedule's length (``clip.steps``) under the config's own keys."""
+    raw = dict(raw)
+    steps = ClipTrainConfig.from_dict(raw.get("clip")).steps
+    raw["optimizer"] = {**CLIP_OPTIMIZER, "total_steps": steps, **(raw.get("optimizer") or {})}
+    return raw
+
+
+def parse_config(raw: dict) -> runs.Config:
+    return runs.parse_config(resolve(raw), sections())
+
+
+def build_clip(settings: runs.Config, vocab_size: int):
     from persguard_jax.models import clip
     from persguard_jax.models.init import random_init
     d = dict(settings.model)
@@ -100,9 +98,8 @@ def zero_shot(evaluator, world, size: int, split: str = "val") -> dict[str, floa
     return out
 
 
-def train_clip(out: str | Path, raw_config: dict, *, overwrite: bool = False, resume: bool = False) -> dict:
+def train_clip(out: str | Path, settings: runs.Config, *, overwrite: bool = False, resume: bool = False) -> dict:
     """Train the world CLIP into ``out``; returns the results (also in ``out/results.json``)."""
-    import jax
 
     from persguard_jax import losses
     from persguard_jax import sharding as shd
@@ -112,9 +109,9 @@ def train_clip(out: str | Path, raw_config: dict, *, overwrite: bool = False, re
     from persguard_jax.models import functional as F
     from persguard_jax.models.pretrained import ImageNorm, save_clip
     from persguard_jax.report import write_results
-    from persguard_jax.train import OptimizerConfig, fit
+    from persguard_jax.train import fit
+    from persguard_jax.train.distributed import is_writer, to_host
 
-    settings = parse_config(raw_config)
     cfg = settings.clip
     out = Path(out)
     t0 = time.time()
@@ -122,27 +119,43 @@ def train_clip(out: str | Path, raw_config: dict, *, overwrite: bool = False, re
     tokenizer = world.tokenizer(cfg.vocab_size, max_length=settings.model.get("text_config", {}).get(
         "max_position_embeddings", 77))
     model = build_clip(settings, tokenizer.vocab_size)
-    start_run(out, settings.raw, overwrite=overwrite, resume=resume)
+    runs.start_run(out, settings.raw, overwrite=overwrite, resume=resume)
 
     images, captions = render_dataset(world, cfg.dataset_size, class_fraction=cfg.class_fraction)
     source = ArraySource({"images": images, "input_ids": np.asarray(tokenizer(captions), np.int32)})
     mods, params = F.split_modules({"clip": model})
     loss_fn = losses.bind(losses.clip_contrastive_loss, model=mods)
-    optimizer = OptimizerConfig(learning_rate=cfg.learning_rate, schedule="cosine", warmup_steps=cfg.warmup_steps,
-                                total_steps=cfg.steps, weight_decay=cfg.weight_decay, max_grad_norm=1.0)
-    loop = loop_config(settings.loop, cfg.steps)
+    loop = runs.loop_config(settings.loop, cfg.steps)
     result, _ = fit(loss_fn, params, {}, train_logical={"clip": shd.logical_axes(model)}, frozen_logical={},
-                    source=source, global_batch=cfg.batch_size, workdir=out, optimizer=optimizer, loop=loop,
+                    source=source, global_batch=cfg.batch_size, workdir=out, optimizer=settings.optimizer, loop=loop,
                     step=settings.step, mesh_cfg=settings.mesh, seed=cfg.seed,
                     map_fn=lambda b: {"pixel_values": pixel_values(b["images"]), "input_ids": b["input_ids"]})
     if result.preempted:
         return {"preempted": True, "step": result.step}
-    F.update_modules({"clip": model}, jax.device_get(result.state.params))
+    F.update_modules({"clip": model}, to_host(result.state.params))
+    results = {"model": str(out / "model"), "steps": result.step, "final_metrics": result.last_metrics}
+    if not is_writer():
+        return results
     norm = ImageNorm(**WORLD_NORM)
-    model_dir = save_clip(model, tokenizer, out / "model", norm)
-    accuracy = zero_shot(CLIPEvaluator(model, tokenizer, norm), world, cfg.eval_size)
-    results = {"model": str(model_dir), "steps": result.step, "final_metrics": result.last_metrics, **accuracy,
-               "wall_s": round(time.time() - t0, 1)}
+    save_clip(model, tokenizer, out / "model", norm)
+    results.update(zero_shot(CLIPEvaluator(model, tokenizer, norm), world, cfg.eval_size),
+                   wall_s=round(time.time() - t0, 1))
     # the run owns ``out`` (start_run checked it): a resumed run's results replace the earlier ones
     write_results(out, results, title="World CLIP training", overwrite=True)
     return results
+
+
+def run(args, settings: runs.Config) -> dict:
+    return train_clip(args.out, settings, overwrite=args.overwrite, resume=args.resume)
+
+
+def _summary(results: dict) -> str:
+    return (f"world CLIP: {results['model']}\nzero-shot on held-out scenes: colour "
+            f"{results['colour_accuracy']:.2f} (chance {results['colour_chance']:.2f}), shape "
+            f"{results['shape_accuracy']:.2f} (chance {results['shape_chance']:.2f}); {results['wall_s']} s")
+
+
+WORKFLOW = runs.Workflow(
+    name="train-clip", help="train the synthetic world's CLIP (for the metrics)", config="world_clip",
+    sections=sections, run=run, summary=_summary, resolve=resolve, out="runs/world_clip",
+    example="clip.steps=800 optimizer.learning_rate=1e-3")
