@@ -119,7 +119,8 @@ def run_demo(out: str | Path = "runs/demo", *, subject: str | None = None, overr
         labels = ["subject photos", f"before: {instance_prompt}", f"after: {instance_prompt}",
                   f"before: {class_prompt}", f"after: {class_prompt}"]
         save_png(labelled_grid(np.concatenate(rows), row_labels=labels), run / "report.png")
-        loss_curves(db_run / "metrics.jsonl", [["loss", "instance_loss", "prior_loss"]], run / "loss.png",
+        curves = ["loss", "instance_loss", "prior_loss"] if db.use_prior else ["loss"]
+        loss_curves(db_run / "metrics.jsonl", [curves], run / "loss.png",
                     smooth=0.6, title="DreamBooth loss")
         results["wall_s"] = round(time.time() - t0, 1)
         results["files"] = {"report": str(run / "report.png"), "loss": str(run / "loss.png"),
