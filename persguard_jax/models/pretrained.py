@@ -44,8 +44,8 @@ class ModelKind:
     prepare: Callable[[dict], dict] = lambda t: t
 
 
-UNET = ModelKind("unet", unet.UNetConfig, unet.UNet2DConditionModel, DIFFUSERS_WEIGHTS,
-                 unet.LEGACY_RENAMES, unet.IGNORE_KEYS)
+# UNet checkpoints all use diffusers' current key names: no renames, nothing to ignore
+UNET = ModelKind("unet", unet.UNetConfig, unet.UNet2DConditionModel, DIFFUSERS_WEIGHTS)
 VAE = ModelKind("vae", vae.VAEConfig, vae.AutoencoderKL, DIFFUSERS_WEIGHTS, vae.LEGACY_RENAMES, vae.IGNORE_KEYS)
 # SD text encoders are CLIPTextModel; a CLIPTextModelWithProjection folder loads too, projection unused.
 TEXT = ModelKind("text_encoder", clip.CLIPTextConfig, clip.CLIPTextModel, TRANSFORMERS_WEIGHTS,

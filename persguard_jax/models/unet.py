@@ -24,10 +24,6 @@ from persguard_jax.models import layers
 from persguard_jax.models.convert import WeightsError
 from persguard_jax.models.remat import maybe_remat
 
-# diffusers' current key names are used by every UNet checkpoint we load; no legacy renames are needed.
-LEGACY_RENAMES: list[tuple[str, str]] = []
-IGNORE_KEYS: list[str] = []
-
 CROSS_DOWN, PLAIN_DOWN = "CrossAttnDownBlock2D", "DownBlock2D"
 CROSS_UP, PLAIN_UP = "CrossAttnUpBlock2D", "UpBlock2D"
 MID_BLOCK = "UNetMidBlock2DCrossAttn"

@@ -1,0 +1,106 @@
+"""The run skeleton (one table entry per command: config sections parsed before work, --print-config, the
+output-folder rules) and DreamBooth's data pieces (pairs only with prior preservation, the class-image cache)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from persguard_jax import config as cfglib
+from persguard_jax.cli import WORKFLOWS, main
+from persguard_jax.dreambooth import DreamBoothConfig, PairSource, dreambooth_source, ensure_class_images
+from persguard_jax.workflows import runs
+
+
+def test_every_training_command_is_a_table_entry_with_a_shipped_config():
+    names = [w.name for w in WORKFLOWS()]
+    assert names == ["personalize", "pretrain", "train-clip", "demo"]
+    for workflow in WORKFLOWS():  # every shipped default parses with its sections (defaults filled in)
+        import argparse
+        config = workflow.load(argparse.Namespace(config=None, overrides=()))
+        resolved = config.resolved()
+        assert set(resolved) == set(workflow.sections()), workflow.name
+        assert runs.parse_config(resolved, workflow.sections()).resolved() == resolved  # a fixed point
+
+
+def test_print_config_shows_defaults_and_touches_nothing(tmp_path, capsys):
+    out = tmp_path / "never"
+    args = ["personalize", "--model", "m", "--instance-dir", "p", "--out", str(out), "--config", "dreambooth_world",
+            "--print-config", "--instance-prompt", "a photo of sks cat", "dreambooth.steps=7"]
+    assert main(args) == 0
+    printed = cfglib.parse_yaml(capsys.readouterr().out)
+    assert printed["dreambooth"]["instance_prompt"] == "a photo of sks cat"
+    assert printed["loop"]["num_steps"] == printed["optimizer"]["total_steps"] == printed["dreambooth"]["steps"] == 7
+    assert printed["optimizer"]["b2"] == 0.999  # a default the file does not spell out
+    assert not out.exists()
+    assert main(["train-clip", "--print-config", "optimizer.warmup_steps=3"]) == 0
+    clip = cfglib.parse_yaml(capsys.readouterr().out)
+    assert clip["optimizer"]["warmup_steps"] == 3 and clip["optimizer"]["total_steps"] == clip["clip"]["steps"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optimiser.learning_rate=1", "unknown sections ['optimiser']"),
+    ("pretrain.unet.optimizer.lr=1", "unknown keys ['lr']"),
+    ("pretrain.vae.learning_rate=1", "unknown keys ['learning_rate']"),  # the old spelling: one way now
+])
+def test_bad_sections_fail_before_any_work(tmp_path, capsys, override, message):
+    out = tmp_path / "run"
+    assert main(["pretrain", "--out", str(out), override]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_output_folder_rules(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileExistsError, match="not a folder"):
+        runs.prepare_output(tmp_path / "file", overwrite=True, resume=False)
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "results.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="--resume"):
+        runs.prepare_output(used, overwrite=False, resume=False)
+    runs.prepare_output(used, overwrite=False, resume=True)
+    assert (used / "results.json").read_text() == "{}"
+    runs.prepare_output(used, overwrite=True, resume=False)
+    assert used.is_dir() and not any(used.iterdir())
+
+
+# --------------------------------------------------------------------------- DreamBooth's data
+
+@pytest.fixture(scope="module")
+def tiny():
+    from persguard_jax.models.tiny import tiny_pipeline
+    return tiny_pipeline(0)
+
+
+def test_pairs_only_with_prior_preservation(tiny):
+    photos = np.random.default_rng(0).uniform(-1, 1, (3, 32, 32, 3)).astype(np.float32)
+    classes = np.random.default_rng(1).uniform(-1, 1, (5, 32, 32, 3)).astype(np.float32)
+    cfg = DreamBoothConfig(resolution=32, instance_prompt="a sks dog", class_prompt="a dog")
+    source, layout = dreambooth_source(tiny, photos, classes, cfg)
+    assert isinstance(source, PairSource) and len(source) == 5 and layout is not None
+    item = source[4]  # instance 4 mod 3, class 4
+    assert item["latent_mean"].shape[0] == 2 and item["input_ids"].shape[0] == 2
+    examples = layout({k: np.stack([source[0][k], source[1][k]]) for k in item})
+    np.testing.assert_array_equal(examples["is_prior"], [0, 1, 0, 1])
+    assert not np.array_equal(item["input_ids"][0], item["input_ids"][1])  # instance vs class prompt
+
+    alone, layout = dreambooth_source(tiny, photos, classes, DreamBoothConfig(resolution=32, prior_weight=0.0))
+    assert layout is None and len(alone) == 3 and alone[0]["latent_mean"].ndim == 3  # no duplicated example
+    frozen, _ = dreambooth_source(tiny, photos, None, DreamBoothConfig(resolution=32, train_text_encoder=False))
+    assert "context" in frozen[0] and "input_ids" not in frozen[0]  # a frozen encoder's output, cached
+    with pytest.raises(ValueError, match="differ in keys"):
+        PairSource({"a": np.zeros(2)}, {"b": np.zeros(2)})
+
+
+def test_class_images_are_topped_up_not_regenerated(tiny, tmp_path):
+    cfg = DreamBoothConfig(resolution=32, num_class_images=3, class_batch_size=2, class_sample_steps=2,
+                           class_prompt="a photo of a dog")
+    first = ensure_class_images(tiny, tmp_path / "c", cfg, progress=False)
+    written = {p.name: p.read_bytes() for p in (tmp_path / "c").iterdir()}
+    assert sorted(written) == ["class_00000.png", "class_00001.png", "class_00002.png"] and len(first) == 3
+    more = ensure_class_images(tiny, tmp_path / "c", DreamBoothConfig(**{**cfg.to_dict(), "num_class_images": 5}),
+                               progress=False)
+    assert len(more) == 5 and all((tmp_path / "c" / n).read_bytes() == b for n, b in written.items())
+    fresh = ensure_class_images(tiny, tmp_path / "d", DreamBoothConfig(**{**cfg.to_dict(), "num_class_images": 5,
+                                                                           "class_batch_size": 5}), progress=False)
+    np.testing.assert_allclose(more, fresh, atol=1 / 127.5)  # image i comes from seed offset i, whatever the batch
