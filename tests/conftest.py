@@ -45,3 +45,15 @@ def torch():
     torch.manual_seed(0)
     torch.set_num_threads(2)
     return torch
+
+
+@pytest.fixture(scope="module")
+def micro():
+    """(graph definitions, params, logical axes) of the micro UNet + text encoder (compiles in seconds)."""
+    from persguard_jax import sharding as shd
+    from persguard_jax.models import functional as F
+    from persguard_jax.train.selfcheck import micro_modules
+    modules = micro_modules(0)
+    logical = {k: shd.logical_axes(m) for k, m in modules.items()}
+    model, params = F.split_modules(modules)
+    return model, params, logical

@@ -15,20 +15,11 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from persguard_jax import lora as L
 from persguard_jax import sharding as shd
 from persguard_jax.models import functional as F
-from persguard_jax.train.selfcheck import micro_modules
 from persguard_jax.train.step import StepConfig, loss_and_grads
 
 RANK = 4
 N_STEPS = 6
 LR = 5.0
-
-
-@pytest.fixture(scope="module")
-def micro():
-    modules = micro_modules(0)
-    logical = {k: shd.logical_axes(m) for k, m in modules.items()}
-    model, params = F.split_modules(modules)
-    return model, params, logical
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ import optax
 import pytest
 from PIL import Image
 
-from persguard_jax import losses
 from persguard_jax.cli import main
 from persguard_jax.models import functional as F
 from persguard_jax.models import load_pipeline, save_pipeline

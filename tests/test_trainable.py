@@ -2,27 +2,15 @@
 data, and the run skeleton (config sections, --print-config, output-folder rules)."""
 from __future__ import annotations
 
-import argparse
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from persguard_jax import config as cfglib
 from persguard_jax import lora as L
-from persguard_jax import sharding as shd
 from persguard_jax.models import functional as F
-from persguard_jax.train.selfcheck import micro_modules
 from persguard_jax.trainable import split_trainable, trainable_mode
-
-
-@pytest.fixture(scope="module")
-def micro():
-    modules = micro_modules(0)
-    logical = {k: shd.logical_axes(m) for k, m in modules.items()}
-    model, params = F.split_modules(modules)
-    return model, params, logical
 
 
 def _leaves(tree) -> set[str]:

@@ -3,7 +3,6 @@ across photos and never leak into pre-training data when held out, a pixel colou
 trip. Numpy only (no jax compiles); the whole file runs in a few seconds."""
 from __future__ import annotations
 
-import itertools
 import pickle
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import numpy as np
 import pytest
 
 from persguard_jax.config import ConfigError
-from persguard_jax.data.world import (ALL_SHAPES, BACKGROUNDS, CLASSES, COLOURS, MARK_POSITIONS, SHAPES, TEXTURES,
+from persguard_jax.data.world import (ALL_SHAPES, CLASSES, COLOURS, MARK_POSITIONS, SHAPES, TEXTURES,
                                       SceneSpec, World, WorldConfig, WorldSource, parse_caption, save_photos)
 from persguard_jax.metrics import detect_shape, dominant_colour
 

@@ -1,7 +1,7 @@
 """The training state: one pytree that holds everything a resumed run needs, born sharded."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import jax

@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
-from typing import Any
-
 import numpy as np
 
 from persguard_jax.dreambooth import DreamBoothConfig
@@ -28,14 +26,21 @@ def _optimizer(d: dict):
     return OptimizerConfig.from_dict(d)
 
 
+def _loss(d: dict) -> dict:
+    """The ``loss`` section: checked now (unknown keys fail before any work), kept as a mapping because the
+    prediction type and the latent scale come from the model at run time."""
+    from persguard_jax.losses import LossConfig
+    LossConfig.from_dict(d)
+    return dict(d)
+
+
 def sections() -> dict[str, runs.SectionParser]:
     """The config sections of a personalisation run and their parsers (imports the engine: call when running)."""
     from persguard_jax.lora import LoRAConfig
-    from persguard_jax.losses import LossConfig
     from persguard_jax.sharding import MeshConfig
     from persguard_jax.train import LoopConfig, StepConfig
     return {"dreambooth": DreamBoothConfig.from_dict, "optimizer": _optimizer, "step": StepConfig.from_dict,
-            "loss": runs.mapping, "mesh": MeshConfig.from_dict, "loop": LoopConfig.from_dict,
+            "loss": _loss, "mesh": MeshConfig.from_dict, "loop": LoopConfig.from_dict,
             "lora": runs.optional(LoRAConfig.from_dict)}
 
 
