@@ -45,7 +45,9 @@ def main(argv=None) -> int:
         env = dict(os.environ, JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES=str(args.num_processes),
                    JAX_PROCESS_ID=str(i))
         if args.devices_per_process:
-            env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices_per_process}"
+            # replace only the device count: other XLA flags of the caller's environment still apply
+            kept = [f for f in env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
+            env["XLA_FLAGS"] = " ".join(kept + [f"--xla_force_host_platform_device_count={args.devices_per_process}"])
         procs.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     threads = [threading.Thread(target=pump, args=(proc, f"[{i}] "), daemon=True) for i, proc in enumerate(procs)]
     for t in threads:
