@@ -658,7 +658,8 @@ def test_a_loss_reduced_on_one_share_is_refused():
         loss, aux = make_loss()(params, batch, rng)
         return loss, {**aux, "mean_t": jnp.mean(batch["timesteps"].astype(jnp.float32))}  # this share only
 
-    with pytest.raises(ValueError, match="'mean_t' is reduced over one device's share"):
+    from persguard_jax.train.step import LocalReductionError
+    with pytest.raises(LocalReductionError, match="'mean_t' is reduced over one device's share"):
         _split_vs_whole(local_mean, fake_params(), fake_batch())
 
 

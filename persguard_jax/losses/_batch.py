@@ -19,9 +19,10 @@ gradients on any device count; its gradient per device is that device's contribu
 transpose of ``psum`` hands each device its cotangent unchanged), so the step sums them with one ``psum``.
 
 The contract for a new loss: reduce across examples and draw example-shaped randomness only through these
-functions. A loss or scalar metric reduced on the local share alone is caught when the step is traced (it is
-still device-varying); a draw that bypasses ``batch_draw`` is not (every device would draw the same rows), so
-keep to ``batch_draw``, or run that loss with ``StepConfig(data_parallel="gspmd")``.
+functions. A loss or scalar metric reduced on the local share alone (a plain ``jnp.mean``) is caught when the
+step is traced (it is still device-varying), and the step falls back to GSPMD with a warning; a draw that
+bypasses ``batch_draw`` is not caught (every device would draw the same rows), so keep to ``batch_draw``, or run
+that loss with ``StepConfig(data_parallel="gspmd")``.
 """
 from __future__ import annotations
 

@@ -33,10 +33,10 @@ Data parallelism, two ways (``StepConfig.data_parallel``):
   unchanged); their ``psum`` is the full gradient. Not a ``pmean`` of local losses: a mean over the instance
   examples divides by the global instance count, which no single device holds. Losses stay pure
   ``(params, batch, rng) -> (loss, aux)`` functions that know nothing of devices; only the ``losses`` batch
-  helpers do. A loss or metric reduced over the local share alone is still device-varying, and tracing the step
-  raises an error naming it. Gradient accumulation scans micro-batches inside the ``shard_map`` (each device's
-  share of micro-batch ``i`` is local, see ``_micro_batches``); the optimizer, EMA and metrics run after it on
-  replicated values.
+  helpers do. A loss or metric reduced over the local share alone (a plain ``jnp.mean``) is still
+  device-varying: tracing finds it, and the step falls back to GSPMD with a warning that names it. Gradient
+  accumulation scans micro-batches inside the ``shard_map`` (each device's share of micro-batch ``i`` is local,
+  see ``_micro_batches``); the optimizer, EMA and metrics run after it on replicated values.
 
 The returned function is ``jax.jit`` with in/out shardings and ``donate_argnums=0``; ``step.lower(state,
 frozen, batch).compile()`` compiles ahead of time (and ``.memory_analysis()`` reports its memory).
@@ -44,6 +44,7 @@ frozen, batch).compile()`` compiles ahead of time (and ``.memory_analysis()`` re
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple
 
@@ -167,6 +168,10 @@ def data_parallel_plan(param_shardings: Any, frozen_shardings: Any, batch_shardi
     return DataParallel(mesh, axes, jax.tree.map(lambda s: s.spec, batch_shardings))
 
 
+class LocalReductionError(ValueError):
+    """A loss (or scalar metric) that would differ between devices when each computes it on its share."""
+
+
 def per_device_loss_and_grads(loss_fn: Callable, params: Any, frozen: Any, batch: Any, rng: jax.Array,
                               cfg: StepConfig, plan: DataParallel) -> tuple[jax.Array, dict, Any]:
     """``loss_and_grads`` on a batch split over ``plan.axes``, parameters replicated: each device differentiates
@@ -181,10 +186,10 @@ def per_device_loss_and_grads(loss_fn: Callable, params: Any, frozen: Any, batch
             loss, metrics, grads = loss_and_grads(loss_fn, params, frozen, batch, rng, cfg)
         for name, value in {"loss": loss, **metrics}.items():
             if _varying_axes(value) & set(axes):
-                raise ValueError(
-                    f"the loss's {name!r} is reduced over one device's share of the batch only: reduce over the "
-                    f"batch with losses.batch_sum / batch_mean / weighted_mean (or run this loss with "
-                    f"StepConfig(data_parallel='gspmd'))")
+                raise LocalReductionError(
+                    f"the loss's {name!r} is reduced over one device's share of the batch only (or computed from "
+                    f"the parameters alone): reduce over the batch with losses.batch_sum / batch_mean / "
+                    f"weighted_mean to get per-device gradients with one all-reduce")
         flat, unravel = ravel_pytree(grads)
         return loss, metrics, unravel(jax.lax.psum(flat, axes))
 
@@ -197,13 +202,19 @@ def train_step(state: TrainState, frozen: Any, batch: Any, *, loss_fn: Callable,
                lr_schedule: Callable | None = None, plan: DataParallel | None = None) -> tuple[TrainState, dict]:
     """One update (unjitted; ``make_train_step`` jits it). The step's randomness is ``fold_in(rng, step)``: a
     resumed run draws the same noise as an uninterrupted one. With a ``plan`` the gradient is computed per
-    device (``per_device_loss_and_grads``)."""
+    device (``per_device_loss_and_grads``), or, when the loss turns out to reduce over a device's share only
+    (``LocalReductionError`` while tracing), by GSPMD with a warning."""
     key = jax.random.wrap_key_data(state.rng, impl=cfg.rng_impl) if cfg.rng_impl else jax.random.wrap_key_data(state.rng)
     key = jax.random.fold_in(key, state.step)
+    if plan is not None:
+        try:
+            loss, metrics, grads = per_device_loss_and_grads(loss_fn, state.params, frozen, batch, key, cfg, plan)
+        except LocalReductionError as e:
+            warnings.warn(f"{e}; this step's gradient is partitioned by GSPMD instead (one all-reduce per "
+                          f"parameter)", stacklevel=2)
+            plan = None
     if plan is None:
         loss, metrics, grads = loss_and_grads(loss_fn, state.params, frozen, batch, key, cfg)
-    else:
-        loss, metrics, grads = per_device_loss_and_grads(loss_fn, state.params, frozen, batch, key, cfg, plan)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = state.ema
