@@ -21,16 +21,19 @@ batch_shardings=..., cfg=StepConfig())`` with ``dreambooth_loss``; the batch (``
 ``timesteps``, ``input_ids``, ``is_prior``, laid out by ``pairs_to_examples``) goes through
 ``sharding.global_batch`` as the training loop does. The mesh is the library's default on a CPU:
 ``sharding.request_cpu_devices()`` before jax starts (one device per core, 2 here) and ``MeshConfig(data=-1)``,
-so the batch is split over 2 devices and the parameters replicated. ``jax_1dev_step_s``: the same step on a
-mesh over ``jax.devices()[:1]``. Each call is the jitted step itself (the TrainState donated), then
-``float(loss)`` waits for it, as the loop's metrics read does.
+so the batch is split over 2 devices and the parameters replicated. With replicated parameters the engine
+computes the gradient per device under ``jax.shard_map`` and all-reduces it once, as one flat vector
+(train/step.py; ``jax_per_device`` says whether the step took that path). ``jax_gspmd_step_s``: the same step
+with ``StepConfig(data_parallel="gspmd")``, the engine's path before that change (GSPMD all-reduces each
+parameter's gradient). ``jax_1dev_step_s``: the same step on a mesh over ``jax.devices()[:1]``. Each call is the
+jitted step itself (the TrainState donated), then ``float(loss)`` waits for it, as the loop's metrics read does.
 
 PyTorch baseline (``torch_step_s``, the denominator of ``ratio``): diffusers' ``train_dreambooth.py`` step in
 eager mode: ``text_encoder(input_ids)[0]``, ``noise_scheduler.add_noise`` (``DDPMScheduler`` of the saved
 scheduler config), ``unet(...).sample``, ``chunk`` into instance/prior halves, two ``F.mse_loss``,
 ``backward``, ``clip_grad_norm_`` over both models, ``torch.optim.AdamW(fused=True)`` over both,
 ``torch.set_num_threads(2)``. ``torch_default_adamw_step_s``: the same with the default (per-tensor foreach)
-AdamW.
+AdamW. ``--no-extra`` skips that variant and ``jax_gspmd``.
 
 ``--breakdown`` adds, for each framework, the step with the text encoder frozen and its output cached (UNet
 trained alone, batch carrying ``context``: ``*_unet_only_step_s``; the difference to the full step is the
@@ -77,7 +80,7 @@ NUM_BATCHES = 8
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_timing_args(p)
-    p.add_argument("--no-extra", action="store_true", help="skip the default-AdamW torch variant")
+    p.add_argument("--no-extra", action="store_true", help="skip the default-AdamW torch and the GSPMD JAX variants")
     p.add_argument("--breakdown", action="store_true",
                    help="also time UNet-only steps (text encoder frozen, cached context) and a no-op JAX step")
     p.add_argument("--profile", metavar="DIR",
@@ -177,13 +180,14 @@ class EngineRunner:
     the loss. ``trainable=["unet"]`` with batches carrying ``context`` is the frozen-text-encoder path."""
 
     def __init__(self, pipe, host_params, mesh, mesh_cfg, batches, *, trainable=("unet", "text_encoder"),
-                 noop: bool = False, flat: bool = False):
+                 noop: bool = False, flat: bool = False, data_parallel: str = "auto"):
         import jax
         from persguard_jax import losses
         from persguard_jax import sharding as shd
         from persguard_jax.models import functional as F
         from persguard_jax.schedulers import SchedulerConfig, make_schedule
         from persguard_jax.train import OptimizerConfig, StepConfig, create_state, make_optimizer, make_train_step
+        from persguard_jax.train.step import data_parallel_plan
         from persguard_jax.losses import dreambooth_loss
 
         modules = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
@@ -224,7 +228,9 @@ class EngineRunner:
                                 out_shardings=(state_sh, None))
         else:
             self.step = make_train_step(loss_fn, optimizer, state_shardings=state_sh, frozen_shardings=frozen_sh,
-                                        batch_shardings=batch_sh, cfg=StepConfig())
+                                        batch_shardings=batch_sh, cfg=StepConfig(data_parallel=data_parallel))
+        self.per_device = (not noop and data_parallel == "auto"
+                           and data_parallel_plan(state_sh.params, frozen_sh, batch_sh) is not None)
         self.batches = [shd.global_batch(b, mesh, mesh_cfg) for b in batches]
         self.n_leaves = len(jax.tree.leaves(self.state))
 
@@ -339,6 +345,7 @@ def main(argv=None) -> dict:
     add_jax("jax_1dev", mesh_1)
     add_torch("torch", tb, fused=True)
     if not args.no_extra:
+        add_jax("jax_gspmd", mesh, data_parallel="gspmd")
         add_torch("torch_default_adamw", tb, fused=False)
     all_reduces = None
     if args.breakdown:
@@ -382,13 +389,20 @@ def main(argv=None) -> dict:
         "ratio": med["jax"] / med["torch"],
         "ratio_1dev": med["jax_1dev"] / med["torch"],
         "jax_setup": f"engine step (make_train_step + dreambooth_loss, TrainState donated), default CPU mesh "
-                     f"MeshConfig(data=-1) over {n_dev} devices: batch split, params replicated",
+                     f"MeshConfig(data=-1) over {n_dev} devices: batch split, params replicated"
+                     + (", gradient per device (shard_map) + one psum of the flat gradient"
+                        if runners["jax"].per_device else ", GSPMD"),
+        "jax_per_device": runners["jax"].per_device,
         "jax_1dev_setup": "the same step on a mesh over jax.devices()[:1]",
         "torch_baseline": f"diffusers UNet2DConditionModel + transformers CLIPTextModel eager, clip_grad_norm_, "
                           f"AdamW(fused=True), {args.threads} threads",
     }
     if "torch_default_adamw" in med:
         result["torch_default_adamw_step_s"] = med["torch_default_adamw"]
+    if "jax_gspmd" in med:
+        result.update({"jax_gspmd_step_s": med["jax_gspmd"], "ratio_gspmd": med["jax_gspmd"] / med["torch"],
+                       "jax_gspmd_setup": "the default-mesh step with StepConfig(data_parallel='gspmd'): the "
+                                          "partitioner all-reduces each parameter's gradient"})
     if args.breakdown:
         result.update({
             "jax_unet_only_step_s": med["jax_unet_only"],

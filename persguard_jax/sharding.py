@@ -119,7 +119,9 @@ def request_cpu_devices(n: int | None = None) -> None:
     """Ask XLA for ``n`` CPU devices (default: one per core) unless XLA_FLAGS already says how many.
 
     XLA's CPU runtime keeps about one core busy per device; with one device per core the data axis of the
-    mesh uses them all (the tiny UNet step: 0.71 -> 0.40 of PyTorch's time on 2 cores, docs/benchmarks.md).
+    mesh uses them all (the tiny UNet step: 0.71 -> 0.40 of PyTorch's time on 2 cores; the engine's DreamBooth
+    step, whose gradient is computed per device with replicated parameters: 0.59-0.67 -> 0.55-0.57;
+    docs/benchmarks.md).
     Only effective before jax starts its CPU backend.
     """
     flags = os.environ.get("XLA_FLAGS", "")

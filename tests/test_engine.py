@@ -1,7 +1,9 @@
 """The step factory on a micro model: sharded = unsharded, accumulation, mixed precision, frozen parts, EMA."""
 from __future__ import annotations
 
+import dataclasses
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +17,7 @@ from persguard_jax.models.remat import set_remat
 from persguard_jax.schedulers import SchedulerConfig, make_schedule
 from persguard_jax.train import OptimizerConfig, StepConfig, create_state, make_optimizer, make_train_step
 from persguard_jax.train.selfcheck import micro_data, micro_modules
-from persguard_jax.train.step import loss_and_grads
+from persguard_jax.train.step import data_parallel_plan, loss_and_grads
 
 SCHEDULE = make_schedule(SchedulerConfig())
 
@@ -172,6 +174,84 @@ def test_remat_policies_give_the_same_gradients(policy, no_remat_grads):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="remat policy"):
         set_remat(modules["unet"], "some")
+
+
+# --------------------------------------------------------------------------- per-device gradients (pure data parallel)
+
+def dreambooth_steps(micro, devices, step_cfg, *, n_steps=2):
+    """DreamBooth with prior preservation, UNet and text encoder trained, EMA on, noise and timesteps drawn from the
+    step's rng, on a default (data=-1) mesh over ``devices``. The prior examples are spread unevenly: device 0 of
+    2 holds 4 instance examples, device 1 one instance and 3 prior ones, so each mean needs the global counts.
+    Returns (params after step 1 on the host, metrics of every step, the jitted step and its arguments)."""
+    _, model, params, logical = micro
+    cfg = shd.MeshConfig(data=-1)
+    mesh = shd.make_mesh(cfg, jax.devices()[:devices])
+    train_p, frozen = F.partition(params, ["unet", "text_encoder"])
+    train_l, frozen_l = F.partition(logical, ["unet", "text_encoder"])
+    # eps 1e-4, not 1e-8: the attention key biases' true gradient is 0 (softmax ignores a shift of the scores), and
+    # Adam's first step with a tiny eps turns their rounding noise (~1e-9) into +-lr updates on either path
+    opt = make_optimizer(OptimizerConfig(learning_rate=1e-3, eps=1e-4, max_grad_norm=1.0))
+    state, ss = create_state(train_p, train_l, opt, mesh, cfg, ema=True)
+    fs = shd.param_shardings(frozen_l, frozen, mesh, cfg)
+    batch = {k: v[:8] for k, v in micro_data(16, 3).items()}
+    batch["is_prior"] = np.array([0, 0, 0, 0, 0, 1, 1, 1], np.int32)
+    bs = shd.batch_sharding(batch, mesh, cfg)
+    loss = losses.bind(losses.dreambooth_loss, model=model, schedule=SCHEDULE, cfg=losses.LossConfig(),
+                       prior_weight=0.5)
+    step = make_train_step(loss, opt, state_shardings=ss, frozen_shardings=fs, batch_shardings=bs, cfg=step_cfg)
+    frozen, b = jax.device_put(frozen, fs), jax.device_put(batch, bs)
+    history, after_one = [], None
+    for i in range(n_steps):
+        state, m = step(state, frozen, b)
+        history.append({k: float(v) for k, v in m.items()})
+        if i == 0:
+            after_one = jax.device_get((state.params, state.opt_state, state.ema))
+    per_device = step_cfg.data_parallel == "auto" and data_parallel_plan(ss.params, fs, bs) is not None
+    return after_one, history, per_device, (step, state, frozen, b)
+
+
+def all_reduced_arrays(step, *args) -> list[tuple[int, ...]]:
+    """The shapes of every array the compiled step all-reduces."""
+    shapes = []
+    for line in step.lower(*args).compile().as_text().splitlines():
+        if " all-reduce(" in line or " all-reduce-start(" in line:
+            lhs = line.split(" all-reduce")[0].split("=", 1)[1]
+            shapes += [tuple(int(d) for d in dims.split(",") if d) for dims in re.findall(r"[a-z]+\d*\[([\d,]*)\]", lhs)]
+    return shapes
+
+
+@pytest.mark.parametrize("step_cfg", [StepConfig(), StepConfig(grad_accum=2)], ids=["plain", "grad_accum2"])
+def test_per_device_gradients_equal_one_device(micro, step_cfg):
+    """With replicated parameters the step computes the gradient per device and all-reduces it once; loss,
+    metrics (prior and instance means over the global batch), parameters, AdamW moments and EMA equal the
+    one-device run's and the GSPMD path's."""
+    one, h1, used, _ = dreambooth_steps(micro, 1, step_cfg)
+    assert not used
+    two, h2, used, (step, *args) = dreambooth_steps(micro, 2, step_cfg)
+    assert used
+    runs = [(two, h2)]
+    if step_cfg.grad_accum == 1:
+        gspmd = dreambooth_steps(micro, 2, dataclasses.replace(step_cfg, data_parallel="gspmd"))
+        assert not gspmd[2]
+        runs.append(gspmd[:2])
+    for after, hist in runs:
+        for a, b in zip(h1, hist):  # both steps: the second draws its noise from fold_in(rng, 1)
+            assert set(a) == set(b) == {"loss", "instance_loss", "prior_loss", "grad_norm"}
+            for k in a:
+                assert abs(a[k] - b[k]) <= 1e-5 * max(1.0, abs(a[k])), (k, a[k], b[k])
+        assert max_diff(one, after) <= 1e-5
+    # one all-reduce carries the whole gradient: the other reduced arrays are the loss's scalar sums
+    n_params = sum(x.size for x in jax.tree.leaves(one[0]))
+    arrays = all_reduced_arrays(step, *args)
+    assert [s for s in arrays if s] == [(n_params,)], arrays
+
+
+def test_per_device_bf16_and_unknown_mode(micro):
+    _, h1, _, _ = dreambooth_steps(micro, 1, StepConfig(compute_dtype="bfloat16"), n_steps=1)
+    _, h2, used, _ = dreambooth_steps(micro, 2, StepConfig(compute_dtype="bfloat16"), n_steps=1)
+    assert used and abs(h1[0]["loss"] - h2[0]["loss"]) <= 1e-3 * h1[0]["loss"]
+    with pytest.raises(ValueError, match="data_parallel must be one of"):
+        StepConfig(data_parallel="pmap")
 
 
 def test_step_compiles_ahead_of_time(micro):

@@ -9,6 +9,7 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from persguard_jax import losses
 from persguard_jax.data.batches import ArraySource, StepBatches
 from persguard_jax.train import LoopConfig, OptimizerConfig, fit, make_train_step
 from persguard_jax.train.metrics import read_metrics
@@ -18,9 +19,17 @@ W_TRUE = np.array([1.5, -2.0, 0.5], np.float32)
 
 
 def regression(params, batch, rng):
+    """Squared error, meaned over the global batch (``losses.batch_mean``: fit's default mesh splits the batch
+    over the 8 test devices and the step computes the gradient per device)."""
     del rng
     per_example = jnp.square(batch["x"] @ params["w"] - batch["y"])
-    return per_example.mean(), {"per_example": per_example}
+    return losses.batch_mean(per_example), {"per_example": per_example}
+
+
+def regression_local_mean(params, batch, rng):
+    """The same loss meaned with ``jnp.mean``: on a device's share, that is the share's mean."""
+    loss, aux = regression(params, batch, rng)
+    return aux["per_example"].mean(), aux
 
 
 def source(n=32, seed=0):
@@ -84,6 +93,17 @@ def test_projected_sign_ascent(tmp_path):
     resumed, _ = run(tmp_path, pgd, 4, lr_schedule=alpha)  # already done: restores the end state, no step runs
     assert resumed.resumed_from == 4 and resumed.step == 4
     np.testing.assert_array_equal(np.asarray(resumed.state.params["w"]), w)
+
+
+def test_a_loss_meaned_per_device_falls_back_to_gspmd(tmp_path):
+    """A loss that means with ``jnp.mean`` would be each device's own loss on the per-device path: the step sees
+    it (the mean still differs between devices) and lets GSPMD partition it instead, with the same result."""
+    sgd = optax.sgd(0.1)
+    per_device, _ = run(tmp_path / "batch_mean", sgd, 2)
+    with pytest.warns(UserWarning, match="'loss' is reduced over one device's share.*partitioned by GSPMD"):
+        fallback, _ = run(tmp_path / "jnp_mean", sgd, 2, loss_fn=regression_local_mean)
+    np.testing.assert_allclose(np.asarray(fallback.state.params["w"]), np.asarray(per_device.state.params["w"]),
+                               rtol=1e-6)
 
 
 def test_optimizer_config_logs_its_schedule(tmp_path):

@@ -568,3 +568,106 @@ def test_clip_contrastive_loss_is_symmetric_infonce_with_clipped_temperature():
     ce = lambda m: -(np.diag(m) - np.log(np.exp(m - m.max(1, keepdims=True)).sum(1)) - m.max(1))
     np.testing.assert_allclose(aux["per_example"], 0.5 * (ce(lg) + ce(lg.T)), rtol=1e-4)
     np.testing.assert_allclose(loss, np.mean(0.5 * (ce(lg) + ce(lg.T))), rtol=1e-4)
+
+
+# --------------------------------------------------------------------------- one device's share of the batch
+
+def _split_vs_whole(loss_fn, params, batch, *, grad_accum=1, devices=2):
+    """(loss, metrics, grads) of ``loss_fn`` as one program over the whole batch and as the step computes it per
+    device (``shard_map`` over the batch, the global-batch helpers active, one psum of the gradients)."""
+    from persguard_jax import sharding as shd
+    from persguard_jax.train.step import StepConfig, data_parallel_plan, loss_and_grads, per_device_loss_and_grads
+    cfg = StepConfig(grad_accum=grad_accum)
+    mesh = shd.make_mesh(shd.MeshConfig(data=-1), jax.devices()[:devices])
+    bs = shd.batch_sharding(batch, mesh)
+    plan = data_parallel_plan(jax.tree.map(lambda _: shd.replicated(mesh), params), {}, bs)
+    assert plan is not None and plan.axes == ("data", "fsdp")
+    whole = jax.jit(lambda p, b: loss_and_grads(loss_fn, p, {}, b, KEY, cfg))(params, batch)
+    split = jax.jit(lambda p, b: per_device_loss_and_grads(loss_fn, p, {}, b, KEY, cfg, plan))(
+        params, jax.device_put(batch, bs))
+    return whole, split
+
+
+def _assert_same(whole, split):
+    (l1, m1, g1), (l2, m2, g2) = whole, split
+    np.testing.assert_allclose(float(l2), float(l1), rtol=1e-5)
+    assert set(m1) == set(m2)
+    for k in m1:
+        np.testing.assert_allclose(float(m2[k]), float(m1[k]), rtol=1e-5, atol=1e-7, err_msg=k)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
+
+
+def _distill(params, batch, rng):
+    return losses.distillation_loss(params, batch, rng, model=FakeModel(), schedule=SCHEDULE)
+
+
+def _pp_posterior_batch():
+    """Drawn noise, timesteps and latents (posterior), token ids, and the prior examples unevenly spread over two
+    devices (3 instance examples: device 0 holds 2, device 1 holds 1 and the only prior example)."""
+    b = {**fake_batch(fixed=False, cond="input_ids"), "is_prior": jnp.array([0, 0, 0, 1], jnp.int32)}
+    b["latent_mean"] = b.pop("latents")
+    return {**b, "latent_logvar": jnp.full((B, H, W, C), -2.0)}
+
+
+SPLIT_CASES = {
+    "prior_preservation": (lambda: pp_loss(min_snr_gamma=5.0, noise_offset=0.1), _pp_posterior_batch),
+    "masked_weighted": (lambda: losses.masked(make_loss(), "is_prior", invert=True),
+                        lambda: {**fake_batch(fixed=False), "is_prior": jnp.array([1, 0, 0, 0]),
+                                 "weight": jnp.array([1.0, 2.0, 0.5, 1.0])}),
+    "weighted_sum": (lambda: losses.weighted_sum({"pp": (1.0, pp_loss()), "draw": (0.5, _draw),
+                                                  "v": (0.3, make_loss(prediction_type="v_prediction"))}),
+                     _pp_posterior_batch),
+    "caption_dropout": (lambda: losses.caption_dropout(make_loss(), rate=0.5, empty_ids=jnp.zeros(L, jnp.int32)),
+                        lambda: fake_batch(fixed=False, cond="input_ids")),
+    "distillation": (lambda: _distill, lambda: {**fake_batch(fixed=False), "teacher_context": fake_batch(1)["context"]}),
+    "vae": (lambda: losses.bind(losses.vae_loss, model=FakeVAEModel(), kl_weight=0.1),
+            lambda: {"images": jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (4, 4, 4, 3)), jnp.float32)}),
+    "clip_in_batch_negatives": (lambda: losses.bind(losses.clip_contrastive_loss, model=FakeCLIPModel()),
+                                lambda: {"pixel_values": jnp.asarray(np.random.default_rng(1).normal(size=(4, 2, 2, 3)),
+                                                                     jnp.float32),
+                                         "input_ids": jnp.asarray(np.random.default_rng(2).integers(0, 9, (4, 6)),
+                                                                  jnp.int32)}),
+}
+
+
+def _split_case_params(name):
+    if name == "distillation":
+        return {**fake_params(), "teacher": {"unet": {"w": jnp.array([0.5, 0.1]), "c": jnp.array(-0.2)}}}
+    if name == "vae":
+        return {"vae": {"a": jnp.float32(0.5), "lv": jnp.float32(np.log(0.04))}}
+    if name == "clip_in_batch_negatives":
+        rng = np.random.default_rng(1)
+        return {"clip": {"wi": jnp.asarray(rng.normal(size=(12, 5)), jnp.float32),
+                         "wt": jnp.asarray(rng.normal(size=(6, 5)), jnp.float32), "logit_scale": jnp.float32(1.0)}}
+    return fake_params()
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+@pytest.mark.parametrize("name", list(SPLIT_CASES))
+def test_losses_see_the_global_batch_when_the_step_splits_it(name, grad_accum):
+    """Every library loss gives the same value, scalar metrics and gradients on each device's share (the
+    step's per-device path) as on the whole batch: global means and counts, the same noise per example, in-batch
+    negatives across devices."""
+    make, batch = SPLIT_CASES[name]
+    _assert_same(*_split_vs_whole(make(), _split_case_params(name), batch(), grad_accum=grad_accum))
+
+
+def test_a_loss_reduced_on_one_share_is_refused():
+    def local_mean(params, batch, rng):
+        loss, aux = make_loss()(params, batch, rng)
+        return loss, {**aux, "mean_t": jnp.mean(batch["timesteps"].astype(jnp.float32))}  # this share only
+
+    from persguard_jax.train.step import LocalReductionError
+    with pytest.raises(LocalReductionError, match="'mean_t' is reduced over one device's share"):
+        _split_vs_whole(local_mean, fake_params(), fake_batch())
+
+
+def test_batch_helpers_outside_a_split_are_plain():
+    x = jnp.arange(6.0).reshape(3, 2)
+    assert losses.batch_shards() is None
+    assert float(losses.batch_sum(x)) == 15.0 and float(losses.batch_mean(x)) == 2.5
+    np.testing.assert_array_equal(losses.example_index(3), np.arange(3))
+    assert losses.batch_gather(x) is x
+    np.testing.assert_array_equal(losses.batch_draw(lambda s: jax.random.normal(KEY, s), (3, 2)),
+                                  jax.random.normal(KEY, (3, 2)))

@@ -10,6 +10,11 @@ with a leading batch dimension, ``rng`` a key, ``model`` a ``models.functional.M
 puts its unreduced ``(B,)`` values under ``"per_example"`` so that combinators can re-weight and mask them
 without calling the model twice. No hidden state: all of them are jit/grad/vmap/scan-safe.
 
+Anything that reads across examples (sums and means over the batch, example-shaped random draws, in-batch
+negatives) goes through ``batch_sum`` / ``batch_mean`` / ``weighted_mean``, ``batch_draw`` and ``batch_gather``
+(``_batch``): when the step runs the loss on each device's share of the batch they reduce, draw and gather over
+the global batch, so a loss is the same function of the global batch on any number of devices.
+
 Bind the keyword arguments with ``functools.partial`` (or ``bind``) to get the ``(params, batch, rng)`` form
 the step factory takes. Combinators take and return that same form, the way optax transforms compose::
 
@@ -27,20 +32,24 @@ Batch keys read by ``denoising_loss`` (first present wins):
 ``distillation_loss`` reads the same keys plus ``teacher_context`` / ``teacher_input_ids``, and the teacher's
 weights from ``params["teacher"]``.
 
-One private module per family: ``_base`` (config and array pieces), ``_denoising``, ``_contrastive``,
+One private module per family: ``_batch`` (batch-wide reductions and draws), ``_base`` (config and array
+pieces), ``_denoising``, ``_contrastive``,
 ``_distillation``, ``_dreambooth``, ``_combinators``; import from the package, not from them.
 """
 from persguard_jax.losses._base import (PREDICTION_TYPES, Aux, LossConfig, LossFn, Noised, bind, clean_latents,
                                         mean_per_example, min_snr_weights, noised_latents, predict, sample_timesteps,
                                         scalar_metrics, snr_weighted, squared_error, text_context, weighted_mean)
+from persguard_jax.losses._batch import (BatchShards, batch_draw, batch_gather, batch_mean, batch_shards, batch_sum,
+                                         example_index, sharded_batch)
 from persguard_jax.losses._combinators import caption_dropout, masked, prior_preservation, weighted_sum
 from persguard_jax.losses._contrastive import clip_contrastive_loss, info_nce
 from persguard_jax.losses._denoising import denoising_loss, vae_loss
 from persguard_jax.losses._distillation import distillation_loss
 from persguard_jax.losses._dreambooth import dreambooth_loss, pairs_to_examples
 
-__all__ = ["PREDICTION_TYPES", "Aux", "LossConfig", "LossFn", "Noised", "bind", "caption_dropout", "clean_latents",
+__all__ = ["PREDICTION_TYPES", "Aux", "BatchShards", "LossConfig", "LossFn", "Noised", "batch_draw", "batch_gather",
+           "batch_mean", "batch_shards", "batch_sum", "bind", "caption_dropout", "clean_latents",
            "clip_contrastive_loss", "denoising_loss", "distillation_loss", "dreambooth_loss", "info_nce", "masked",
-           "mean_per_example", "min_snr_weights", "noised_latents", "pairs_to_examples", "predict",
-           "prior_preservation", "sample_timesteps", "scalar_metrics", "snr_weighted", "squared_error",
+           "example_index", "mean_per_example", "min_snr_weights", "noised_latents", "pairs_to_examples", "predict",
+           "prior_preservation", "sample_timesteps", "scalar_metrics", "sharded_batch", "snr_weighted", "squared_error",
            "text_context", "vae_loss", "weighted_mean", "weighted_sum"]

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from persguard_jax import schedulers
 from persguard_jax.config import Section
+from persguard_jax.losses._batch import batch_draw, batch_mean, batch_sum
 
 Aux = dict[str, jax.Array]
 LossFn = Callable[..., tuple[jax.Array, Aux]]
@@ -75,15 +76,17 @@ def snr_weighted(per_example: jax.Array, schedule: schedulers.Schedule, timestep
 
 
 def weighted_mean(values: jax.Array, weights: jax.Array | None = None) -> jax.Array:
-    """``sum(w * v) / sum(w)`` (plain mean when ``weights`` is None; 0 when all weights are 0)."""
+    """``sum(w * v) / sum(w)`` over the batch (plain mean when ``weights`` is None; 0 when all weights are 0).
+    Sums run over the global batch when the step splits it (``batch_sum``)."""
     if weights is None:
-        return values.mean()
+        return batch_mean(values)
     weights = weights.astype(values.dtype)
-    return jnp.sum(weights * values) / jnp.maximum(jnp.sum(weights), 1e-12)
+    return batch_sum(weights * values) / jnp.maximum(batch_sum(weights), 1e-12)
 
 
 def sample_timesteps(rng: jax.Array, batch: int, schedule: schedulers.Schedule) -> jax.Array:
-    return jax.random.randint(rng, (batch,), 0, schedule.alphas_cumprod.shape[0])
+    """``(batch,)`` uniform training timesteps (one per example: ``batch_draw``)."""
+    return batch_draw(lambda s: jax.random.randint(rng, s, 0, schedule.alphas_cumprod.shape[0]), (batch,))
 
 
 def clean_latents(batch: Mapping[str, jax.Array], rng: jax.Array, cfg: LossConfig) -> jax.Array:
@@ -93,7 +96,7 @@ def clean_latents(batch: Mapping[str, jax.Array], rng: jax.Array, cfg: LossConfi
     if "latent_mean" in batch:
         mean = batch["latent_mean"].astype(jnp.float32)
         std = jnp.exp(0.5 * batch["latent_logvar"].astype(jnp.float32))
-        return (mean + std * jax.random.normal(rng, mean.shape)) * cfg.scaling_factor
+        return (mean + std * batch_draw(lambda s: jax.random.normal(rng, s), mean.shape)) * cfg.scaling_factor
     raise KeyError(f"batch needs 'latents' or 'latent_mean' + 'latent_logvar'; has {sorted(batch)}")
 
 
@@ -117,9 +120,10 @@ def noised_latents(batch: Mapping[str, jax.Array], rng: jax.Array, schedule: sch
     if "noise" in batch:
         noise = batch["noise"].astype(jnp.float32)
     else:
-        noise = jax.random.normal(k_noise, x0.shape)
+        noise = batch_draw(lambda s: jax.random.normal(k_noise, s), x0.shape)
         if cfg.noise_offset:
-            noise = noise + cfg.noise_offset * jax.random.normal(k_off, (b,) + (1,) * (x0.ndim - 2) + x0.shape[-1:])
+            offset = batch_draw(lambda s: jax.random.normal(k_off, s), (b,) + (1,) * (x0.ndim - 2) + x0.shape[-1:])
+            noise = noise + cfg.noise_offset * offset
     return Noised(x0, noise, t, schedulers.add_noise(schedule, x0, noise, t))
 
 

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from persguard_jax.losses._base import LossFn, weighted_mean
+from persguard_jax.losses._batch import batch_draw
 
 
 def _example_weights(batch) -> jax.Array | float:
@@ -77,7 +78,7 @@ def caption_dropout(loss_fn: LossFn, *, rate: float, empty_ids: jax.Array, key: 
     def fn(params, batch, rng):
         k_drop, k_inner = jax.random.split(rng)
         ids = batch[key]
-        drop = jax.random.bernoulli(k_drop, rate, (ids.shape[0],))
+        drop = batch_draw(lambda s: jax.random.bernoulli(k_drop, rate, s), (ids.shape[0],))
         ids = jnp.where(drop[:, None], empty_ids[None, :].astype(ids.dtype), ids)
         return loss_fn(params, {**batch, key: ids}, k_inner)
     return fn

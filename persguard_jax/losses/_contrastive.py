@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 
 from persguard_jax.losses._base import Aux, weighted_mean
+from persguard_jax.losses._batch import batch_gather, batch_mean, example_index
 
 
 def info_nce(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -17,7 +18,10 @@ def clip_contrastive_loss(params, batch, rng, *, model, name: str = "clip") -> t
     """CLIP's symmetric InfoNCE (Radford et al., 2021): cross-entropy of image->text and text->image over the
     in-batch similarity matrix scaled by the model's learned temperature. ``batch["pixel_values"]`` and
     ``batch["input_ids"]`` are matched pairs; duplicate captions in a batch count as negatives (as in CLIP), so
-    batches from a small world should be drawn with varied captions. ``rng`` is unused (no noise)."""
+    batches from a small world should be drawn with varied captions. ``rng`` is unused (no noise).
+
+    The negatives are the global batch's: when the step splits the batch, each share's images are scored against
+    every text (``batch_gather``) and its texts against every image, one row per local example."""
     del rng
     clip = model.bind(params, name)
     image = clip.get_image_features(batch["pixel_values"]).astype(jnp.float32)
@@ -26,9 +30,10 @@ def clip_contrastive_loss(params, batch, rng, *, model, name: str = "clip") -> t
     text = text / jnp.linalg.norm(text, axis=-1, keepdims=True)
     # CLIP clips the learned temperature at 100 so the logits cannot blow up early in training
     scale = jnp.minimum(jnp.exp(params[name]["logit_scale"].astype(jnp.float32)), 100.0)
-    logits = scale * image @ text.T                                     # (B_img, B_txt)
-    labels = jnp.arange(logits.shape[0])
-    per_example = 0.5 * (info_nce(logits, labels) + info_nce(logits.T, labels))
+    image_to_text = scale * image @ batch_gather(text).T                 # (local images, all texts)
+    text_to_image = scale * text @ batch_gather(image).T                 # (local texts, all images)
+    labels = example_index(image.shape[0])
+    per_example = 0.5 * (info_nce(image_to_text, labels) + info_nce(text_to_image, labels))
     loss = weighted_mean(per_example, batch.get("weight"))
-    acc = jnp.mean(jnp.argmax(logits, axis=1) == labels)
+    acc = batch_mean(jnp.argmax(image_to_text, axis=1) == labels)
     return loss, {"loss": loss, "per_example": per_example, "accuracy": acc}

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from persguard_jax import schedulers
 from persguard_jax.losses._base import (Aux, LossConfig, mean_per_example, noised_latents, predict, snr_weighted,
                                         squared_error, text_context, weighted_mean)
+from persguard_jax.losses._batch import batch_draw, batch_mean
 
 
 def denoising_loss(params, batch, rng, *, model, schedule: schedulers.Schedule,
@@ -32,10 +33,10 @@ def vae_loss(params, batch, rng, *, model, kl_weight: float = 1e-4, name: str = 
     images = batch["images"].astype(jnp.float32)
     mean, logvar = vae.encode(images.astype(vae.dtype))
     mean, logvar = mean.astype(jnp.float32), logvar.astype(jnp.float32)
-    z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape)
+    z = mean + jnp.exp(0.5 * logvar) * batch_draw(lambda s: jax.random.normal(rng, s), mean.shape)
     recon = vae.decode(z.astype(vae.dtype)).astype(jnp.float32)
     rec = squared_error(recon, images)
     kl = mean_per_example(0.5 * (mean**2 + jnp.exp(logvar) - 1.0 - logvar))
     per_example = rec + kl_weight * kl
     loss = weighted_mean(per_example, batch.get("weight"))
-    return loss, {"loss": loss, "per_example": per_example, "reconstruction": jnp.mean(rec), "kl": jnp.mean(kl)}
+    return loss, {"loss": loss, "per_example": per_example, "reconstruction": batch_mean(rec), "kl": batch_mean(kl)}
