@@ -60,23 +60,37 @@ def _from_dict(cls, d: dict, source: str):
     return config
 
 
+def _positive_ints(config, keys: tuple[str, ...], source: str, why: str = "needs a positive int") -> None:
+    for key in keys:
+        value = getattr(config, key)
+        if not isinstance(value, int) or value < 1:
+            raise WeightsError(f"{source}: {key}={value!r} is not supported by the JAX CLIP ({why})")
+
+
 def _validate(config, source: str) -> None:
     def refuse(key, why):
         raise WeightsError(f"{source}: {key}={getattr(config, key)!r} is not supported by the JAX CLIP ({why})")
 
     if config.hidden_act not in layers.ACTIVATIONS:
         refuse("hidden_act", f"known activations: {', '.join(sorted(layers.ACTIVATIONS))}")
-    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
-        if not isinstance(getattr(config, key), int) or getattr(config, key) < 1:
-            refuse(key, "needs a positive int")
+    _positive_ints(config, ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"), source)
     if config.hidden_size % config.num_attention_heads:
         refuse("num_attention_heads", f"must divide hidden_size {config.hidden_size}")
     if not isinstance(config.layer_norm_eps, (int, float)):
         refuse("layer_norm_eps", "needs a number")
 
 
+class _TowerConfig:
+    """``from_dict`` of the two towers' configs: a tower's own ``config.json``, or its part of a ``CLIPModel``'s."""
+    _SUB, _MODEL_TYPE = "", ""
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config.json"):
+        return _from_dict(cls, _sub_config(d, cls._SUB, cls._MODEL_TYPE, source), source)
+
+
 @dataclass(frozen=True)
-class CLIPTextConfig:
+class CLIPTextConfig(_TowerConfig):
     """transformers ``CLIPTextConfig`` (its defaults: openai/clip-vit-base-patch32)."""
     vocab_size: int = 49408
     hidden_size: int = 512
@@ -93,19 +107,14 @@ class CLIPTextConfig:
     bos_token_id: int | None = 49406
     eos_token_id: int = 49407
 
-    @classmethod
-    def from_dict(cls, d: dict, source: str = "config.json") -> "CLIPTextConfig":
-        return _from_dict(cls, _sub_config(d, "text_config", "clip_text_model", source), source)
+    _SUB, _MODEL_TYPE = "text_config", "clip_text_model"
 
     def validate(self, source: str = "CLIPTextConfig") -> None:
         _validate(self, source)
         if not isinstance(self.eos_token_id, int):
             raise WeightsError(f"{source}: eos_token_id={self.eos_token_id!r} is not supported by the JAX CLIP "
                                f"(needs a single int: the pooled output is taken at that token)")
-        for key in ("vocab_size", "max_position_embeddings"):
-            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
-                raise WeightsError(f"{source}: {key}={getattr(self, key)!r} is not supported by the JAX CLIP "
-                                   f"(needs a positive int)")
+        _positive_ints(self, ("vocab_size", "max_position_embeddings"), source)
 
     def to_dict(self) -> dict:
         """A transformers ``config.json`` dict (``CLIPTextConfig(**d)`` builds the same model)."""
@@ -114,7 +123,7 @@ class CLIPTextConfig:
 
 
 @dataclass(frozen=True)
-class CLIPVisionConfig:
+class CLIPVisionConfig(_TowerConfig):
     """transformers ``CLIPVisionConfig`` (its defaults: openai/clip-vit-base-patch32)."""
     hidden_size: int = 768
     intermediate_size: int = 3072
@@ -129,16 +138,12 @@ class CLIPVisionConfig:
     initializer_range: float = 0.02
     initializer_factor: float = 1.0
 
-    @classmethod
-    def from_dict(cls, d: dict, source: str = "config.json") -> "CLIPVisionConfig":
-        return _from_dict(cls, _sub_config(d, "vision_config", "clip_vision_model", source), source)
+    _SUB, _MODEL_TYPE = "vision_config", "clip_vision_model"
 
     def validate(self, source: str = "CLIPVisionConfig") -> None:
         _validate(self, source)
-        for key in ("image_size", "patch_size", "num_channels"):
-            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
-                raise WeightsError(f"{source}: {key}={getattr(self, key)!r} is not supported by the JAX CLIP "
-                                   f"(needs a positive int: square images and patches)")
+        _positive_ints(self, ("image_size", "patch_size", "num_channels"), source,
+                       "needs a positive int: square images and patches")
 
     @property
     def num_patches(self) -> int:

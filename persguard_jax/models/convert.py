@@ -9,9 +9,10 @@ Loading never unpickles: ``.bin``/``.ckpt``/``.pt`` files are refused with a mes
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -183,3 +184,25 @@ def state_dict(model: nnx.Module, *, prefix: str = "", dtype=None) -> dict[str, 
 
 def save_safetensors(tensors: Mapping[str, np.ndarray], path: Path, metadata: dict | None = None) -> None:
     atomic_write(path, lambda tmp: save_file(dict(tensors), tmp, metadata=metadata or {"format": "pt"}))
+
+
+def config_kwargs(cls: type, d: Mapping[str, Any], source: str, class_name: str, port: str, *,
+                  ignored: Iterable[str] = (), default_only: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The keyword arguments of the config dataclass ``cls`` in a diffusers ``config.json`` dict ``d``: private
+    keys (``_class_name``, ``_diffusers_version``) and ``ignored`` ones dropped, each ``default_only`` key checked
+    to hold the one value the JAX ``port`` supports, any other key ``cls`` lacks refused, naming ``source``."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    ignored, default_only = set(ignored), dict(default_only or {})
+    kw = {}
+    for key, value in d.items():
+        if key.startswith("_") or key in ignored:
+            continue
+        if key in default_only:
+            if value != default_only[key]:
+                raise WeightsError(f"{source}: {key}={value!r} is not supported by the JAX {port} "
+                                   f"(only {default_only[key]!r})")
+            continue
+        if key not in names:
+            raise WeightsError(f"{source}: unknown {class_name} option {key!r}")
+        kw[key] = value
+    return kw

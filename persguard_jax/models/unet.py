@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from persguard_jax.models import layers
-from persguard_jax.models.convert import WeightsError
+from persguard_jax.models.convert import WeightsError, config_kwargs
 from persguard_jax.models.remat import maybe_remat
 
 CROSS_DOWN, PLAIN_DOWN = "CrossAttnDownBlock2D", "DownBlock2D"
@@ -57,8 +57,16 @@ def _thaw(v: Any) -> Any:
     return [_thaw(x) for x in v] if isinstance(v, tuple) else v
 
 
+class HashableFields:
+    """For the frozen config dataclasses read from ``config.json``: list values become tuples on construction."""
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, _freeze(getattr(self, f.name)))
+
+
 @dataclass(frozen=True)
-class UNetConfig:
+class UNetConfig(HashableFields):
     """The ``config.json`` keys of a diffusers ``UNet2DConditionModel`` this port supports (diffusers defaults)."""
     sample_size: int | tuple[int, int] | None = None  # informational (the pipeline's default latent size)
     in_channels: int = 4
@@ -96,25 +104,10 @@ class UNetConfig:
     attention_type: str = "default"
     class_embeddings_concat: bool = False
 
-    def __post_init__(self):
-        for f in dataclasses.fields(self):
-            object.__setattr__(self, f.name, _freeze(getattr(self, f.name)))
-
     @classmethod
     def from_dict(cls, d: dict, source: str = "config.json") -> "UNetConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        kw = {}
-        for key, value in d.items():
-            if key.startswith("_") or key in _IGNORED_KEYS:
-                continue
-            if key in _DEFAULT_ONLY:
-                if value != _DEFAULT_ONLY[key]:
-                    raise WeightsError(f"{source}: {key}={value!r} is not supported by the JAX UNet "
-                                       f"(only {_DEFAULT_ONLY[key]!r})")
-                continue
-            if key not in names:
-                raise WeightsError(f"{source}: unknown UNet2DConditionModel option {key!r}")
-            kw[key] = value
+        kw = config_kwargs(cls, d, source, "UNet2DConditionModel", "UNet", ignored=_IGNORED_KEYS,
+                           default_only=_DEFAULT_ONLY)
         config = cls(**kw)
         config.validate(source)
         return config

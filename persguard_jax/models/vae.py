@@ -19,8 +19,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from persguard_jax.models import layers
-from persguard_jax.models.convert import WeightsError
-from persguard_jax.models.unet import ACTIVATIONS, Downsample2D, Upsample2D, _freeze, _thaw
+from persguard_jax.models.convert import WeightsError, config_kwargs
+from persguard_jax.models.unet import ACTIVATIONS, Downsample2D, HashableFields, Upsample2D, _thaw
 
 # Checkpoints saved before diffusers 0.14 name the mid-block attention projections the old way.
 LEGACY_RENAMES: list[tuple[str, str]] = [
@@ -41,7 +41,7 @@ def _strip_res(block_type: str) -> str:
 # --------------------------------------------------------------------------- config
 
 @dataclass(frozen=True)
-class VAEConfig:
+class VAEConfig(HashableFields):
     """The ``config.json`` keys of a diffusers ``AutoencoderKL`` (diffusers defaults)."""
     in_channels: int = 3
     out_channels: int = 3
@@ -62,25 +62,13 @@ class VAEConfig:
     use_post_quant_conv: bool = True
     mid_block_add_attention: bool = True
 
-    def __post_init__(self):
-        for f in dataclasses.fields(self):
-            object.__setattr__(self, f.name, _freeze(getattr(self, f.name)))
-
     @classmethod
     def from_dict(cls, d: dict, source: str = "config.json") -> "VAEConfig":
         class_name = d.get("_class_name", "AutoencoderKL")
         if class_name != "AutoencoderKL":
             raise WeightsError(f"{source}: _class_name={class_name!r} is not supported by the JAX VAE "
                                f"(only 'AutoencoderKL')")
-        names = {f.name for f in dataclasses.fields(cls)}
-        kw = {}
-        for key, value in d.items():
-            if key.startswith("_"):
-                continue
-            if key not in names:
-                raise WeightsError(f"{source}: unknown AutoencoderKL option {key!r}")
-            kw[key] = value
-        config = cls(**kw)
+        config = cls(**config_kwargs(cls, d, source, "AutoencoderKL", "VAE"))
         config.validate(source)
         return config
 

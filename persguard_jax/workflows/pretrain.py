@@ -297,10 +297,6 @@ def pretrain(out: str | Path, settings: runs.Config, *, overwrite: bool = False,
     return results
 
 
-def run(args, settings: runs.Config) -> dict:
-    return pretrain(args.out, settings, overwrite=args.overwrite, resume=args.resume)
-
-
 def _summary(results: dict) -> str:
     return (f"world model: {results['model']}\nsamples: {results['samples']}, {results['shape_samples']}\n"
             f"colour accuracy {results['colour_accuracy']:.2f} (chance {results['chance']:.2f}), "
@@ -310,5 +306,5 @@ def _summary(results: dict) -> str:
 
 WORKFLOW = runs.Workflow(
     name="pretrain", help="pre-train the synthetic world's text-to-image model from scratch", config="world_tiny",
-    sections=sections, run=run, summary=_summary, out="runs/world_tiny",
+    sections=sections, run=runs.into_out(pretrain), summary=_summary, out="runs/world_tiny",
     example="pretrain.unet.steps=800 pretrain.unet.optimizer.learning_rate=1e-3")

@@ -113,6 +113,13 @@ def loop_config(section: Mapping[str, Any], num_steps: int):
     return LoopConfig.from_dict({**SMALL_RUN_LOOP, **section, "num_steps": num_steps})
 
 
+def into_out(fn: Callable[..., dict]) -> Callable[[argparse.Namespace, Config], dict]:
+    """A ``Workflow.run`` for a library function ``fn(out, config, *, overwrite, resume)`` that owns ``--out``."""
+    def run(args: argparse.Namespace, config: Config) -> dict:
+        return fn(args.out, config, overwrite=args.overwrite, resume=args.resume)
+    return run
+
+
 def _no_arguments(parser: argparse.ArgumentParser) -> None:
     return None
 

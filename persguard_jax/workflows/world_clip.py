@@ -144,10 +144,6 @@ def train_clip(out: str | Path, settings: runs.Config, *, overwrite: bool = Fals
     return results
 
 
-def run(args, settings: runs.Config) -> dict:
-    return train_clip(args.out, settings, overwrite=args.overwrite, resume=args.resume)
-
-
 def _summary(results: dict) -> str:
     return (f"world CLIP: {results['model']}\nzero-shot on held-out scenes: colour "
             f"{results['colour_accuracy']:.2f} (chance {results['colour_chance']:.2f}), shape "
@@ -156,5 +152,5 @@ def _summary(results: dict) -> str:
 
 WORKFLOW = runs.Workflow(
     name="train-clip", help="train the synthetic world's CLIP (for the metrics)", config="world_clip",
-    sections=sections, run=run, summary=_summary, resolve=resolve, out="runs/world_clip",
+    sections=sections, run=runs.into_out(train_clip), summary=_summary, resolve=resolve, out="runs/world_clip",
     example="clip.steps=800 optimizer.learning_rate=1e-3")
