@@ -34,9 +34,9 @@ it to ``dA = s dW' B^T`` and ``dB = s A^T dW'``; the savings are in what persist
 state and the checkpoints are those of the LoRA factors only. The frozen base can be stored in bf16: the merged
 kernel keeps the kernel's dtype, the sum is formed in float32.
 
-Export: ``merge_lora_into`` gives plain parameters; write them into the modules (``functional.update_modules``)
-and save a diffusers-format folder (``models.pretrained.save_pipeline``) that loads in any PyTorch tool, no
-LoRA support needed.
+Export: ``merge_lora_into`` gives plain parameters (``trainable.Trainable.full_params`` calls it); save them as a
+diffusers-format folder (``save_pipeline(pipe.with_params(params), ...)``) that loads in any PyTorch tool, no LoRA
+support needed.
 """
 from __future__ import annotations
 
@@ -230,9 +230,9 @@ def apply_lora(params: Params, lora: Params, cfg: LoRAConfig | float) -> Params:
 
 
 def merge_lora_into(params: Params, lora: Params, cfg: LoRAConfig | float) -> Params:
-    """The merged weights ``W + scale * A @ B`` (= ``apply_lora``): what an export writes. Written into the
-    modules (``functional.update_modules``) and saved as a diffusers folder (``pretrained.save_pipeline``), the
-    fine-tuned model loads in any PyTorch tool with no LoRA support. Run it outside jit on host or device
+    """The merged weights ``W + scale * A @ B`` (= ``apply_lora``): what an export writes. Saved as a diffusers
+    folder (``save_pipeline(pipe.with_params(...))``), the fine-tuned model loads in any PyTorch tool with no LoRA
+    support. Run it outside jit on host or device
     arrays; the result has the base's dtypes."""
     return apply_lora(params, lora, cfg)
 

@@ -105,9 +105,8 @@ def main(argv=None) -> int:
                    mesh_cfg=mesh_cfg, state_shardings=state_sh)
     if result.preempted:
         return 0
-    final = F.flatten(jax.tree.map(np.asarray, jax.experimental.multihost_utils.process_allgather(
-        result.state.params, tiled=True))) if jax.process_count() > 1 else F.flatten(jax.device_get(result.state.params))
-    if jax.process_index() == 0:
+    final = F.flatten(distributed.to_host(result.state.params))
+    if distributed.is_writer():
         out = Path(args.workdir) / "final_params.npz"
         tmp = out.with_name(out.name + ".tmp.npz")
         np.savez(tmp, **final)
