@@ -5,16 +5,44 @@ random pipeline folder), ``plan`` (how a model's parameters shard over a mesh), 
 seeds, measure), and the training workflows of the ``WORKFLOWS`` table: ``personalize`` (DreamBooth), ``pretrain``
 and ``train-clip`` (the synthetic world's models) and ``demo``. Every command first sets up the process
 (``runtime.setup_process``: CPU devices, ``jax.distributed`` when launched as one of several processes, the
-compilation cache). Errors from bad input print one line and exit with status 2.
+compilation cache). Errors from bad input (``errors.USER_ERRORS``) print one line and exit with status 2
+(``PERSGUARD_TRACEBACK=1``: the traceback instead).
 """
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its refusals as one line (the usage stays behind ``--help``), exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _number(kind: type, low: float | None = None, *, finite: bool = True, name: str = ""):
+    """An argparse type: ``kind`` (int or float), finite, at least ``low``."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        if finite and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+        if low is not None and value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low:g}, got {text}")
+        return value
+    parse.__name__ = name or kind.__name__
+    return parse
+
+
+POSITIVE, NON_NEGATIVE, NUMBER = _number(int, 1), _number(int, 0), _number(float)
 
 
 def WORKFLOWS() -> tuple:  # noqa: N802 (the table, read like a constant)
@@ -48,12 +76,13 @@ def cmd_sample(args: argparse.Namespace) -> None:
     prompts = [p for p in args.prompt for _ in range(args.num_images)]
     images = []
     chunks = range(0, len(prompts), args.batch_size)
-    for start in tqdm(chunks, desc="batches", disable=len(chunks) == 1):
-        chunk = prompts[start:start + args.batch_size]
-        images.append(text_to_image(
-            pipe, chunk, args.negative_prompt, num_steps=args.steps, guidance_scale=args.guidance,
-            seed=args.seed, seed_offset=start, sampler=args.sampler, eta=args.eta, height=args.height,
-            width=args.width, progress=True))
+    with tqdm(chunks, desc="batches", disable=len(chunks) == 1) as bar:
+        for start in bar:
+            chunk = prompts[start:start + args.batch_size]
+            images.append(text_to_image(
+                pipe, chunk, args.negative_prompt, num_steps=args.steps, guidance_scale=args.guidance,
+                seed=args.seed, seed_offset=start, sampler=args.sampler, eta=args.eta, height=args.height,
+                width=args.width, progress=True))
     import numpy as np
     grid = image_grid(np.concatenate(images), ncols=args.num_images if len(args.prompt) > 1 else None)
     save_png(grid, out)
@@ -165,24 +194,25 @@ def cmd_plan(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="persguard", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="persguard", description=__doc__.splitlines()[0])
     parser.add_argument("--no-compile-cache", action="store_true",
                         help="do not use JAX's persistent compilation cache (also: PERSGUARD_NO_COMPILE_CACHE=1)")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     s = sub.add_parser("sample", help="text -> image grid with classifier-free guidance")
     s.add_argument("--model", required=True, help="diffusers pipeline folder (model_index.json, unet/, vae/, ...)")
     s.add_argument("--prompt", required=True, action="append", help="repeat for several prompts")
     s.add_argument("--negative-prompt", default="", help="guidance pushes away from this (default: empty)")
-    s.add_argument("--num-images", type=int, default=4, help="images per prompt")
-    s.add_argument("--batch-size", type=int, default=8)
-    s.add_argument("--steps", type=int, default=50)
-    s.add_argument("--guidance", type=float, default=7.5, help="diffusers guidance_scale")
+    s.add_argument("--num-images", type=POSITIVE, default=4, help="images per prompt")
+    s.add_argument("--batch-size", type=POSITIVE, default=8)
+    s.add_argument("--steps", type=POSITIVE, default=50)
+    s.add_argument("--guidance", type=NUMBER, default=7.5, help="diffusers guidance_scale")
     s.add_argument("--sampler", choices=("ddim", "dpmpp_2m"), default="ddim")
-    s.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--height", type=int)
-    s.add_argument("--width", type=int)
+    s.add_argument("--eta", type=_number(float, 0.0), default=0.0, help="DDIM stochasticity (>= 0)")
+    s.add_argument("--seed", type=NON_NEGATIVE, default=0)
+    s.add_argument("--height", type=POSITIVE, help="image height (default: the model's); a multiple of its "
+                                                   "downsampling factor")
+    s.add_argument("--width", type=POSITIVE, help="image width (default: the model's)")
     s.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
     s.add_argument("--variant", help="weights variant to read, e.g. fp16")
     s.add_argument("--out", required=True, help="PNG file to write")
@@ -191,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("init-tiny", help="write a tiny random pipeline folder (tests, smoke runs)")
     t.add_argument("--out", required=True)
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=NON_NEGATIVE, default=0)
     t.add_argument("--overwrite", action="store_true")
     t.set_defaults(fn=cmd_init_tiny)
 
@@ -199,13 +229,13 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="pipeline folder, or one model folder with config.json")
     src.add_argument("--arch", choices=("sd15", "sd21", "sd21-base"), help="a standard architecture (UNet + VAE)")
-    p.add_argument("--data", type=int, default=-1)
-    p.add_argument("--fsdp", type=int, default=1)
-    p.add_argument("--tensor", type=int, default=1)
+    p.add_argument("--data", type=_number(int, -1), default=-1, help="data-parallel size (-1: the devices left)")
+    p.add_argument("--fsdp", type=_number(int, -1), default=1)
+    p.add_argument("--tensor", type=_number(int, -1), default=1)
     p.add_argument("--layout", default="fsdp", help="rules table: fsdp or data")
-    p.add_argument("--min-shard-size", type=int, default=1)
-    p.add_argument("--devices", type=int, help="fake this many CPU devices (plan a pod on a laptop)")
-    p.add_argument("--limit", type=int, default=25, help="rows shown, largest first (0: all)")
+    p.add_argument("--min-shard-size", type=POSITIVE, default=1)
+    p.add_argument("--devices", type=POSITIVE, help="fake this many CPU devices (plan a pod on a laptop)")
+    p.add_argument("--limit", type=NON_NEGATIVE, default=25, help="rows shown, largest first (0: all)")
     p.set_defaults(fn=cmd_plan)
 
     e = sub.add_parser("evaluate", help="sample a model on prompts with fixed seeds; CLIP and detector metrics")
@@ -214,12 +244,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--prompt", required=True, action="append", help="repeat for several prompts")
     e.add_argument("--clip", help="CLIP folder for the metrics (default for a world model: the world CLIP)")
     e.add_argument("--out", required=True, help="new or empty folder for results.json, results.md, grid.png")
-    e.add_argument("--num-images", type=int, default=4, help="samples per prompt")
-    e.add_argument("--steps", type=int, default=25, help="DDIM steps")
-    e.add_argument("--guidance", type=float, help="guidance scale (default: 4.0 for a world model, else 7.5)")
-    e.add_argument("--seed", type=int, default=0, help="image j of every prompt starts from this seed's noise j")
+    e.add_argument("--num-images", type=POSITIVE, default=4, help="samples per prompt")
+    e.add_argument("--steps", type=POSITIVE, default=25, help="DDIM steps")
+    e.add_argument("--guidance", type=NUMBER, help="guidance scale (default: 4.0 for a world model, else 7.5)")
+    e.add_argument("--seed", type=NON_NEGATIVE, default=0, help="image j of every prompt starts from this seed's "
+                                                               "noise j")
     e.add_argument("--negative-prompt", default="")
-    e.add_argument("--resolution", type=int, help="side the references are resized to (default: the model's)")
+    e.add_argument("--resolution", type=POSITIVE, help="side the references are resized to (default: the model's)")
     e.set_defaults(fn=cmd_evaluate)
 
     for workflow in WORKFLOWS():
@@ -227,18 +258,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def error_line(e: BaseException) -> str:
+    """A user error as one line: an OSError as ``file: reason``, anything else its message's first line (a
+    message a library wrapped over several lines is joined)."""
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        return f"{e.filename}: {e.strerror}"
+    return " ".join(str(e).split()) or type(e).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from persguard_jax import runtime
-    from persguard_jax.models.convert import WeightsError
+    from persguard_jax.errors import USER_ERRORS
     try:
         # before any command touches a device: CPU device count (plan --devices fakes a pod's), jax.distributed,
         # the compilation cache
         runtime.setup_process(compile_cache=not args.no_compile_cache, cpu_devices=getattr(args, "devices", None))
         args.fn(args)
-    except (WeightsError, FileExistsError, FileNotFoundError, ValueError) as e:
-        print(f"persguard {args.command}: error: {e}", file=sys.stderr)
+    except USER_ERRORS as e:
+        if os.environ.get("PERSGUARD_TRACEBACK"):
+            raise
+        sys.stdout.flush()  # whatever the command printed comes first; the error is the last line
+        print(f"persguard {args.command}: error: {error_line(e)}", file=sys.stderr, flush=True)
         return 2
+    except KeyboardInterrupt:
+        print(f"\npersguard {args.command}: interrupted", file=sys.stderr, flush=True)
+        return 130
     return 0
 
 

@@ -8,15 +8,21 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
+import math
 import re
+import types
+import typing
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, ClassVar, Iterable, Literal, Mapping, Union
 
 import yaml
 
+from persguard_jax.io import atomic_write
+
 
 class ConfigError(ValueError):
-    pass
+    """A config that cannot run; the message names the key (``section.key``) and the value."""
 
 
 class _Loader(yaml.SafeLoader):
@@ -36,21 +42,183 @@ def parse_yaml(text: str):
 
 
 class Section:
-    """Mixin for the frozen dataclasses config sections are read into: ``from_dict`` refuses unknown keys
-    (a typo must not be silently ignored), ``to_dict`` gives the mapping back. ``SECTION`` names it in errors."""
-    SECTION = "config"
+    """Mixin for the frozen dataclasses config sections are read into.
+
+    ``from_dict`` refuses unknown keys (a typo must not be silently ignored) and checks every given value against
+    the field's type hint (``int``, ``float``, ``bool``, ``str``, ``Literal[...]``, ``tuple[X, ...]``, ``X | None``;
+    lists become tuples, integers floats, NaN and infinities are refused) and against ``BOUNDS``, the allowed
+    interval of numeric fields written as text (``"[1, inf)"``, ``"(0, 1]"``), so a bad value fails when the
+    config is parsed, before any work, naming ``section.key``. ``to_dict`` gives the mapping back. ``SECTION``
+    names the section in errors; ``from_dict(d, where=...)`` names a nested one by its full path."""
+    SECTION: ClassVar[str] = "config"
+    BOUNDS: ClassVar[Mapping[str, str]] = {}
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any] | None):
-        d = dict(d or {})
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ConfigError(f"{cls.SECTION} config: unknown keys {sorted(unknown)}; known: {sorted(names)}")
-        return cls(**d)
+    def from_dict(cls, d: Mapping[str, Any] | None, *, where: str | None = None):
+        return cls(**check_fields(cls, d, where or cls.SECTION))
+
+    def __post_init__(self):
+        # built directly in Python, a section is held to the same checks as one read from a config
+        # (subclasses with their own __post_init__ call this first)
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for key, value in check_fields(type(self), values, self.SECTION).items():
+            object.__setattr__(self, key, value)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def check_known(d: Mapping[str, Any], cls: type, where: str) -> None:
+    """Refuse keys of ``d`` that are not fields of dataclass ``cls`` (for a section read by a reader that would
+    ignore them, e.g. transformers-style configs)."""
+    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {sorted(map(str, unknown))}")
+
+
+def check_fields(cls: type, d: Mapping[str, Any] | None, where: str, *, error: type[Exception] | None = None,
+                 key_label: str = "{where}.{key}") -> dict:
+    """The keyword arguments for dataclass ``cls`` from mapping ``d``: unknown keys refused, each value checked
+    and coerced by its field's type hint and ``cls.BOUNDS``; errors (``ConfigError`` or ``error``) name the key as
+    ``key_label`` says (``section.key``; a ``config.json`` reader says ``"{where}: {key}"``)."""
+    error = error or ConfigError
+    if d is None:
+        d = {}
+    if not isinstance(d, Mapping):
+        raise error(f"{where}: must be a mapping of keys to values, got {_shown(d)}")
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = set(d) - set(names)
+    if unknown:
+        raise error(f"{where}: unknown keys {sorted(map(str, unknown))}; known: {sorted(names)}")
+    hints, bounds = _hints(cls), getattr(cls, "BOUNDS", {})
+    out = {}
+    for key, value in d.items():
+        try:
+            if key in hints:
+                value = _check(value, hints[key])
+            if key in bounds and value is not None:
+                _check_bounds(value, bounds[key])
+        except _Mismatch as e:
+            raise error(f"{key_label.format(where=where, key=key)}: {e} (got {_shown(value)})") from None
+        out[key] = value
+    return out
+
+
+class _Mismatch(Exception):
+    pass
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    """Field name -> resolved type hint (fields whose hint cannot be resolved are not checked)."""
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # noqa: BLE001: an unresolvable forward reference leaves that class unchecked
+        return {}
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.name in hints}
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _describe(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        return "one of " + ", ".join(map(repr, args))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is tuple:
+        return f"a list of {_describe(args[0])}" if len(args) == 2 and args[1] is Ellipsis else \
+            f"a list of {len(args)} values"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "text", type(None): "null",
+            dict: "a mapping"}.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _check(value: Any, hint: Any) -> Any:
+    """``value`` as ``hint`` wants it, or ``_Mismatch`` saying what was expected."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any or isinstance(hint, typing.TypeVar):
+        return value
+    if origin in (Union, types.UnionType):
+        for option in sorted(args, key=lambda a: a is not type(None)):  # None first: null stays null
+            try:
+                return _check(value, option)
+            except _Mismatch:
+                continue
+        raise _Mismatch(f"expected {_describe(hint)}")
+    if origin is Literal:
+        if value in args and not isinstance(value, bool):
+            return value
+        raise _Mismatch(f"expected {_describe(hint)}")
+    if origin is tuple:
+        if isinstance(value, str) and args == (str, Ellipsis):
+            value = (value,)  # one prompt, one pattern
+        if not isinstance(value, (list, tuple)):
+            raise _Mismatch(f"expected {_describe(hint)}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_check(v, args[0]) for v in value)
+        if args and len(args) != len(value):
+            raise _Mismatch(f"expected {_describe(hint)}")
+        return tuple(_check(v, a) for v, a in zip(value, args)) if args else tuple(value)
+    if origin in (dict, Mapping) or hint in (dict, Mapping):
+        if not isinstance(value, Mapping):
+            raise _Mismatch("expected a mapping")
+        return value
+    if hint is type(None):
+        if value is not None:
+            raise _Mismatch("expected null")
+        return None
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise _Mismatch("expected true or false")
+        return value
+    if hint is int:
+        if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+            return int(value)  # 1e3 steps
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise _Mismatch("expected an integer")
+        return value
+    if hint is float:
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise _Mismatch("expected a number")
+        if not math.isfinite(value):
+            raise _Mismatch("expected a finite number")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            hint_ = " (quote it)" if isinstance(value, (int, float)) else ""
+            raise _Mismatch(f"expected text{hint_}")
+        return value
+    return value  # other types (nested sections, arrays) are their owner's to check
+
+
+_INTERVAL = re.compile(r"^\s*([\[(])\s*([^,\s]+)\s*,\s*([^\])\s]+)\s*([\])])\s*$")
+
+
+@functools.cache
+def _interval(text: str) -> tuple[float, float, bool, bool]:
+    m = _INTERVAL.match(text)
+    if not m:
+        raise ValueError(f"bad interval {text!r}; write e.g. '[1, inf)' or '(0, 1]'")
+    lo, hi = float(m.group(2)), float(m.group(3))
+    return lo, hi, m.group(1) == "[", m.group(4) == "]"
+
+
+def _check_bounds(value: Any, interval: str) -> None:
+    if isinstance(value, (tuple, list)):
+        for v in value:
+            _check_bounds(v, interval)
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    lo, hi, lo_closed, hi_closed = _interval(interval)
+    inside = (value > lo or (lo_closed and value == lo)) and (value < hi or (hi_closed and value == hi))
+    if not inside:
+        if math.isinf(hi):
+            raise _Mismatch(f"must be {'>=' if lo_closed else '>'} {lo:g}")
+        raise _Mismatch(f"must lie in {interval.strip()}")
 
 
 def read_yaml(path: str | Path) -> dict:
@@ -109,4 +277,6 @@ def dumps(config: Mapping[str, Any]) -> str:
 
 
 def dump(config: Mapping[str, Any], path: str | Path) -> None:
-    Path(path).write_text(dumps(config), encoding="utf-8")
+    """Write ``config`` as YAML in one rename (a killed process leaves the old file or the new one)."""
+    text = dumps(config)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))

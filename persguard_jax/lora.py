@@ -41,13 +41,13 @@ support needed.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Literal, Mapping
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from persguard_jax.config import Section
+from persguard_jax.config import ConfigError, Section
 from persguard_jax.models import functional as F
 from persguard_jax.models.functional import _compile
 
@@ -76,25 +76,18 @@ class LoRAConfig(Section):
     (``*`` crosses ``/``) or ``re:`` + a regular expression searched in the path. Kernels that are not 2-D
     (convolutions) are never targeted.
     """
+    SECTION = "lora"
+    BOUNDS = {"rank": "[1, inf)", "alpha": "(0, inf)"}
     rank: int = 4
     alpha: float | None = None          # None = rank, i.e. scale 1 (the diffusers LoRA scripts' default)
-    SECTION = "lora"
     targets: tuple[str, ...] = UNET_ATTENTION
-    init: str = "kaiming_uniform"       # A's initialiser: kaiming_uniform (PEFT default) | gaussian (std 1/r)
+    # A's initialiser: kaiming_uniform (PEFT's default) | gaussian (std 1/r)
+    init: Literal["kaiming_uniform", "gaussian"] = "kaiming_uniform"
 
     def __post_init__(self):
-        if isinstance(self.targets, str):
-            object.__setattr__(self, "targets", (self.targets,))
-        else:
-            object.__setattr__(self, "targets", tuple(self.targets))
-        if not isinstance(self.rank, int) or self.rank < 1:
-            raise ValueError(f"lora rank must be a positive integer, got {self.rank!r}")
-        if self.alpha is not None and not self.alpha > 0:
-            raise ValueError(f"lora alpha must be > 0 or None, got {self.alpha!r}")
+        super().__post_init__()
         if not self.targets:
-            raise ValueError("lora targets must name at least one pattern")
-        if self.init not in INITS:
-            raise ValueError(f"lora init must be one of {INITS}, got {self.init!r}")
+            raise ConfigError("lora.targets: must name at least one pattern")
 
     @property
     def scale(self) -> float:

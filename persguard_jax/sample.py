@@ -65,8 +65,9 @@ def sample_latents(denoise: Denoise, x_T, schedule: Schedule, timesteps, *, samp
     from tqdm.auto import tqdm
 
     carry = (x_T, solver_state)
-    for i in tqdm(range(len(ts)), desc=f"{sampler} sampling", leave=False):
-        carry, _ = runner(carry, tuple(a[i] for a in xs), schedule, key, tuple(args))  # int32 scalars: same trace
+    with tqdm(range(len(ts)), desc=f"{sampler} sampling", leave=False) as steps:  # closed on error too
+        for i in steps:
+            carry, _ = runner(carry, tuple(a[i] for a in xs), schedule, key, tuple(args))  # int32 scalars: same trace
     return carry[0]
 
 

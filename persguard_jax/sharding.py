@@ -22,7 +22,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from persguard_jax.config import Section
+from persguard_jax.config import ConfigError, Section
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # a batch is split over every axis that holds a different slice of data
@@ -65,6 +65,8 @@ class MeshConfig(Section):
     within a slice (fast interconnect). ``layout`` names the rules table.
     """
     SECTION = "mesh"
+    BOUNDS = {"data": "[-1, inf)", "fsdp": "[-1, inf)", "tensor": "[-1, inf)", "dcn_data": "[1, inf)",
+              "min_shard_size": "[1, inf)"}
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
@@ -74,6 +76,16 @@ class MeshConfig(Section):
     # (norm scales and biases too: maxdiffusion leaves those replicated, costing ~1 MB per device on SD 1.5)
     min_shard_size: int = 1
 
+    def __post_init__(self):
+        super().__post_init__()
+        if self.layout not in RULES:
+            raise ConfigError(f"mesh.layout: unknown sharding layout {self.layout!r}; known: {sorted(RULES)}")
+        if [self.data, self.fsdp, self.tensor].count(-1) > 1:
+            raise ConfigError(f"mesh: at most one axis may be -1 (data, fsdp, tensor), got data={self.data} "
+                              f"fsdp={self.fsdp} tensor={self.tensor}")
+        if 0 in (self.data, self.fsdp, self.tensor):
+            raise ConfigError(f"mesh: axis sizes are positive (or -1: the devices left), got data={self.data} "
+                              f"fsdp={self.fsdp} tensor={self.tensor}")
 
 
 def resolve_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:

@@ -43,3 +43,57 @@ def test_shipped_configs_parse(name):
     assert with_lora.lora.rank == 4
     with pytest.raises(ValueError, match="unknown sections"):
         parse_config(cfglib.load_config(resources.config_path(name), ["optimiser.learning_rate=1"]))
+
+
+def _sections() -> list[type]:
+    """Every config section class of the package (imported, then found as Section subclasses)."""
+    import persguard_jax.workflows.personalize  # noqa: F401
+    import persguard_jax.workflows.pretrain  # noqa: F401
+    import persguard_jax.workflows.world_clip  # noqa: F401
+    from persguard_jax.data.world import WorldConfig  # noqa: F401
+    from persguard_jax.lora import LoRAConfig  # noqa: F401
+    from persguard_jax.losses import LossConfig  # noqa: F401
+    from persguard_jax.sharding import MeshConfig  # noqa: F401
+    from persguard_jax.train import LoopConfig, OptimizerConfig, StepConfig  # noqa: F401
+    seen, todo = [], [cfglib.Section]
+    while todo:
+        for sub in todo.pop().__subclasses__():
+            seen.append(sub)
+            todo.append(sub)
+    return seen
+
+
+def test_every_section_checks_its_values_and_its_defaults_pass():
+    import dataclasses
+    sections = _sections()
+    assert len(sections) >= 12, [s.__name__ for s in sections]
+    for cls in sections:
+        names = {f.name for f in dataclasses.fields(cls)}
+        assert set(cls.BOUNDS) <= names, (cls.__name__, set(cls.BOUNDS) - names)  # a typo would check nothing
+        for bound in cls.BOUNDS.values():
+            cfglib._interval(bound)
+        cls()  # the defaults pass the checks a config's values go through
+        hints = cfglib._hints(cls)
+        assert hints, cls.__name__  # the type hints resolve, so values are type-checked at all
+        for key, hint in hints.items():  # a value of the wrong kind is refused, naming section.key
+            if hint in (int, float, bool) or hint == (int | None) or hint == (float | None):
+                with pytest.raises(cfglib.ConfigError, match=rf"^{cls.SECTION}\.{key}: expected"):
+                    cls.from_dict({key: "abc"})
+
+
+@pytest.mark.parametrize("value, hint, want", [
+    (3, int, 3), (1e3, int, 1000), (2, float, 2.0), ("a", tuple[str, ...], ("a",)), ([1, 2], tuple[int, ...], (1, 2)),
+    (None, float | None, None), ("gspmd", cfglib.Literal["auto", "gspmd"], "gspmd"),
+])
+def test_values_are_coerced_to_their_field_types(value, hint, want):
+    got = cfglib._check(value, hint)
+    assert got == want and type(got) is type(want)
+
+
+@pytest.mark.parametrize("value, hint", [
+    (True, int), (2.5, int), ("3", int), (float("nan"), float), (float("inf"), float), (1, bool), (5, str),
+    ([1, "a"], tuple[int, ...]), ("x", cfglib.Literal["a", "b"]), ({}, float | None),
+])
+def test_values_of_the_wrong_kind_are_refused(value, hint):
+    with pytest.raises(cfglib._Mismatch):
+        cfglib._check(value, hint)

@@ -233,6 +233,11 @@ def test_lora_logical_axes_shard(micro):
     _, params, logical = micro
     targets = L.UNET_ATTENTION + L.TEXT_ENCODER_ATTENTION
     lora = L.init_lora(params, L.LoRAConfig(rank=RANK, targets=targets), jax.random.key(0))
+    # B starts at zero (the adapter is the identity at init): give it values, or a wrongly sharded A would
+    # still apply to the base kernel unchanged and the check below could not fail
+    leaves, treedef = jax.tree.flatten(lora)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    lora = jax.tree.unflatten(treedef, [x + 0.1 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
     specs = L.lora_logical_axes(logical, lora)
     assert jax.tree.structure(specs, is_leaf=lambda s: isinstance(s, P)) == jax.tree.structure(lora)
     q = specs["unet"]["mid_block"]["attentions"][0]["transformer_blocks"][0]["attn1"]
@@ -250,12 +255,15 @@ def test_lora_logical_axes_shard(micro):
     placed = jax.device_put(lora, shardings)
     leaf = placed["unet"]["mid_block"]["attentions"][0]["transformer_blocks"][0]["attn1"]["to_q"]["lora_A"]
     assert leaf.addressable_shards[0].data.shape == (4, RANK)
-    # the sharded tree still applies (eagerly here) and matches the unsharded result
-    cfg = L.LoRAConfig(rank=RANK)
-    np.testing.assert_array_equal(
-        np.asarray(L.apply_lora(params, placed, cfg)["unet"]["mid_block"]["attentions"][0]["transformer_blocks"][0]
-                   ["attn1"]["to_q"]["kernel"]),
-        np.asarray(params["unet"]["mid_block"]["attentions"][0]["transformer_blocks"][0]["attn1"]["to_q"]["kernel"]))
+    # the sharded tree still applies (eagerly here) and matches the unsharded result, every targeted kernel
+    cfg = L.LoRAConfig(rank=RANK, targets=targets)
+    sharded, plain = F.flatten(L.apply_lora(params, placed, cfg)), F.flatten(L.apply_lora(params, lora, cfg))
+    base = F.flatten(params)
+    changed = [k for k in plain if not np.array_equal(np.asarray(plain[k]), np.asarray(base[k]))]
+    assert len(changed) == len(F.flatten(lora)) // 2  # one merged kernel per (A, B) pair, each one moved
+    for key in plain:
+        np.testing.assert_allclose(np.asarray(sharded[key]), np.asarray(plain[key]), rtol=1e-6, atol=1e-6,
+                                   err_msg=key)
 
 
 # --------------------------------------------------------------------------- optional: PEFT parity

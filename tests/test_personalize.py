@@ -43,9 +43,35 @@ def run(tmp_path_factory):
     out = root / "out"
     args = ["personalize", "--model", str(model), "--instance-dir", str(photos), "--instance-prompt", PROMPT,
             "--class-prompt", CLASS, "--out", str(out), "--config", "dreambooth_tiny",
-            "dreambooth.steps=40", "dreambooth.eval_steps=4", "dreambooth.class_sample_steps=4"]
+            "dreambooth.steps=40", "dreambooth.eval_steps=4", "dreambooth.class_sample_steps=4",
+            "dreambooth.class_batch_size=2"]
     assert main(args) == 0
     return dict(root=root, model=model, photos=photos, out=out, args=args)
+
+
+def fixed_pairs_loss(pipe, photos, prompt: str, params=None, draws: int = 8) -> float:
+    """The denoising loss of ``prompt`` on the subject's photos over a fixed set of (noise, timestep) pairs
+    (the same for every model compared): a loss curve's single random draws cannot tell a model that learned
+    from one that drew an easy timestep."""
+    from persguard_jax.data.images import load_folder
+    from persguard_jax.sample import encode_text
+    from persguard_jax.schedulers import add_noise
+    if params is not None:
+        pipe = pipe.with_params(params)
+    mean, _ = encode_latents(pipe.vae, load_folder(photos, 32))
+    x0 = np.repeat(mean * pipe.vae.config.scaling_factor, draws, axis=0)
+    rng = np.random.default_rng(123)
+    noise = rng.standard_normal(x0.shape).astype(np.float32)
+    t = np.tile(np.linspace(50, 950, draws).astype(np.int32), len(mean))
+    schedule = make_schedule(SchedulerConfig.from_dict(pipe.scheduler_config))
+    ctx = np.repeat(np.asarray(encode_text(pipe, [prompt])), len(x0), axis=0)
+    pred = pipe.unet(add_noise(schedule, x0, noise, t), t, ctx)
+    return float(np.mean((np.asarray(pred) - noise) ** 2))
+
+
+def _weights(folder):
+    from safetensors.numpy import load_file
+    return {f"{p.parent.name}/{k}": v for p in sorted(folder.glob("*/*.safetensors")) for k, v in load_file(p).items()}
 
 
 def test_outputs_and_loss_falls(run):
@@ -55,10 +81,10 @@ def test_outputs_and_loss_falls(run):
     assert len(list((out / "class_images").glob("*.png"))) == 4
     results = json.loads((out / "results.json").read_text())
     assert results["steps"] == 40 and results["trainable"] == "unet+text_encoder"
-    metrics = read_metrics(out / "metrics.jsonl")
-    first, last = metrics[0], metrics[-1]
-    assert last["step"] == 40
-    assert last["instance_loss"] < 0.5 * first["instance_loss"]
+    assert read_metrics(out / "metrics.jsonl")[-1]["step"] == 40
+    base, tuned = load_pipeline(run["model"]), load_pipeline(out / "model")
+    before, after = fixed_pairs_loss(base, run["photos"], PROMPT), fixed_pairs_loss(tuned, run["photos"], PROMPT)
+    assert after < 0.6 * before, (before, after)
 
 
 def test_identifier_samples_move_toward_the_subject(run):
@@ -84,6 +110,93 @@ def test_existing_output_is_never_overwritten(run, capsys):
     assert main(run["args"]) == 2
     assert "already exists and is not empty" in capsys.readouterr().err
     assert marker.read_bytes() == before
+
+
+def test_resume_mid_class_images_then_mid_training_ends_where_one_run_does(run, tmp_path, monkeypatch):
+    """Killed while sampling class images, and again after the step-20 checkpoint: each ``--resume`` continues
+    (class images topped up, not redrawn; training from step 20) and the model equals the uninterrupted run's."""
+    from persguard_jax import io
+    from persguard_jax.train import loop
+
+    class Killed(BaseException):  # like a kill: nothing in the library catches it
+        pass
+
+    def dies_after(n, fn):
+        calls = []
+
+        def wrapper(*a, **k):
+            if len(calls) == n:
+                raise Killed
+            calls.append(1)
+            return fn(*a, **k)
+        return wrapper
+
+    out = tmp_path / "out"
+    args = [a if a != str(run["out"]) else str(out) for a in run["args"]]
+    monkeypatch.setattr(io, "save_png", dies_after(2, io.save_png))  # 2 of the 4 class images written
+    with pytest.raises(Killed):
+        main(args)
+    def written(folder):  # bytes and modification time: a redrawn image would be byte-equal but rewritten
+        return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.glob("*.png")}
+
+    first_two = written(out / "class_images")
+    assert len(first_two) == 2 and not (out / "checkpoints").exists()
+    monkeypatch.undo()
+
+    monkeypatch.setattr(loop.shd, "global_batch", dies_after(25, loop.shd.global_batch))  # after checkpoint 20
+    with pytest.raises(Killed):
+        main(args + ["--resume"])
+    monkeypatch.undo()
+    assert {k: v for k, v in written(out / "class_images").items() if k in first_two} == first_two
+    assert main(args + ["--resume"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["resumed_from"] == 20 and results["steps"] == 40
+    resumed, straight = _weights(out / "model"), _weights(run["out"] / "model")
+    assert resumed.keys() == straight.keys()
+    worst = max(float(np.abs(resumed[k] - straight[k]).max()) for k in straight)
+    assert worst <= 1e-6, worst
+
+
+@pytest.mark.parametrize("mode", ["lora", "frozen_text_encoder"])
+def test_lora_and_frozen_text_encoder_personalise_end_to_end(run, tmp_path, mode):
+    """The two other trainable splits through the command: the identifier's loss on the subject falls, and only
+    what the split trains changes in the exported model."""
+    out = tmp_path / mode
+    extra = ["lora.rank=4", "optimizer.learning_rate=1e-2"] if mode == "lora" else \
+        ["dreambooth.train_text_encoder=false"]
+    args = [a if a != str(run["out"]) else str(out) for a in run["args"]]
+    args = [a for a in args if not a.startswith("dreambooth.steps=")]
+    assert main(args + ["dreambooth.steps=30", f"dreambooth.class_dir={run['out'] / 'class_images'}"] + extra) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["trainable"] == ("lora" if mode == "lora" else "unet")
+    base, tuned = load_pipeline(run["model"]), load_pipeline(out / "model")
+    before, after = fixed_pairs_loss(base, run["photos"], PROMPT), fixed_pairs_loss(tuned, run["photos"], PROMPT)
+    assert after < 0.8 * before, (before, after)
+    w0, w1 = _weights(run["model"]), _weights(out / "model")
+    moved = {k for k in w0 if not np.array_equal(w0[k], w1[k])}
+    assert moved and all(k.startswith("unet/") for k in moved), sorted(moved)[:5]  # text encoder, VAE untouched
+    if mode == "lora":  # the adapters fold into the attention projections' kernels, nothing else
+        assert all(("attn1" in k or "attn2" in k) and k.endswith(".weight") for k in moved), sorted(moved)[:5]
+    else:
+        assert any("resnets" in k for k in moved)
+
+
+def test_a_diverged_run_is_one_line_naming_the_last_good_checkpoint(run, tmp_path, capsys):
+    """A learning rate of 1e30 turns the loss non-finite after the first update: the command stops with one line
+    (after its progress bars); the step-1 checkpoint, whose parameters gave that loss, is removed, so --resume
+    with a sane rate starts again instead of diverging at once (tests/test_resume.py: resuming from a good one)."""
+    out = tmp_path / "diverged"
+    args = [a if a != str(run["out"]) else str(out) for a in run["args"]]
+    args = [a for a in args if not a.startswith("dreambooth.steps=")] + [
+        "dreambooth.steps=4", "dreambooth.prior_weight=0", "loop.checkpoint_every=1", "loop.log_every=1"]
+    capsys.readouterr()
+    assert main(args + ["optimizer.learning_rate=1e30"]) == 2
+    lines = [ln for ln in capsys.readouterr().err.replace("\r", "\n").splitlines() if ln.strip()]
+    assert lines[-1].startswith("persguard personalize: error: training diverged: the loss at step 2 is "), lines[-1]
+    assert "(removed the step-1 checkpoint: its parameters give this loss); no good checkpoint in " in lines[-1]
+    assert main(args + ["optimizer.learning_rate=1e-4", "--resume"]) == 0, capsys.readouterr().err[-500:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["resumed_from"] is None and results["steps"] == 4
 
 
 def test_bad_inputs(run, tmp_path, capsys):

@@ -48,16 +48,31 @@ def test_sampling_matches_diffusers_pipeline(torch, tiny_dir, sampler):
     want = pt(PROMPTS, negative_prompt=["noisy, lowres"] * 2, num_inference_steps=8, guidance_scale=7.5,
               latents=torch.from_numpy(nhwc_to_nchw(latents)), output_type="np").images
     assert ours.shape == want.shape == (2, 32, 32, 3)
-    assert np.abs(ours - want).max() <= 1e-3
+    err = np.abs(ours - want).max()
+    assert err <= 1e-3
     assert ours.std() > 1e-3  # not a constant image: the comparison means something
+    # controls: the tolerance is far below what the guidance scale and the negative prompt change, so a port that
+    # dropped either (or swapped the two halves of the guided batch) would fail above
+    for changed in (dict(negative_prompt=""), dict(guidance_scale=1.0), dict(guidance_scale=-7.5)):
+        kw = dict(negative_prompt="noisy, lowres", guidance_scale=7.5) | changed
+        other = text_to_image(pipe, PROMPTS, kw["negative_prompt"], num_steps=8, guidance_scale=kw["guidance_scale"],
+                              sampler=sampler, latents=latents, progress=False)
+        assert np.abs(other - want).max() > 20 * max(err, 1e-4), (changed, np.abs(other - want).max(), err)
 
 
-def test_export_round_trip_loads_in_pytorch(torch, tiny_dir, tmp_path):
-    """diffusers folder -> ours -> save_pipeline -> diffusers PyTorch: the same numbers at every model."""
-    diffusers = pytest.importorskip("diffusers")
-    ours = load_pipeline(tiny_dir)
-    out = save_pipeline(ours, tmp_path / "export")
-    pt = diffusers.StableDiffusionPipeline.from_pretrained(out, local_files_only=True)
+def _perturbed(pipe, seed: int = 0):
+    """``pipe`` with every parameter moved by noise: biases that start at 0 and norm scales at 1 would hide a
+    bias or scale dropped or misplaced on export or load."""
+    import jax
+    _, params = pipe.split()
+    leaves, treedef = jax.tree.flatten(params)
+    rng = np.random.default_rng(seed)
+    noisy = [np.asarray(x) + 0.05 * rng.standard_normal(np.shape(x)).astype(np.float32) for x in leaves]
+    return pipe.with_params(jax.tree.unflatten(treedef, noisy))
+
+
+def _same_numbers(ours, pt, torch):
+    """Tokenizer ids, text encoder, UNet and VAE (encode and decode) of ``ours`` and the PyTorch ``pt`` agree."""
     ids = ours.tokenizer(PROMPTS)
     np.testing.assert_array_equal(pt.tokenizer(PROMPTS, padding="max_length", max_length=77, truncation=True,
                                                return_tensors="np").input_ids, ids)
@@ -78,6 +93,40 @@ def test_export_round_trip_loads_in_pytorch(torch, tiny_dir, tmp_path):
         dec = np.asarray(ours.vae.decode(mean))
         pt_dec = pt.vae.decode(torch.from_numpy(nhwc_to_nchw(np.asarray(mean)))).sample.numpy().transpose(0, 2, 3, 1)
         assert np.abs(dec - pt_dec).max() <= 1e-4
+
+
+def test_export_round_trip_loads_in_pytorch(torch, tiny_dir, tmp_path):
+    """diffusers folder -> ours (every weight perturbed) -> save_pipeline -> diffusers PyTorch: the same numbers
+    at every model."""
+    diffusers = pytest.importorskip("diffusers")
+    ours = _perturbed(load_pipeline(tiny_dir))
+    out = save_pipeline(ours, tmp_path / "export")
+    pt = diffusers.StableDiffusionPipeline.from_pretrained(out, local_files_only=True)
+    _same_numbers(ours, pt, torch)
+    base = diffusers.StableDiffusionPipeline.from_pretrained(tiny_dir, local_files_only=True)
+    with torch.no_grad():  # control: the perturbation is visible to the comparison above
+        assert max(float((a - b).abs().max()) for a, b in zip(pt.unet.parameters(), base.unet.parameters())) > 0.01
+
+
+def test_loads_a_folder_written_by_diffusers_save_pretrained(torch, tiny_dir, tmp_path):
+    """A folder as diffusers' ``save_pipeline`` writes it (a fast tokenizer's ``tokenizer.json``, every weight
+    random): ours reads it and computes PyTorch's numbers. The tokenizer is read from ``tokenizer.json`` alone."""
+    diffusers = pytest.importorskip("diffusers")
+    transformers = pytest.importorskip("transformers")
+    pt = diffusers.StableDiffusionPipeline.from_pretrained(tiny_dir, local_files_only=True)
+    pt.tokenizer = transformers.CLIPTokenizerFast.from_pretrained(tiny_dir / "tokenizer", local_files_only=True)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for module in (pt.unet, pt.vae, pt.text_encoder):
+            for p in module.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    folder = tmp_path / "saved"
+    pt.save_pretrained(folder)
+    tok = folder / "tokenizer"
+    assert (tok / "tokenizer.json").is_file()
+    for name in ("vocab.json", "merges.txt"):  # some hub folders carry only tokenizer.json
+        (tok / name).unlink(missing_ok=True)
+    _same_numbers(load_pipeline(folder), pt, torch)
 
 
 def test_save_pipeline_never_clobbers(tiny_dir, tmp_path):

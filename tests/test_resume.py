@@ -28,7 +28,7 @@ import pytest
 
 from persguard_jax import sharding as shd
 from persguard_jax.data.batches import ArraySource, StepBatches, batch_iterator
-from persguard_jax.train.checkpoint import Checkpointer, abstract_like
+from persguard_jax.train.checkpoint import CheckpointError, Checkpointer, abstract_like
 from persguard_jax.train.loop import LoopConfig, TrainingDiverged, train
 from persguard_jax.train.metrics import read_metrics
 from persguard_jax.train.state import TrainState, init_state
@@ -252,6 +252,12 @@ def test_corrupted_latest_checkpoint_falls_back(tmp_path):
     same = jax.tree.map(lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b))), state, s1)
     assert all(jax.tree.leaves(same)), same
     assert int(state.step) == 1
+    # when no checkpoint is readable, resuming must not silently start again from step 0
+    for p in [p for p in (d / "1" / "state").rglob("*") if p.is_file() and p.parent.name == "d"]:
+        p.unlink()
+    with Checkpointer(d, save_every=1, async_save=False) as ckpt:
+        with pytest.warns(RuntimeWarning), pytest.raises(CheckpointError, match=r"steps \[1, 2\]\) can be read"):
+            ckpt.restore(abstract)
 
 
 # --------------------------------------------------------------------------- 4: diverging loss
@@ -288,13 +294,17 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, bad):
     mesh = shd.make_mesh(shd.MeshConfig(data=1), jax.devices()[:1])
     cfg = LoopConfig(num_steps=6, log_every=1, checkpoint_every=1, async_checkpoint=False, tensorboard=False,
                      progress=False)
-    with pytest.raises(TrainingDiverged, match=f"step 3: loss is {bad}"):
+    # the loss of step 3 comes from the state after 2 updates: that checkpoint is bad too, so it goes, and the
+    # message names step 1's
+    last_good = re.escape(f"(removed the step-2 checkpoint: its parameters give this loss); the last good "
+                          f"checkpoint is {tmp_path.absolute() / 'checkpoints' / '1'} (step 1")
+    with pytest.raises(TrainingDiverged, match=f"the loss at step 3 is {bad} {last_good}"):
         train(fake_step, state, None, _FakeBatches(), workdir=tmp_path, cfg=cfg, mesh=mesh)
     with Checkpointer(tmp_path / "checkpoints", save_every=1, async_save=False) as ckpt:
-        assert ckpt.steps() == [1, 2]
+        assert ckpt.steps() == [1]
         restored_state, data_state, step = ckpt.restore(abstract_like(state))
-    assert step == 2 and int(restored_state.step) == 2 and data_state == {"pos": 2}
-    np.testing.assert_array_equal(restored_state.params["w"], np.full((3,), 2.0, np.float32))
+    assert step == 1 and int(restored_state.step) == 1 and data_state == {"pos": 1}
+    np.testing.assert_array_equal(restored_state.params["w"], np.full((3,), 1.0, np.float32))
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2]
 
 

@@ -7,6 +7,7 @@ import pytest
 
 from persguard_jax import config as cfglib
 from persguard_jax.cli import WORKFLOWS, main
+from persguard_jax.errors import RunError
 from persguard_jax.dreambooth import DreamBoothConfig, PairSource, dreambooth_source, ensure_class_images
 from persguard_jax.workflows import runs
 
@@ -53,15 +54,35 @@ def test_output_folder_rules(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(FileExistsError, match="not a folder"):
         runs.prepare_output(tmp_path / "file", overwrite=True, resume=False)
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        runs.prepare_output(tmp_path / "file" / "run", overwrite=False, resume=False)
+    theirs = tmp_path / "theirs"  # someone's folder, not a run: never continued in, never deleted
+    theirs.mkdir()
+    (theirs / "thesis.tex").write_text("x")
+    for flags in (dict(overwrite=False, resume=True), dict(overwrite=True, resume=False)):
+        with pytest.raises(RunError, match="not a run's folder"):
+            runs.prepare_output(theirs, **flags)
+    assert (theirs / "thesis.tex").read_text() == "x"
     used = tmp_path / "used"
-    used.mkdir()
+    runs.start_run(used, {"a": {"b": 1}}, overwrite=False, resume=False)
     (used / "results.json").write_text("{}")
     with pytest.raises(FileExistsError, match="--resume"):
         runs.prepare_output(used, overwrite=False, resume=False)
-    runs.prepare_output(used, overwrite=False, resume=True)
+    with pytest.raises(ValueError, match="choose one"):
+        runs.prepare_output(used, overwrite=True, resume=True)
+    with pytest.raises(cfglib.ConfigError, match=r"another config \(a.b: 1 -> 2\)"):
+        runs.start_run(used, {"a": {"b": 2}}, overwrite=False, resume=True)
+    runs.start_run(used, {"a": {"b": 1}}, overwrite=False, resume=True)
     assert (used / "results.json").read_text() == "{}"
+    # the learning rate (after a diverged run) and the logging cadence may change on resume
+    runs.start_run(used, {"a": {"b": 1}, "optimizer": {"learning_rate": 1e-5}, "loop": {"log_every": 3}},
+                   overwrite=False, resume=True)
+    (used / "checkpoints" / "7").mkdir(parents=True)  # a step folder with nothing in it: no complete checkpoint
+    with pytest.raises(RunError, match=r"steps \[7\]\) is complete"):
+        runs.prepare_output(used, overwrite=False, resume=True)
     runs.prepare_output(used, overwrite=True, resume=False)
     assert used.is_dir() and not any(used.iterdir())
+    runs.prepare_output(tmp_path / "never_started", overwrite=False, resume=True)  # a first launch with --resume
 
 
 # --------------------------------------------------------------------------- DreamBooth's data

@@ -3,7 +3,7 @@ and its evaluation samples."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 
 from persguard_jax import config as cfglib
 
@@ -12,6 +12,9 @@ from persguard_jax import config as cfglib
 class DreamBoothConfig(cfglib.Section):
     """One DreamBooth run: prompts, resolution, length, prior preservation, what trains, class images, samples."""
     SECTION = "dreambooth"
+    BOUNDS = {"resolution": "[8, inf)", "steps": "[1, inf)", "batch_size": "[1, inf)", "prior_weight": "[0, inf)",
+              "num_class_images": "[1, inf)", "class_sample_steps": "[1, inf)", "class_batch_size": "[1, inf)",
+              "seed": "[0, inf)", "eval_num_images": "[1, inf)", "eval_steps": "[1, inf)"}
     instance_prompt: str = "a photo of sks person"
     class_prompt: str = "a photo of person"
     resolution: int = 512
@@ -25,7 +28,7 @@ class DreamBoothConfig(cfglib.Section):
     class_negative_prompt: str = ""
     class_batch_size: int = 8
     train_text_encoder: bool = True
-    remat: str = "none"                 # none | dots_saveable | full
+    remat: Literal["none", "dots_saveable", "full"] = "none"
     seed: int = 0
     eval_prompts: tuple[str, ...] = ()  # default: the instance and the class prompt
     eval_num_images: int = 4
@@ -34,16 +37,18 @@ class DreamBoothConfig(cfglib.Section):
     eval_negative_prompt: str = ""
 
     def __post_init__(self):
-        object.__setattr__(self, "eval_prompts", tuple(self.eval_prompts or ()))
-        if self.steps < 1 or self.batch_size < 1 or self.resolution < 8:
-            raise cfglib.ConfigError(f"dreambooth config: steps, batch_size >= 1 and resolution >= 8 required, got "
-                                     f"steps={self.steps} batch_size={self.batch_size} resolution={self.resolution}")
+        super().__post_init__()
+        for key in ("instance_prompt", "class_prompt"):
+            if not str(getattr(self, key)).strip():
+                raise cfglib.ConfigError(f"dreambooth.{key}: must not be empty")
 
     @property
     def use_prior(self) -> bool:
         return self.prior_weight > 0
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any] | None) -> "DreamBoothConfig":
+    def from_dict(cls, d: Mapping[str, Any] | None, *, where: str | None = None) -> "DreamBoothConfig":
         # a YAML "key:" with no value means "the default" here, except class_dir where None is the default
-        return super().from_dict({k: v for k, v in dict(d or {}).items() if v is not None or k == "class_dir"})
+        if isinstance(d, Mapping):
+            d = {k: v for k, v in d.items() if v is not None or k == "class_dir"}
+        return super().from_dict(d, where=where)

@@ -41,18 +41,17 @@ def ensure_class_images(pipe, folder: str | Path, cfg: DreamBoothConfig, *, para
     have = sum(1 for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     offsets = list(range(have, cfg.num_class_images, cfg.class_batch_size))
     mine = offsets[jax.process_index()::jax.process_count()]
-    bar = tqdm(total=sum(min(cfg.class_batch_size, cfg.num_class_images - o) for o in mine), desc="class images",
-               unit="img", disable=not progress or not mine)
-    for offset in mine:
-        n = min(cfg.class_batch_size, cfg.num_class_images - offset)
-        images = text_to_image(pipe, [cfg.class_prompt] * n, cfg.class_negative_prompt,
-                               num_steps=cfg.class_sample_steps, guidance_scale=cfg.class_guidance,
-                               seed=cfg.seed + 1, seed_offset=offset, height=cfg.resolution, width=cfg.resolution,
-                               progress=False, params=params)
-        for j, image in enumerate(images):
-            save_png(unit_to_uint8(image), folder / f"class_{offset + j:05d}.png")  # atomic: never a half file
-        bar.update(n)
-    bar.close()
+    with tqdm(total=sum(min(cfg.class_batch_size, cfg.num_class_images - o) for o in mine), desc="class images",
+              unit="img", disable=not progress or not mine) as bar:
+        for offset in mine:
+            n = min(cfg.class_batch_size, cfg.num_class_images - offset)
+            images = text_to_image(pipe, [cfg.class_prompt] * n, cfg.class_negative_prompt,
+                                   num_steps=cfg.class_sample_steps, guidance_scale=cfg.class_guidance,
+                                   seed=cfg.seed + 1, seed_offset=offset, height=cfg.resolution,
+                                   width=cfg.resolution, progress=False, params=params)
+            for j, image in enumerate(images):
+                save_png(unit_to_uint8(image), folder / f"class_{offset + j:05d}.png")  # atomic: never a half file
+            bar.update(n)
     barrier(f"class images {folder}")
     return load_folder(folder, cfg.resolution)[: cfg.num_class_images]
 

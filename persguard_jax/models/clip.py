@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from persguard_jax.config import check_fields
 from persguard_jax.models import layers
 from persguard_jax.models.convert import WeightsError
 from persguard_jax.models.remat import maybe_remat
@@ -55,7 +56,8 @@ def _from_dict(cls, d: dict, source: str):
         if d.get(key) not in (None, 0, 0.0):
             raise WeightsError(f"{source}: {key}={d[key]!r} is not supported by the JAX CLIP (the port is "
                                f"deterministic; only 0.0)")
-    config = cls(**{k: v for k, v in d.items() if k in names})
+    config = cls(**check_fields(cls, {k: v for k, v in d.items() if k in names}, source, error=WeightsError,
+                                key_label="{where}: {key}"))
     config.validate(source)
     return config
 
@@ -166,9 +168,10 @@ class CLIPConfig:
     def from_dict(cls, d: dict, source: str = "config.json") -> "CLIPConfig":
         if d.get("model_type", "clip") != "clip":
             raise WeightsError(f"{source}: model_type={d['model_type']!r} is not a CLIPModel config")
+        shared = check_fields(cls, {k: d[k] for k in ("projection_dim", "logit_scale_init_value") if k in d}, source,
+                              error=WeightsError, key_label="{where}: {key}")
         return cls(text_config=CLIPTextConfig.from_dict(d.get("text_config") or {}, source),
-                   vision_config=CLIPVisionConfig.from_dict(d.get("vision_config") or {}, source),
-                   **{k: d[k] for k in ("projection_dim", "logit_scale_init_value") if k in d})
+                   vision_config=CLIPVisionConfig.from_dict(d.get("vision_config") or {}, source), **shared)
 
     def to_dict(self) -> dict:
         strip = lambda c: {k: v for k, v in c.to_dict().items() if k != "architectures"}

@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
+from persguard_jax.config import check_fields
 from persguard_jax.io import atomic_write
 from persguard_jax.io import read_json as _read_json
 from persguard_jax.io import save_json  # noqa: F401  (moved to io; re-exported for callers of models.convert)
@@ -205,4 +206,5 @@ def config_kwargs(cls: type, d: Mapping[str, Any], source: str, class_name: str,
         if key not in names:
             raise WeightsError(f"{source}: unknown {class_name} option {key!r}")
         kw[key] = value
-    return kw
+    # every value of the right type and range, or an error naming the file and key (not a traceback at init)
+    return check_fields(cls, kw, source, error=WeightsError, key_label="{where}: {key}")

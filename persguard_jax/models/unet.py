@@ -68,6 +68,11 @@ class HashableFields:
 @dataclass(frozen=True)
 class UNetConfig(HashableFields):
     """The ``config.json`` keys of a diffusers ``UNet2DConditionModel`` this port supports (diffusers defaults)."""
+    BOUNDS = {
+        k: "[1, inf)" for k in ("sample_size", "in_channels", "out_channels", "block_out_channels", "layers_per_block",
+                                "norm_num_groups", "cross_attention_dim", "transformer_layers_per_block",
+                                "attention_head_dim", "num_class_embeds", "time_embedding_dim", "conv_in_kernel",
+                                "conv_out_kernel")} | {"norm_eps": "(0, inf)", "downsample_padding": "[0, inf)"}
     sample_size: int | tuple[int, int] | None = None  # informational (the pipeline's default latent size)
     in_channels: int = 4
     out_channels: int = 4

@@ -43,6 +43,9 @@ def _strip_res(block_type: str) -> str:
 @dataclass(frozen=True)
 class VAEConfig(HashableFields):
     """The ``config.json`` keys of a diffusers ``AutoencoderKL`` (diffusers defaults)."""
+    BOUNDS = {
+        k: "[1, inf)" for k in ("in_channels", "out_channels", "block_out_channels", "layers_per_block",
+                                "latent_channels", "norm_num_groups", "sample_size")} | {"scaling_factor": "(0, inf)"}
     in_channels: int = 3
     out_channels: int = 3
     down_block_types: tuple[str, ...] = (DOWN_BLOCK,)

@@ -4,7 +4,8 @@ One checkpoint per saved step under ``<dir>/<step>/``: ``state`` (the ``TrainSta
 into its shardings) and ``data`` (the grain iterator state, JSON). Orbax writes each checkpoint to a temporary
 folder and renames it when complete, so a run killed mid-save leaves the previous checkpoints intact; saving is
 asynchronous (the arrays are copied off the devices before ``save`` returns, the files are written in the
-background). A checkpoint that cannot be read is skipped with a warning and the one before it is used.
+background). A checkpoint that cannot be read is skipped with a warning and the one before it is used; when
+none can be read, ``restore`` raises ``CheckpointError`` rather than start again from step 0.
 """
 from __future__ import annotations
 
@@ -16,7 +17,13 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from persguard_jax.errors import RunError
+
 log = logging.getLogger(__name__)
+
+
+class CheckpointError(RunError):
+    """Checkpoints exist but none can be read: resuming would silently restart the run."""
 
 
 class Checkpointer:
@@ -37,7 +44,8 @@ class Checkpointer:
         return self.manager.save(step, args=args, force=force)
 
     def restore(self, abstract_state: Any) -> tuple[Any, dict, int] | None:
-        """(state, data_state, step) from the newest readable checkpoint, or None if there is none.
+        """(state, data_state, step) from the newest readable checkpoint, None if there is none, and
+        ``CheckpointError`` if there are some but none can be read.
 
         ``abstract_state`` is a pytree of ``jax.ShapeDtypeStruct`` with ``sharding`` set: arrays are read
         directly into those shardings (each host reads only its shards).
@@ -53,6 +61,10 @@ class Checkpointer:
                 log.warning(msg)
                 continue
             return restored.state, dict(restored.data or {}), step
+        if self.steps():
+            raise CheckpointError(f"{self.directory}: none of the checkpoints (steps {self.steps()}) can be read; "
+                                  f"the run cannot resume (start a new --out, or --overwrite to start this one "
+                                  f"again)")
         return None
 
     def wait(self) -> None:
@@ -67,6 +79,19 @@ class Checkpointer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def saved_steps(directory: str | Path) -> tuple[list[int], list[int]]:
+    """(every step folder, the ones holding both items) under ``directory``, from the file system alone: a quick
+    look (no Orbax, nothing created) that lets a command refuse a ``--resume`` with no complete checkpoint before
+    any work. ``restore`` remains the judge of what can be read."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return [], []
+    steps = sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
+    complete = [s for s in steps if all((directory / str(s) / item).is_dir() and any((directory / str(s) / item).iterdir())
+                                        for item in ("state", "data"))]
+    return steps, complete
 
 
 def abstract_like(tree: Any, shardings: Any = None) -> Any:

@@ -22,17 +22,20 @@ from tqdm.auto import tqdm
 
 from persguard_jax import sharding as shd
 from persguard_jax.config import Section
+from persguard_jax.errors import RunError
 from persguard_jax.train.checkpoint import Checkpointer, abstract_like
 from persguard_jax.train.metrics import MetricsWriter
 
 
-class TrainingDiverged(RuntimeError):
-    pass
+class TrainingDiverged(RunError):
+    """A non-finite loss; the message names the step and the last good checkpoint."""
 
 
 @dataclass(frozen=True)
 class LoopConfig(Section):
     SECTION = "loop"
+    BOUNDS = {"num_steps": "[0, inf)", "log_every": "[1, inf)", "checkpoint_every": "[1, inf)",
+              "max_to_keep": "[1, inf)"}
     num_steps: int = 1000
     log_every: int = 10
     checkpoint_every: int = 100
@@ -72,6 +75,25 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
+def _diverged(ckpt: Checkpointer, step: int, loss: float) -> str:
+    """The message of a run whose loss at step ``step + 1`` is not finite. That loss was computed from the state
+    after ``step`` updates, so a checkpoint of that state is bad too (resuming would diverge again at once): it is
+    removed, and the message names the last good one."""
+    ckpt.wait()  # let a save in flight land before deciding what to keep
+    bad = [s for s in ckpt.steps() if s >= step]
+    for s in bad:
+        ckpt.manager.delete(s)
+    removed = f" (removed the step-{bad[0]} checkpoint: its parameters give this loss)" if bad else ""
+    good = [s for s in ckpt.steps() if s < step]
+    if good:
+        where = (f"the last good checkpoint is {ckpt.directory / str(good[-1])} (step {good[-1]}; rerun with "
+                 f"--resume and a lower optimizer.learning_rate to continue from it)")
+    else:
+        where = (f"no good checkpoint in {ckpt.directory}; rerun with --resume and a lower "
+                 f"optimizer.learning_rate to start again")
+    return f"training diverged: the loss at step {step + 1} is {loss}{removed}; {where}"
+
+
 def train(step_fn: Callable, state: Any, frozen: Any, batches, *, workdir: str | Path, cfg: LoopConfig,
           mesh, mesh_cfg: shd.MeshConfig | None = None, state_shardings: Any = None,
           on_log: Callable[[int, dict], None] | None = None) -> TrainResult:
@@ -103,10 +125,7 @@ def train(step_fn: Callable, state: Any, frozen: Any, batches, *, workdir: str |
                 state, device_metrics = step_fn(state, frozen, batch)
                 metrics = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
                 if not math.isfinite(metrics["loss"]):
-                    raise TrainingDiverged(
-                        f"step {step + 1}: loss is {metrics['loss']}; stopping. The last good checkpoint is "
-                        f"kept in {ckpt.directory} (steps {ckpt.steps() or 'none'}); lower the learning rate "
-                        f"or check the data")
+                    raise TrainingDiverged(_diverged(ckpt, step, metrics["loss"]))
                 step += 1
                 bar.update(1)
                 if step % cfg.log_every == 0 or step == cfg.num_steps:

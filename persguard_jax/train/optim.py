@@ -7,6 +7,7 @@ both into (transform, learning-rate schedule to log).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import jax.numpy as jnp
 import optax
@@ -18,8 +19,11 @@ from persguard_jax.config import Section
 class OptimizerConfig(Section):
     """Global-norm clipping + AdamW with a constant, cosine or linear learning rate after a linear warm-up."""
     SECTION = "optimizer"
+    BOUNDS = {"learning_rate": "[0, inf)", "warmup_steps": "[0, inf)", "total_steps": "[1, inf)", "b1": "[0, 1)",
+              "b2": "[0, 1)", "eps": "[0, inf)", "weight_decay": "[0, inf)", "max_grad_norm": "(0, inf)"}
     learning_rate: float = 5e-6
-    schedule: str = "constant"     # constant | cosine | linear (decay to 0 over total_steps, after warmup)
+    # decay to 0 over total_steps, after warmup
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
     warmup_steps: int = 0
     total_steps: int = 1000
     b1: float = 0.9

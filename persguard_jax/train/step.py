@@ -46,7 +46,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -69,17 +69,16 @@ class StepConfig(Section):
     """How one step computes: compute dtype, gradient accumulation, EMA decay, PRNG implementation, and how a
     data-parallel gradient is reduced."""
     SECTION = "step"
-    compute_dtype: str | None = None   # None: the parameters' dtype; "bfloat16": bf16 compute, fp32 master weights
+    BOUNDS = {"grad_accum": "[1, inf)", "ema_decay": "[0, 1)"}
+    # None: the parameters' dtype; "bfloat16": bf16 compute, fp32 master weights
+    compute_dtype: Literal["float32", "bfloat16", "float16"] | None = None
     grad_accum: int = 1
     ema_decay: float | None = None     # used when the state carries an EMA
-    rng_impl: str | None = None        # PRNG implementation of state.rng (None: jax's default)
+    # PRNG implementation of state.rng (None: jax's default)
+    rng_impl: Literal["threefry2x32", "rbg", "unsafe_rbg"] | None = None
     # "auto": with replicated parameters, per-device gradients under shard_map and one psum of the flat gradient
     # vector (module docstring); "gspmd": always one program partitioned by GSPMD
-    data_parallel: str = "auto"
-
-    def __post_init__(self):
-        if self.data_parallel not in DATA_PARALLEL:
-            raise ValueError(f"step.data_parallel must be one of {DATA_PARALLEL}, got {self.data_parallel!r}")
+    data_parallel: Literal["auto", "gspmd"] = "auto"
 
 
 def _micro_batches(batch: Any, n: int) -> Any:

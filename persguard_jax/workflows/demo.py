@@ -32,6 +32,8 @@ def fresh_folder(out: str | Path) -> Path:
     same one (they all look before process 0 creates it)."""
     from persguard_jax.train.distributed import barrier, is_writer
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out}: exists and is not a folder")
     candidate, n = out, 1
     while candidate.exists() and (not candidate.is_dir() or any(candidate.iterdir())):
         n += 1

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 import numpy as np
 
+from persguard_jax import config as cfglib
 from persguard_jax.dreambooth import DreamBoothConfig
 from persguard_jax.workflows import runs
 
@@ -50,15 +51,15 @@ def resolve(raw: dict, args: argparse.Namespace | None = None) -> dict:
     """Command-line prompts into ``dreambooth``; the loop runs ``dreambooth.steps``; the learning-rate schedule
     spans them unless the config says otherwise."""
     raw = dict(raw)
-    db = dict(raw.get("dreambooth") or {})
+    db = dict(cfglib.section(raw, "dreambooth"))
     for key in ("instance_prompt", "class_prompt"):
         value = getattr(args, key, None) if args is not None else None
         if value:
             db[key] = value
     raw["dreambooth"] = db
     steps = DreamBoothConfig.from_dict(db).steps
-    raw["loop"] = {**(raw.get("loop") or {}), "num_steps": steps}
-    raw["optimizer"] = {"total_steps": steps, **(raw.get("optimizer") or {})}
+    raw["loop"] = {**cfglib.section(raw, "loop"), "num_steps": steps}
+    raw["optimizer"] = {"total_steps": steps, **cfglib.section(raw, "optimizer")}
     return raw
 
 
@@ -142,6 +143,9 @@ def run(args: argparse.Namespace, config: runs.Config) -> dict:
     """``persguard personalize``: read every input before anything is written, then the recipe."""
     from persguard_jax.data.images import load_folder
     from persguard_jax.models import load_pipeline
+    class_dir = config.dreambooth.class_dir
+    if class_dir and Path(class_dir).exists() and not Path(class_dir).is_dir():
+        raise NotADirectoryError(f"dreambooth.class_dir: {class_dir} is not a folder")
     photos = load_folder(args.instance_dir, config.dreambooth.resolution)  # bad photos fail here, all named
     pipe = load_pipeline(args.model)
     out = runs.start_run(args.out, config.raw, overwrite=args.overwrite, resume=args.resume)

@@ -36,27 +36,33 @@ STAGE_OPTIMIZER = {"learning_rate": 1e-3, "schedule": "cosine", "weight_decay": 
 @dataclass(frozen=True)
 class StageConfig(cfglib.Section):
     """One training stage: its length, batch and ``optimizer`` (an ``OptimizerConfig`` mapping)."""
+    BOUNDS = {"steps": "[1, inf)", "batch_size": "[1, inf)"}
     steps: int = 500
     batch_size: int = 32
     optimizer: Any = None
 
     def __post_init__(self):
+        super().__post_init__()
         from persguard_jax.train import OptimizerConfig
         if not isinstance(self.optimizer, OptimizerConfig):
-            given = dict(self.optimizer or {})
+            given = self.optimizer if self.optimizer is not None else {}
+            if not isinstance(given, Mapping):
+                raise cfglib.ConfigError(f"{self.SECTION}.optimizer: must be a mapping, got {given!r}")
             object.__setattr__(self, "optimizer", OptimizerConfig.from_dict(
-                {**STAGE_OPTIMIZER, "total_steps": self.steps, **given}))
+                {**STAGE_OPTIMIZER, "total_steps": self.steps, **given}, where=f"{self.SECTION}.optimizer"))
 
 
 @dataclass(frozen=True)
 class VAEStageConfig(StageConfig):
     SECTION = "pretrain.vae"
+    BOUNDS = {**StageConfig.BOUNDS, "kl_weight": "[0, inf)"}
     kl_weight: float = 1e-4
 
 
 @dataclass(frozen=True)
 class UNetStageConfig(StageConfig):
     SECTION = "pretrain.unet"
+    BOUNDS = {**StageConfig.BOUNDS, "caption_dropout": "[0, 1)", "min_snr_gamma": "(0, inf)", "ema_decay": "[0, 1)"}
     caption_dropout: float = 0.1     # fraction of captions replaced by "" (the unconditional model for CFG)
     min_snr_gamma: float | None = 5.0  # Min-SNR-gamma loss weights (Hang et al. 2023): ~3x faster convergence
     ema_decay: float | None = None   # keep an exponential moving average of the weights and export it
@@ -66,6 +72,9 @@ class UNetStageConfig(StageConfig):
 class PretrainConfig(cfglib.Section):
     """The ``pretrain`` section: the training set, the evaluation, and the two stages."""
     SECTION = "pretrain"
+    BOUNDS = {"seed": "[0, inf)", "dataset_size": "[1, inf)", "class_fraction": "[0, 1]", "simple_fraction": "[0, 1]",
+              "vocab_size": "[8, inf)", "eval_steps": "[1, inf)", "eval_per_colour": "[1, inf)",
+              "eval_per_shape": "[1, inf)"}
     seed: int = 0
     dataset_size: int = 20000        # world images rendered once and reused by both stages
     class_fraction: float = 0.3      # photos of (non-held-out) class members, for the class prompts
@@ -79,17 +88,36 @@ class PretrainConfig(cfglib.Section):
     unet: UNetStageConfig = field(default_factory=UNetStageConfig)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any] | None) -> "PretrainConfig":
+    def from_dict(cls, d: Mapping[str, Any] | None, *, where: str | None = None) -> "PretrainConfig":
+        if not isinstance(d, (Mapping, type(None))):
+            raise cfglib.ConfigError(f"pretrain: must be a mapping, got {d!r}")
         d = dict(d or {})
         vae, unet = VAEStageConfig.from_dict(d.pop("vae", None)), UNetStageConfig.from_dict(d.pop("unet", None))
-        return dataclasses.replace(super().from_dict(d), vae=vae, unet=unet)
+        return dataclasses.replace(super().from_dict(d, where=where), vae=vae, unet=unet)
 
 
-def _models(d: Mapping[str, Any]) -> dict:
-    missing = {"unet", "vae", "text_encoder"} - set(d)
+def model_configs(models: Mapping[str, Any], vocab_size: int, image_size: int) -> dict:
+    """The ``models`` section as the three modules' configs (the tokenizer's vocabulary and the world's image
+    size filled in); an error names the section and key."""
+    from persguard_jax.models import clip, unet, vae
+    missing = {"unet", "vae", "text_encoder"} - set(models)
     if missing:
-        raise cfglib.ConfigError(f"config section 'models' needs unet, vae and text_encoder; missing {sorted(missing)}")
-    return dict(d)
+        raise cfglib.ConfigError(f"models: needs unet, vae and text_encoder; missing {sorted(missing)}")
+    for name in ("unet", "vae", "text_encoder"):
+        if not isinstance(models[name], Mapping):
+            raise cfglib.ConfigError(f"models.{name}: must be a mapping, got {models[name]!r}")
+    cfglib.check_known(models["text_encoder"], clip.CLIPTextConfig, "models.text_encoder")  # its reader ignores them
+    text = clip.CLIPTextConfig.from_dict({**models["text_encoder"], "vocab_size": vocab_size},
+                                         source="models.text_encoder")
+    return {"text_encoder": text,
+            "unet": unet.UNetConfig.from_dict({**models["unet"], "cross_attention_dim": text.hidden_size},
+                                              source="models.unet"),
+            "vae": vae.VAEConfig.from_dict({**models["vae"], "sample_size": image_size}, source="models.vae")}
+
+
+def _scheduler(d: dict) -> None:
+    from persguard_jax.schedulers import SchedulerConfig
+    SchedulerConfig.from_dict(d, source="scheduler")
 
 
 def sections() -> dict[str, runs.SectionParser]:
@@ -97,9 +125,10 @@ def sections() -> dict[str, runs.SectionParser]:
     from persguard_jax.data.world import WorldConfig
     from persguard_jax.sharding import MeshConfig
     from persguard_jax.train import StepConfig
-    return {"world": WorldConfig.from_dict, "pretrain": PretrainConfig.from_dict, "models": _models,
-            "scheduler": runs.mapping, "step": StepConfig.from_dict, "mesh": MeshConfig.from_dict,
-            "loop": runs.mapping}
+    return {"world": WorldConfig.from_dict, "pretrain": PretrainConfig.from_dict,
+            "models": runs.checked(lambda d: model_configs(d, vocab_size=512, image_size=32)),
+            "scheduler": runs.checked(_scheduler), "step": StepConfig.from_dict, "mesh": MeshConfig.from_dict,
+            "loop": runs.small_run_loop}
 
 
 def parse_config(raw: dict) -> runs.Config:
@@ -115,15 +144,10 @@ def build_pipeline(settings: runs.Config, tokenizer) -> Any:
     from persguard_jax.models.pretrained import Pipeline
     from persguard_jax.schedulers import SchedulerConfig
     seed = settings.pretrain.seed
-    text_cfg = clip.CLIPTextConfig.from_dict({**settings.models["text_encoder"], "vocab_size": tokenizer.vocab_size},
-                                             source="config models.text_encoder")
-    unet_cfg = unet.UNetConfig.from_dict({**settings.models["unet"], "cross_attention_dim": text_cfg.hidden_size},
-                                         source="config models.unet")
-    vae_cfg = vae.VAEConfig.from_dict({**settings.models["vae"], "sample_size": settings.world.image_size},
-                                      source="config models.vae")
-    return Pipeline(unet=random_init(unet.UNet2DConditionModel, unet_cfg, seed=seed),
-                    vae=random_init(vae.AutoencoderKL, vae_cfg, seed=seed + 1),
-                    text_encoder=random_init(clip.CLIPTextModel, text_cfg, seed=seed + 2),
+    configs = model_configs(settings.models, tokenizer.vocab_size, settings.world.image_size)
+    return Pipeline(unet=random_init(unet.UNet2DConditionModel, configs["unet"], seed=seed),
+                    vae=random_init(vae.AutoencoderKL, configs["vae"], seed=seed + 1),
+                    text_encoder=random_init(clip.CLIPTextModel, configs["text_encoder"], seed=seed + 2),
                     tokenizer=tokenizer, scheduler_config=SchedulerConfig.from_dict(settings.scheduler).to_dict())
 
 

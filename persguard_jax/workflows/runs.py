@@ -14,6 +14,7 @@ only (``train.distributed.is_writer``); Orbax coordinates the checkpoints.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,21 @@ def mapping(d: Mapping[str, Any]) -> dict:
     return dict(d)
 
 
+def checked(check: Callable[[dict], Any]) -> SectionParser:
+    """A section kept as a mapping (the workflow completes it at run time) but checked now by ``check``, so a
+    bad value fails before any work."""
+    def parse(d: Mapping[str, Any]) -> dict:
+        check(dict(d))
+        return dict(d)
+    return parse
+
+
+def small_run_loop(d: Mapping[str, Any]) -> dict:
+    """The ``loop`` section of a small run: checked as a ``LoopConfig`` over ``SMALL_RUN_LOOP`` (its length
+    comes from the stage, ``loop_config``)."""
+    return checked(lambda s: loop_config(s, 1))(d)
+
+
 class Config:
     """A workflow's config, parsed: each section as an attribute, and ``raw``, the YAML mapping it came from."""
 
@@ -50,6 +66,10 @@ class Config:
         if name in sections:
             return sections[name]
         raise AttributeError(f"config has no section {name!r}; sections: {sorted(sections)}")
+
+    def get(self, name: str, default: Any = None) -> Any:
+        """Section ``name``, or ``default`` when the workflow has no such section."""
+        return self._sections.get(name, default)
 
     def resolved(self) -> dict:
         """Every section with its defaults filled in (what ``--print-config`` prints)."""
@@ -80,30 +100,116 @@ def parse_config(raw: dict, sections: Mapping[str, SectionParser]) -> Config:
     return Config(raw, {name: parse(cfglib.section(raw, name)) for name, parse in sections.items()})
 
 
-def prepare_output(out: Path, *, overwrite: bool, resume: bool) -> None:
-    """Refuse to touch an existing non-empty folder unless told: ``resume`` continues in it, ``overwrite``
-    deletes it first. Every process checks (so all fail alike); only process 0 changes anything."""
-    from persguard_jax.train.distributed import barrier, is_writer
+RUN_FILE = "config.yaml"  # a run's resolved config: what makes a folder a run that --resume may continue
+# What a resumed run may change (fnmatch patterns over dotted keys): the learning rate (the way on after a
+# diverged run), logging and checkpoint cadence, the evaluation samples. Anything else would make the checkpoint
+# and the data order belong to another run.
+RESUME_MAY_CHANGE = ("*optimizer.learning_rate", "loop.log_every", "loop.checkpoint_every", "loop.max_to_keep",
+                     "loop.tensorboard", "loop.progress", "loop.async_checkpoint", "*.eval_*")
+
+
+def check_devices(config: Config) -> None:
+    """The ``mesh`` section against the devices this process sees, before any work."""
+    import jax
+
+    from persguard_jax import sharding as shd
+    mesh = config.get("mesh")
+    if isinstance(mesh, shd.MeshConfig):
+        shd.resolve_shape(mesh, jax.device_count())
+
+
+def check_output(out: str | Path, *, overwrite: bool, resume: bool, raw_config: Mapping[str, Any] | None = None
+                 ) -> None:
+    """Every rule of a run's output folder, checked without touching anything (so a command can refuse before
+    any work): a new or empty folder whose parent can be created; an existing run only with ``resume`` (and then
+    with the config it was started with, when ``raw_config`` is given) or ``overwrite``; never someone else's
+    folder. A missing or empty folder with ``resume`` simply starts the run (re-running a preempted launch line
+    works from the first launch on)."""
+    from persguard_jax.errors import RunError
     out = Path(out)
+    if overwrite and resume:
+        raise ValueError("--overwrite and --resume: choose one (continue the run, or start it again)")
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out}: exists and is not a folder")
-    if out.exists() and any(out.iterdir()) and not resume and not overwrite:
+    parent = next((p for p in out.absolute().parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise NotADirectoryError(f"{out}: cannot be created, {parent} is a file")
+    if not out.exists() and parent is not None and not os.access(parent, os.W_OK):
+        raise PermissionError(f"{out}: cannot be created, {parent} is not writable")
+    if not out.exists() or not any(out.iterdir()):
+        return
+    is_run = (out / RUN_FILE).is_file()
+    if not resume and not overwrite:
         raise FileExistsError(f"{out}: already exists and is not empty (pass --resume to continue the run in it, "
                               f"or --overwrite to replace it)")
+    if not is_run:
+        raise RunError(f"{out}: not a run's folder (no {RUN_FILE}); --resume and --overwrite act only on a folder "
+                       f"a run wrote, so pick a new --out")
+    if resume and raw_config is not None:
+        _check_same_config(out / RUN_FILE, raw_config)
+    if resume:
+        _check_checkpoints(out)
+
+
+def _check_checkpoints(out: Path) -> None:
+    """Each ``checkpoints/`` folder of the run must hold a complete checkpoint if it holds any, or resuming
+    would quietly start that training again from step 0."""
+    from persguard_jax.errors import RunError
+    from persguard_jax.train.checkpoint import saved_steps
+    for folder in sorted(out.rglob("checkpoints")):
+        steps, complete = saved_steps(folder)
+        if steps and not complete:
+            raise RunError(f"{folder}: none of the checkpoints (steps {steps}) is complete; the run cannot resume "
+                           f"(start a new --out, or --overwrite to start this one again)")
+
+
+def _check_same_config(path: Path, raw_config: Mapping[str, Any]) -> None:
+    """A resumed run must run the config it was started with (its checkpoints and data order depend on it),
+    except for ``RESUME_MAY_CHANGE``."""
+    saved = cfglib.read_yaml(path)
+    given = cfglib.parse_yaml(cfglib.dumps(dict(raw_config)))  # what start_run would write, read back
+    import fnmatch
+    changed = [d for d in _differences(saved, given)
+               if not any(fnmatch.fnmatchcase(d[0], pattern) for pattern in RESUME_MAY_CHANGE)]
+    if changed:
+        shown = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in changed[:3])
+        more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+        raise cfglib.ConfigError(f"{path}: the run was started with another config ({shown}{more}); --resume it "
+                                 f"with the same config and arguments, or start a new --out")
+
+
+def _differences(a: Any, b: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted key, a's value, b's value) wherever the nested mappings differ (an absent section is empty)."""
+    if isinstance(a, Mapping) and b is None or isinstance(b, Mapping) and a is None:
+        a, b = a or {}, b or {}
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return [d for key in sorted(set(a) | set(b), key=str)
+                for d in _differences(a.get(key), b.get(key), f"{prefix}{key}.")]
+    return [] if a == b else [(prefix.rstrip("."), a, b)]
+
+
+def prepare_output(out: Path, *, overwrite: bool, resume: bool, raw_config: Mapping[str, Any] | None = None
+                   ) -> None:
+    """``check_output``, then process 0 creates the folder (``overwrite``: deletes the earlier run first). Every
+    process checks (so all fail alike); only process 0 changes anything."""
+    from persguard_jax.train.distributed import barrier, is_writer
+    out = Path(out)
+    check_output(out, overwrite=overwrite, resume=resume, raw_config=raw_config)
     if is_writer():
-        if out.exists() and overwrite and not resume:
+        if out.exists() and overwrite:
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
     barrier(f"prepare {out}")
 
 
 def start_run(out: str | Path, raw_config: Mapping[str, Any], *, overwrite: bool, resume: bool) -> Path:
-    """``prepare_output`` then ``out/config.yaml`` (the resolved config, from process 0); returns ``out``."""
+    """``prepare_output`` then ``out/config.yaml`` (the resolved config, from process 0, written atomically:
+    it is what marks the folder as a run); returns ``out``."""
     from persguard_jax.train.distributed import is_writer
     out = Path(out)
-    prepare_output(out, overwrite=overwrite, resume=resume)
+    prepare_output(out, overwrite=overwrite, resume=resume, raw_config=raw_config)
     if is_writer():
-        cfglib.dump(dict(raw_config), out / "config.yaml")
+        cfglib.dump(dict(raw_config), out / RUN_FILE)
     return out
 
 
@@ -118,6 +224,14 @@ def into_out(fn: Callable[..., dict]) -> Callable[[argparse.Namespace, Config], 
     def run(args: argparse.Namespace, config: Config) -> dict:
         return fn(args.out, config, overwrite=args.overwrite, resume=args.resume)
     return run
+
+
+def _parses(fn: Callable[[], Any]) -> bool:
+    try:
+        fn()
+    except ValueError:
+        return False
+    return True
 
 
 def _no_arguments(parser: argparse.ArgumentParser) -> None:
@@ -168,10 +282,19 @@ class Workflow:
         return parser
 
     def load(self, args: argparse.Namespace) -> Config:
-        """The config this invocation runs with: file (or the shipped default), overrides, resolve, parse."""
+        """The config this invocation runs with: file (or the shipped default), overrides, resolve, parse.
+
+        A value that fails its check is reported with where it came from: the file, or the command line."""
         from persguard_jax.resources import config_path
-        raw = cfglib.load_config(config_path(args.config or self.config), getattr(args, "overrides", ()))
-        return parse_config(self.resolve(raw, args), self.sections())
+        path = config_path(args.config or self.config)
+        file_raw = cfglib.read_yaml(path)
+        overrides = tuple(getattr(args, "overrides", ()) or ())
+        try:
+            return parse_config(self.resolve(cfglib.apply_overrides(file_raw, overrides), args), self.sections())
+        except ValueError as e:
+            if overrides and _parses(lambda: parse_config(self.resolve(file_raw, args), self.sections())):
+                raise cfglib.ConfigError(f"command line: {e}") from None
+            raise cfglib.ConfigError(f"{path}: {e}") from None
 
     def main(self, args: argparse.Namespace) -> None:
         """The CLI entry: parse the config before any work, run, and say how it ended (process 0 prints)."""
@@ -180,6 +303,9 @@ class Workflow:
         if args.print_config:
             print(cfglib.dumps(config.resolved()), end="")
             return
+        check_devices(config)
+        if self.resumable:  # the output folder's rules, before any input is read or any work done
+            check_output(args.out, overwrite=args.overwrite, resume=args.resume, raw_config=config.raw)
         results = self.run(args, config)
         if not is_writer():
             return

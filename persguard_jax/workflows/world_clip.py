@@ -14,6 +14,7 @@ import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -27,6 +28,8 @@ WORLD_NORM = dict(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 @dataclass(frozen=True)
 class ClipTrainConfig(cfglib.Section):
     SECTION = "clip"
+    BOUNDS = {"seed": "[0, inf)", "dataset_size": "[1, inf)", "class_fraction": "[0, 1]", "vocab_size": "[8, inf)",
+              "steps": "[1, inf)", "batch_size": "[2, inf)", "eval_size": "[1, inf)"}
     seed: int = 0
     dataset_size: int = 20000
     class_fraction: float = 0.1      # class photos repeat captions ("a photo of a dog"): in-batch false negatives
@@ -48,14 +51,15 @@ def sections() -> dict[str, runs.SectionParser]:
     from persguard_jax.sharding import MeshConfig
     from persguard_jax.train import OptimizerConfig, StepConfig
     return {"world": WorldConfig.from_dict, "clip": ClipTrainConfig.from_dict, "optimizer": OptimizerConfig.from_dict,
-            "model": runs.mapping, "step": StepConfig.from_dict, "mesh": MeshConfig.from_dict, "loop": runs.mapping}
+            "model": runs.checked(lambda d: clip_config(d, vocab_size=512, image_size=32)), "step": StepConfig.from_dict,
+            "mesh": MeshConfig.from_dict, "loop": runs.small_run_loop}
 
 
 def resolve(raw: dict, args=None) -> dict:
     """The optimizer's defaults and its schedule's length (``clip.steps``) under the config's own keys."""
     raw = dict(raw)
-    steps = ClipTrainConfig.from_dict(raw.get("clip")).steps
-    raw["optimizer"] = {**CLIP_OPTIMIZER, "total_steps": steps, **(raw.get("optimizer") or {})}
+    steps = ClipTrainConfig.from_dict(cfglib.section(raw, "clip")).steps
+    raw["optimizer"] = {**CLIP_OPTIMIZER, "total_steps": steps, **cfglib.section(raw, "optimizer")}
     return raw
 
 
@@ -63,13 +67,24 @@ def parse_config(raw: dict) -> runs.Config:
     return runs.parse_config(resolve(raw), sections())
 
 
+def clip_config(model: Mapping[str, Any], vocab_size: int, image_size: int):
+    """The ``model`` section as a ``CLIPConfig`` (the tokenizer's vocabulary and the world's image size filled in)."""
+    from persguard_jax.models import clip
+    d = dict(model)
+    cfglib.check_known(d, clip.CLIPConfig, "model")  # transformers' reader would ignore unknown keys
+    for tower, cls in (("text_config", clip.CLIPTextConfig), ("vision_config", clip.CLIPVisionConfig)):
+        if not isinstance(d.get(tower) or {}, Mapping):
+            raise cfglib.ConfigError(f"model.{tower}: must be a mapping, got {d[tower]!r}")
+        cfglib.check_known(d.get(tower) or {}, cls, f"model.{tower}")
+    d["text_config"] = {**(d.get("text_config") or {}), "vocab_size": vocab_size}
+    d["vision_config"] = {**(d.get("vision_config") or {}), "image_size": image_size}
+    return clip.CLIPConfig.from_dict(d, source="model")
+
+
 def build_clip(settings: runs.Config, vocab_size: int):
     from persguard_jax.models import clip
     from persguard_jax.models.init import random_init
-    d = dict(settings.model)
-    d["text_config"] = {**d.get("text_config", {}), "vocab_size": vocab_size}
-    d["vision_config"] = {**d.get("vision_config", {}), "image_size": settings.world.image_size}
-    cfg = clip.CLIPConfig.from_dict(d, source="config model")
+    cfg = clip_config(settings.model, vocab_size, settings.world.image_size)
     return random_init(clip.CLIPModel, cfg, seed=settings.clip.seed)
 
 

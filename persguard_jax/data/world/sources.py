@@ -79,10 +79,11 @@ def render_dataset(world: World, size: int, *, split: str = "train", class_fract
     source = WorldSource(world, size, split=split, class_fraction=class_fraction, simple_fraction=simple_fraction)
     images = np.empty((size, world.cfg.image_size, world.cfg.image_size, 3), np.uint8)
     captions = []
-    for i in tqdm(range(size), desc="rendering the world", unit="img", mininterval=1.0):
-        item = source[i]
-        images[i] = item["image"]
-        captions.append(item["caption"])
+    with tqdm(range(size), desc="rendering the world", unit="img", mininterval=1.0) as indices:
+        for i in indices:
+            item = source[i]
+            images[i] = item["image"]
+            captions.append(item["caption"])
     return images, captions
 
 

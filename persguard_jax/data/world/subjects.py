@@ -34,16 +34,12 @@ def pick(options: Sequence, u: float):
 
 # ------------------------------------------------------------------------------------------------------ config
 
-def _as_tuple(value, name: str) -> tuple:
-    if isinstance(value, str) or not isinstance(value, (list, tuple)):
-        raise ConfigError(f"world config: {name} must be a list, got {value!r}")
-    return tuple(value)
-
-
 @dataclasses.dataclass(frozen=True)
 class WorldConfig(Section):
     """The world's knobs. ``WorldConfig.from_dict(cfg["world"])`` reads a YAML section."""
     SECTION = "world"
+    BOUNDS = {"seed": "[0, inf)", "image_size": "[16, inf)", "subjects_per_class": "[1, inf)",
+              "held_out_every": "[0, inf)"}
     seed: int = 0
     image_size: int = 32
     classes: tuple[str, ...] = CLASSES
@@ -52,37 +48,28 @@ class WorldConfig(Section):
     identifier: str = "sks"   # the rare DreamBooth token; in the corpus only as "a photo of sks <class>"
 
     def __post_init__(self):
-        object.__setattr__(self, "classes", _as_tuple(self.classes, "classes"))  # YAML gives lists
-        _check_int(self.seed, "seed", 0)
-        _check_int(self.image_size, "image_size", 16)
+        super().__post_init__()
         if self.image_size % 8:
-            raise ConfigError(f"world config: image_size must be a multiple of 8 (the VAE downsamples), "
+            raise ConfigError(f"world.image_size: must be a multiple of 8 (the VAE downsamples), "
                               f"got {self.image_size}")
         classes = self.classes
         if not classes or any(c not in CLASSES for c in classes) or len(set(classes)) < len(classes):
-            raise ConfigError(f"world config: classes must be distinct names from {list(CLASSES)}, "
+            raise ConfigError(f"world.classes: must be distinct names from {list(CLASSES)}, "
                               f"got {list(self.classes)}")
-        _check_int(self.subjects_per_class, "subjects_per_class", 1)
-        _check_int(self.held_out_every, "held_out_every", 0)
         if self.held_out_every == 1:
-            raise ConfigError("world config: held_out_every=1 would hold out every subject (0 holds out none)")
+            raise ConfigError("world.held_out_every: 1 would hold out every subject (0 holds out none)")
         # Every combination must stay distinct; past that, marks would repeat.
         limit = len(COLOURS) * len(TEXTURES) * (len(COLOURS) - 1) * len(MARK_POSITIONS)
         if self.subjects_per_class > limit:
-            raise ConfigError(f"world config: subjects_per_class={self.subjects_per_class} exceeds the {limit} "
+            raise ConfigError(f"world.subjects_per_class: {self.subjects_per_class} exceeds the {limit} "
                               f"distinct looks")
         if not (isinstance(self.identifier, str) and self.identifier.isalpha() and self.identifier.islower()):
-            raise ConfigError(f"world config: identifier must be one lowercase word, got {self.identifier!r}")
+            raise ConfigError(f"world.identifier: must be one lowercase word, got {self.identifier!r}")
         if self.identifier in vocabulary():
-            raise ConfigError(f"world config: identifier {self.identifier!r} is a word the captions already use")
+            raise ConfigError(f"world.identifier: {self.identifier!r} is a word the captions already use")
 
     def to_dict(self) -> dict:
         return {**super().to_dict(), "classes": list(self.classes)}  # a list, so yaml.safe_dump can write it
-
-
-def _check_int(value, name: str, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ConfigError(f"world config: {name} must be an integer >= {minimum}, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
