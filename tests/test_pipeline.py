@@ -73,9 +73,10 @@ def _perturbed(pipe, seed: int = 0):
 
 def _same_numbers(ours, pt, torch):
     """Tokenizer ids, text encoder, UNet and VAE (encode and decode) of ``ours`` and the PyTorch ``pt`` agree."""
+    texts = PROMPTS + ["A  Photo of a RED   circle!!", "zebra qx 12 cat's", " ".join(["dog"] * 100)]
+    np.testing.assert_array_equal(pt.tokenizer(texts, padding="max_length", max_length=77, truncation=True,
+                                               return_tensors="np").input_ids, ours.tokenizer(texts))
     ids = ours.tokenizer(PROMPTS)
-    np.testing.assert_array_equal(pt.tokenizer(PROMPTS, padding="max_length", max_length=77, truncation=True,
-                                               return_tensors="np").input_ids, ids)
     ctx = np.asarray(encode_text(ours, PROMPTS))
     with torch.no_grad():
         pt_ctx = pt.text_encoder(torch.from_numpy(ids).long())[0].numpy()
