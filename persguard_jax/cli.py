@@ -58,8 +58,12 @@ def _dtype(name: str):
 
 
 def _fresh_output(path: Path, overwrite: bool) -> Path:
+    from persguard_jax.io import check_creatable
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path}: already exists (pass --overwrite to replace it)")
+    if path.is_dir():
+        raise IsADirectoryError(f"{path}: is a folder; --out names the PNG file to write")
+    check_creatable(path)
     return path
 
 

@@ -21,6 +21,19 @@ from PIL import Image
 # --------------------------------------------------------------------------- files
 
 
+def check_creatable(path: str | os.PathLike) -> None:
+    """Refuse, before any work, an output ``path`` that cannot be created: its nearest existing ancestor must be
+    a writable folder (the folders in between are created when it is written)."""
+    path = Path(path).absolute()
+    parent = next((p for p in path.parents if p.exists()), None)
+    if parent is None:
+        return
+    if not parent.is_dir():
+        raise NotADirectoryError(f"{path}: cannot be created, {parent} is a file")
+    if not os.access(parent, os.W_OK):
+        raise PermissionError(f"{path}: cannot be created, {parent} is not writable")
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """``write(tmp)`` fills a temporary file in ``path``'s folder, which then replaces ``path`` in one rename.
 

@@ -93,6 +93,7 @@ CASES = [
     (P + " dreambooth.eval_prompts=5", "dreambooth.eval_prompts"),
     (P + " dreambooth.instance_prompt=''", "dreambooth.instance_prompt"),
     (P + " dreambooth.class_dir={file}", "class_dir"),
+    (P + " dreambooth.resolution=31", "dreambooth.resolution"),  # not a size the tiny VAE (factor 2) encodes
     (P + " optimizer.learning_rate=nan", "optimizer.learning_rate"),
     (P + " optimizer.learning_rate=-1e-4", "optimizer.learning_rate"),
     (P + " optimizer.schedule=cosin", "optimizer.schedule"),
@@ -145,6 +146,8 @@ CASES = [
     (S + " --guidance nan", "--guidance"),
     (S + " --eta -1", "--eta"),
     (S.replace("{new}.png", "{file}"), "file"),
+    (S.replace("{new}.png", "{notrun}") + " --overwrite", "notrun"),
+    (S.replace("{new}.png", "{file}/x.png"), "file"),
     (S.replace("{model}", "{root}/model_typo"), "layers_per_block"),
     # evaluate
     ("evaluate --model {model} --references {photos} --prompt a --out {new}", "--clip"),

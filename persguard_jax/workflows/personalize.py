@@ -139,6 +139,15 @@ def personalize(pipe, instance_images: np.ndarray, config: runs.Config, out: str
     return {**results, "params": final}
 
 
+def check_resolution(pipe, resolution: int) -> None:
+    """``dreambooth.resolution`` must be a size the model's VAE can encode (before any class image is drawn)."""
+    from persguard_jax.sample import latent_shape
+    try:
+        latent_shape(pipe, resolution, resolution)
+    except ValueError as e:
+        raise ValueError(f"dreambooth.resolution: {e}") from None
+
+
 def run(args: argparse.Namespace, config: runs.Config) -> dict:
     """``persguard personalize``: read every input before anything is written, then the recipe."""
     from persguard_jax.data.images import load_folder
@@ -148,6 +157,7 @@ def run(args: argparse.Namespace, config: runs.Config) -> dict:
         raise NotADirectoryError(f"dreambooth.class_dir: {class_dir} is not a folder")
     photos = load_folder(args.instance_dir, config.dreambooth.resolution)  # bad photos fail here, all named
     pipe = load_pipeline(args.model)
+    check_resolution(pipe, config.dreambooth.resolution)
     out = runs.start_run(args.out, config.raw, overwrite=args.overwrite, resume=args.resume)
     results = personalize(pipe, photos, config, out)
     results.pop("params", None)

@@ -14,13 +14,13 @@ only (``train.distributed.is_writer``); Orbax coordinates the checkpoints.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 from persguard_jax import config as cfglib
+from persguard_jax.io import check_creatable
 
 # Loop defaults of the small runs (world pre-training, world CLIP): a config's ``loop`` section overrides them.
 SMALL_RUN_LOOP = {"log_every": 25, "checkpoint_every": 250, "max_to_keep": 1, "tensorboard": False}
@@ -131,11 +131,8 @@ def check_output(out: str | Path, *, overwrite: bool, resume: bool, raw_config: 
         raise ValueError("--overwrite and --resume: choose one (continue the run, or start it again)")
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out}: exists and is not a folder")
-    parent = next((p for p in out.absolute().parents if p.exists()), None)
-    if parent is not None and not parent.is_dir():
-        raise NotADirectoryError(f"{out}: cannot be created, {parent} is a file")
-    if not out.exists() and parent is not None and not os.access(parent, os.W_OK):
-        raise PermissionError(f"{out}: cannot be created, {parent} is not writable")
+    if not out.exists():
+        check_creatable(out)
     if not out.exists() or not any(out.iterdir()):
         return
     is_run = (out / RUN_FILE).is_file()
