@@ -45,6 +45,10 @@ class Trainable:
     frozen_logical: Params
     lora: loralib.LoRAConfig | None = None
 
+    def trains(self, network: str) -> bool:
+        """Whether any parameter of ``network`` (``"text_encoder"``...) is trained, LoRA adapters included."""
+        return network in self.params
+
     def loss(self, loss_fn: LossFn) -> LossFn:
         """``loss_fn`` (on the model's full parameters) as a loss on ``merge(trainable, frozen)``."""
         return loralib.with_lora(loss_fn, self.lora) if self.lora is not None else loss_fn

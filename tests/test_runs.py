@@ -109,6 +109,10 @@ def test_pairs_only_with_prior_preservation(tiny):
     assert layout is None and len(alone) == 3 and alone[0]["latent_mean"].ndim == 3  # no duplicated example
     frozen, _ = dreambooth_source(tiny, photos, None, DreamBoothConfig(resolution=32, train_text_encoder=False))
     assert "context" in frozen[0] and "input_ids" not in frozen[0]  # a frozen encoder's output, cached
+    # LoRA adapters on the text encoder train it even with train_text_encoder off: prompts stay live ids
+    live, _ = dreambooth_source(tiny, photos, None, DreamBoothConfig(resolution=32, train_text_encoder=False),
+                                text_trains=True)
+    assert "input_ids" in live[0] and "context" not in live[0]
     with pytest.raises(ValueError, match="differ in keys"):
         PairSource({"a": np.zeros(2)}, {"b": np.zeros(2)})
 

@@ -30,6 +30,13 @@ def test_modes(micro):
     both = split_trainable(params, logical, "unet+text_encoder")
     assert set(both.params) == {"unet", "text_encoder"} and both.frozen == {}
     assert _leaves(both.full_params(both.params)) == _leaves(params)
+    assert unet.trains("unet") and not unet.trains("text_encoder") and both.trains("text_encoder")
+    # LoRA trains the text encoder exactly when a target names it (then its prompts must be encoded live:
+    # dreambooth_source(text_trains=...)), whatever train_text_encoder says
+    rng = jax.random.key(0)
+    assert not split_trainable(params, logical, "lora", lora=L.LoRAConfig(rank=2), rng=rng).trains("text_encoder")
+    text_lora = L.LoRAConfig(rank=2, targets=L.UNET_ATTENTION + L.TEXT_ENCODER_ATTENTION)
+    assert split_trainable(params, logical, "lora", lora=text_lora, rng=rng).trains("text_encoder")
     with pytest.raises(ValueError, match="trainable mode must be one of"):
         split_trainable(params, logical, "vae")
     with pytest.raises(ValueError, match="needs a LoRAConfig"):

@@ -116,13 +116,15 @@ class PairSource:
 
 
 def dreambooth_source(pipe, instance_images: np.ndarray, class_images: np.ndarray | None,
-                      cfg: DreamBoothConfig) -> tuple[Any, Callable[[dict], dict] | None]:
+                      cfg: DreamBoothConfig, *, text_trains: bool | None = None
+                      ) -> tuple[Any, Callable[[dict], dict] | None]:
     """(source, map_fn) for ``train.fit``: pairs and their layout with prior preservation (``class_images``
     given and ``cfg.prior_weight > 0``), else the instance examples alone (no UNet pass is spent on a
-    duplicate)."""
+    duplicate). ``text_trains``: whether the text encoder has trained parameters (default
+    ``cfg.train_text_encoder``; LoRA adapters on it count); only when it has none are the prompts encoded once."""
     from persguard_jax.data.batches import ArraySource
     from persguard_jax.losses import pairs_to_examples
-    embed = not cfg.train_text_encoder
+    embed = not (cfg.train_text_encoder if text_trains is None else text_trains)
     instance = image_examples(pipe, instance_images, cfg.instance_prompt, embed_prompt=embed)
     if class_images is None or not cfg.use_prior:
         return ArraySource(instance), None

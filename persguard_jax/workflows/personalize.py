@@ -95,10 +95,6 @@ def personalize(pipe, instance_images: np.ndarray, config: runs.Config, out: str
     if db.use_prior:
         folder = Path(class_dir or db.class_dir or out / "class_images")
         class_images = ensure_class_images(pipe, folder, db)
-    print(f"encoding {len(instance_images)} instance" + (f" and {len(class_images)} class" if db.use_prior else "")
-          + " images with the VAE (cached for all steps)")
-    source, map_fn = dreambooth_source(pipe, instance_images, class_images, db)
-
     set_remat(pipe.unet, db.remat)
     set_remat(pipe.text_encoder, db.remat)
     modules = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
@@ -108,6 +104,11 @@ def personalize(pipe, instance_images: np.ndarray, config: runs.Config, out: str
     set_remat(pipe.text_encoder, "none")
     split = split_trainable(params, logical, trainable_mode(db.train_text_encoder, config.lora), lora=config.lora,
                             rng=jax.random.key(db.seed))
+    print(f"encoding {len(instance_images)} instance" + (f" and {len(class_images)} class" if db.use_prior else "")
+          + " images with the VAE (cached for all steps)")
+    # prompts are encoded once unless the text encoder trains (LoRA adapters on it included)
+    source, map_fn = dreambooth_source(pipe, instance_images, class_images, db,
+                                       text_trains=split.trains("text_encoder"))
     scheduler_cfg = SchedulerConfig.from_dict(pipe.scheduler_config)
     loss_cfg = losses.LossConfig.from_dict({"prediction_type": scheduler_cfg.prediction_type,
                                             "scaling_factor": pipe.vae.config.scaling_factor, **config.loss})
