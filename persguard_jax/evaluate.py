@@ -5,10 +5,11 @@
 - with a ``CLIPEvaluator``: CLIP-T to the prompt, and with reference photos CLIP-I, identity similarity and a
   Fréchet distance of CLIP features (``CLIPEvaluator.evaluate``);
 - with a ``World`` (the synthetic world's model): its pixel detectors. Each ``LabelDetector`` reads one caption
-  fact (colour, shape) off the pixels and reports how often the samples show the references' value of it
+  fact (colour, shape, texture) off the pixels and reports how often the samples show the references' value of it
   (``colour_match``: the most common value over the reference photos, for a world subject its colour and class)
   and, when the prompt names a value in the world's vocabulary, how often they show that one
-  (``colour_follows``). A detector is anything with ``reference`` and ``score`` methods (``Detector``), so a
+  (``colour_follows``); ``MarkDetector`` reports how often samples carry the references' mark (``mark_match``).
+  A detector is anything with ``reference`` and ``score`` methods (``Detector``), so a
   pattern or erasure detector is one more entry of ``detectors``.
 
 Every row has the same keys (None where a metric does not apply: no references, a prompt naming no colour), and
@@ -24,9 +25,9 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 
-from persguard_jax.data.world import COLOURS, World, parse_caption
+from persguard_jax.data.world import COLOURS, TEXTURES, World, parse_caption
 from persguard_jax.io import uint8_to_unit, unit_to_uint8
-from persguard_jax.metrics.detectors import detect_shape, dominant_colour
+from persguard_jax.metrics.detectors import detect_mark, detect_shape, detect_texture, dominant_colour
 
 if TYPE_CHECKING:  # heavy (jax, flax): imported by the caller that builds them
     from persguard_jax.metrics import CLIPEvaluator
@@ -115,9 +116,32 @@ def _shape_labels(world: World, pixels: np.ndarray) -> list[str | None]:
     return [shapes[i] if i >= 0 else None for i in detect_shape(pixels, shapes, background="any")]
 
 
+def _texture_labels(world: World, pixels: np.ndarray) -> list[str | None]:
+    return [TEXTURES[i] if i >= 0 else None for i in detect_texture(pixels, background="any")]
+
+
+@dataclass(frozen=True)
+class MarkDetector:
+    """A subject's mark (a small square of another palette colour, never named in captions): ``reference`` finds
+    the colour marked on most reference photos (``detect_mark`` over every colour), ``score`` the fraction of
+    samples that carry a mark of that colour (``mark_match``; None without a marked reference)."""
+
+    def reference(self, world: World, pixels: np.ndarray) -> dict[str, Any]:
+        found = {c: float(np.mean(detect_mark(pixels, c, background="any"))) for c in COLOURS}
+        colour, share = max(found.items(), key=lambda kv: kv[1])
+        return {"mark": colour if share >= 0.5 else None}
+
+    def score(self, world: World, pixels: np.ndarray, reference: dict[str, Any],
+              prompt: str) -> dict[str, float | None]:
+        mark = reference.get("mark")
+        return {"mark_match": None if mark is None else float(np.mean(detect_mark(pixels, mark, background="any")))}
+
+
 WORLD_DETECTORS: tuple[Detector, ...] = (
     LabelDetector("colour", _colour_labels, lambda world: tuple(COLOURS)),
     LabelDetector("shape", _shape_labels, lambda world: world.shapes),
+    LabelDetector("texture", _texture_labels, lambda world: TEXTURES),
+    MarkDetector(),
 )
 
 

@@ -133,6 +133,12 @@ def test_measure_reads_the_world_detectors_off_rendered_scenes(world, subject):
     assert [r["shape_follows"] for r in rows] == [1.0, 1.0, None] and rows[0]["shape_match"] == 0.0  # dog refs
     assert results["mean"]["colour_follows"] == 0.5  # over the two prompts that name a colour
     assert "clip_t" not in rows[0]  # no evaluator, no CLIP metrics
+    # texture and mark: the subject's own photos show both, plain unmarked circles neither
+    assert results["references"]["texture"] == subject.texture != "plain"
+    assert results["references"]["mark"] == subject.mark[0]
+    again = measure(["a photo of sks", "a photo of sks"], [world.subject_photos(subject, 4, start=4) / 255.0,
+                                                           images[0]], references=refs, world=world)["prompts"]
+    assert [r["texture_match"] for r in again] == [1.0, 0.0] and [r["mark_match"] for r in again] == [1.0, 0.0]
 
 
 def test_write_evaluation_never_replaces_results(world, tmp_path):

@@ -24,7 +24,7 @@ from persguard_jax.workflows import personalize as personalize_wf
 from persguard_jax.workflows import runs
 
 # what the summary and the README quote: the instance prompt's likeness to the subject, the class prompt's drift
-HEADLINE = ("identity_similarity", "clip_i", "colour_match", "shape_match")
+HEADLINE = ("identity_similarity", "clip_i", "colour_match", "shape_match", "texture_match", "mark_match")
 
 
 def fresh_folder(out: str | Path) -> Path:
@@ -148,7 +148,8 @@ def _summary(results: dict) -> str:
             f"  identity similarity {fmt(b['identity_similarity'])} -> {fmt(a['identity_similarity'])}, "
             f"CLIP-I {fmt(b['clip_i'])} -> {fmt(a['clip_i'])}, samples in the subject's colour "
             f"{fmt(b['colour_match'])} -> {fmt(a['colour_match'])}, its silhouette "
-            f"{fmt(b['shape_match'])} -> {fmt(a['shape_match'])}\n"
+            f"{fmt(b['shape_match'])} -> {fmt(a['shape_match'])}, texture {fmt(b['texture_match'])} -> "
+            f"{fmt(a['texture_match'])}, mark {fmt(b['mark_match'])} -> {fmt(a['mark_match'])}\n"
             f"  \"{results['class_prompt']}\" samples in the subject's colour (prior preservation keeps "
             f"this low): {fmt(cb['colour_match'])} -> {fmt(ca['colour_match'])}\n"
             f"report: {results['run']}/results.md, {results['files']['report']}")
