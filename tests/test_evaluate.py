@@ -19,7 +19,7 @@ from persguard_jax.data.world import WORLD_FILE, world_of
 
 SAMPLING = ["--num-images", "4", "--steps", "12"]  # small: the whole file runs in well under a minute of sampling
 METRICS = ("clip_t", "clip_i", "identity_similarity", "fid_clip", "colour_match", "colour_follows", "shape_match",
-           "shape_follows")
+           "shape_follows", "texture_match", "texture_follows", "mark_match")
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,8 @@ def test_evaluate_command_prints_and_writes_its_table(evaluated, subject):
     for row in results["prompts"]:
         assert set(row) == {"prompt", *METRICS}
     # the references' majority facts are the held-out subject's colour and class
-    assert results["references"] == {"count": 5, "colour": subject.colour, "shape": "dog"}
+    assert results["references"] == {"count": 5, "colour": subject.colour, "shape": "dog",
+                                     "texture": subject.texture, "mark": subject.mark[0]}
     assert results["prompts"][0]["colour_follows"] is None  # "a photo of sks dog" names no colour
     assert results["mean"]["clip_t"] == pytest.approx(np.mean([r["clip_t"] for r in results["prompts"]]))
     md_rows = [line for line in (out / "results.md").read_text().splitlines()

@@ -184,7 +184,7 @@ def test_lora_and_frozen_text_encoder_personalise_end_to_end(run, tmp_path, mode
 def test_a_diverged_run_is_one_line_naming_the_last_good_checkpoint(run, tmp_path, capsys):
     """A learning rate of 1e30 turns the loss non-finite after the first update: the command stops with one line
     (after its progress bars); the step-1 checkpoint, whose parameters gave that loss, is removed, so --resume
-    with a sane rate starts again instead of diverging at once (tests/test_resume.py: resuming from a good one)."""
+    with a sane rate starts again instead of diverging at once."""
     out = tmp_path / "diverged"
     args = [a if a != str(run["out"]) else str(out) for a in run["args"]]
     args = [a for a in args if not a.startswith("dreambooth.steps=")] + [
@@ -194,9 +194,9 @@ def test_a_diverged_run_is_one_line_naming_the_last_good_checkpoint(run, tmp_pat
     lines = [ln for ln in capsys.readouterr().err.replace("\r", "\n").splitlines() if ln.strip()]
     assert lines[-1].startswith("persguard personalize: error: training diverged: the loss at step 2 is "), lines[-1]
     assert "(removed the step-1 checkpoint: its parameters give this loss); no good checkpoint in " in lines[-1]
-    assert main(args + ["optimizer.learning_rate=1e-4", "--resume"]) == 0, capsys.readouterr().err[-500:]
-    results = json.loads((out / "results.json").read_text())
-    assert results["resumed_from"] is None and results["steps"] == 4
+    # so a --resume starts again rather than diverging at once (resuming from a good one: tests/test_resume.py)
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.isdigit()]
+    assert (out / "config.yaml").is_file() and not (out / "results.json").exists()
 
 
 def test_bad_inputs(run, tmp_path, capsys):
