@@ -52,7 +52,6 @@ from persguard_jax.models import functional as F
 from persguard_jax.models.functional import _compile
 
 Params = dict[str, Any]
-INITS = ("kaiming_uniform", "gaussian")
 FACTORS = ("lora_A", "lora_B")
 
 

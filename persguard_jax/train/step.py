@@ -61,9 +61,6 @@ from persguard_jax.train.optim import Optimizer, resolve_optimizer
 from persguard_jax.train.state import TrainState
 
 
-DATA_PARALLEL = ("auto", "gspmd")  # StepConfig.data_parallel
-
-
 @dataclass(frozen=True)
 class StepConfig(Section):
     """How one step computes: compute dtype, gradient accumulation, EMA decay, PRNG implementation, and how a

@@ -14,6 +14,7 @@ only (``train.distributed.is_writer``); Orbax coordinates the checkpoints.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -165,7 +166,6 @@ def _check_same_config(path: Path, raw_config: Mapping[str, Any]) -> None:
     except for ``RESUME_MAY_CHANGE``."""
     saved = cfglib.read_yaml(path)
     given = cfglib.parse_yaml(cfglib.dumps(dict(raw_config)))  # what start_run would write, read back
-    import fnmatch
     changed = [d for d in _differences(saved, given)
                if not any(fnmatch.fnmatchcase(d[0], pattern) for pattern in RESUME_MAY_CHANGE)]
     if changed:
