@@ -8,7 +8,9 @@
   fact (colour, shape, texture) off the pixels and reports how often the samples show the references' value of it
   (``colour_match``: the most common value over the reference photos, for a world subject its colour and class)
   and, when the prompt names a value in the world's vocabulary, how often they show that one
-  (``colour_follows``); ``MarkDetector`` reports how often samples carry the references' mark (``mark_match``).
+  (``colour_follows``); ``MarkDetector`` reports how often samples carry the references' mark (``mark_match``), and
+  ``AllOf`` how often one sample shows the references' silhouette, colour and texture together
+  (``subject_match``).
   A detector is anything with ``reference`` and ``score`` methods (``Detector``), so a
   pattern or erasure detector is one more entry of ``detectors``.
 
@@ -137,12 +139,34 @@ class MarkDetector:
         return {"mark_match": None if mark is None else float(np.mean(detect_mark(pixels, mark, background="any")))}
 
 
-WORLD_DETECTORS: tuple[Detector, ...] = (
-    LabelDetector("colour", _colour_labels, lambda world: tuple(COLOURS)),
-    LabelDetector("shape", _shape_labels, lambda world: world.shapes),
-    LabelDetector("texture", _texture_labels, lambda world: TEXTURES),
-    MarkDetector(),
-)
+@dataclass(frozen=True)
+class AllOf:
+    """Samples showing every part's reference value at once (``{name}_match``; None where a part has no
+    reference): a sample in the subject's colour and the class's silhouette but not its texture is not the
+    subject, and the parts' separate rates cannot say how many samples get all of them."""
+    name: str
+    parts: tuple[LabelDetector, ...]
+
+    def reference(self, world: World, pixels: np.ndarray) -> dict[str, Any]:
+        return {k: v for part in self.parts for k, v in part.reference(world, pixels).items()}
+
+    def score(self, world: World, pixels: np.ndarray, reference: dict[str, Any],
+              prompt: str) -> dict[str, float | None]:
+        wants = [reference.get(part.fact) for part in self.parts]
+        if any(want is None for want in wants):
+            return {f"{self.name}_match": None}
+        hits = np.ones(len(pixels), bool)
+        for part, want in zip(self.parts, wants):
+            hits &= np.array([label == want for label in part.labels(world, pixels)])
+        return {f"{self.name}_match": float(np.mean(hits))}
+
+
+_COLOUR = LabelDetector("colour", _colour_labels, lambda world: tuple(COLOURS))
+_SHAPE = LabelDetector("shape", _shape_labels, lambda world: world.shapes)
+_TEXTURE = LabelDetector("texture", _texture_labels, lambda world: TEXTURES)
+# ``subject_match``: the references' silhouette, colour and texture in one sample (a world subject but its mark)
+WORLD_DETECTORS: tuple[Detector, ...] = (_COLOUR, _SHAPE, _TEXTURE, MarkDetector(),
+                                         AllOf("subject", (_SHAPE, _COLOUR, _TEXTURE)))
 
 
 # --------------------------------------------------------------------------- measuring

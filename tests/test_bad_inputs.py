@@ -181,6 +181,9 @@ CASES = [
     ("demo --out {new} --subject nonsense", "nonsense"),
     ("demo --out {file}", "file"),
     ("demo --out {new} dreambooth.steps=-1", "dreambooth.steps"),
+    ("demo --out {new} --model {model}", "world_config.json"),  # a pipeline, but not a world model
+    ("demo --out {new} --model {root}/nope", "nope"),
+    ("demo --out {new} --clip {root}/empty", "empty"),
 ]
 
 

@@ -18,7 +18,7 @@ def test_demo_end_to_end_and_prior_preservation(tmp_path):
     saved = json.loads((run / "results.json").read_text())
     assert saved["subject"] == with_prior["subject"]
     assert set(saved["after"]) == {"clip_i", "identity_similarity", "colour_match", "shape_match", "texture_match",
-                                   "mark_match"}
+                                   "mark_match", "subject_match"}
     assert [row["prompt"] for row in saved["evaluation"]["after"]["prompts"]] == [saved["instance_prompt"],
                                                                                   saved["class_prompt"]]
 

@@ -19,7 +19,7 @@ from persguard_jax.data.world import WORLD_FILE, world_of
 
 SAMPLING = ["--num-images", "4", "--steps", "12"]  # small: the whole file runs in well under a minute of sampling
 METRICS = ("clip_t", "clip_i", "identity_similarity", "fid_clip", "colour_match", "colour_follows", "shape_match",
-           "shape_follows", "texture_match", "texture_follows", "mark_match")
+           "shape_follows", "texture_match", "texture_follows", "mark_match", "subject_match")
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +140,11 @@ def test_measure_reads_the_world_detectors_off_rendered_scenes(world, subject):
     again = measure(["a photo of sks", "a photo of sks"], [world.subject_photos(subject, 4, start=4) / 255.0,
                                                            images[0]], references=refs, world=world)["prompts"]
     assert [r["texture_match"] for r in again] == [1.0, 0.0] and [r["mark_match"] for r in again] == [1.0, 0.0]
+    # subject_match wants silhouette, colour and texture in the same sample: the subject's colour on a circle is 0
+    assert [r["subject_match"] for r in again] == [1.0, 0.0] and rows[0]["colour_match"] == 1.0
+    assert rows[0]["subject_match"] == 0.0
+    mixed = np.concatenate([world.subject_photos(subject, 2, start=8) / 255.0, images[0][:2]])
+    assert measure(["a photo of sks"], [mixed], references=refs, world=world)["prompts"][0]["subject_match"] == 0.5
 
 
 def test_write_evaluation_never_replaces_results(world, tmp_path):

@@ -417,3 +417,13 @@ def test_detect_mark_on_hand_made_blocks_and_blends():
         M.detect_mark(canvas, "teal")
     with pytest.raises(ValueError, match="one per image"):
         M.detect_mark(canvas, ["blue", "red"])
+
+
+def test_detect_texture_of_an_object_too_dark_to_show_a_shade_is_plain():
+    """A generated sample can be a near-black blob whose colour and texture shade round to the same value: the
+    detector calls it plain instead of dividing by zero (it used to return garbage with a RuntimeWarning)."""
+    import warnings
+    image = World().render(SceneSpec(shape="circle", colour="black", texture="striped", lighting=0.001))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert M.detect_texture(image).tolist() == [0]

@@ -285,6 +285,9 @@ def _texture_scores(t: np.ndarray, region: np.ndarray, extent: int) -> np.ndarra
 
 def _texture_of(obj: _Object) -> int:
     """The index into TEXTURES of one object's texture."""
+    base, shade, _ = _shade_line(obj)
+    if float(np.sum((shade - base) ** 2)) < 1.0:  # lit so dark (a generated blob) that colour and shade coincide
+        return 0
     t, on_line = _shade_map(obj)
     box, extent = _box(obj.own)
     region = on_line & box

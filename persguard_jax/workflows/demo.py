@@ -24,7 +24,8 @@ from persguard_jax.workflows import personalize as personalize_wf
 from persguard_jax.workflows import runs
 
 # what the summary and the README quote: the instance prompt's likeness to the subject, the class prompt's drift
-HEADLINE = ("identity_similarity", "clip_i", "colour_match", "shape_match", "texture_match", "mark_match")
+HEADLINE = ("identity_similarity", "clip_i", "colour_match", "shape_match", "texture_match", "mark_match",
+            "subject_match")
 
 
 def fresh_folder(out: str | Path) -> Path:
@@ -63,9 +64,13 @@ def _row(evaluation, prompt: str) -> dict:
 
 
 def run_demo(out: str | Path = "runs/demo", *, subject: str | None = None, overrides: list[str] = (),
-             config: str | None = None) -> dict:
+             config: str | None = None, model: str | Path | None = None, clip: str | Path | None = None) -> dict:
+    """DreamBooth on one world subject, measured before and after, into a fresh folder beside ``out``.
+
+    ``model`` / ``clip``: a world model folder (``persguard pretrain``'s ``model/``, with its ``world.json``) and
+    a world CLIP folder; default the committed ones (``world_assets``)."""
     from persguard_jax import config as cfglib
-    from persguard_jax.data.world import save_photos, world_of
+    from persguard_jax.data.world import WORLD_FILE, is_world_model, save_photos, world_of
     from persguard_jax.evaluate import evaluate_pipeline
     from persguard_jax.io import save_png, uint8_to_signed, uint8_to_unit
     from persguard_jax.metrics import CLIPEvaluator
@@ -77,13 +82,18 @@ def run_demo(out: str | Path = "runs/demo", *, subject: str | None = None, overr
 
     t0 = time.time()
     raw = cfglib.load_config(config_path(config or DEMO.config), overrides)
-    model_dir, clip_dir = world_model(), world_clip()
+    model_dir = Path(model) if model is not None else world_model()
+    clip_dir = Path(clip) if clip is not None else world_clip()
+    if not is_world_model(model_dir):
+        raise ValueError(f"{model_dir}: not a world model (no {WORLD_FILE}); the demo needs one made by "
+                         "`persguard pretrain` (its model/ folder)")
     world = world_of(model_dir)
     subj = pick_subject(world, subject)
     instance_prompt, class_prompt = world.instance_prompt(subj), world.class_prompt(subj.class_name)
     raw.setdefault("dreambooth", {}).update(instance_prompt=instance_prompt, class_prompt=class_prompt)
     settings = runs.parse_config(personalize_wf.resolve(raw), personalize_wf.sections())  # before any work
     db = settings.dreambooth
+    pipe, evaluator = load_pipeline(model_dir), CLIPEvaluator.from_folder(clip_dir)  # bad folders: before any output
     run = fresh_folder(out)
     print(f"demo: personalising the world model ({model_dir}) on held-out subject {subj.name} "
           f"({subj.colour} {subj.texture} {subj.class_name}); writing to {run}")
@@ -91,8 +101,6 @@ def run_demo(out: str | Path = "runs/demo", *, subject: str | None = None, overr
     if is_writer():
         save_photos(photos, run / "instance", prefix=subj.name)
 
-    pipe = load_pipeline(model_dir)
-    evaluator = CLIPEvaluator.from_folder(clip_dir)
     prompts = [instance_prompt, class_prompt]
     measure = dict(references=photos, evaluator=evaluator, world=world, num_images=db.eval_num_images,
                    seed=db.seed + 100, num_steps=db.eval_steps, guidance_scale=db.eval_guidance)
@@ -132,11 +140,16 @@ def run_demo(out: str | Path = "runs/demo", *, subject: str | None = None, overr
 
 
 def run(args: argparse.Namespace, config: runs.Config) -> dict:
-    return run_demo(args.out, subject=args.subject, overrides=args.overrides, config=args.config)
+    return run_demo(args.out, subject=args.subject, overrides=args.overrides, config=args.config, model=args.model,
+                    clip=args.clip)
 
 
 def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--subject", help="world subject to personalise, e.g. dog_04 (default: a held-out dog)")
+    parser.add_argument("--model", help="world model folder, e.g. a `persguard pretrain` run's model/ (default: the "
+                                        "committed persguard_jax/assets/world_tiny)")
+    parser.add_argument("--clip", help="world CLIP folder for the metrics (default: the committed "
+                                       "persguard_jax/assets/world_clip)")
 
 
 def _summary(results: dict) -> str:
@@ -149,7 +162,8 @@ def _summary(results: dict) -> str:
             f"CLIP-I {fmt(b['clip_i'])} -> {fmt(a['clip_i'])}, samples in the subject's colour "
             f"{fmt(b['colour_match'])} -> {fmt(a['colour_match'])}, its silhouette "
             f"{fmt(b['shape_match'])} -> {fmt(a['shape_match'])}, texture {fmt(b['texture_match'])} -> "
-            f"{fmt(a['texture_match'])}, mark {fmt(b['mark_match'])} -> {fmt(a['mark_match'])}\n"
+            f"{fmt(a['texture_match'])}, mark {fmt(b['mark_match'])} -> {fmt(a['mark_match'])}; silhouette, colour "
+            f"and texture together {fmt(b['subject_match'])} -> {fmt(a['subject_match'])}\n"
             f"  \"{results['class_prompt']}\" samples in the subject's colour (prior preservation keeps "
             f"this low): {fmt(cb['colour_match'])} -> {fmt(ca['colour_match'])}\n"
             f"report: {results['run']}/results.md, {results['files']['report']}")

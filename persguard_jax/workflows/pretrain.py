@@ -74,7 +74,7 @@ class PretrainConfig(cfglib.Section):
     SECTION = "pretrain"
     BOUNDS = {"seed": "[0, inf)", "dataset_size": "[1, inf)", "class_fraction": "[0, 1]", "simple_fraction": "[0, 1]",
               "vocab_size": "[8, inf)", "eval_steps": "[1, inf)", "eval_per_colour": "[1, inf)",
-              "eval_per_shape": "[1, inf)"}
+              "eval_per_shape": "[1, inf)", "eval_per_texture": "[1, inf)"}
     seed: int = 0
     dataset_size: int = 20000        # world images rendered once and reused by both stages
     class_fraction: float = 0.3      # photos of (non-held-out) class members, for the class prompts
@@ -84,6 +84,7 @@ class PretrainConfig(cfglib.Section):
     eval_guidance: float = 4.0
     eval_per_colour: int = 4         # samples per colour prompt (the colour-following check)
     eval_per_shape: int = 4          # samples per shape prompt, in as many colours (the shape-following check)
+    eval_per_texture: int = 8        # samples per texture prompt, on shapes and colours in turn (texture following)
     vae: VAEStageConfig = field(default_factory=VAEStageConfig)
     unet: UNetStageConfig = field(default_factory=UNetStageConfig)
 
@@ -221,6 +222,22 @@ def shape_prompts(world, per_shape: int) -> list[tuple[str, str]]:
             for k, shape in enumerate(world.shapes) for j in range(per_shape)]
 
 
+def texture_prompts(world, per_texture: int) -> list[tuple[str, str]]:
+    """(texture, prompt) pairs of the texture-following check: every texture ``per_texture`` times, on shapes and
+    colours cycling through the world's, large (the texture detector's reliable size at 32 px) and centred on a
+    plain background ("a photo of a large red striped circle on a plain background")."""
+    from persguard_jax.data.world import COLOURS, TEXTURES, SceneSpec
+    colours, shapes = list(COLOURS), world.shapes
+    pairs = []
+    for k, texture in enumerate(TEXTURES):
+        for j in range(per_texture):
+            n = k * per_texture + j
+            spec = SceneSpec(shape=shapes[n % len(shapes)], colour=colours[n % len(colours)], texture=texture,
+                             size=0.7)
+            pairs.append((texture, world.caption(spec)))
+    return pairs
+
+
 def _sample_pixels(pipe, world, prompts: list[str], cfg: PretrainConfig) -> np.ndarray:
     from persguard_jax.sample import text_to_image
     images = text_to_image(pipe, prompts, num_steps=cfg.eval_steps, guidance_scale=cfg.eval_guidance,
@@ -228,32 +245,51 @@ def _sample_pixels(pipe, world, prompts: list[str], cfg: PretrainConfig) -> np.n
     return unit_to_uint8(images)
 
 
+def _following(pipe, world, cfg: PretrainConfig, pairs: list[tuple[str, str]], names: list[str],
+               detect, key: str) -> tuple[np.ndarray, dict]:
+    """Sample each (label, prompt) pair and score how often ``detect`` (pixels -> index into ``names``) finds
+    the label asked for: ``{key}_accuracy``, ``{key}_chance`` and ``per_{key}``."""
+    pixels = _sample_pixels(pipe, world, [p for _, p in pairs], cfg)
+    want = np.array([names.index(label) for label, _ in pairs])
+    got = np.asarray(detect(pixels))
+    per = {name: float(np.mean(got[want == i] == i)) for i, name in enumerate(names) if np.any(want == i)}
+    return pixels, {f"{key}_accuracy": float(np.mean(got == want)), f"{key}_chance": 1.0 / len(names),
+                    f"per_{key}": per}
+
+
 def evaluate_colours(pipe, world, cfg: PretrainConfig) -> tuple[np.ndarray, dict]:
     """Sample every colour prompt and measure how often the dominant colour is the one asked for."""
     from persguard_jax.data.world import COLOURS
     from persguard_jax.metrics.detectors import dominant_colour
-    pairs = colour_prompts(world)
-    pixels = _sample_pixels(pipe, world, [p for _, p in pairs for _ in range(cfg.eval_per_colour)], cfg)
-    names = list(COLOURS)
-    want = np.repeat([names.index(c) for c, _ in pairs], cfg.eval_per_colour)
-    got = dominant_colour(pixels)
-    per_colour = {c: float(np.mean(got[want == i] == i)) for i, c in enumerate(names)}
-    return pixels, {"colour_accuracy": float(np.mean(got == want)), "chance": 1.0 / len(names),
-                    "per_colour": per_colour}
+    pairs = [pair for pair in colour_prompts(world) for _ in range(cfg.eval_per_colour)]
+    return _following(pipe, world, cfg, pairs, list(COLOURS), dominant_colour, "colour")
 
 
 def evaluate_shapes(pipe, world, cfg: PretrainConfig) -> tuple[np.ndarray, dict]:
     """Sample every shape prompt and measure how often the detected silhouette (``metrics.detect_shape``, which
     scores 0.99 on rendered scenes) is the one asked for."""
     from persguard_jax.metrics.detectors import detect_shape
-    pairs = shape_prompts(world, cfg.eval_per_shape)
-    pixels = _sample_pixels(pipe, world, [p for _, p in pairs], cfg)
     shapes = world.shapes
-    want = np.array([shapes.index(shape) for shape, _ in pairs])
-    got = detect_shape(pixels, shapes)
-    per_shape = {s: float(np.mean(got[want == i] == i)) for i, s in enumerate(shapes)}
-    return pixels, {"shape_accuracy": float(np.mean(got == want)), "shape_chance": 1.0 / len(shapes),
-                    "per_shape": per_shape}
+    return _following(pipe, world, cfg, shape_prompts(world, cfg.eval_per_shape), list(shapes),
+                      lambda pixels: detect_shape(pixels, shapes), "shape")
+
+
+def evaluate_textures(pipe, world, cfg: PretrainConfig) -> tuple[np.ndarray, dict]:
+    """Sample every texture prompt and measure how often ``metrics.detect_texture`` (0.99 on rendered medium and
+    large objects at 32 px) finds the texture asked for."""
+    from persguard_jax.data.world import TEXTURES
+    from persguard_jax.metrics.detectors import detect_texture
+    return _following(pipe, world, cfg, texture_prompts(world, cfg.eval_per_texture), list(TEXTURES),
+                      detect_texture, "texture")
+
+
+def evaluate(pipe, world, cfg: PretrainConfig) -> tuple[dict[str, np.ndarray], dict]:
+    """Colour, shape and texture following of ``pipe``: the sample grids by check, and the scores."""
+    samples, scores = {}, {}
+    for name, check in (("colour", evaluate_colours), ("shape", evaluate_shapes), ("texture", evaluate_textures)):
+        samples[name], result = check(pipe, world, cfg)
+        scores.update(result)
+    return samples, scores
 
 
 # --------------------------------------------------------------------------- the run
@@ -303,29 +339,31 @@ def pretrain(out: str | Path, settings: runs.Config, *, overwrite: bool = False,
 
     model_dir = out / "model"
     results = {"model": str(model_dir), "samples": str(out / "samples.png"),
-               "shape_samples": str(out / "shape_samples.png"), "scaling_factor": scale,
+               "shape_samples": str(out / "shape_samples.png"),
+               "texture_samples": str(out / "texture_samples.png"), "scaling_factor": scale,
                "vae": vae_result.last_metrics, "unet": unet_result.last_metrics}
     if not is_writer():
         return results
     save_pipeline(pipe, model_dir, overwrite=True)
     save_json(settings.world.to_dict(), model_dir / WORLD_FILE)  # the world travels with the model
     t = time.time()
-    colour_samples, colour = evaluate_colours(pipe, world, cfg)
-    shape_samples, shape = evaluate_shapes(pipe, world, cfg)
+    samples, scores = evaluate(pipe, world, cfg)
     timings["eval_s"] = round(time.time() - t, 1)
-    save_png(image_grid(uint8_to_unit(colour_samples), ncols=cfg.eval_per_colour * 2), out / "samples.png")
-    save_png(image_grid(uint8_to_unit(shape_samples), ncols=cfg.eval_per_shape * 2), out / "shape_samples.png")
-    results.update(**colour, **shape, timings=timings, wall_s=round(time.time() - t0, 1))
+    for name, file, per in (("colour", "samples.png", cfg.eval_per_colour),
+                            ("shape", "shape_samples.png", cfg.eval_per_shape),
+                            ("texture", "texture_samples.png", cfg.eval_per_texture)):
+        save_png(image_grid(uint8_to_unit(samples[name]), ncols=per * 2), out / file)
+    results.update(**scores, timings=timings, wall_s=round(time.time() - t0, 1))
     # the run owns ``out`` (start_run checked it): a resumed run's results replace the earlier ones
     write_results(out, results, title="World model pre-training", overwrite=True)
     return results
 
 
 def _summary(results: dict) -> str:
-    return (f"world model: {results['model']}\nsamples: {results['samples']}, {results['shape_samples']}\n"
-            f"colour accuracy {results['colour_accuracy']:.2f} (chance {results['chance']:.2f}), "
-            f"shape accuracy {results['shape_accuracy']:.2f} (chance {results['shape_chance']:.2f}); "
-            f"{results['wall_s']} s in all")
+    scores = ", ".join(f"{key} following {results[key + '_accuracy']:.2f} (chance {results[key + '_chance']:.2f})"
+                       for key in ("colour", "shape", "texture"))
+    return (f"world model: {results['model']}\nsamples: {results['samples']}, {results['shape_samples']}, "
+            f"{results['texture_samples']}\n{scores}; {results['wall_s']} s in all")
 
 
 WORKFLOW = runs.Workflow(
