@@ -222,7 +222,16 @@ def text_to_image(pipe, prompts: Sequence[str], negative_prompts: Sequence[str] 
     if output_type == "latents":
         return np.asarray(z, np.float32)
     vae_cfg = pipe.vae.config
-    z = z / vae_cfg.scaling_factor + (vae_cfg.shift_factor or 0.0)
+    return decode_latents(pipe, z / vae_cfg.scaling_factor + (vae_cfg.shift_factor or 0.0), params=params)
+
+
+def decode_latents(pipe, latents: jax.Array | np.ndarray, *, params: Mapping[str, Any] | None = None,
+                   batch: int | None = None) -> np.ndarray:
+    """Images ``(N, H, W, 3)`` in [0, 1] from the VAE's own (unscaled) latents ``(N, h, w, C)``, e.g. the posterior
+    means of ``dreambooth.encode_latents``; ``batch`` at a time (None: all at once)."""
     vae_def, vae_state = _network(pipe, "vae", params)
-    images = _decode(vae_def, vae_state, z.astype(pipe.vae.dtype))
-    return np.asarray(jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0))
+    latents = jnp.asarray(latents)
+    step = batch or max(1, len(latents))
+    images = [_decode(vae_def, vae_state, latents[i:i + step].astype(pipe.vae.dtype))
+              for i in range(0, len(latents), step)]
+    return np.asarray(jnp.clip(jnp.concatenate(images).astype(jnp.float32) / 2 + 0.5, 0.0, 1.0))

@@ -427,3 +427,12 @@ def test_detect_texture_of_an_object_too_dark_to_show_a_shade_is_plain():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert M.detect_texture(image).tolist() == [0]
+
+
+def test_psnr():
+    a = np.zeros((2, 4, 4, 3), np.float32)
+    b = a.copy()
+    b[0] += 0.1  # MSE 0.01: 20 dB
+    got = np.asarray(M.psnr(b, a))
+    assert got[0] == pytest.approx(20.0, abs=1e-4) and np.isinf(got[1])
+    assert float(M.psnr(b[:1] * 255, a[:1], peak=255.0)[0]) == pytest.approx(20.0, abs=1e-3)

@@ -176,19 +176,22 @@ def test_held_out_subjects_never_reach_the_data_source(world):
 
 
 def test_simple_scenes_carry_the_canonical_caption(world):
-    """``simple_fraction`` of the items: one plain object near the centre, captioned exactly as the default
-    ``SceneSpec(shape, colour)`` (the prompt the colour/shape-following checks use); the other items unchanged."""
+    """``simple_fraction`` of the items: one object near the centre on the plain background, captioned exactly as
+    ``SceneSpec(shape, colour, texture)`` (the prompts the colour/shape/texture-following checks use), plain
+    about half of the time; the other items unchanged."""
     plain = WorldSource(world, 400, class_fraction=0.3)
     mixed = WorldSource(world, 400, class_fraction=0.3, simple_fraction=0.4)
-    n_simple = 0
+    n_simple, textures = 0, []
     for i in range(len(mixed)):
         spec, caption, subject = mixed.describe(i)
         if (spec, caption) != plain.describe(i)[:2]:
             n_simple += 1
-            assert subject is None and spec.texture == "plain" and spec.background == "plain"
-            assert caption == world.caption(SceneSpec(spec.shape, spec.colour))
+            textures.append(spec.texture)
+            assert subject is None and spec.background == "plain"
+            assert caption == world.caption(SceneSpec(spec.shape, spec.colour, spec.texture))
             assert abs(spec.x - 0.5) <= 0.05 and abs(spec.y - 0.5) <= 0.05
     assert 110 < n_simple < 210  # about 0.4 x 400
+    assert set(textures) == set(TEXTURES) and 0.35 < textures.count("plain") / n_simple < 0.65
     shapes = {mixed.describe(i)[0].shape for i in range(len(mixed))}
     assert shapes == set(world.shapes)
     with pytest.raises(ValueError, match="simple_fraction"):
@@ -360,3 +363,22 @@ def test_world_module_imports_without_jax_or_tfds():
             "print(any(m in sys.modules for m in ('jax', 'tensorflow_datasets', 'tensorflow')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_class_photos_named_only_by_their_class_are_on_the_plain_background(world):
+    """A caption that names only the class ("a photo of a dog") names no background, so its photo is on the plain
+    one; class photos with the full caption keep the background the caption names."""
+    source = WorldSource(world, 600, class_fraction=1.0)
+    short = full = 0
+    for i in range(len(source)):
+        spec, caption, member = source.describe(i)
+        assert member is not None and member.class_name == spec.shape
+        if caption in (f"a photo of {'an' if spec.shape[0] in 'aeiou' else 'a'} {spec.shape}",
+                       world.class_prompt(spec.shape)):
+            short += 1
+            assert spec.background == "plain", (caption, spec)
+        else:
+            full += 1
+            assert caption == world.caption(spec)
+    assert short > 150 and full > 300  # 40% and 60% of 600
+    assert len({source.describe(i)[0].background for i in range(len(source))}) > 1

@@ -83,11 +83,11 @@ def test_pretrain_command_smoke(tmp_path):
     raw = pretrain_wf.parse_config(cfglib.load_config(resources.config_path("world_tiny"), [
         "pretrain.dataset_size=64", "pretrain.vae.steps=2", "pretrain.vae.batch_size=8", "pretrain.unet.steps=2",
         "pretrain.unet.batch_size=8", "pretrain.eval_per_colour=1", "pretrain.eval_per_shape=1", "pretrain.eval_steps=2",
-        "pretrain.eval_per_texture=1",
+        "pretrain.eval_per_texture=1", "pretrain.eval_vae_scenes=4",
         "pretrain.unet.ema_decay=0.9", "loop.log_every=1"]))  # EMA on: its weights are the ones exported
     results = pretrain(tmp_path / "run", raw)
     assert set(results) >= {"model", "colour_accuracy", "shape_accuracy", "texture_accuracy", "per_shape",
-                            "per_texture", "scaling_factor", "timings"}
+                            "per_texture", "vae_psnr_db", "scaling_factor", "timings"}
     assert set(results["per_texture"]) == {"plain", "striped", "dotted", "checkered"}
     assert (tmp_path / "run" / "shape_samples.png").is_file() and (tmp_path / "run" / "texture_samples.png").is_file()
     assert (tmp_path / "run" / "results.md").is_file()

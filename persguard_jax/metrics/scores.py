@@ -140,3 +140,10 @@ def feature_distance(feats_a: Sequence[jax.Array], feats_b: Sequence[jax.Array])
         diff = jnp.square(_unit(a) - _unit(b))
         per_layer.append(jnp.sum(jnp.mean(diff, axis=1), axis=-1))
     return jnp.mean(jnp.stack(per_layer), axis=0)
+
+
+def psnr(images: jax.Array, references: jax.Array, *, peak: float = 1.0) -> jax.Array:
+    """Peak signal-to-noise ratio in dB of each image ``(N, ...)`` against its reference (same shape, values in
+    [0, peak]): ``10 log10(peak^2 / MSE)``; +inf for an exact copy."""
+    err = jnp.reshape(_float(images) - _float(references), (len(images), -1))
+    return 10.0 * jnp.log10(peak ** 2 / jnp.mean(err ** 2, axis=-1))

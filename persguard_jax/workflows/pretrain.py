@@ -9,8 +9,10 @@ checkpoints, metrics, resumable):
 3. ``unet``: UNet and CLIP text encoder trained together from scratch on the cached latents with the world's
    captions, a fraction of them dropped to the empty prompt so classifier-free guidance works.
 4. export: a diffusers pipeline folder (``model/``), ``samples.png`` (one row per colour), ``shape_samples.png``
-   (one row per shape), ``results.json`` / ``results.md`` with how often the samples follow the prompt's colour
-   (``metrics.dominant_colour``) and shape (``metrics.detect_shape``), and ``config.yaml``.
+   (one row per shape), ``texture_samples.png`` (one row per texture), ``results.json`` / ``results.md`` with the
+   VAE's reconstruction PSNR on held-out scenes and how often the samples follow the prompt's colour
+   (``metrics.dominant_colour``), shape (``metrics.detect_shape``, per shape and class) and texture
+   (``metrics.detect_texture``), and ``config.yaml``.
 
 The output folder is the run's: ``vae/`` and ``unet/`` hold the stage checkpoints and metrics (an interrupted
 run resumes with ``--resume``), ``model/`` the result.
@@ -74,7 +76,8 @@ class PretrainConfig(cfglib.Section):
     SECTION = "pretrain"
     BOUNDS = {"seed": "[0, inf)", "dataset_size": "[1, inf)", "class_fraction": "[0, 1]", "simple_fraction": "[0, 1]",
               "vocab_size": "[8, inf)", "eval_steps": "[1, inf)", "eval_per_colour": "[1, inf)",
-              "eval_per_shape": "[1, inf)", "eval_per_texture": "[1, inf)"}
+              "eval_per_shape": "[1, inf)", "eval_per_texture": "[1, inf)",
+              "eval_vae_scenes": "[1, inf)"}
     seed: int = 0
     dataset_size: int = 20000        # world images rendered once and reused by both stages
     class_fraction: float = 0.3      # photos of (non-held-out) class members, for the class prompts
@@ -85,6 +88,7 @@ class PretrainConfig(cfglib.Section):
     eval_per_colour: int = 4         # samples per colour prompt (the colour-following check)
     eval_per_shape: int = 4          # samples per shape prompt, in as many colours (the shape-following check)
     eval_per_texture: int = 8        # samples per texture prompt, on shapes and colours in turn (texture following)
+    eval_vae_scenes: int = 256       # held-out scenes the VAE's reconstruction PSNR is measured on
     vae: VAEStageConfig = field(default_factory=VAEStageConfig)
     unet: UNetStageConfig = field(default_factory=UNetStageConfig)
 
@@ -283,9 +287,23 @@ def evaluate_textures(pipe, world, cfg: PretrainConfig) -> tuple[np.ndarray, dic
                       detect_texture, "texture")
 
 
+def evaluate_vae(pipe, world, size: int) -> dict:
+    """The VAE's reconstruction of ``size`` held-out scenes (the ``val`` split, never trained on): PSNR in dB of
+    decode(posterior mean) against the image, its mean, median and 10th percentile."""
+    from persguard_jax.data.world import render_dataset
+    from persguard_jax.metrics import psnr
+    from persguard_jax.sample import decode_latents
+    images, _ = render_dataset(world, size, split="val")
+    mean, _ = encode_dataset(pipe, images)
+    db = np.asarray(psnr(decode_latents(pipe, mean, batch=256), uint8_to_unit(images)))
+    return {"vae_psnr_db": float(np.mean(db)), "vae_psnr_median_db": float(np.median(db)),
+            "vae_psnr_p10_db": float(np.percentile(db, 10)), "vae_eval_scenes": size}
+
+
 def evaluate(pipe, world, cfg: PretrainConfig) -> tuple[dict[str, np.ndarray], dict]:
-    """Colour, shape and texture following of ``pipe``: the sample grids by check, and the scores."""
-    samples, scores = {}, {}
+    """The VAE's reconstruction, and colour, shape and texture following of ``pipe``: the sample grids by check,
+    and the scores."""
+    samples, scores = {}, evaluate_vae(pipe, world, cfg.eval_vae_scenes)
     for name, check in (("colour", evaluate_colours), ("shape", evaluate_shapes), ("texture", evaluate_textures)):
         samples[name], result = check(pipe, world, cfg)
         scores.update(result)
@@ -360,7 +378,7 @@ def pretrain(out: str | Path, settings: runs.Config, *, overwrite: bool = False,
 
 
 def _summary(results: dict) -> str:
-    scores = ", ".join(f"{key} following {results[key + '_accuracy']:.2f} (chance {results[key + '_chance']:.2f})"
+    scores = f"VAE PSNR {results['vae_psnr_db']:.1f} dB on held-out scenes, " + ", ".join(f"{key} following {results[key + '_accuracy']:.2f} (chance {results[key + '_chance']:.2f})"
                        for key in ("colour", "shape", "texture"))
     return (f"world model: {results['model']}\nsamples: {results['samples']}, {results['shape_samples']}, "
             f"{results['texture_samples']}\n{scores}; {results['wall_s']} s in all")

@@ -2,6 +2,7 @@
 source rendered once into arrays) and ``save_photos`` (a subject's photos as an instance folder of PNGs)."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,8 @@ class WorldSource:
 
     Item ``i``: ``{"image": uint8 (S, S, 3), "caption": str, "shape": int32, "colour": int32}``. About
     ``class_fraction`` of the items are photos of non-held-out class members, captioned with class forms
-    ("a photo of a dog", "a photo of dog", or the full caption, which never names the mark); about
+    ("a photo of a dog", "a photo of dog": on the plain background; or the full caption, which never names the
+    mark); about
     ``simple_fraction`` are ``world.simple_spec(i, split)`` (one plain centred object, the canonical caption); the
     rest are ``world.random_spec(i, split)``. Held-out subjects never appear.
     """
@@ -53,12 +55,13 @@ class WorldSource:
             class_name = pick(world.cfg.classes, r[1])
             spec, member = world.class_spec(class_name, int(r[2] * 2**31))
             form = r[3]
-            if form < 0.3:
-                caption = class_caption(class_name)
-            elif form < 0.4:
-                caption = world.class_prompt(class_name)
-            else:
-                caption = world.caption(spec)
+            if form >= 0.4:
+                return spec, world.caption(spec), member
+            # a caption naming only the class names no background either: the photo is on the plain one, so the
+            # class prompt draws class members, not the average of every background behind them (which at
+            # guidance 4 came out as multicoloured blobs on stripes)
+            spec = dataclasses.replace(spec, background="plain")
+            caption = class_caption(class_name) if form < 0.3 else world.class_prompt(class_name)
             return spec, caption, member
         if r[0] < self.class_fraction + self.simple_fraction:
             spec = world.simple_spec(index, self.split)

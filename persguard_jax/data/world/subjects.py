@@ -174,13 +174,16 @@ class World:
         return self._place(rng, shape, pick(tuple(COLOURS), r[2]), texture, None, sizes=(0.3, 0.8), pose=pose)
 
     def simple_spec(self, index: int, split: str = "train") -> SceneSpec:
-        """Simple scene ``index`` of ``split``: one plain object (a shape or a class silhouette, any colour) on the
-        plain background, near the centre, medium-sized, in normal light, facing right; jittered only inside the
-        caption's thresholds, so its caption is the short canonical one ("a photo of a red circle on a plain
-        background"), the caption of ``SceneSpec(shape, colour)``."""
-        r = self._rng("simple", self._split_code(split), index).random(6)
+        """Simple scene ``index`` of ``split``: one object (a shape or a class silhouette, any colour; plain half of
+        the time, else striped, dotted or checkered) on the plain background, near the centre, medium-sized, in
+        normal light, facing right; jittered only inside the caption's thresholds, so its caption is the short
+        canonical one ("a photo of a red circle on a plain background", "a photo of a red striped circle ..."),
+        the caption of ``SceneSpec(shape, colour, texture)``."""
+        r = self._rng("simple", self._split_code(split), index).random(7)
         shapes = self.shapes
-        return SceneSpec(pick(shapes, r[0]), pick(tuple(COLOURS), r[1]), x=0.45 + 0.1 * r[2],
+        # half plain (the shape and colour prompts' exact caption), half in a named texture (the texture prompts')
+        texture = TEXTURES[0] if r[6] < 0.5 else pick(TEXTURES[1:], (r[6] - 0.5) / 0.5)
+        return SceneSpec(pick(shapes, r[0]), pick(tuple(COLOURS), r[1]), texture, x=0.45 + 0.1 * r[2],
                          y=0.45 + 0.1 * r[3], size=0.46 + 0.12 * r[4], lighting=0.9 + 0.15 * r[5])
 
     def scene(self, index: int, split: str = "train") -> tuple[np.ndarray, str]:
