@@ -172,6 +172,7 @@ CASES = [
     ("pretrain --out {new} pretrain.unet.caption_dropout=1.5", "pretrain.unet.caption_dropout"),
     ("pretrain --out {new} models.unet.layers_per_block=two", "layers_per_block"),
     ("pretrain --out {new} models.unet.nonsense=1", "nonsense"),
+    ("pretrain --out {new} models.vae.latent_channels=8 models.unet.in_channels=4", "models.unet.in_channels"),
     ("pretrain --out {new} scheduler.beta_schedule=wavy", "beta_schedule"),
     ("pretrain --out {new} loop.log_every=-1", "loop.log_every"),
     ("train-clip --out {new} clip.steps=abc", "clip.steps"),

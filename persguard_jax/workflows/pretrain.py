@@ -102,8 +102,8 @@ class PretrainConfig(cfglib.Section):
 
 
 def model_configs(models: Mapping[str, Any], vocab_size: int, image_size: int) -> dict:
-    """The ``models`` section as the three modules' configs (the tokenizer's vocabulary and the world's image
-    size filled in); an error names the section and key."""
+    """The ``models`` section as the three modules' configs (the tokenizer's vocabulary, the world's image size,
+    the text width and the latent channels filled in); an error names the section and key."""
     from persguard_jax.models import clip, unet, vae
     missing = {"unet", "vae", "text_encoder"} - set(models)
     if missing:
@@ -114,10 +114,18 @@ def model_configs(models: Mapping[str, Any], vocab_size: int, image_size: int) -
     cfglib.check_known(models["text_encoder"], clip.CLIPTextConfig, "models.text_encoder")  # its reader ignores them
     text = clip.CLIPTextConfig.from_dict({**models["text_encoder"], "vocab_size": vocab_size},
                                          source="models.text_encoder")
+    autoencoder = vae.VAEConfig.from_dict({**models["vae"], "sample_size": image_size}, source="models.vae")
+    # the UNet denoises the VAE's latents: its input and output channels are the latent channels
+    channels = autoencoder.latent_channels
+    for key in ("in_channels", "out_channels"):
+        if models["unet"].get(key, channels) != channels:
+            raise cfglib.ConfigError(f"models.unet.{key}: must equal models.vae.latent_channels ({channels}), got "
+                                     f"{models['unet'][key]!r} (leave it out: it is filled in)")
     return {"text_encoder": text,
-            "unet": unet.UNetConfig.from_dict({**models["unet"], "cross_attention_dim": text.hidden_size},
+            "unet": unet.UNetConfig.from_dict({**models["unet"], "cross_attention_dim": text.hidden_size,
+                                               "in_channels": channels, "out_channels": channels},
                                               source="models.unet"),
-            "vae": vae.VAEConfig.from_dict({**models["vae"], "sample_size": image_size}, source="models.vae")}
+            "vae": autoencoder}
 
 
 def _scheduler(d: dict) -> None:
