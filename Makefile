@@ -42,6 +42,7 @@ world-assets: venv
 	cp runs/world_clip/results.json $(ASSETS)/world_clip_results.json
 	cp runs/world_tiny/samples.png $(ASSETS)/world_tiny_samples.png
 	cp runs/world_tiny/shape_samples.png $(ASSETS)/world_tiny_shape_samples.png
+	cp runs/world_tiny/texture_samples.png $(ASSETS)/world_tiny_texture_samples.png
 
 # The package as a user gets it: a fresh venv, `pip install .` (not editable; dependencies from the package index),
 # then `persguard demo` from an empty temporary folder, so only what the package ships can be used (and the world

@@ -23,6 +23,13 @@ from persguard_jax.workflows.pretrain import pretrain
 from persguard_jax.workflows.world_clip import train_clip, zero_shot
 
 
+# The committed model (run o in docs/benchmarks.md) measured on these tests' prompts: colour 1.00, shape 1.00
+# (seeds 3 and 4), texture 0.38 / 0.38 / 0.47 (seeds 3, 4, 5; chance and an all-plain model 0.25), VAE 27.6 dB
+SHAPE_AT_LEAST = 0.8
+TEXTURE_AT_LEAST = 0.3
+VAE_PSNR_AT_LEAST = 26.0
+
+
 @pytest.fixture(scope="module")
 def world_pipe():
     from persguard_jax.models import load_pipeline
@@ -44,13 +51,13 @@ def test_world_model_follows_colour_prompts(world_pipe):
     images = text_to_image(pipe, prompts, num_steps=20, guidance_scale=4.0, seed=7, progress=False)
     got = dominant_colour(unit_to_uint8(images))
     accuracy = np.mean(got == np.repeat(np.arange(len(names)), 2))
-    assert accuracy >= 0.5, f"colour accuracy {accuracy:.2f} (chance {1 / len(names):.2f})"
+    assert accuracy >= 0.9, f"colour accuracy {accuracy:.2f} (chance {1 / len(names):.2f})"
 
 
 def test_world_model_follows_shape_prompts(world_pipe):
     """Every shape and class of the world in four colours, judged by the pixel detector (``detect_shape``, 0.99
-    on rendered scenes), which is sharper about silhouettes than the world CLIP (0.33 zero-shot). A model that
-    draws one silhouette for every prompt scores 0.10; at chance, 10 of 40 right has probability ~0.005."""
+    on rendered scenes), which is sharper about silhouettes than the world CLIP (0.27 zero-shot). A model that
+    draws one silhouette for every prompt scores 0.10."""
     from persguard_jax.sample import text_to_image
     pipe, world = world_pipe
     shapes, colours = world.shapes, ("red", "blue", "green", "yellow")
@@ -59,14 +66,38 @@ def test_world_model_follows_shape_prompts(world_pipe):
                            progress=False)
     found = detect_shape(unit_to_uint8(images), shapes)
     accuracy = np.mean(found == np.repeat(np.arange(len(shapes)), len(colours)))
-    assert accuracy >= 0.25, f"shape accuracy {accuracy:.2f} (chance {1 / len(shapes):.2f})"
+    assert accuracy >= SHAPE_AT_LEAST, f"shape accuracy {accuracy:.2f} (chance {1 / len(shapes):.2f})"
+
+
+def test_world_model_follows_texture_prompts(world_pipe):
+    """Each texture on four shapes and colours, large and centred, judged by ``detect_texture`` (0.99 on rendered
+    medium and large objects at 32 px). Chance is 0.25; a model that ignores the texture word and draws plain
+    objects scores 0.25 too, which the threshold is above."""
+    from persguard_jax.sample import text_to_image
+    from persguard_jax.data.world import TEXTURES
+    from persguard_jax.metrics import detect_texture
+    pipe, world = world_pipe
+    looks = (("circle", "red"), ("square", "blue"), ("dog", "green"), ("diamond", "yellow"), ("cat", "orange"),
+             ("triangle", "purple"), ("bird", "red"), ("square", "green"))
+    specs = [SceneSpec(shape=s, colour=c, texture=t, size=0.7) for t in TEXTURES for s, c in looks]
+    images = text_to_image(pipe, [world.caption(s) for s in specs], num_steps=20, guidance_scale=4.0, seed=3,
+                           progress=False)
+    found = detect_texture(unit_to_uint8(images))
+    accuracy = np.mean(found == np.repeat(np.arange(len(TEXTURES)), len(looks)))
+    assert accuracy >= TEXTURE_AT_LEAST, f"texture accuracy {accuracy:.2f} (chance 0.25)"
+
+
+def test_world_vae_reconstructs_held_out_scenes(world_pipe):
+    pipe, world = world_pipe
+    scores = pretrain_wf.evaluate_vae(pipe, world, 64)
+    assert scores["vae_psnr_db"] >= VAE_PSNR_AT_LEAST, scores
 
 
 def test_world_clip_zero_shot_on_held_out_scenes(evaluator):
     acc = zero_shot(evaluator, world_of(world_assets.world_model(build=False)), 128)
     assert acc["colour_accuracy"] >= 0.6, acc
-    # chance 0.10; measured 0.33 (persguard_jax/assets/world_clip_results.json)
-    assert acc["shape_accuracy"] >= 0.25, acc
+    # chance 0.10; measured 0.29 on these 128 (0.27 on 512: persguard_jax/assets/world_clip_results.json)
+    assert acc["shape_accuracy"] >= 0.2, acc
 
 
 def test_committed_assets_record_the_command_that_made_them():
