@@ -67,7 +67,7 @@ def run_demo(out: str | Path = "runs/demo", *, subject: str | None = None, overr
              config: str | None = None, model: str | Path | None = None, clip: str | Path | None = None) -> dict:
     """DreamBooth on one world subject, measured before and after, into a fresh folder beside ``out``.
 
-    ``model`` / ``clip``: a world model folder (``persguard pretrain``'s ``model/``, with its ``world.json``) and
+    ``model`` / ``clip``: a world model folder (``persguard pretrain``'s ``model/``, with its ``world_config.json``) and
     a world CLIP folder; default the committed ones (``world_assets``)."""
     from persguard_jax import config as cfglib
     from persguard_jax.data.world import WORLD_FILE, is_world_model, save_photos, world_of
