@@ -386,8 +386,9 @@ def pretrain(out: str | Path, settings: runs.Config, *, overwrite: bool = False,
 
 
 def _summary(results: dict) -> str:
-    scores = f"VAE PSNR {results['vae_psnr_db']:.1f} dB on held-out scenes, " + ", ".join(f"{key} following {results[key + '_accuracy']:.2f} (chance {results[key + '_chance']:.2f})"
-                       for key in ("colour", "shape", "texture"))
+    following = ", ".join(f"{key} following {results[key + '_accuracy']:.2f} (chance {results[key + '_chance']:.2f})"
+                          for key in ("colour", "shape", "texture"))
+    scores = f"VAE PSNR {results['vae_psnr_db']:.1f} dB on held-out scenes, {following}"
     return (f"world model: {results['model']}\nsamples: {results['samples']}, {results['shape_samples']}, "
             f"{results['texture_samples']}\n{scores}; {results['wall_s']} s in all")
 
