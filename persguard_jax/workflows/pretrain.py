@@ -81,7 +81,7 @@ class PretrainConfig(cfglib.Section):
     seed: int = 0
     dataset_size: int = 20000        # world images rendered once and reused by both stages
     class_fraction: float = 0.3      # photos of (non-held-out) class members, for the class prompts
-    simple_fraction: float = 0.0     # one plain centred object, canonical caption (``World.simple_spec``)
+    simple_fraction: float = 0.0     # one centred object, canonical caption (``World.simple_spec``)
     vocab_size: int = 512
     eval_steps: int = 25             # DDIM steps of the evaluation samples
     eval_guidance: float = 4.0
@@ -296,8 +296,9 @@ def evaluate_textures(pipe, world, cfg: PretrainConfig) -> tuple[np.ndarray, dic
 
 
 def evaluate_vae(pipe, world, size: int) -> dict:
-    """The VAE's reconstruction of ``size`` held-out scenes (the ``val`` split, never trained on): PSNR in dB of
-    decode(posterior mean) against the image, its mean, median and 10th percentile."""
+    """The VAE's reconstruction of ``size`` scenes of the ``val`` split (never trained on; drawn as
+    ``render_dataset`` draws them: about 30% fresh photos of class members, the rest ``World.random_spec``
+    scenes): PSNR in dB of decode(posterior mean) against the image, its mean, median and 10th percentile."""
     from persguard_jax.data.world import render_dataset
     from persguard_jax.metrics import psnr
     from persguard_jax.sample import decode_latents

@@ -17,9 +17,9 @@ class WorldSource:
     Item ``i``: ``{"image": uint8 (S, S, 3), "caption": str, "shape": int32, "colour": int32}``. About
     ``class_fraction`` of the items are photos of non-held-out class members, captioned with class forms
     ("a photo of a dog", "a photo of dog": on the plain background; or the full caption, which never names the
-    mark); about
-    ``simple_fraction`` are ``world.simple_spec(i, split)`` (one plain centred object, the canonical caption); the
-    rest are ``world.random_spec(i, split)``. Held-out subjects never appear.
+    mark); about ``simple_fraction`` are ``world.simple_spec(i, split)`` (one centred object on the plain
+    background, plain or textured, the canonical caption); the rest are ``world.random_spec(i, split)``. Held-out
+    subjects never appear.
     """
 
     def __init__(self, world: World, size: int, *, split: str = "train", class_fraction: float = 0.3,
