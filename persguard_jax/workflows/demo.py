@@ -63,6 +63,25 @@ def _row(evaluation, prompt: str) -> dict:
     return {k: row.get(k) for k in HEADLINE}
 
 
+def measurement(db, photos: np.ndarray, evaluator, world) -> dict:
+    """The keyword arguments of ``evaluate_pipeline`` the demo measures with (seeds fixed by ``db.seed``), so that
+    a model trained elsewhere (experiments/reference_dreambooth.py) is measured on the same noise."""
+    return dict(references=photos, evaluator=evaluator, world=world, num_images=db.eval_num_images,
+                seed=db.seed + 100, num_steps=db.eval_steps, guidance_scale=db.eval_guidance)
+
+
+def before_after(before, after, evaluator) -> dict:
+    """The demo's comparison of two evaluations of [instance prompt, class prompt] on the same noise."""
+    instance_prompt, class_prompt = before.prompts
+    return {"instance_prompt": instance_prompt, "class_prompt": class_prompt,
+            "before": _row(before, instance_prompt), "after": _row(after, instance_prompt),
+            # prior preservation: class-prompt samples should stay the model's own, not turn into the subject
+            "prior_preservation": {
+                "before": _row(before, class_prompt), "after": _row(after, class_prompt),
+                "drift_pixel_rms": float(np.sqrt(np.mean((before.images[1] - after.images[1]) ** 2))),
+                "drift_lpips_style": float(np.mean(evaluator.paired_distance(before.images[1], after.images[1])))}}
+
+
 def run_demo(out: str | Path = "runs/demo", *, subject: str | None = None, overrides: list[str] = (),
              config: str | None = None, model: str | Path | None = None, clip: str | Path | None = None) -> dict:
     """DreamBooth on one world subject, measured before and after, into a fresh folder beside ``out``.
@@ -102,8 +121,7 @@ def run_demo(out: str | Path = "runs/demo", *, subject: str | None = None, overr
         save_photos(photos, run / "instance", prefix=subj.name)
 
     prompts = [instance_prompt, class_prompt]
-    measure = dict(references=photos, evaluator=evaluator, world=world, num_images=db.eval_num_images,
-                   seed=db.seed + 100, num_steps=db.eval_steps, guidance_scale=db.eval_guidance)
+    measure = measurement(db, photos, evaluator, world)
     before = evaluate_pipeline(pipe, prompts, **measure)
     db_run = runs.start_run(run / "dreambooth", settings.raw, overwrite=False, resume=False)
     trained = personalize_wf.personalize(pipe, uint8_to_signed(photos), settings, db_run)
@@ -111,14 +129,7 @@ def run_demo(out: str | Path = "runs/demo", *, subject: str | None = None, overr
         return trained
     after = evaluate_pipeline(pipe, prompts, params=trained["params"], **measure)
 
-    results = {"subject": subj.name, "instance_prompt": instance_prompt, "class_prompt": class_prompt,
-               "before": _row(before, instance_prompt), "after": _row(after, instance_prompt),
-               # prior preservation: class-prompt samples should stay the model's own, not turn into the subject
-               "prior_preservation": {"before": _row(before, class_prompt),
-                                "after": _row(after, class_prompt),
-                                "drift_pixel_rms": float(np.sqrt(np.mean((before.images[1] - after.images[1]) ** 2))),
-                                "drift_lpips_style": float(np.mean(evaluator.paired_distance(before.images[1],
-                                                                                             after.images[1])))},
+    results = {"subject": subj.name, **before_after(before, after, evaluator),
                "evaluation": {"before": before.results, "after": after.results},
                "dreambooth": {k: trained[k] for k in ("steps", "final_metrics", "trainable")}}
     if is_writer():
