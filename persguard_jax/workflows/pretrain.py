@@ -28,7 +28,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from persguard_jax import config as cfglib
-from persguard_jax.io import uint8_to_signed, uint8_to_unit, unit_to_uint8
+from persguard_jax.io import uint8_to_signed, uint8_to_unit
 from persguard_jax.workflows import runs
 # A stage's optimizer defaults (the same ``optimizer`` keys as every workflow's ``optimizer`` section; its
 # ``total_steps`` is the stage's ``steps``): from-scratch training wants a larger, decaying rate than fine-tuning.
@@ -219,82 +219,6 @@ def train_unet(pipe, latents: tuple[np.ndarray, np.ndarray], input_ids: np.ndarr
     return result
 
 
-def colour_prompts(world) -> list[tuple[str, str]]:
-    """(colour, prompt) pairs of the colour-following check: one plain-background circle per colour."""
-    from persguard_jax.data.world import COLOURS, SceneSpec
-    return [(c, world.caption(SceneSpec(shape="circle", colour=c))) for c in COLOURS]
-
-
-def shape_prompts(world, per_shape: int) -> list[tuple[str, str]]:
-    """(shape, prompt) pairs of the shape-following check: every shape and class of ``world``, each in
-    ``per_shape`` colours (cycling through the palette), centred on a plain background."""
-    from persguard_jax.data.world import COLOURS, SceneSpec
-    colours = list(COLOURS)
-    return [(shape, world.caption(SceneSpec(shape=shape, colour=colours[(k * per_shape + j) % len(colours)])))
-            for k, shape in enumerate(world.shapes) for j in range(per_shape)]
-
-
-def texture_prompts(world, per_texture: int) -> list[tuple[str, str]]:
-    """(texture, prompt) pairs of the texture-following check: every texture ``per_texture`` times, on shapes and
-    colours cycling through the world's, large (the texture detector's reliable size at 32 px) and centred on a
-    plain background ("a photo of a large red striped circle on a plain background")."""
-    from persguard_jax.data.world import COLOURS, TEXTURES, SceneSpec
-    colours, shapes = list(COLOURS), world.shapes
-    pairs = []
-    for k, texture in enumerate(TEXTURES):
-        for j in range(per_texture):
-            n = k * per_texture + j
-            spec = SceneSpec(shape=shapes[n % len(shapes)], colour=colours[n % len(colours)], texture=texture,
-                             size=0.7)
-            pairs.append((texture, world.caption(spec)))
-    return pairs
-
-
-def _sample_pixels(pipe, world, prompts: list[str], cfg: PretrainConfig) -> np.ndarray:
-    from persguard_jax.sample import text_to_image
-    images = text_to_image(pipe, prompts, num_steps=cfg.eval_steps, guidance_scale=cfg.eval_guidance,
-                           seed=cfg.seed, height=world.cfg.image_size, width=world.cfg.image_size)
-    return unit_to_uint8(images)
-
-
-def _following(pipe, world, cfg: PretrainConfig, pairs: list[tuple[str, str]], names: list[str],
-               detect, key: str) -> tuple[np.ndarray, dict]:
-    """Sample each (label, prompt) pair and score how often ``detect`` (pixels -> index into ``names``) finds
-    the label asked for: ``{key}_accuracy``, ``{key}_chance`` and ``per_{key}``."""
-    pixels = _sample_pixels(pipe, world, [p for _, p in pairs], cfg)
-    want = np.array([names.index(label) for label, _ in pairs])
-    got = np.asarray(detect(pixels))
-    per = {name: float(np.mean(got[want == i] == i)) for i, name in enumerate(names) if np.any(want == i)}
-    return pixels, {f"{key}_accuracy": float(np.mean(got == want)), f"{key}_chance": 1.0 / len(names),
-                    f"per_{key}": per}
-
-
-def evaluate_colours(pipe, world, cfg: PretrainConfig) -> tuple[np.ndarray, dict]:
-    """Sample every colour prompt and measure how often the dominant colour is the one asked for."""
-    from persguard_jax.data.world import COLOURS
-    from persguard_jax.metrics.detectors import dominant_colour
-    pairs = [pair for pair in colour_prompts(world) for _ in range(cfg.eval_per_colour)]
-    return _following(pipe, world, cfg, pairs, list(COLOURS), dominant_colour, "colour")
-
-
-def evaluate_shapes(pipe, world, cfg: PretrainConfig) -> tuple[np.ndarray, dict]:
-    """Sample every shape prompt and measure how often the detected silhouette (``metrics.detect_shape``, which
-    scores 0.99 on rendered scenes) is the one asked for."""
-    from persguard_jax.metrics.detectors import detect_shape
-    shapes = world.shapes
-    return _following(pipe, world, cfg, shape_prompts(world, cfg.eval_per_shape), list(shapes),
-                      lambda pixels: detect_shape(pixels, shapes), "shape")
-
-
-def evaluate_textures(pipe, world, cfg: PretrainConfig) -> tuple[np.ndarray, dict]:
-    """Sample every texture prompt and measure how often ``metrics.detect_texture`` (0.99 on rendered medium and
-    large objects at 32 px) finds the texture asked for."""
-    from persguard_jax.data.world import TEXTURES
-    from persguard_jax.metrics.detectors import detect_texture
-    return _following(pipe, world, cfg, texture_prompts(world, cfg.eval_per_texture), list(TEXTURES),
-                      detect_texture, "texture")
-
-
 def evaluate_vae(pipe, world, size: int) -> dict:
     """The VAE's reconstruction of ``size`` scenes of the ``val`` split (never trained on; drawn as
     ``render_dataset`` draws them: about 30% fresh photos of class members, the rest ``World.random_spec``
@@ -312,9 +236,13 @@ def evaluate_vae(pipe, world, size: int) -> dict:
 def evaluate(pipe, world, cfg: PretrainConfig) -> tuple[dict[str, np.ndarray], dict]:
     """The VAE's reconstruction, and colour, shape and texture following of ``pipe``: the sample grids by check,
     and the scores."""
+    from persguard_jax import following as F
     samples, scores = {}, evaluate_vae(pipe, world, cfg.eval_vae_scenes)
-    for name, check in (("colour", evaluate_colours), ("shape", evaluate_shapes), ("texture", evaluate_textures)):
-        samples[name], result = check(pipe, world, cfg)
+    sampling = F.Sampling(num_steps=cfg.eval_steps, guidance_scale=cfg.eval_guidance, seed=cfg.seed)
+    for name, check, n in (("colour", F.colour_following, cfg.eval_per_colour),
+                           ("shape", F.shape_following, cfg.eval_per_shape),
+                           ("texture", F.texture_following, cfg.eval_per_texture)):
+        samples[name], result = check(pipe, world, n, sampling)
         scores.update(result)
     return samples, scores
 
