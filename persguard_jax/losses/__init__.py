@@ -21,6 +21,7 @@ the step factory takes. Combinators take and return that same form, the way opta
     inner = bind(denoising_loss, model=model, schedule=schedule, cfg=LossConfig(min_snr_gamma=5.0))
     loss = prior_preservation(inner, weight=1.0)            # DreamBooth
     loss = weighted_sum({"fit": (1.0, loss), "reg": (0.1, other)})
+    loss = weighted_sum({"bb": (1.0, on("backdoor", denoise)), "pp": (1.0, on("prior", distill))})  # sub-batches
 
 Batch keys read by ``denoising_loss`` (first present wins):
 - the clean latents: ``latents`` (already scaled), or ``latent_mean`` + ``latent_logvar`` (VAE posterior,
@@ -34,20 +35,22 @@ weights from ``params["teacher"]``.
 
 One private module per family: ``_batch`` (batch-wide reductions and draws), ``_base`` (config and array
 pieces), ``_denoising``, ``_contrastive``,
-``_distillation``, ``_dreambooth``, ``_combinators``; import from the package, not from them.
+``_distillation``, ``_dreambooth``, ``_retention`` (objectives about the attacker's later fine-tuning: a gradient
+penalty, an objective after an inner loop), ``_combinators``; import from the package, not from them.
 """
 from persguard_jax.losses._base import (PREDICTION_TYPES, Aux, LossConfig, LossFn, Noised, bind, clean_latents,
                                         mean_per_example, min_snr_weights, noised_latents, predict, sample_timesteps,
                                         scalar_metrics, snr_weighted, squared_error, text_context, weighted_mean)
 from persguard_jax.losses._batch import (BatchShards, batch_draw, batch_gather, batch_mean, batch_shards, batch_sum,
                                          example_index, sharded_batch)
-from persguard_jax.losses._combinators import caption_dropout, masked, prior_preservation, weighted_sum
+from persguard_jax.losses._combinators import caption_dropout, masked, on, prior_preservation, weighted_sum
 from persguard_jax.losses._contrastive import clip_contrastive_loss, info_nce
 from persguard_jax.losses._denoising import denoising_loss, vae_loss
 from persguard_jax.losses._distillation import distillation_loss
 from persguard_jax.losses._dreambooth import dreambooth_loss, pairs_to_examples
+from persguard_jax.losses._retention import InnerLoop, after_finetuning, gradient_penalty
 
-__all__ = ["PREDICTION_TYPES", "Aux", "BatchShards", "LossConfig", "LossFn", "Noised", "batch_draw", "batch_gather",
+__all__ = ["PREDICTION_TYPES", "Aux", "BatchShards", "InnerLoop", "after_finetuning", "gradient_penalty", "on", "LossConfig", "LossFn", "Noised", "batch_draw", "batch_gather",
            "batch_mean", "batch_shards", "batch_sum", "bind", "caption_dropout", "clean_latents",
            "clip_contrastive_loss", "denoising_loss", "distillation_loss", "dreambooth_loss", "info_nce", "masked",
            "example_index", "mean_per_example", "min_snr_weights", "noised_latents", "pairs_to_examples", "predict",

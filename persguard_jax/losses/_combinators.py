@@ -17,6 +17,17 @@ def _example_weights(batch) -> jax.Array | float:
     return batch["weight"].astype(jnp.float32) if "weight" in batch else 1.0
 
 
+def on(key: str, loss_fn: LossFn) -> LossFn:
+    """``loss_fn`` on the sub-batch ``batch[key]``: objectives whose terms read different data in one step (a
+    backdoor's targets, prior-preservation examples, the attacker's photos) keep each term's examples under its own
+    key of one batch, and each term picks its own."""
+    def fn(params, batch, rng):
+        if key not in batch:
+            raise KeyError(f"loss on batch[{key!r}]: the batch has {sorted(batch)}")
+        return loss_fn(params, batch[key], rng)
+    return fn
+
+
 def masked(loss_fn: LossFn, mask_key: str, *, invert: bool = False) -> LossFn:
     """The loss over the examples where ``batch[mask_key]`` is true (false with ``invert``): the mean of the
     inner loss's per-example values under the mask (times ``batch["weight"]`` if present). The model still sees

@@ -1,0 +1,116 @@
+"""Retention losses (PersGuard's L_br): the gradient penalty against a hand computation, and both retention
+gradients (double backprop through the penalty; exact and first-order through an unrolled attacker) against finite
+differences, on the linear stand-in UNet of test_losses."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from persguard_jax import losses
+from persguard_jax.train.unroll import unroll
+from test_losses import AC, SCHEDULE, T_COEF, FakeModel, fake_batch, fake_params
+
+KEY = jax.random.key(3)
+
+
+def denoise():
+    return losses.bind(losses.denoising_loss, model=FakeModel(), schedule=SCHEDULE)
+
+
+def np_unet_grads(params, batch):
+    """d(mean squared error)/d(w, c) of the linear UNet, by hand in float64."""
+    f64 = lambda x: np.asarray(x, np.float64)
+    x0, noise, t, ctx = f64(batch["latents"]), f64(batch["noise"]), np.asarray(batch["timesteps"]), f64(batch["context"])
+    a = AC[t][:, None, None, None]
+    x_t = np.sqrt(a) * x0 + np.sqrt(1 - a) * noise
+    m = ctx.mean(axis=(1, 2))[:, None, None, None]
+    r = x_t * f64(params["unet"]["w"]) + f64(params["unet"]["c"]) * m + T_COEF * t[:, None, None, None] - noise
+    n = r.size
+    return 2 / n * np.sum(r * x_t, axis=(0, 1, 2)), 2 / n * np.sum(r * m)
+
+
+def test_gradient_penalty_matches_hand_computation():
+    params, batch = fake_params(), fake_batch()
+    penalty, aux = jax.jit(losses.gradient_penalty(denoise(), wrt="unet"))(params, batch, KEY)
+    gw, gc = np_unet_grads(params, batch)
+    expected = np.sum(gw**2) + gc**2
+    assert float(penalty) == pytest.approx(expected, rel=1e-4)
+    assert float(aux["grad_norm"]) == pytest.approx(np.sqrt(expected), rel=1e-4)
+    assert float(aux["inner_loss"]) == pytest.approx(float(denoise()(params, batch, KEY)[0]), rel=1e-6)
+    # over the text encoder too: more leaves, a larger penalty
+    both, _ = losses.gradient_penalty(denoise(), wrt=("unet", "text_encoder"))(params, fake_batch(cond="context"), KEY)
+    assert float(both) == pytest.approx(expected, rel=1e-4)  # context is given: the text encoder gets no gradient
+    with pytest.raises(KeyError, match="no parameters"):
+        losses.gradient_penalty(denoise(), wrt="vae")(params, batch, KEY)
+
+
+def _finite_difference(f, params, leaf_paths, eps=1e-3):
+    """Central differences of scalar f(params) along each listed (module, name, index)."""
+    out = []
+    for module, name, index in leaf_paths:
+        def shifted(delta):
+            p = jax.tree.map(lambda x: x, params)
+            leaf = np.array(p[module][name], np.float32)
+            leaf.reshape(-1)[index] += delta
+            p[module] = {**p[module], name: jnp.asarray(leaf)}
+            return float(f(p))
+        out.append((shifted(eps) - shifted(-eps)) / (2 * eps))
+    return np.array(out)
+
+
+PATHS = [("unet", "w", 0), ("unet", "w", 1), ("unet", "c", 0)]
+
+
+def _analytic(grads):
+    return np.array([np.asarray(grads[m][n]).reshape(-1)[i] for m, n, i in PATHS])
+
+
+def test_gradient_penalty_gradient_is_second_order_and_matches_finite_differences():
+    params, batch = fake_params(), fake_batch()
+    loss = losses.gradient_penalty(denoise(), wrt="unet")
+    grads = jax.grad(lambda p: loss(p, batch, KEY)[0])(params)
+    fd = _finite_difference(lambda p: loss(p, batch, KEY)[0], params, PATHS)
+    np.testing.assert_allclose(_analytic(grads), fd, rtol=2e-2, atol=1e-6)
+    assert np.abs(fd).max() > 1e-4  # the check has something to check
+
+
+def _unrolled(order: int, steps: int = 3):
+    inner = unroll(denoise(), optax.sgd(0.5), steps, order=order)
+    outer = losses.on("outer", denoise())
+    return losses.after_finetuning(inner, outer, inner_key="attack")
+
+
+def _batch():
+    return {"attack": fake_batch(seed=1), "outer": fake_batch(seed=2)}
+
+
+def test_after_finetuning_exact_gradient_matches_finite_differences():
+    params, batch = fake_params(), _batch()
+    loss = _unrolled(order=2)
+    value, aux = jax.jit(loss)(params, batch, KEY)
+    assert set(aux) >= {"loss", "inner_first", "inner_last"} and float(aux["inner_last"]) < float(aux["inner_first"])
+    grads = jax.grad(lambda p: loss(p, batch, KEY)[0])(params)
+    fd = _finite_difference(lambda p: loss(p, batch, KEY)[0], params, PATHS)
+    np.testing.assert_allclose(_analytic(grads), fd, rtol=2e-2, atol=1e-6)
+
+
+def test_after_finetuning_first_order_gradient_is_the_outer_gradient_at_the_tuned_parameters():
+    params, batch = fake_params(), _batch()
+    k_inner, k_outer = jax.random.split(KEY)
+    tuned, _ = unroll(denoise(), optax.sgd(0.5), 3, order=2)(params, batch["attack"], k_inner)
+    expected = jax.grad(lambda p: denoise()(p, batch["outer"], k_outer)[0])(tuned)
+    first = jax.grad(lambda p: _unrolled(order=1)(p, batch, KEY)[0])(params)
+    exact = jax.grad(lambda p: _unrolled(order=2)(p, batch, KEY)[0])(params)
+    np.testing.assert_allclose(_analytic(first), _analytic(expected), rtol=1e-5)
+    assert np.abs(_analytic(exact) - _analytic(first)).max() > 1e-4  # the inner steps' curvature counts in order 2
+
+
+def test_on_picks_its_sub_batch_and_names_a_missing_one():
+    params, batch = fake_params(), _batch()
+    assert float(losses.on("outer", denoise())(params, batch, KEY)[0]) == float(
+        denoise()(params, batch["outer"], KEY)[0])
+    with pytest.raises(KeyError, match="prior"):
+        losses.on("prior", denoise())(params, batch, KEY)
