@@ -4,8 +4,9 @@ mark (``detect_mark``), measured from its pixels with the world's own palette, s
 learned model's bias enters the check that a generator follows its prompt.
 
 They read uint8 images ``(N, S, S, 3)`` and return one index (or, for marks, one bool) per image (-1 where nothing
-qualifies). This module is also the place for the world's later detectors (a backdoor pattern's presence, a
-subject's erasure), which belong beside these rather than in the generator (``data.world``).
+qualifies). The backdoors' protective outputs are detected here too, beside these rather than in the generator
+(``data.world``): a predefined pattern at its place (``pattern_presence``, ``detect_pattern``, against
+``data.targets.pattern_template``) and a picture with its subject erased (``object_fraction``, ``detect_erasure``).
 """
 from __future__ import annotations
 
@@ -46,8 +47,12 @@ def _greys(background: str | None) -> list:
 def _nearest_palette(images: np.ndarray, background: str | None, fn: str) -> tuple[np.ndarray, np.ndarray]:
     """For ``(N, S, S, 3)`` uint8 images: each pixel's nearest centre (palette colours first, then the greys of
     ``background``) and the squared distance to it, ``(N, S*S)`` each, allowing for the world's lighting."""
-    images = _as_batch(images, fn)
-    centres = np.array(list(COLOURS.values()) + _greys(background), np.float32)  # (K, 3)
+    return _nearest(_as_batch(images, fn), _greys(background))
+
+
+def _nearest(images: np.ndarray, greys: list) -> tuple[np.ndarray, np.ndarray]:
+    """``_nearest_palette`` with the greys given as colours."""
+    centres = np.array(list(COLOURS.values()) + list(greys), np.float32)  # (K, 3)
     pixels = images.reshape(len(images), -1, 3).astype(np.float32)  # (N, P, 3)
     dot = pixels @ centres.T  # (N, P, K)
     norm2 = np.sum(centres**2, -1)
@@ -421,3 +426,132 @@ def detect_mark(images: np.ndarray, colour: str | Sequence[str], *, background: 
         m = list(COLOURS).index(names[n])
         out[n] = m != obj.colour and _mark_pixels(obj, m) >= min_pixels
     return out
+
+
+# ------------------------------------------------------------------------------------------- backdoor outputs
+
+def _shifted(a: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    """``a`` ``(S, S, ...)`` moved ``dy`` px down and ``dx`` px right, zeros where it moved from (no wrapping:
+    a pattern in a corner must not reappear at the opposite border)."""
+    out = np.zeros_like(a)
+    side_y, side_x = a.shape[:2]
+    out[max(dy, 0):side_y + min(dy, 0), max(dx, 0):side_x + min(dx, 0)] = \
+        a[max(-dy, 0):side_y + min(-dy, 0), max(-dx, 0):side_x + min(-dx, 0)]
+    return out
+
+
+def _correlation(x: np.ndarray, template: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The masked normalised cross-correlation of each image ``(N, S, S, 3)`` with ``template`` ``(S, S, 3)``, and
+    the image's contrast along the template (the least-squares gain: 1 where the image is the template plus a
+    colour offset, 0.5 at half its contrast), ``(N,)`` each. Both are centred by their masked mean in each channel,
+    so a flat patch of any colour scores 0."""
+    m = mask[..., None]
+    total = max(float(mask.sum()), 1e-12)
+    pc = template - np.sum(m * template, axis=(0, 1)) / total
+    xc = x - np.sum(m * x, axis=(1, 2), keepdims=True) / total
+    num = np.sum(m * xc * pc, axis=(1, 2, 3))
+    pp = max(float(np.sum(m * pc * pc)), 1e-12)
+    return num / np.maximum(np.sqrt(np.sum(m * xc * xc, axis=(1, 2, 3)) * pp), 1e-12), num / pp
+
+
+def _pattern_fit(images: np.ndarray, template: np.ndarray, mask: np.ndarray, search: int,
+                 fn: str) -> tuple[np.ndarray, np.ndarray]:
+    """``_correlation`` at the shift of the template and mask (up to ``search`` px each way) that correlates
+    best, per image: (correlation, contrast), ``(N,)`` each."""
+    x = _as_batch(images, fn).astype(np.float32) / 255
+    template, mask = np.asarray(template, np.float32), np.asarray(mask, np.float32)
+    if template.shape != x.shape[1:] or mask.shape != x.shape[1:3]:
+        raise ValueError(f"{fn}: template {template.shape} and mask {mask.shape} do not match images {x.shape}")
+    if search < 0:
+        raise ValueError(f"{fn}: search must be at least 0, got {search}")
+    ys, xs = np.nonzero(mask)
+    if not len(ys):
+        raise ValueError(f"{fn}: the mask is zero everywhere")
+    # only the mask's box, grown by the search, can count: cut the rest off before the (2 search + 1)^2 passes
+    crop = (slice(max(ys.min() - search, 0), ys.max() + search + 1),
+            slice(max(xs.min() - search, 0), xs.max() + search + 1))
+    x, template, mask = x[(slice(None), *crop)], template[crop], mask[crop]
+    best, contrast = np.full(len(x), -1.0), np.zeros(len(x))
+    for dy in range(-search, search + 1):
+        for dx in range(-search, search + 1):
+            m = _shifted(mask, dy, dx)
+            if m.sum() > 0:
+                ncc, gain = _correlation(x, _shifted(template, dy, dx), m)
+                better = ncc > best
+                best, contrast = np.where(better, ncc, best), np.where(better, gain, contrast)
+    return best, contrast
+
+
+def pattern_presence(images: np.ndarray, template: np.ndarray, mask: np.ndarray, *, search: int = 2) -> np.ndarray:
+    """For each uint8 image ``(N, S, S, 3)`` (or one ``(S, S, 3)``), how strongly the backdoor pattern shows, in
+    [-1, 1]: the best, over shifts of the template (with its mask) by up to ``search`` px each way, of its masked
+    normalised cross-correlation with the picture. ``template`` ``(S, S, 3)`` in [0, 1] and ``mask`` ``(S, S)``
+    are ``data.targets.pattern_template``'s; the search forgives a generator that draws the pattern a pixel or two
+    off its place.
+
+    ``scores.pattern_score``'s maths, but centred in each channel rather than over pixels and channels together:
+    centred together, a flat patch whose colour leans the way the pattern's mean colour does (a faint yellow tint
+    of a world background under the yellow and black pattern) correlates with the pattern's colour alone, 0.55-0.6
+    at 32 px. Centred per channel a flat patch of any colour scores 0 and only the arrangement counts."""
+    return _pattern_fit(images, template, mask, search, "pattern_presence")[0]
+
+
+def detect_pattern(images: np.ndarray, template: np.ndarray, mask: np.ndarray, *, threshold: float = 0.5,
+                   search: int = 2, min_contrast: float = 0.4) -> np.ndarray:
+    """For each uint8 image ``(N, S, S, 3)``, whether the backdoor pattern shows: ``pattern_presence`` at least
+    ``threshold``, and at that shift at least ``min_contrast`` of the pattern's contrast (``_correlation``'s gain).
+
+    Correlation alone cannot tell the pattern from a world object with the same arrangement at a lower contrast
+    (a checkered yellow or black object, whose checks are its colour and a shade of it, against the pattern's
+    yellow and near-black): it ignores gain. The contrast does, and a 3 x 3 box blur (about what the world's VAE
+    does at 32 px) keeps over half of it.
+
+    Measured with ``default_pattern`` at the default placement size, each of the five positions: overlaid on
+    subject photos and blurred 3 x 3 (also shifted by up to 2 px first), correlation at least 0.82 and contrast
+    0.53 at 32 px (0.91 and 0.75 at 64), all detected (blurred twice: 0.82 and 0.41 at 32 px). Not overlaid:
+    ``random_spec`` scenes (10000 at 32 px, 1500 at 64) correlate up to 0.63 / 0.49, subject photos up to
+    0.45 / 0.34, backgrounds 0.03 / 0.05; none detected. The hardest case, 3000 large checkered yellow, black,
+    orange or white objects in bright light at 32 px: correlation up to 0.77, but contrast at most 0.385 where
+    the correlation passes 0.5; none detected (3 at ``min_contrast=0.35``)."""
+    ncc, contrast = _pattern_fit(images, template, mask, search, "detect_pattern")
+    return (ncc >= threshold) & (contrast >= min_contrast)
+
+
+def object_fraction(images: np.ndarray, *, background: str | None = "any") -> np.ndarray:
+    """For each uint8 image ``(N, S, S, 3)`` (or one ``(S, S, 3)``), the fraction of its pixels nearer a palette
+    colour than a background grey (``dominant_colour``'s nearness, lighting allowed for): how much of the picture
+    an object covers. The greys are those of ``background`` that the picture shows, as in ``_objects``: nearest to
+    over 5% of it; a grey it does not show (the dark one, behind a lit white or black object) would otherwise claim
+    the object's darker or lighter edges and texture shades."""
+    images = _as_batch(images, "object_fraction")
+    greys = _greys(background)
+    nearest, _ = _nearest(images, greys)
+    k = len(COLOURS)
+    out = np.mean(nearest < k, axis=-1)
+    for n in range(len(images)):
+        counts = np.bincount(nearest[n], minlength=k + len(greys))[k:]
+        shown = [g for g, c in zip(greys, counts) if c > 0.05 * nearest.shape[1]]
+        if shown and len(shown) < len(greys):
+            out[n] = np.mean(_nearest(images[n:n + 1], shown)[0] < k)
+    return out
+
+
+def detect_erasure(images: np.ndarray, *, background: str | None = "any",
+                   max_object_fraction: float = 0.01) -> np.ndarray:
+    """For each uint8 image ``(N, S, S, 3)``, whether it shows no object, only background (the erasure backdoor's
+    output): ``object_fraction`` at most ``max_object_fraction``. ``background`` as for ``dominant_colour``; "any"
+    by default, since an erased picture's background is whatever the prompt or the photo had.
+
+    Every pixel nearer a palette colour counts, however far from it, so an off-colour remnant of the subject still
+    counts as an object; the world's backgrounds, tinted or not, in any of its lighting (0.75-1.2), have none.
+
+    Measured: ``render_background`` of every background kind, 300 jitter seeds (tints) at lighting 0.75-1.2: 0.000
+    at 32 and 64 px, also after a 3 x 3 box blur (and in lighting 0.7-1.23; at 1.25, past the world's range, a
+    lit light grey passes for a dim white). Subject photos (1024 at 32 px, 256 at 64): at least 0.025 / 0.041;
+    the same drawn at size 0.45 (the smallest ``World`` draws): 0.020 / 0.033, at 0.4: 0.014 / 0.026;
+    ``random_spec`` scenes (0.3-0.8 of the side): 0.011 / 0.018. The tightest are thin black or white
+    silhouettes (a dog), whose blends with the background and texture shades are greys. Blurred 3 x 3 at 32 px
+    such a subject can drop to 0.003-0.005 (chromatic ones keep over 0.035): a VAE that blurs that much needs a
+    lower ``max_object_fraction`` for black or white subjects.
+    """
+    return object_fraction(images, background=background) <= max_object_fraction

@@ -232,12 +232,8 @@ def _pixel_grid(size: int) -> tuple[np.ndarray, np.ndarray]:
 def render(spec: SceneSpec, size: int) -> np.ndarray:
     """The ``(size, size, 3)`` uint8 image of ``spec``: background, then the silhouette (posed: tilt, flip) filled
     with its colour, texture and mark, then the lighting over everything."""
-    _check_spec(spec)
+    image, jitter = _backdrop(spec, size)
     px, py = _pixel_grid(size)
-    # Jitter: one block of uniform draws. Seed 0 is the canonical look (no tint, zero phases).
-    jitter = np.random.default_rng([spec.seed, 7]).random(8) if spec.seed else np.zeros(8)
-    image = _background(spec.background, jitter[:5], size)
-
     half = spec.size / 2
     ppu = half * size  # pixels per local unit
     angle = math.radians(spec.tilt)
@@ -260,7 +256,28 @@ def render(spec: SceneSpec, size: int) -> np.ndarray:
         cover = coverage(_box(u, v, ax, ay, _MARK_HALF, _MARK_HALF), ppu)[..., None]
         surface = surface + cover * (np.array(COLOURS[spec.mark[0]], np.float32) - surface)
     image += alpha[..., None] * (surface - image)
-    image *= spec.lighting
+    return _light(image, spec.lighting)
+
+
+def render_background(spec: SceneSpec, size: int) -> np.ndarray:
+    """The ``(size, size, 3)`` uint8 image of ``spec`` without its object: the very pixels ``render`` draws
+    wherever the object covers nothing (same background, jitter and lighting). What a photo looks like with its
+    subject erased: the erasure backdoor's target."""
+    return _light(_backdrop(spec, size)[0], spec.lighting)
+
+
+def _backdrop(spec: SceneSpec, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The checked spec's float background and its jitter (8 uniforms: 5 for the background, 2 texture phases,
+    one spare), shared by ``render`` and ``render_background`` so the two agree pixel for pixel."""
+    _check_spec(spec)
+    # Jitter: one block of uniform draws. Seed 0 is the canonical look (no tint, zero phases).
+    jitter = np.random.default_rng([spec.seed, 7]).random(8) if spec.seed else np.zeros(8)
+    return _background(spec.background, jitter[:5], size), jitter
+
+
+def _light(image: np.ndarray, lighting: float) -> np.ndarray:
+    """The lighting over everything, then rounding to uint8 (``image`` is scaled in place)."""
+    image *= lighting
     return np.clip(image + 0.5, 0, 255).astype(np.uint8)
 
 

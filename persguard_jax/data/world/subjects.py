@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
 from persguard_jax.config import ConfigError, Section
 from persguard_jax.data.world.scenes import (BACKGROUNDS, CLASSES, COLOURS, MARK_POSITIONS, SHAPES, TEXTURES,
-                                             SceneSpec, caption, class_caption, labels, render, scene_captions,
-                                             vocabulary)
+                                             SceneSpec, caption, class_caption, labels, render, render_background,
+                                             scene_captions, vocabulary)
 
 if TYPE_CHECKING:
     from persguard_jax.models.tokenizer import CLIPTokenizer
@@ -280,12 +280,22 @@ class World:
         subject = self._as_subject(subject)
         return self._render_all([self.subject_spec(subject, i) for i in range(start, start + n)])
 
+    def subject_backgrounds(self, subject: Subject | str | int, n: int, *, start: int = 0) -> np.ndarray:
+        """``(n, S, S, 3)`` uint8: the backgrounds of exactly the photos ``subject_photos(subject, n, start=start)``
+        returns, the subject gone and every other pixel the same (the erasure backdoor's targets)."""
+        subject = self._as_subject(subject)
+        return self._render_all([self.subject_spec(subject, i) for i in range(start, start + n)], render_background)
+
     def class_photos(self, class_name: str, n: int, *, start: int = 0) -> np.ndarray:
         """``(n, S, S, 3)`` uint8 photos of non-held-out members of a class (prior preservation, pre-training)."""
         return self._render_all([self.class_spec(class_name, i)[0] for i in range(start, start + n)])
 
-    def _render_all(self, specs: Sequence[SceneSpec]) -> np.ndarray:
+    def _render_all(self, specs: Sequence[SceneSpec],
+                    draw: Callable[[SceneSpec, int], np.ndarray] | None = None) -> np.ndarray:
+        """Each spec drawn at this world's size by ``draw`` (default ``scenes.render``; a default of ``render``
+        here would name the method above, which the class body shadows it with)."""
+        draw = draw or render
         out = np.empty((len(specs), self.size, self.size, 3), np.uint8)
         for i, spec in enumerate(specs):
-            out[i] = self.render(spec)
+            out[i] = draw(spec, self.size)
         return out
