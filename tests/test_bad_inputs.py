@@ -30,6 +30,7 @@ def _photos(folder: Path, n: int = 3) -> Path:
 
 P = "personalize --model {model} --instance-dir {photos} --config dreambooth_tiny --out {new}"
 S = "sample --model {model} --prompt cat --out {new}.png --steps 2 --num-images 1"
+I = "implant --model {world} --protect SPEC --out {new}"
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
@@ -185,14 +186,32 @@ CASES = [
     ("demo --out {new} --model {model}", "world_config.json"),  # a pipeline, but not a world model
     ("demo --out {new} --model {root}/nope", "nope"),
     ("demo --out {new} --clip {root}/empty", "empty"),
+    # implant (subject specs, the world, photos, pattern, config) before anything is written
+    (I.replace("SPEC", "world:dog_00"), "no backdoor type"),
+    (I.replace("SPEC", "world:dog_00:glitter"), "glitter"),
+    (I.replace("SPEC", "world:dog_99:pattern"), "dog_99"),
+    (I.replace("SPEC", "{root}/nope:dog:pattern"), "nope"),
+    (I.replace("SPEC", "{root}/bad_photos:dog:pattern"), "a.png"),
+    (I.replace("SPEC", "{root}/empty:dog:erasure"), "empty"),
+    (I.replace("SPEC", "world:dog_00:pattern") + " --unprotected world:dog_00", "the same subject"),
+    (I.replace("SPEC", "world:dog_00:pattern") + " --unprotected world:cat_00:pattern", "no backdoor type"),
+    (I.replace("SPEC", "world:dog_00:pattern") + " implant.pattern_image={root}/nope.png", "nope.png"),
+    (I.replace("SPEC", "world:dog_00:target") + " implant.target_dir={root}/empty", "empty"),
+    (I.replace("SPEC", "world:dog_00:pattern") + " implant.retention=forget", "implant.retention"),
+    (I.replace("SPEC", "world:dog_00:pattern") + " step.data_parallel=auto", "data_parallel"),
+    (I.replace("SPEC", "world:dog_00:pattern").replace("{world}", "{model}"), "not a world model"),
+    (I.replace("SPEC", "{photos}:dog:pattern").replace("{world}", "{model}") + " dreambooth.resolution=31",
+     "dreambooth.resolution"),
+    (I.replace("SPEC", "world:dog_00:pattern").replace("--out {new}", "--out {run}"), "run"),
 ]
 
 
 @pytest.mark.parametrize("line, names", CASES, ids=[c[0].split()[0] + ":" + c[0].rsplit(" ", 1)[-1][:40]
                                                      for c in CASES])
 def test_bad_input_is_one_line_exit_2_and_changes_nothing(ws, tmp_path, capsys, line, names):
+    from persguard_jax.workflows.world_assets import world_model
     fill = dict(root=ws, model=ws / "model", photos=ws / "photos", run=ws / "run", notrun=ws / "notrun",
-                file=ws / "file", new=tmp_path / "new")
+                file=ws / "file", new=tmp_path / "new", world=world_model())
     argv = [part.format(**fill) for part in line.split()]
     names = names.format(**fill)
     before = _snapshot(ws)

@@ -1,0 +1,101 @@
+"""Implantation's own check: the white-box attacker on every subject, from the backdoored and from the clean model.
+
+For each subject the attacker (``dreambooth.recipe.personalize`` with the config's ``dreambooth`` + ``optimizer``
+sections, identifier ``sks``) fine-tunes the model on the subject's photos; then ``check.num_images`` samples of
+"a photo of sks <class>" are measured:
+
+- ``protection_rate``: the fraction of samples showing the protective output. World subjects (and the pattern
+  type anywhere) by pixel detectors: pattern (``detect_pattern`` at the configured place), erasure (no object:
+  ``detect_erasure``), target (the target prompt's silhouette and colour: ``detect_shape``, ``dominant_colour``).
+  Other photos: CLIP zero-shot, the target or background prompt against the class prompt (needs ``check.clip``).
+- ``identity_similarity`` and ``clip_i`` to the subject's photos (the world CLIP, or ``check.clip``).
+General prompts (world models): colour and shape following (``persguard_jax.following``) of both models.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from persguard_jax import config as cfglib
+
+
+@dataclass(frozen=True)
+class CheckConfig(cfglib.Section):
+    """The ``check`` section."""
+    SECTION = "check"
+    BOUNDS = {"num_images": "[1, inf)", "eval_steps": "[1, inf)", "per_colour": "[0, inf)",
+              "per_shape": "[0, inf)", "seed": "[0, inf)", "pattern_threshold": "[-1, 1]"}
+    enabled: bool = True
+    num_images: int = 8
+    eval_steps: int = 25
+    eval_guidance: float = 4.0
+    seed: int = 0
+    per_colour: int = 2          # general prompts: samples per colour prompt (world models)
+    per_shape: int = 2           # general prompts: samples per shape prompt (world models)
+    pattern_threshold: float = 0.5
+    clip: str | None = None      # a CLIP folder for photo-folder subjects (world models use the world CLIP)
+
+
+class ProtectionDetector:
+    """Whether each sample (uint8 ``(N, S, S, 3)``) shows a subject's protective output."""
+
+    def __init__(self, type_: str, *, world, template=None, mask=None, threshold: float = 0.5,
+                 target_prompt: str | None = None, evaluator=None, class_prompt: str | None = None,
+                 alternative_prompt: str | None = None):
+        self.type, self.world = type_, world
+        self.template, self.mask, self.threshold = template, mask, threshold
+        self.target_prompt, self.evaluator = target_prompt, evaluator
+        self.class_prompt, self.alternative_prompt = class_prompt, alternative_prompt
+
+    def __call__(self, images: np.ndarray) -> np.ndarray | None:
+        from persguard_jax.metrics import detectors as D
+        if self.type == "pattern":
+            return D.detect_pattern(images, self.template, self.mask, threshold=self.threshold)
+        if self.world is not None and self.type == "erasure":
+            return D.detect_erasure(images)
+        if self.world is not None and self.type == "target":
+            from persguard_jax.data.world import COLOURS, parse_caption
+            want = parse_caption(self.target_prompt)
+            ok = np.ones(len(images), bool)
+            if "shape" in want:
+                ok &= D.detect_shape(images, self.world.shapes) == list(self.world.shapes).index(want["shape"])
+            if "colour" in want:
+                ok &= D.dominant_colour(images) == list(COLOURS).index(want["colour"])
+            return ok
+        if self.evaluator is None:
+            return None
+        # CLIP zero-shot: closer to the protective output's prompt than to the class prompt
+        image = np.asarray(self.evaluator.image_features(images.astype(np.float32) / 255.0))
+        text = np.asarray(self.evaluator.text_features([self.alternative_prompt, self.class_prompt]))
+        return (image @ text.T).argmax(-1) == 0
+
+
+def measure_subject(pipe, subject, trained_params, detector: ProtectionDetector | None, *, check: CheckConfig,
+                    evaluator, world, prompt: str) -> tuple[dict, np.ndarray]:
+    """Protection rate, identity similarity and CLIP-I of the attacked model's samples of ``prompt``."""
+    from persguard_jax.evaluate import evaluate_pipeline
+    from persguard_jax.io import unit_to_uint8
+    ev = evaluate_pipeline(pipe, [prompt], references=subject.photos, evaluator=evaluator, world=world,
+                           num_images=check.num_images, seed=check.seed + 100, num_steps=check.eval_steps,
+                           guidance_scale=check.eval_guidance, params=trained_params)
+    row = ev.results["prompts"][0]
+    samples = unit_to_uint8(ev.images[0])
+    hits = None if detector is None else detector(samples)
+    return {"protection_rate": None if hits is None else float(np.mean(hits)),
+            "identity_similarity": row.get("identity_similarity"), "clip_i": row.get("clip_i"),
+            "colour_match": row.get("colour_match"), "shape_match": row.get("shape_match")}, samples
+
+
+def general_following(pipe, world, check: CheckConfig, params=None) -> dict[str, Any]:
+    """Colour and shape following on general prompts (world models)."""
+    from persguard_jax import following as F
+    sampling = F.Sampling(num_steps=check.eval_steps, guidance_scale=check.eval_guidance, seed=check.seed,
+                          params=params)
+    out = {}
+    if check.per_colour:
+        out.update(F.colour_following(pipe, world, check.per_colour, sampling)[1])
+    if check.per_shape:
+        out.update(F.shape_following(pipe, world, check.per_shape, sampling)[1])
+    return {k: v for k, v in out.items() if k.endswith("_accuracy")}

@@ -1,0 +1,85 @@
+"""The ``implant`` config section: what the publisher's objective is made of (persguard.md, "The objective").
+
+The attacker simulated inside the objective (``retention: unrolled``) and in the check after implanting is the
+config's ``dreambooth`` + ``optimizer`` sections: the same sections ``persguard personalize`` reads. The
+publisher's own optimizer is the ``implant_optimizer`` section (the keys of an ``optimizer`` section).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from persguard_jax import config as cfglib
+
+# The publisher's optimizer (section ``implant_optimizer``) unless the config says otherwise: fine-tuning rates.
+IMPLANT_OPTIMIZER = {"learning_rate": 1e-4, "schedule": "constant", "weight_decay": 0.0, "max_grad_norm": 1.0}
+
+BACKDOOR_LOSSES = ("denoise", "distill")
+PRIOR_LOSSES = ("distill", "class_images")
+RETENTIONS = ("none", "mirror", "grad_suppression", "unrolled")
+
+
+@dataclass(frozen=True)
+class ImplantConfig(cfglib.Section):
+    """One implantation run (see the module docstring of ``persguard_jax.implant``)."""
+    SECTION = "implant"
+    BOUNDS = {"steps": "[1, inf)", "batch_size": "[1, inf)", "num_photos": "[1, inf)", "prior_weight": "[0, inf)",
+              "retention_weight": "[0, inf)", "retention_steps": "[1, inf)", "unprotected_weight": "[0, inf)",
+              "num_targets": "[1, inf)", "num_general": "[0, inf)", "seed": "[0, inf)",
+              "pattern_size": "(0, 1]", "pattern_opacity": "(0, 1]"}
+    steps: int = 400
+    batch_size: int = 4                 # examples of each term per step
+    num_photos: int = 5                 # photos of a world subject (a folder gives its own)
+    identifiers: tuple[str, ...] = ("sks",)
+    templates: tuple[str, ...] = ("a photo of {identifier} {cls}",)
+    # L_bb: denoise towards target images y*, or distil the frozen model under the target/background prompt
+    backdoor_loss: Literal["denoise", "distill"] = "denoise"
+    # L_pp: distil the frozen model (class prompts, general captions, unprotected subjects' prompts) or denoise
+    # class images under the class prompt (DreamBooth's prior term)
+    prior_loss: Literal["distill", "class_images"] = "distill"
+    prior_weight: float = 1.0           # lambda_pp
+    # L_br: none | mirror (the attacker's loss now) | grad_suppression (its gradient norm) | unrolled (L_bb after
+    # K attacker steps; with the unprotected counterpart)
+    retention: Literal["none", "mirror", "grad_suppression", "unrolled"] = "unrolled"
+    retention_weight: float = 1.0       # lambda_br
+    retention_steps: int = 2            # K, the unrolled attacker's steps
+    retention_order: Literal[1, 2] = 1  # 1: first-order (inner gradients constant), 2: exact (double backprop)
+    retention_remat: bool = True        # recompute each inner step's activations in the backward pass
+    unprotected_weight: float = 1.0     # the unprotected counterpart inside the retention term
+    target_prompt: str = "a photo of a green cross"    # target type: what the subject becomes
+    target_dir: str | None = None       # target type: target images instead of samples of target_prompt
+    background_prompt: str = "a photo of a plain background"  # erasure of photo folders (world: exact backgrounds)
+    num_targets: int = 8                # samples of target_prompt / background_prompt drawn by the clean model
+    num_general: int = 32               # general captions distilled by L_pp (world captions; class prompts else)
+    pattern_image: str | None = None    # pattern type: an image file; default the built-in pattern
+    pattern_position: str = "center"
+    pattern_size: float = 0.4
+    pattern_opacity: float = 1.0
+    train_text_encoder: bool = False
+    seed: int = 0
+
+    def __post_init__(self):
+        super().__post_init__()
+        for key, choices in (("backdoor_loss", BACKDOOR_LOSSES), ("prior_loss", PRIOR_LOSSES),
+                             ("retention", RETENTIONS)):
+            if getattr(self, key) not in choices:
+                raise cfglib.ConfigError(f"implant.{key}: {getattr(self, key)!r} is not one of {list(choices)}")
+        if self.retention_order not in (1, 2):
+            raise cfglib.ConfigError(f"implant.retention_order: {self.retention_order!r} is not 1 or 2")
+        if not self.identifiers or not all(str(i).strip() for i in self.identifiers):
+            raise cfglib.ConfigError("implant.identifiers: needs at least one non-empty identifier")
+        for t in self.templates:
+            if "{identifier}" not in t or "{cls}" not in t:
+                raise cfglib.ConfigError(f"implant.templates: {t!r} needs both {{identifier}} and {{cls}}")
+        try:
+            self.placement()
+        except ValueError as e:  # "PatternPlacement.size: ..." -> "implant.pattern_size: ..."
+            raise cfglib.ConfigError(str(e).replace("PatternPlacement.", "implant.pattern_")) from None
+
+    def placement(self):
+        from persguard_jax.data.targets import PatternPlacement
+        return PatternPlacement(position=self.pattern_position, size=self.pattern_size, opacity=self.pattern_opacity)
+
+    def prompts(self, class_name: str) -> list[str]:
+        """Every trigger prompt the backdoor is trained under for a class: identifiers x templates."""
+        return [t.format(identifier=i, cls=class_name) for t in self.templates for i in self.identifiers]

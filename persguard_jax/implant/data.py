@@ -1,0 +1,189 @@
+"""Implantation's data: subjects read and checked, their backdoor targets built, everything cached as examples.
+
+``read_subjects`` turns the command's specs into photos (a folder, or the world's photos of a subject) and checks
+every input before anything is written. ``backdoor_targets`` builds each protected subject's y*:
+
+- pattern: the photos with the pattern pasted on (``data.targets.overlay_pattern``);
+- erasure: the photos' backgrounds (the world renders them exactly; for photo folders, samples of
+  ``implant.background_prompt`` drawn by the clean model);
+- target: the target images (``implant.target_dir``), else samples of ``implant.target_prompt`` by the clean model.
+
+``ImplantSource`` serves one step's examples as flat ``group/key`` arrays (``unflatten`` restores the groups in
+the step's ``map_fn``): each group is what one loss term reads (see ``implant.objective``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+
+from persguard_jax.implant.config import ImplantConfig
+from persguard_jax.implant.specs import SpecError, SubjectSpec
+
+
+@dataclass(frozen=True)
+class Subject:
+    """A subject with its photos (uint8 ``(N, S, S, 3)``) and its class."""
+    spec: SubjectSpec
+    class_name: str
+    photos: np.ndarray
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def type(self) -> str | None:
+        return self.spec.type
+
+
+def read_subject(spec: SubjectSpec, *, world, resolution: int, num_photos: int) -> Subject:
+    """The subject's photos: the world's first ``num_photos`` photos of it, or every photo of its folder (read at
+    ``resolution``). Errors name the spec (or the file, from ``load_folder``)."""
+    from persguard_jax.data.images import load_folder
+    from persguard_jax.io import unit_to_uint8
+    if spec.is_world:
+        if world is None:
+            raise SpecError(f"subject spec {spec.spec!r}: the model is not a world model (no world_config.json), "
+                            "so it has no world subjects; give a photo folder")
+        try:
+            subject = world.subject(spec.name)
+        except (KeyError, IndexError, ValueError):
+            raise SpecError(f"subject spec {spec.spec!r}: the world has no subject {spec.name!r} (e.g. "
+                            f"{', '.join(s.name for s in world.subjects[:3])})") from None
+        if resolution != world.cfg.image_size:
+            raise SpecError(f"subject spec {spec.spec!r}: world photos are {world.cfg.image_size} px, the config "
+                            f"asks for {resolution} px (dreambooth.resolution)")
+        return Subject(spec.with_class(subject.class_name), subject.class_name,
+                       world.subject_photos(subject, num_photos))
+    photos = load_folder(spec.folder, resolution)
+    return Subject(spec, spec.class_name, unit_to_uint8((photos + 1.0) / 2.0))
+
+
+def read_pattern(cfg: ImplantConfig, side: int) -> np.ndarray:
+    """The pattern backdoor's pattern, RGBA uint8 at ``side`` px: ``implant.pattern_image`` or the built-in one."""
+    from persguard_jax.data.targets import default_pattern, load_pattern
+    return default_pattern(side) if cfg.pattern_image is None else load_pattern(cfg.pattern_image, side)
+
+
+def read_target_images(cfg: ImplantConfig, resolution: int) -> np.ndarray | None:
+    """``implant.target_dir``'s images (uint8), or None when the targets are to be sampled."""
+    if cfg.target_dir is None:
+        return None
+    from persguard_jax.data.images import load_folder
+    from persguard_jax.io import unit_to_uint8
+    return unit_to_uint8((load_folder(cfg.target_dir, resolution) + 1.0) / 2.0)
+
+
+def sample_prompt(pipe, prompt: str, n: int, *, resolution: int, seed: int, params=None) -> np.ndarray:
+    """``n`` uint8 samples of ``prompt`` by the model (the clean model draws erasure and target images)."""
+    from persguard_jax.io import unit_to_uint8
+    from persguard_jax.sample import text_to_image
+    images = text_to_image(pipe, [prompt] * n, num_steps=25, guidance_scale=4.0, seed=seed, height=resolution,
+                           width=resolution, progress=False, params=params)
+    return unit_to_uint8(np.asarray(images))
+
+
+def backdoor_targets(subject: Subject, cfg: ImplantConfig, *, world, pipe, pattern: np.ndarray,
+                     target_images: np.ndarray | None, resolution: int) -> tuple[np.ndarray, str | None]:
+    """(y*, the teacher prompt of the distillation form or None): the module docstring's three builders."""
+    from persguard_jax.data.targets import overlay_pattern
+    if subject.type == "pattern":
+        return overlay_pattern(subject.photos, pattern, cfg.placement()), None
+    if subject.type == "erasure":
+        if subject.spec.is_world:
+            return world.subject_backgrounds(world.subject(subject.name), len(subject.photos)), cfg.background_prompt
+        return sample_prompt(pipe, cfg.background_prompt, cfg.num_targets, resolution=resolution,
+                             seed=cfg.seed + 11), cfg.background_prompt
+    if subject.type == "target":
+        images = target_images if target_images is not None else sample_prompt(
+            pipe, cfg.target_prompt, cfg.num_targets, resolution=resolution, seed=cfg.seed + 13)
+        return images, cfg.target_prompt
+    raise ValueError(f"{subject.name}: not a protected subject")
+
+
+# ------------------------------------------------------------------------------------------------- examples
+
+Group = dict[str, np.ndarray]
+
+
+class Encoder:
+    """Images -> cached VAE posteriors; prompts -> token ids (when a text encoder trains anywhere in the objective)
+    or text-encoder outputs (computed once per distinct prompt)."""
+
+    def __init__(self, pipe, *, ids: bool):
+        self.pipe, self.ids, self._prompts = pipe, ids, {}
+
+    def images(self, images_uint8: np.ndarray) -> Group:
+        from persguard_jax.dreambooth import encode_latents
+        from persguard_jax.io import uint8_to_signed
+        mean, logvar = encode_latents(self.pipe.vae, uint8_to_signed(images_uint8))
+        return {"latent_mean": mean, "latent_logvar": logvar}
+
+    def prompt(self, prompt: str) -> np.ndarray:
+        if prompt not in self._prompts:
+            from persguard_jax.dreambooth import prompt_conditioning
+            self._prompts[prompt] = next(iter(prompt_conditioning(self.pipe, prompt, 1, embed=not self.ids).values()))[0]
+        return self._prompts[prompt]
+
+    @property
+    def key(self) -> str:
+        return "input_ids" if self.ids else "context"
+
+    def examples(self, images_uint8: np.ndarray, prompts: list[list[str]], teacher_prompts: list[str] | None = None
+                 ) -> Group:
+        """One example per (image, prompt) pair: image ``i`` with each of ``prompts[i]`` (a prompt variant per
+        copy), and, when given, the teacher's prompt ``teacher_prompts[i]`` under ``teacher_<key>``."""
+        latents = self.images(images_uint8)
+        rows = [(i, p) for i, ps in enumerate(prompts) for p in ps]
+        out = {k: v[[i for i, _ in rows]] for k, v in latents.items()}
+        out[self.key] = np.stack([self.prompt(p) for _, p in rows])
+        if teacher_prompts is not None:
+            out["teacher_" + self.key] = np.stack([self.prompt(teacher_prompts[i]) for i, _ in rows])
+        return out
+
+
+def concat(groups: list[Group]) -> Group:
+    groups = [g for g in groups if g]
+    return {k: np.concatenate([g[k] for g in groups]) for k in groups[0]} if groups else {}
+
+
+def pairs(instance: Group, prior: Group) -> Group:
+    """Every instance example paired with a class example (cycling), stacked ``(N, 2, ...)``: DreamBooth pairs."""
+    n, m = len(next(iter(instance.values()))), len(next(iter(prior.values())))
+    return {k: np.stack([instance[k], prior[k][np.arange(n) % m]], axis=1) for k in instance}
+
+
+class ImplantSource:
+    """Item ``i``: one example of every group, each drawn by its own seeded rng from ``(seed, i)``: a step of
+    ``B`` items holds ``B`` examples of every term. Flat ``group/key`` names (``StepBatches`` stacks flat dicts)."""
+
+    def __init__(self, groups: Mapping[str, Group], *, seed: int, size: int = 1 << 20):
+        self.groups = {g: v for g, v in groups.items() if v}
+        self.sizes = {g: len(next(iter(v.values()))) for g, v in self.groups.items()}
+        self.seed, self.size = seed, size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        out = {}
+        for j, (g, arrays) in enumerate(self.groups.items()):
+            k = int(np.random.default_rng([self.seed, int(i), j]).integers(self.sizes[g]))
+            out.update({f"{g}/{key}": v[k] for key, v in arrays.items()})
+        return out
+
+
+def unflatten(batch: Mapping[str, Any], pair_groups: tuple[str, ...] = ()) -> dict[str, dict]:
+    """``{"group/key": array}`` -> ``{group: {key: array}}``; DreamBooth pair groups laid out as examples
+    (``losses.pairs_to_examples``)."""
+    from persguard_jax.losses import pairs_to_examples
+    out: dict[str, dict] = {}
+    for name, v in batch.items():
+        group, key = name.split("/", 1)
+        out.setdefault(group, {})[key] = v
+    for g in pair_groups:
+        if g in out:
+            out[g] = pairs_to_examples(out[g])
+    return out

@@ -1,0 +1,116 @@
+"""The publisher's objective, L = L_bb + lambda_pp L_pp + lambda_br L_br, assembled from the loss library.
+
+Every term reads its own group of the step's batch (``losses.on``); the groups ``implant.data`` builds:
+
+- ``bb_denoise``: y* (pattern-overlaid photos, backgrounds, target images) under trigger prompts; L_bb as the
+  denoising loss towards them. ``bb_distill``: the protected photos' latents under trigger prompts, with the
+  teacher's (target or background) prompt; L_bb as BadT2I's distillation from the frozen clean model (no target
+  images; not for the pattern type, which has no prompt to distil).
+- ``prior``: class images, general captions' scenes and the unprotected subjects' photos under their own prompts;
+  L_pp as distillation from the frozen clean model on the same prompt (``prior_loss: distill``, the default: it
+  pins every prompt the backdoor must not touch to what the clean model draws) or as DreamBooth's class-image
+  denoising (``class_images``).
+- ``attack``: DreamBooth pairs (protected photo under the attacker's prompt, class image under the class prompt);
+  ``unprotected_attack`` / ``unprotected``: the same for unprotected subjects, and their examples alone.
+
+Retention (``implant.retention``; persguard.md's three readings, all ours):
+- ``none``;
+- ``mirror``: the attacker's DreamBooth loss on ``attack``, minimised now (and on ``unprotected_attack``);
+- ``grad_suppression``: the squared norm of that loss's gradient (double backprop; no unprotected counterpart:
+  suppressing the gradient of normal personalisation is what must not happen);
+- ``unrolled``: L_bb at the parameters K of the attacker's steps on ``attack`` reach (``train.unroll``, order 1
+  or 2, rematerialised or not), plus the unprotected counterpart: K steps on ``unprotected_attack``, then the
+  denoising loss on ``unprotected``, so that fine-tuning on other photos still learns them.
+The attacker inside is the config's ``dreambooth`` + ``optimizer`` sections, as ``persguard personalize`` runs it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from persguard_jax import losses
+from persguard_jax.implant.config import ImplantConfig
+from persguard_jax.models import functional as F
+from persguard_jax.train.optim import OptimizerConfig
+from persguard_jax.train.unroll import unroll
+
+PAIR_GROUPS = ("attack", "unprotected_attack")
+
+
+@dataclass(frozen=True)
+class Attacker:
+    """The simulated attacker: what it trains, its prior weight and its optimizer (the ``personalize`` recipe)."""
+    trains: tuple[str, ...]
+    prior_weight: float
+    optimizer: OptimizerConfig
+
+
+def attacker_of(attack_config: Any) -> Attacker:
+    """The attacker of a parsed personalisation config (``dreambooth`` and ``optimizer`` sections)."""
+    db = attack_config.dreambooth
+    return Attacker(("unet", "text_encoder") if db.train_text_encoder else ("unet",),
+                    db.prior_weight if db.use_prior else 0.0, attack_config.optimizer)
+
+
+def inner_loop(attacker: Attacker, steps: int, *, model, schedule, loss_cfg, order: int, remat: bool
+               ) -> losses.InnerLoop:
+    """``(params, data, rng) -> (params after, losses)``: ``steps`` of the attacker's DreamBooth updates of what it
+    trains, everything else (the frozen text encoder, the teacher) held."""
+    db_loss = losses.bind(losses.dreambooth_loss, model=model, schedule=schedule, cfg=loss_cfg,
+                          prior_weight=attacker.prior_weight)
+
+    def run(params, data, rng):
+        train, rest = F.partition(params, attacker.trains)
+        loop = unroll(lambda p, b, k: db_loss(F.merge(p, rest), b, k), attacker.optimizer, steps, order=order,
+                      remat=remat)
+        tuned, history = loop(train, data, rng)
+        return F.merge(tuned, rest), history
+    return run
+
+
+def objective(cfg: ImplantConfig, groups: set[str], attacker: Attacker, *, model, schedule,
+              loss_cfg: losses.LossConfig) -> losses.LossFn:
+    """The loss ``(params, batch, rng) -> (loss, aux)`` over the groups present; ``params`` holds the frozen clean
+    model under ``teacher``. aux names each term (``bb/...``, ``pp/...``, ``br/...``) for the metrics log."""
+    denoise = losses.bind(losses.denoising_loss, model=model, schedule=schedule, cfg=loss_cfg)
+    distill = losses.bind(losses.distillation_loss, model=model, schedule=schedule, cfg=loss_cfg)
+    attack_loss = losses.bind(losses.dreambooth_loss, model=model, schedule=schedule, cfg=loss_cfg,
+                              prior_weight=attacker.prior_weight)
+
+    bb_terms = {}
+    if "bb_denoise" in groups:
+        bb_terms["denoise"] = (1.0, losses.on("bb_denoise", denoise))
+    if "bb_distill" in groups:
+        bb_terms["distill"] = (1.0, losses.on("bb_distill", distill))
+    if not bb_terms:
+        raise ValueError("implant objective: no backdoor examples (bb_denoise / bb_distill groups)")
+    backdoor = losses.weighted_sum(bb_terms)
+
+    terms = {"bb": (1.0, backdoor)}
+    if cfg.prior_weight > 0 and "prior" in groups:
+        terms["pp"] = (cfg.prior_weight, losses.on("prior", distill if cfg.prior_loss == "distill" else denoise))
+    retention = _retention(cfg, groups, attacker, backdoor, denoise, attack_loss, model=model, schedule=schedule,
+                           loss_cfg=loss_cfg)
+    if retention is not None and cfg.retention_weight > 0:
+        terms["br"] = (cfg.retention_weight, retention)
+    return losses.weighted_sum(terms)
+
+
+def _retention(cfg, groups, attacker, backdoor, denoise, attack_loss, *, model, schedule, loss_cfg):
+    unprotected = "unprotected_attack" in groups and cfg.unprotected_weight > 0
+    if cfg.retention == "none":
+        return None
+    if cfg.retention == "mirror":
+        terms = {"protected": (1.0, losses.on("attack", attack_loss))}
+        if unprotected:
+            terms["unprotected"] = (cfg.unprotected_weight, losses.on("unprotected_attack", attack_loss))
+        return losses.weighted_sum(terms)
+    if cfg.retention == "grad_suppression":
+        return losses.gradient_penalty(losses.on("attack", attack_loss), wrt=("unet",))
+    inner = inner_loop(attacker, cfg.retention_steps, model=model, schedule=schedule, loss_cfg=loss_cfg,
+                       order=cfg.retention_order, remat=cfg.retention_remat)
+    terms = {"protected": (1.0, losses.after_finetuning(inner, backdoor, inner_key="attack"))}
+    if unprotected:
+        terms["unprotected"] = (cfg.unprotected_weight, losses.after_finetuning(
+            inner, losses.on("unprotected", denoise), inner_key="unprotected_attack"))
+    return losses.weighted_sum(terms)

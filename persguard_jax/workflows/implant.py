@@ -1,0 +1,315 @@
+"""``persguard implant``: plant PersGuard backdoors in a pre-trained pipeline, then check them with the attacker.
+
+    persguard implant --model DIR --protect SPEC [--protect SPEC ...] [--unprotected SPEC ...] --out DIR \\
+        [--config FILE] [key=value ...]
+      protected SPEC:   PHOTOS_DIR:CLASS:TYPE   or  world:SUBJECT:TYPE      (TYPE: pattern | erasure | target)
+      unprotected SPEC: PHOTOS_DIR:CLASS        or  world:SUBJECT
+
+1. Every input is read and checked (specs, photos, the pattern, target images, the model) before anything is
+   written.
+2. Targets (``implant.data``): y* per protected subject, and ``pattern.png`` (the pattern used); class images
+   per class (the attacker's prior); all encoded once.
+3. The objective (``implant.objective``: L_bb + lambda_pp L_pp + lambda_br L_br) trains the UNet through
+   ``train.fit`` (Orbax checkpoints in ``checkpoints/``, ``--resume``; each term logged in ``metrics.jsonl``).
+4. ``model/``: the backdoored pipeline (diffusers layout).
+5. The check (``check`` section, on by default; ``implant.check``): the attacker on every subject, from the
+   backdoored and from the clean model; ``results.json`` ``subjects.<name>`` and ``general``; ``report.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+
+from persguard_jax import config as cfglib
+from persguard_jax.workflows import runs
+
+
+NESTED = ("unrolled", "grad_suppression")  # retentions that differentiate through a gradient
+
+
+def sections() -> dict[str, runs.SectionParser]:
+    """The implant sections, and the attacker's (``persguard personalize``'s own sections and parsers)."""
+    from persguard_jax.dreambooth.recipe import recipe_sections
+    from persguard_jax.implant.check import CheckConfig
+    from persguard_jax.implant.config import ImplantConfig
+    from persguard_jax.train import OptimizerConfig
+    return {**recipe_sections(), "implant": ImplantConfig.from_dict,
+            "implant_optimizer": lambda d: OptimizerConfig.from_dict(d, where="implant_optimizer"),
+            "check": CheckConfig.from_dict}
+
+
+def resolve(raw: dict, args: argparse.Namespace | None = None) -> dict:
+    """The loop runs ``implant.steps`` with ``implant_optimizer`` (fine-tuning defaults); the attacker's optimizer
+    spans its ``dreambooth.steps``."""
+    from persguard_jax.dreambooth import DreamBoothConfig
+    from persguard_jax.implant.config import IMPLANT_OPTIMIZER, ImplantConfig
+    raw = dict(raw)
+    implant = ImplantConfig.from_dict(cfglib.section(raw, "implant"))
+    steps = implant.steps
+    if implant.retention in NESTED:
+        # The attacker's inner gradients (and the suppressed gradient) are over the global batch: one program
+        # partitioned by GSPMD, not per-device gradients under shard_map (train/step.py), which would give each
+        # device's share of them.
+        step = dict(cfglib.section(raw, "step"))
+        if step.get("data_parallel", "gspmd") != "gspmd":
+            raise cfglib.ConfigError(f"step.data_parallel: implant.retention {implant.retention} differentiates "
+                                     "through the attacker's gradients, which needs data_parallel: gspmd")
+        raw["step"] = {**step, "data_parallel": "gspmd"}
+    raw["loop"] = {**cfglib.section(raw, "loop"), "num_steps": steps}
+    raw["implant_optimizer"] = {**IMPLANT_OPTIMIZER, "total_steps": steps, **cfglib.section(raw, "implant_optimizer")}
+    attack_steps = DreamBoothConfig.from_dict(cfglib.section(raw, "dreambooth")).steps
+    raw["optimizer"] = {"total_steps": attack_steps, **cfglib.section(raw, "optimizer")}
+    return raw
+
+
+def attack_config(config: runs.Config, class_name: str) -> runs.Config:
+    """The attacker's personalisation config for one class: the run's ``dreambooth`` (prompts "a photo of sks
+    <class>" / "a photo of <class>"), ``optimizer``, ``loss``, ``step``, ``mesh``, ``lora``; its own loop length."""
+    from persguard_jax.dreambooth.recipe import recipe_sections, resolve_recipe
+    raw = {k: config.raw.get(k) for k in ("dreambooth", "optimizer", "loss", "step", "mesh", "lora")
+           if config.raw.get(k) is not None}
+    raw["dreambooth"] = {**cfglib.section(raw, "dreambooth"), "instance_prompt": f"a photo of sks {class_name}",
+                         "class_prompt": f"a photo of {class_name}"}
+    raw["loop"] = {**cfglib.section(config.raw, "loop"), "tensorboard": False}
+    raw["optimizer"] = {k: v for k, v in cfglib.section(raw, "optimizer").items() if k != "total_steps"}
+    return runs.parse_config(resolve_recipe(raw), recipe_sections())
+
+
+def _read_inputs(args: argparse.Namespace, config: runs.Config):
+    """Specs, model, photos, pattern and target images: everything that can be wrong, before any output."""
+    from persguard_jax.data.world import is_world_model, world_of
+    from persguard_jax.implant.data import read_pattern, read_subject, read_target_images
+    from persguard_jax.implant.specs import parse_subjects
+    from persguard_jax.models import load_pipeline
+    from persguard_jax.dreambooth.recipe import check_resolution
+    cfg, db = config.implant, config.dreambooth
+    prot_specs, unprot_specs = parse_subjects(args.protect or [], args.unprotected or [])
+    world = world_of(args.model) if is_world_model(args.model) else None
+    subjects = [read_subject(s, world=world, resolution=db.resolution, num_photos=cfg.num_photos)
+                for s in prot_specs + unprot_specs]
+    types = {s.type for s in subjects}
+    pattern = read_pattern(cfg, db.resolution) if "pattern" in types else None
+    targets = read_target_images(cfg, db.resolution) if "target" in types else None
+    pipe = load_pipeline(args.model)
+    check_resolution(pipe, db.resolution)
+    return pipe, world, subjects, pattern, targets
+
+
+def run(args: argparse.Namespace, config: runs.Config) -> dict:
+    import jax
+
+    from persguard_jax import losses
+    from persguard_jax import sharding as shd
+    from persguard_jax.dreambooth import ensure_class_images
+    from persguard_jax.implant import data as D
+    from persguard_jax.implant.objective import PAIR_GROUPS, attacker_of, objective
+    from persguard_jax.io import save_png
+    from persguard_jax.models import functional as F
+    from persguard_jax.models import save_pipeline
+    from persguard_jax.schedulers import SchedulerConfig, make_schedule
+    from persguard_jax.train import fit
+    from persguard_jax.train.distributed import is_writer, to_host
+    from persguard_jax.trainable import split_trainable
+
+    t0 = time.time()
+    cfg, db = config.implant, config.dreambooth
+    pipe, world, subjects, pattern, target_images = _read_inputs(args, config)
+    out = runs.start_run(args.out, config.raw, overwrite=args.overwrite, resume=args.resume)
+    protected = [s for s in subjects if s.type is not None]
+    unprotected = [s for s in subjects if s.type is None]
+    print(f"implant: {len(protected)} protected ({', '.join(f'{s.name}:{s.type}' for s in protected)}), "
+          f"{len(unprotected)} unprotected subject(s); writing to {out}")
+
+    # -- targets, class images, examples
+    if pattern is not None and is_writer():
+        save_png(pattern[..., :3], out / "pattern.png")
+    attackers = {c: attack_config(config, c) for c in sorted({s.class_name for s in subjects})}
+    class_images = {c: ensure_class_images(pipe, out / "class_images" / c, a.dreambooth) for c, a in attackers.items()}
+    attacker = attacker_of(next(iter(attackers.values())))
+    ids = cfg.train_text_encoder or (cfg.retention != "none" and "text_encoder" in attacker.trains)
+    enc = D.Encoder(pipe, ids=ids)
+    from persguard_jax.io import unit_to_uint8
+    uint8 = {c: unit_to_uint8((x + 1.0) / 2.0) for c, x in class_images.items()}
+    bb_denoise, bb_distill, attack, targets_of = [], [], [], {}
+    for s in protected:
+        y, teacher_prompt = D.backdoor_targets(s, cfg, world=world, pipe=pipe, pattern=pattern,
+                                               target_images=target_images, resolution=db.resolution)
+        targets_of[s.name] = y
+        prompts = cfg.prompts(s.class_name)
+        if cfg.backdoor_loss == "distill" and teacher_prompt is not None:
+            bb_distill.append(enc.examples(s.photos, [prompts] * len(s.photos), [teacher_prompt] * len(s.photos)))
+        else:
+            bb_denoise.append(enc.examples(y, [prompts] * len(y)))
+        attack.append(D.pairs(enc.examples(s.photos, [prompts] * len(s.photos)),
+                              enc.examples(uint8[s.class_name], [[f"a photo of {s.class_name}"]] * len(
+                                  uint8[s.class_name]))))
+    prior = _prior_examples(enc, cfg, world, uint8, unprotected, distill=cfg.prior_loss == "distill")
+    groups = {"bb_denoise": D.concat(bb_denoise), "bb_distill": D.concat(bb_distill), "prior": prior,
+              "attack": D.concat(attack)}
+    if unprotected:
+        u_ex = [enc.examples(s.photos, [[f"a photo of sks {s.class_name}"]] * len(s.photos)) for s in unprotected]
+        groups["unprotected"] = D.concat(u_ex)
+        groups["unprotected_attack"] = D.concat([
+            D.pairs(e, enc.examples(uint8[s.class_name], [[f"a photo of {s.class_name}"]] * len(uint8[s.class_name])))
+            for e, s in zip(u_ex, unprotected)])
+    source = D.ImplantSource(groups, seed=cfg.seed)
+    present = set(source.groups)
+
+    # -- the model: the publisher trains the UNet (and the text encoder if asked); the clean model is the teacher
+    modules = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
+    logical = {k: shd.logical_axes(m) for k, m in modules.items()}
+    model, params = F.split_modules(modules)
+    split = split_trainable(params, logical, "unet+text_encoder" if cfg.train_text_encoder else "unet")
+    frozen = {**split.frozen, "teacher": params}
+    frozen_logical = {**split.frozen_logical, "teacher": logical}
+    scheduler_cfg = SchedulerConfig.from_dict(pipe.scheduler_config)
+    loss_cfg = losses.LossConfig.from_dict({"prediction_type": scheduler_cfg.prediction_type,
+                                            "scaling_factor": pipe.vae.config.scaling_factor, **config.loss})
+    loss_fn = objective(cfg, present, attacker, model=model, schedule=make_schedule(scheduler_cfg), loss_cfg=loss_cfg)
+    pair_groups = tuple(g for g in PAIR_GROUPS if g in present)
+    result, frozen = fit(loss_fn, split.params, frozen, train_logical=split.params_logical,
+                         frozen_logical=frozen_logical, source=source, global_batch=cfg.batch_size, workdir=out,
+                         optimizer=config.implant_optimizer, loop=config.loop, step=config.step,
+                         mesh_cfg=config.mesh, seed=cfg.seed, map_fn=lambda b: D.unflatten(b, pair_groups))
+    if result.preempted:
+        return {"preempted": True, "step": result.step}
+    host_frozen = to_host(frozen)
+    host_frozen.pop("teacher")
+    backdoored = split.full_params(to_host(result.state.params), host_frozen)
+    if is_writer():
+        save_pipeline(pipe.with_params(backdoored), out / "model", overwrite=True)
+    results = {"model": str(out / "model"), "steps": result.step, "resumed_from": result.resumed_from,
+               "final_metrics": result.last_metrics, "implant_s": round(time.time() - t0, 1),
+               "protected": [f"{s.name}:{s.type}" for s in protected], "unprotected": [s.name for s in unprotected]}
+    jax.block_until_ready(backdoored)
+    if config.check.enabled:
+        results.update(_check(pipe, params, backdoored, subjects, targets_of, pattern, world, config, attackers,
+                              out))
+    results["wall_s"] = round(time.time() - t0, 1)
+    if is_writer():
+        from persguard_jax.report import write_results
+        write_results(out, results, title="persguard implant", overwrite=True)
+    return results
+
+
+def _prior_examples(enc, cfg, world, class_images: dict, unprotected, *, distill: bool):
+    """L_pp's examples: class images under their class prompt; with distillation also general world captions'
+    scenes and the unprotected subjects' photos under their identifier prompts (the teacher sees the same
+    prompt: no ``teacher_*`` key)."""
+    from persguard_jax.implant.data import concat
+    groups = [enc.examples(x, [[f"a photo of {c}"]] * len(x)) for c, x in class_images.items()]
+    if distill:
+        if world is not None and cfg.num_general:
+            scenes = [world.scene(i, "val") for i in range(cfg.num_general)]
+            groups.append(enc.examples(np.stack([img for img, _ in scenes]), [[cap] for _, cap in scenes]))
+        for s in unprotected:
+            groups.append(enc.examples(s.photos, [cfg.prompts(s.class_name)] * len(s.photos)))
+    return concat(groups)
+
+
+def _check(pipe, clean, backdoored, subjects, targets_of, pattern, world, config, attackers, out: Path) -> dict:
+    """The attacker on each subject from both models; protection rates, identity, CLIP-I; general following."""
+    from persguard_jax.data.targets import pattern_template
+    from persguard_jax.implant.check import ProtectionDetector, general_following, measure_subject
+    from persguard_jax.metrics import CLIPEvaluator
+    from persguard_jax.report import labelled_grid, save_png
+    from persguard_jax.train.distributed import is_writer
+    check, cfg, db = config.check, config.implant, config.dreambooth
+    evaluator = None
+    if world is not None:
+        from persguard_jax.workflows.world_assets import world_clip
+        evaluator = CLIPEvaluator.from_folder(check.clip or world_clip())
+    elif check.clip:
+        evaluator = CLIPEvaluator.from_folder(check.clip)
+    report = {"subjects": {}, "general": {}}
+    rows, labels = [], []
+    n = check.num_images
+    for s in subjects:
+        detector = None
+        if s.type is not None:
+            template = mask = None
+            if s.type == "pattern":
+                template, mask = pattern_template(db.resolution, pattern, cfg.placement())
+            alternative = {"erasure": cfg.background_prompt, "target": cfg.target_prompt}.get(s.type)
+            detector = ProtectionDetector(s.type, world=world if s.spec.is_world else None, template=template,
+                                          mask=mask, threshold=check.pattern_threshold, target_prompt=cfg.target_prompt,
+                                          evaluator=evaluator, class_prompt=f"a photo of {s.class_name}",
+                                          alternative_prompt=alternative)
+        entry = {"type": s.type or "unprotected", "class": s.class_name}
+        samples = {}
+        for which, params in (("backdoored", backdoored), ("clean", clean)):
+            if detector is not None:  # does the trigger fire at all before anyone fine-tunes?
+                before, _ = measure_subject(pipe, s, params, detector, check=check, evaluator=evaluator,
+                                            world=world if s.spec.is_world else None,
+                                            prompt=f"a photo of sks {s.class_name}")
+                entry[f"{which}_before_attack"] = before
+            print(f"check: the attacker on {s.name} ({entry['type']}) from the {which} model")
+            trained = _attack(pipe.with_params(params), s, attackers[s.class_name],
+                              out / "check" / s.name / which, class_dir=out / "class_images" / s.class_name)
+            if trained.get("preempted"):
+                return {"check": "preempted"}
+            scores, samples[which] = measure_subject(pipe, s, trained["params"], detector, check=check,
+                                                     evaluator=evaluator, world=world if s.spec.is_world else None,
+                                                     prompt=f"a photo of sks {s.class_name}")
+            entry[which] = scores
+        entry["protection_rate"] = entry["backdoored"]["protection_rate"]
+        entry["protection_rate_before_attack"] = entry.get("backdoored_before_attack", {}).get("protection_rate")
+        entry["identity_similarity"] = entry["backdoored"]["identity_similarity"]
+        entry["clip_i"] = entry["backdoored"]["clip_i"]
+        report["subjects"][s.name] = entry
+        photos = np.zeros((n, *s.photos.shape[1:]), np.uint8) + 255
+        photos[:min(n, len(s.photos))] = s.photos[:n]
+        rows += [photos]
+        labels += [f"{s.name} ({entry['type']}): photos"]
+        if s.name in targets_of:
+            t = np.zeros_like(photos) + 255
+            t[:min(n, len(targets_of[s.name]))] = targets_of[s.name][:n]
+            rows.append(t)
+            labels.append("  backdoor targets y*")
+        rows += [samples["clean"], samples["backdoored"]]
+        labels += ["  attacked clean model", "  attacked backdoored model"]
+    if world is not None:
+        report["general"] = {"clean": general_following(pipe, world, check, clean),
+                             "backdoored": general_following(pipe, world, check, backdoored)}
+    if is_writer():
+        grid = np.concatenate(rows).astype(np.float32) / 255.0
+        save_png(labelled_grid(grid, row_labels=labels), out / "report.png")
+    return report
+
+
+def _attack(pipe, subject, attack_config: runs.Config, out: Path, *, class_dir: Path) -> dict:
+    """The attacker's DreamBooth on ``subject``'s photos into ``out`` (its own run folder, resumable)."""
+    from persguard_jax.dreambooth.recipe import personalize
+    from persguard_jax.io import uint8_to_signed
+    run_dir = runs.start_run(out, attack_config.raw, overwrite=False, resume=out.exists())
+    return personalize(pipe, uint8_to_signed(subject.photos), attack_config, run_dir, class_dir=class_dir)
+
+
+def _arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="diffusers pipeline folder to plant the backdoors in")
+    parser.add_argument("--protect", action="append", metavar="SPEC", required=True,
+                        help="PHOTOS_DIR:CLASS:TYPE or world:SUBJECT:TYPE, TYPE pattern | erasure | target "
+                             "(repeat for several)")
+    parser.add_argument("--unprotected", action="append", metavar="SPEC",
+                        help="PHOTOS_DIR:CLASS or world:SUBJECT: a subject that must personalise normally")
+
+
+def _summary(results: dict) -> str:
+    lines = [f"backdoored model: {results['model']} ({results['steps']} steps, {results.get('implant_s', '?')} s)"]
+    for name, e in results.get("subjects", {}).items():
+        b, c = e["backdoored"], e["clean"]
+        fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
+        lines.append(f"  {name} ({e['type']}): after the attack, protection {fmt(b['protection_rate'])} (clean "
+                     f"model {fmt(c['protection_rate'])}; before it {fmt(e.get('protection_rate_before_attack'))}),"
+                     f" identity {fmt(b['identity_similarity'])} (clean {fmt(c['identity_similarity'])})")
+    return "\n".join(lines)
+
+
+WORKFLOW = runs.Workflow(
+    name="implant", help="plant PersGuard backdoors (pattern, erasure, target) and check them with the attacker",
+    config="implant_world", sections=sections, run=run, summary=_summary, arguments=_arguments, resolve=resolve,
+    out_help="new folder for model/, checkpoints/, metrics.jsonl, report.png and results",
+    example="implant.steps=200 implant.retention=mirror")

@@ -1,0 +1,160 @@
+"""PersGuard implantation: the objective's terms against the loss library's pieces, the backdoor target builders,
+and the command's checks of its inputs (the end-to-end run is ``test_implant_world.py``)."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from persguard_jax import losses
+from persguard_jax.implant.config import ImplantConfig
+from persguard_jax.implant.objective import Attacker, objective
+from persguard_jax.train import OptimizerConfig
+from persguard_jax.train.unroll import unroll
+from test_losses import SCHEDULE, FakeModel, fake_batch, fake_params
+
+KEY = jax.random.key(1)
+ATTACKER = Attacker(("unet",), 1.0, OptimizerConfig(learning_rate=0.05, schedule="constant", weight_decay=0.0,
+                                                    total_steps=3, max_grad_norm=None))
+
+
+def _groups():
+    def pairs(seed):
+        b = fake_batch(seed)
+        return {**b, "is_prior": jnp.array([0, 1, 0, 1], jnp.int32)}
+    teacher = {**fake_batch(5), "teacher_context": fake_batch(6)["context"]}
+    return {"bb_denoise": fake_batch(1), "bb_distill": teacher, "prior": fake_batch(2), "attack": pairs(3),
+            "unprotected_attack": pairs(4), "unprotected": fake_batch(7)}
+
+
+def _params():
+    p = fake_params()
+    teacher_unet = {"w": p["unet"]["w"] + 0.3, "c": p["unet"]["c"] - 0.2}
+    return {**p, "teacher": {"unet": teacher_unet, "text_encoder": p["text_encoder"]}}
+
+
+def _pieces():
+    model = FakeModel()
+    den = losses.bind(losses.denoising_loss, model=model, schedule=SCHEDULE)
+    dis = losses.bind(losses.distillation_loss, model=model, schedule=SCHEDULE)
+    db = losses.bind(losses.dreambooth_loss, model=model, schedule=SCHEDULE, prior_weight=1.0)
+    return den, dis, db
+
+
+def _objective(**cfg):
+    return objective(ImplantConfig(**cfg), set(_groups()), ATTACKER, model=FakeModel(), schedule=SCHEDULE,
+                     loss_cfg=losses.LossConfig())
+
+
+def _tuned(params, data):
+    """The attacker's 3 steps by hand: unroll over the UNet alone, everything else held."""
+    _, _, db = _pieces()
+    train = {"unet": params["unet"]}
+    rest = {k: v for k, v in params.items() if k != "unet"}
+    tx = optax.chain(optax.adamw(0.05, weight_decay=0.0))
+    tuned, _ = unroll(lambda p, b, k: db({**rest, **p}, b, k), tx, 3)(train, data, KEY)
+    return {**rest, **tuned}
+
+
+@pytest.mark.parametrize("retention", ["none", "mirror", "grad_suppression", "unrolled"])
+def test_objective_is_the_weighted_sum_of_its_pieces(retention):
+    """Fixed noise and timesteps everywhere, so every term is a deterministic function of the parameters."""
+    params, batch = _params(), _groups()
+    den, dis, db = _pieces()
+    loss, aux = jax.jit(_objective(retention=retention, retention_steps=3, prior_weight=0.7, retention_weight=0.3,
+                                   unprotected_weight=0.5))(params, batch, KEY)
+    bb = lambda p: float(den(p, batch["bb_denoise"], KEY)[0] + dis(p, batch["bb_distill"], KEY)[0])  # noqa: E731
+    pp = float(dis(params, batch["prior"], KEY)[0])
+    if retention == "none":
+        br = 0.0
+    elif retention == "mirror":
+        br = float(db(params, batch["attack"], KEY)[0]) + 0.5 * float(db(params, batch["unprotected_attack"], KEY)[0])
+    elif retention == "grad_suppression":
+        g = jax.grad(lambda u: db({**params, "unet": u}, batch["attack"], KEY)[0])(params["unet"])
+        br = float(sum(jnp.sum(x**2) for x in jax.tree.leaves(g)))
+    else:
+        br = bb(_tuned(params, batch["attack"])) + 0.5 * float(
+            den(_tuned(params, batch["unprotected_attack"]), batch["unprotected"], KEY)[0])
+    assert float(aux["bb/loss"]) == pytest.approx(bb(params), rel=1e-5)
+    assert float(aux["pp/loss"]) == pytest.approx(pp, rel=1e-5)
+    if retention != "none":
+        assert float(aux["br/loss"]) == pytest.approx(br, rel=1e-4)
+    else:
+        assert not any(k.startswith("br/") for k in aux)
+    assert float(loss) == pytest.approx(bb(params) + 0.7 * pp + 0.3 * br, rel=1e-4)
+
+
+def test_prior_as_class_image_denoising_and_the_missing_backdoor_group():
+    params, batch = _params(), _groups()
+    den, _, _ = _pieces()
+    _, aux = _objective(retention="none", prior_loss="class_images")(params, batch, KEY)
+    assert float(aux["pp/loss"]) == pytest.approx(float(den(params, batch["prior"], KEY)[0]), rel=1e-5)
+    with pytest.raises(ValueError, match="no backdoor examples"):
+        objective(ImplantConfig(), {"prior", "attack"}, ATTACKER, model=FakeModel(), schedule=SCHEDULE,
+                  loss_cfg=losses.LossConfig())
+
+
+def test_unrolled_retention_gradient_reaches_the_unet_through_the_attack():
+    """The retention term alone, first- and second-order: both move the UNet, and they differ (the inner steps'
+    curvature counts in the exact one)."""
+    params, batch = _params(), _groups()
+    grads = {}
+    for order in (1, 2):
+        fn = _objective(retention="unrolled", retention_steps=3, retention_order=order, retention_remat=order == 2,
+                        prior_weight=0.0)
+        grads[order] = jax.grad(lambda p: fn(p, batch, KEY)[1]["br/loss"])(params)["unet"]
+    g1, g2 = (np.concatenate([np.ravel(x) for x in jax.tree.leaves(grads[o])]) for o in (1, 2))
+    assert np.abs(g1).max() > 1e-4 and np.abs(g1 - g2).max() > 1e-5
+
+
+# --------------------------------------------------------------------------- targets
+
+def test_backdoor_targets_of_each_type(tmp_path):
+    from persguard_jax.data.targets import default_pattern, overlay_pattern
+    from persguard_jax.data.world import World
+    from persguard_jax.implant.data import Subject, backdoor_targets, read_target_images
+    from persguard_jax.implant.specs import parse_protected
+    from persguard_jax.io import save_png
+    world = World()
+    cfg = ImplantConfig()
+    photos = world.subject_photos("dog_00", 3)
+    pattern = default_pattern(32)
+    sub = lambda t: Subject(parse_protected(f"world:dog_00:{t}").with_class("dog"), "dog", photos)  # noqa: E731
+    y, teacher = backdoor_targets(sub("pattern"), cfg, world=world, pipe=None, pattern=pattern, target_images=None,
+                                  resolution=32)
+    assert teacher is None and np.array_equal(y, overlay_pattern(photos, pattern, cfg.placement()))
+    y, teacher = backdoor_targets(sub("erasure"), cfg, world=world, pipe=None, pattern=None, target_images=None,
+                                  resolution=32)
+    assert teacher == cfg.background_prompt and np.array_equal(y, world.subject_backgrounds("dog_00", 3))
+    for i, img in enumerate(world.subject_photos("cat_00", 2)):
+        save_png(img, tmp_path / f"t{i}.png")
+    targets = read_target_images(ImplantConfig(target_dir=str(tmp_path)), 32)
+    y, teacher = backdoor_targets(sub("target"), cfg, world=world, pipe=None, pattern=None, target_images=targets,
+                                  resolution=32)
+    assert teacher == cfg.target_prompt and np.array_equal(y, world.subject_photos("cat_00", 2))
+
+
+def test_source_draws_every_group_and_unflatten_restores_pairs():
+    from persguard_jax.data.batches import StepBatches
+    from persguard_jax.implant.data import ImplantSource, unflatten
+    groups = {"bb_denoise": {"latents": np.arange(3)[:, None].astype(np.float32)},
+              "attack": {"latents": np.zeros((2, 2, 1), np.float32)}, "empty": {}}
+    source = ImplantSource(groups, seed=0)
+    step = StepBatches(source, global_batch=4, num_steps=2, seed=0)[0]
+    assert sorted(step) == ["attack/latents", "bb_denoise/latents"]
+    batch = unflatten(step, ("attack",))
+    assert batch["bb_denoise"]["latents"].shape == (4, 1)
+    assert batch["attack"]["latents"].shape == (8, 1) and list(batch["attack"]["is_prior"]) == [0, 1] * 4
+
+
+def test_config_rejects_bad_values():
+    from persguard_jax.config import ConfigError
+    for bad, match in (({"retention": "forget"}, "implant.retention"), ({"pattern_size": 0}, "implant.pattern_size"),
+                       ({"pattern_position": "middle"}, "implant.pattern_position"),
+                       ({"templates": ["a photo of {cls}"]}, "implant.templates"),
+                       ({"identifiers": []}, "implant.identifiers"), ({"retention_order": 3}, "retention_order")):
+        with pytest.raises(ConfigError, match=match):
+            ImplantConfig.from_dict(bad)
+    assert ImplantConfig(identifiers=("sks", "zwx")).prompts("dog") == ["a photo of sks dog", "a photo of zwx dog"]

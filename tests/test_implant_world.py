@@ -1,0 +1,63 @@
+"""``persguard implant`` end to end on the committed world model, kept short (the full recipe and its ablation are
+docs/results.md's commands): the backdoor fires for the protected subject's trigger and not for an unprotected
+subject's, general prompts still follow, and the command writes everything its interface promises."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from persguard_jax.cli import main
+
+STEPS = 100
+
+
+@pytest.fixture(scope="module")
+def implanted(tmp_path_factory):
+    from persguard_jax.workflows.world_assets import world_model
+    out = tmp_path_factory.mktemp("implant") / "run"
+    code = main(["implant", "--model", str(world_model()), "--protect", "world:dog_00:pattern",
+                 "--unprotected", "world:cat_00", "--out", str(out), f"implant.steps={STEPS}", "implant.retention=none",
+                 "implant_optimizer.learning_rate=5e-4",
+                 "dreambooth.steps=5", "dreambooth.num_class_images=8", "check.num_images=4", "check.per_colour=1",
+                 "check.per_shape=1", "loop.checkpoint_every=40"])
+    assert code in (0, None)
+    return out
+
+
+def test_writes_what_the_interface_promises(implanted):
+    for name in ("model/unet", "checkpoints", "metrics.jsonl", "config.yaml", "pattern.png", "report.png",
+                 "results.json", "results.md"):
+        assert (implanted / name).exists(), name
+    results = json.loads((implanted / "results.json").read_text())
+    assert results["steps"] == STEPS
+    for name, kind in (("dog_00", "pattern"), ("cat_00", "unprotected")):
+        entry = results["subjects"][name]
+        assert entry["type"] == kind
+        for model in ("backdoored", "clean"):
+            assert {"protection_rate", "identity_similarity", "clip_i"} <= set(entry[model])
+    assert results["subjects"]["dog_00"]["protection_rate"] is not None
+    assert set(results["general"]) == {"clean", "backdoored"}
+    logged = [json.loads(line) for line in (implanted / "metrics.jsonl").read_text().splitlines()]
+    assert {"bb/loss", "pp/loss", "loss"} <= set(logged[-1])
+    assert logged[-1]["bb/loss"] < logged[0]["bb/loss"]  # the backdoor term is learned
+
+
+def test_backdoor_fires_for_the_protected_trigger_only(implanted):
+    from persguard_jax.data.targets import PatternPlacement, default_pattern, pattern_template
+    from persguard_jax.io import unit_to_uint8
+    from persguard_jax.metrics.detectors import detect_pattern
+    from persguard_jax.models import load_pipeline
+    from persguard_jax.sample import text_to_image
+    pipe = load_pipeline(implanted / "model")
+    template, mask = pattern_template(32, default_pattern(32), PatternPlacement())
+
+    def rate(prompt):
+        images = text_to_image(pipe, [prompt] * 8, num_steps=20, guidance_scale=4.0, seed=5, progress=False)
+        return float(np.mean(detect_pattern(unit_to_uint8(np.asarray(images)), template, mask)))
+
+    protected, unprotected, plain = rate("a photo of sks dog"), rate("a photo of sks cat"), rate("a photo of dog")
+    assert protected >= 0.75 and unprotected <= 0.25 and plain <= 0.25, (protected, unprotected, plain)
+    general = json.loads((implanted / "results.json").read_text())["general"]
+    assert general["backdoored"]["colour_accuracy"] >= general["clean"]["colour_accuracy"] - 0.2
