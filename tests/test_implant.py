@@ -158,3 +158,14 @@ def test_config_rejects_bad_values():
         with pytest.raises(ConfigError, match=match):
             ImplantConfig.from_dict(bad)
     assert ImplantConfig(identifiers=("sks", "zwx")).prompts("dog") == ["a photo of sks dog", "a photo of zwx dog"]
+
+
+@pytest.mark.parametrize("name", ["implant_world", "implant_sd15", "implant_sd21base"])
+def test_shipped_configs_parse_with_the_attackers_recipe(name):
+    import argparse
+
+    from persguard_jax.workflows.implant import WORKFLOW
+    config = WORKFLOW.load(argparse.Namespace(config=name, overrides=()))
+    assert config.step.data_parallel == "gspmd"  # unrolled retention: nested gradients over the global batch
+    assert config.optimizer.total_steps == config.dreambooth.steps  # the attacker's schedule spans its run
+    assert config.loop.num_steps == config.implant.steps == config.implant_optimizer.total_steps

@@ -28,6 +28,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import jax
+
 from persguard_jax import losses
 from persguard_jax.implant.config import ImplantConfig
 from persguard_jax.models import functional as F
@@ -59,11 +61,20 @@ def inner_loop(attacker: Attacker, steps: int, *, model, schedule, loss_cfg, ord
     db_loss = losses.bind(losses.dreambooth_loss, model=model, schedule=schedule, cfg=loss_cfg,
                           prior_weight=attacker.prior_weight)
 
+    loop_order = 2 if order == 2 else 1
+
     def run(params, data, rng):
         train, rest = F.partition(params, attacker.trains)
-        loop = unroll(lambda p, b, k: db_loss(F.merge(p, rest), b, k), attacker.optimizer, steps, order=order,
-                      remat=remat)
-        tuned, history = loop(train, data, rng)
+        loop = unroll(lambda p, b, k: db_loss(F.merge(p, rest), b, k), attacker.optimizer, steps,
+                      order=loop_order, remat=remat)
+        if order == 1:
+            # First order: d(params after)/d(params) taken as the identity, so the outer gradient at the tuned
+            # parameters passes straight to the parameters and nothing is differentiated through the K steps
+            # (exact for the attacker's AdamW without weight decay; with decay it drops the (1 - lr wd)^K factor).
+            tuned, history = jax.lax.stop_gradient(loop(train, data, rng))
+            tuned = jax.tree.map(lambda p, t: p + jax.lax.stop_gradient(t - p), train, tuned)
+        else:
+            tuned, history = loop(train, data, rng)
         return F.merge(tuned, rest), history
     return run
 

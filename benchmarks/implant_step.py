@@ -1,0 +1,170 @@
+"""One PersGuard implantation step with unrolled retention against K plain DreamBooth steps, same run.
+
+Model: ``persguard_jax.models.tiny.tiny_pipeline(0)`` (32 px images, 16x16x4 latents, CLIP text encoder 32-d, 2
+layers), random weights, fp32, on one device (the step's GSPMD path, which nested differentiation needs:
+workflows/implant.py). Batches: one DreamBooth pair (instance + class example, token ids, explicit noise and
+timesteps: ``attack``) and one backdoor example (``bb_denoise``).
+
+Variants, each the engine's step (``train.make_train_step``, jitted, state donated) over its own state:
+- ``dreambooth_k``: K steps of ``losses.dreambooth_loss`` (UNet and text encoder trained, AdamW, clipping): what
+  the attacker runs; the time of all K steps.
+- ``implant_o1``: one step of the implantation objective (``implant.objective``: L_bb on ``bb_denoise`` +
+  ``retention: unrolled``, K inner attacker steps on ``attack``, L_bb after them), first-order; the UNet trained,
+  the attacker training UNet and text encoder inside.
+- ``implant_o2`` / ``implant_o2_remat``: the same, exact second order, without and with rematerialisation.
+``ratio_o1`` = implant_o1 / dreambooth_k (the target is <= 1.2: an unrolled step should cost about the K steps
+it simulates). Memory: ``memory.<variant>.K<k>`` is the compiled step's ``memory_analysis()``
+(``temp_size_in_bytes``: activations and residuals kept for the backward pass) for K = 2, 4, 8.
+
+Run::
+
+    .venv/bin/python benchmarks/implant_step.py --json               # K = 2, first order: a few minutes
+    .venv/bin/python benchmarks/implant_step.py --json --k 4 --second-order --memory-k 2,4,8   # long on a CPU
+
+The second-order steps compile for over ten minutes on XLA:CPU (2 cores), so they and the memory comparison are
+opt-in; on an accelerator they are the point of the benchmark.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+if os.path.dirname(os.path.abspath(__file__)) not in sys.path:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import add_timing_args, device_info, interleaved, load_avg_1min, versions
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_timing_args(p)
+    p.add_argument("--k", type=int, default=2, help="inner attacker steps of the timed unrolled variants")
+    p.add_argument("--second-order", action="store_true",
+                   help="also time implant_o2 and implant_o2_remat (XLA:CPU compiles them for many minutes)")
+    p.add_argument("--memory-k", default="", help="K values of the compiled-memory comparison, e.g. 2,4,8 (each "
+                                                  "compiles three steps; slow on a CPU)")
+    return p.parse_args(argv)
+
+
+def batches(pipe, n: int, seed: int = 0):
+    """``n`` step batches: ``attack`` (one DreamBooth pair in example layout) and ``bb_denoise`` (one example)."""
+    import numpy as np
+
+    from persguard_jax.losses import pairs_to_examples
+    rng = np.random.default_rng(seed)
+    c, s = pipe.unet.config.in_channels, pipe.unet.config.sample_size
+    ids = np.stack([pipe.tokenizer(["a photo of sks person"])[0], pipe.tokenizer(["a photo of person"])[0]])
+    out = []
+    for _ in range(n):
+        pair = {"latents": rng.standard_normal((1, 2, s, s, c)).astype(np.float32),
+                "noise": rng.standard_normal((1, 2, s, s, c)).astype(np.float32),
+                "timesteps": rng.integers(0, 1000, (1, 2)).astype(np.int32), "input_ids": ids[None].astype(np.int32)}
+        bb = {"latents": rng.standard_normal((1, s, s, c)).astype(np.float32),
+              "input_ids": ids[:1].astype(np.int32)}
+        out.append({"attack": pairs_to_examples(pair), "bb_denoise": bb})
+    return out
+
+
+class Runner:
+    """The engine's step for ``loss_fn`` over ``trainable`` of the tiny pipeline; ``__call__(batch)`` runs one
+    step and returns the loss (so it has finished)."""
+
+    def __init__(self, pipe, loss_fn, trainable, example_batch, *, repeat: int = 1):
+        import jax
+
+        from persguard_jax import sharding as shd
+        from persguard_jax.models import functional as F
+        from persguard_jax.train import OptimizerConfig, StepConfig, create_state, make_train_step
+        from persguard_jax.train.optim import resolve_optimizer
+        modules = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
+        logical = {k: shd.logical_axes(m) for k, m in modules.items()}
+        _, params = F.split_modules(modules)
+        train, frozen = F.partition(params, trainable)
+        train_logical, frozen_logical = F.partition(logical, trainable)
+        mesh_cfg = shd.MeshConfig(data=1)
+        self.mesh = shd.make_mesh(mesh_cfg, devices=jax.devices()[:1])
+        opt, _ = resolve_optimizer(OptimizerConfig(learning_rate=1e-4, schedule="constant", weight_decay=0.0,
+                                                   total_steps=10**6))
+        self.state, state_sh = create_state(train, train_logical, opt, self.mesh, mesh_cfg)
+        frozen_sh = shd.param_shardings(frozen_logical, frozen, self.mesh, mesh_cfg)
+        self.frozen = jax.device_put(frozen, frozen_sh)
+        self.batch_sh = shd.batch_sharding(example_batch, self.mesh, mesh_cfg)
+        self.step = make_train_step(loss_fn, opt, state_shardings=state_sh, frozen_shardings=frozen_sh,
+                                    batch_shardings=self.batch_sh, cfg=StepConfig(data_parallel="gspmd"))
+        self.repeat = repeat
+
+    def __call__(self, batch) -> float:
+        import jax
+        batch = jax.device_put(batch, self.batch_sh)
+        for _ in range(self.repeat):
+            self.state, metrics = self.step(self.state, self.frozen, batch)
+        return float(metrics["loss"])
+
+    def memory(self, batch) -> dict:
+        import jax
+        compiled = self.step.lower(self.state, self.frozen, jax.device_put(batch, self.batch_sh)).compile()
+        ma = compiled.memory_analysis()
+        return {k: int(getattr(ma, k)) for k in ("temp_size_in_bytes", "argument_size_in_bytes",
+                                                  "output_size_in_bytes") if hasattr(ma, k)}
+
+
+def implant_loss(model, schedule, loss_cfg, k: int, order: int, remat: bool):
+    from persguard_jax.implant.config import ImplantConfig
+    from persguard_jax.implant.objective import Attacker, objective
+    from persguard_jax.train import OptimizerConfig
+    cfg = ImplantConfig(retention="unrolled", retention_steps=k, retention_order=order, retention_remat=remat,
+                        prior_weight=0.0)
+    attacker = Attacker(("unet", "text_encoder"), 1.0, OptimizerConfig(learning_rate=2e-4, schedule="constant",
+                                                                       weight_decay=0.0, total_steps=k))
+    return objective(cfg, {"bb_denoise", "attack"}, attacker, model=model, schedule=schedule, loss_cfg=loss_cfg)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    from persguard_jax import losses
+    from persguard_jax.models import functional as F
+    from persguard_jax.models.tiny import tiny_pipeline
+    from persguard_jax.schedulers import SchedulerConfig, make_schedule
+
+    pipe = tiny_pipeline(0)
+    model, _ = F.split_modules({"unet": pipe.unet, "text_encoder": pipe.text_encoder})
+    schedule = make_schedule(SchedulerConfig.from_dict(pipe.scheduler_config))
+    loss_cfg = losses.LossConfig(scaling_factor=pipe.vae.config.scaling_factor)
+    data = batches(pipe, 4)
+    db_loss = losses.on("attack", losses.bind(losses.dreambooth_loss, model=model, schedule=schedule, cfg=loss_cfg))
+    load = load_avg_1min()
+    t0 = time.time()
+    variants = {
+        "dreambooth_k": Runner(pipe, db_loss, ("unet", "text_encoder"), data[0], repeat=args.k),
+        "implant_o1": Runner(pipe, implant_loss(model, schedule, loss_cfg, args.k, 1, True), ("unet",), data[0]),
+    }
+    if args.second_order:
+        variants["implant_o2"] = Runner(pipe, implant_loss(model, schedule, loss_cfg, args.k, 2, False), ("unet",),
+                                        data[0])
+        variants["implant_o2_remat"] = Runner(pipe, implant_loss(model, schedule, loss_cfg, args.k, 2, True),
+                                              ("unet",), data[0])
+    print(f"timing {list(variants)} (K={args.k})", file=sys.stderr, flush=True)
+    medians, _, _ = interleaved(variants, {n: data for n in variants}, rounds=args.rounds, block=args.block,
+                                warmup=args.warmup)
+    memory = {}
+    for k in [int(x) for x in args.memory_k.split(",") if x.strip()]:
+        for name, order, remat in (("o1", 1, True), ("o2", 2, False), ("o2_remat", 2, True)):
+            t1 = time.time()
+            runner = Runner(pipe, implant_loss(model, schedule, loss_cfg, k, order, remat), ("unet",), data[0])
+            memory[f"implant_{name}.K{k}"] = runner.memory(data[0])
+            print(f"memory implant_{name} K={k}: {memory[f'implant_{name}.K{k}']} ({time.time() - t1:.0f} s to "
+                  "compile)", file=sys.stderr, flush=True)
+    result = {"benchmark": "implant_step", "k": args.k, "step_s": medians,
+              "ratio_o1": medians["implant_o1"] / medians["dreambooth_k"],
+              **{f"ratio_{v[8:]}": medians[v] / medians["dreambooth_k"] for v in ("implant_o2", "implant_o2_remat")
+                 if v in medians},
+              "memory": memory, "load_avg_1min": load, "wall_s": round(time.time() - t0, 1),
+              "device": device_info(), "versions": versions(("jax", "jaxlib", "flax", "optax"))}
+    print(json.dumps(result) if args.json else json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()
