@@ -19,6 +19,8 @@ import json
 import statistics
 from pathlib import Path
 
+from _tables import finish, fmt, record
+
 VARIANTS = {
     "none": ["implant.retention=none"],
     "mirror": ["implant.retention=mirror"],
@@ -43,9 +45,6 @@ def summarise(variant: str, run: Path) -> dict:
     return row
 
 
-def _fmt(v) -> str:
-    return "n/a" if v is None else f"{v:.2f}"
-
 
 def table(rows: list[dict]) -> str:
     lines = ["| retention | s / step | implant s | subject (type) | protection before -> after attack (clean model "
@@ -54,13 +53,13 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         g = r.get("general") or {}
         gb, gc = g.get("backdoored", {}), g.get("clean", {})
-        general = (f"{_fmt(gb.get('colour_accuracy'))} / {_fmt(gb.get('shape_accuracy'))} "
-                   f"({_fmt(gc.get('colour_accuracy'))} / {_fmt(gc.get('shape_accuracy'))})")
+        general = (f"{fmt(gb.get('colour_accuracy'))} / {fmt(gb.get('shape_accuracy'))} "
+                   f"({fmt(gc.get('colour_accuracy'))} / {fmt(gc.get('shape_accuracy'))})")
         for name, s in r["subjects"].items():
-            prot = (f"{_fmt(s['before'])} -> {_fmt(s['after'])} ({_fmt(s['clean_after'])})" if s["type"] !=
+            prot = (f"{fmt(s['before'])} -> {fmt(s['after'])} ({fmt(s['clean_after'])})" if s["type"] !=
                     "unprotected" else "")
-            lines.append(f"| {r['variant']} | {_fmt(r['s_per_step'])} | {_fmt(r['implant_s'])} | {name} ({s['type']}) "
-                         f"| {prot} | {_fmt(s['identity'])} / {_fmt(s['identity_clean'])} | {general} |")
+            lines.append(f"| {r['variant']} | {fmt(r['s_per_step'])} | {fmt(r['implant_s'])} | {name} ({s['type']}) "
+                         f"| {prot} | {fmt(s['identity'])} / {fmt(s['identity_clean'])} | {general} |")
     return "\n".join(lines)
 
 
@@ -93,12 +92,8 @@ def main(argv: list[str] | None = None) -> None:
             code = cli(argv + VARIANTS[variant] + list(args.overrides))
             if code not in (0, None):
                 raise SystemExit(f"{variant}: persguard implant exited {code}")
-        rows.append(summarise(variant, run))
-        with open(args.out / "runs.jsonl", "a") as f:
-            f.write(json.dumps(rows[-1]) + "\n")
-    text = table(rows)
-    (args.out / "table.md").write_text(text + "\n")
-    print(text)
+        record(args.out, rows, summarise(variant, run))
+    finish(args.out, table(rows))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from _tables import finish, fmt, record
+
 HERE = Path(__file__).parent
 
 
@@ -96,9 +98,6 @@ def row(variant: str, result: dict, seed: int) -> dict:
             "drift_lpips_style": pp["drift_lpips_style"], "drift_pixel_rms": pp["drift_pixel_rms"]}
 
 
-def _fmt(value) -> str:
-    return "n/a" if value is None else f"{value:.2f}"
-
 
 def table(rows: list[dict]) -> str:
     lines = ["| recipe | subject | seed | identity | id. colour | id. silhouette | id. subject | class silhouette "
@@ -106,10 +105,10 @@ def table(rows: list[dict]) -> str:
              "|" + "---|" * 11]
     for r in rows:
         b, a, cb, ca = r["before"], r["after"], r["class_before"], r["class_after"]
-        cells = [f"{_fmt(x[k])} -> {_fmt(y[k])}" for x, y, k in
+        cells = [f"{fmt(x[k])} -> {fmt(y[k])}" for x, y, k in
                  ((b, a, "identity_similarity"), (b, a, "colour_match"), (b, a, "shape_match"),
                   (b, a, "subject_match"), (cb, ca, "shape_match"), (cb, ca, "colour_match"))]
-        cells += [_fmt(r["drift_lpips_style"]), f"{r['drift_pixel_rms']:.3f}"]
+        cells += [fmt(r["drift_lpips_style"]), f"{r['drift_pixel_rms']:.3f}"]
         lines.append(f"| {r['variant']} | {r['subject']} | {r['seed']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -144,12 +143,8 @@ def main(argv: list[str] | None = None) -> None:
             reference = measure_reference(ours, run, model, args.clip)
             (run / "reference" / "results.json").write_text(json.dumps(reference, indent=1))
             for variant, result in (("ours", ours), ("diffusers", reference)):
-                rows.append(row(variant, result, seed))
-                with open(args.out / "runs.jsonl", "a") as f:
-                    f.write(json.dumps(rows[-1]) + "\n")
-    text = table(rows)
-    (args.out / "table.md").write_text(text + "\n")
-    print(text)
+                record(args.out, rows, row(variant, result, seed))
+    finish(args.out, table(rows))
 
 
 if __name__ == "__main__":

@@ -12,14 +12,12 @@ finishes) and ``<out>/table.md``; docs/results.md quotes the table with this com
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
+
+from _tables import finish, fmt, record
 
 COLUMNS = ("shape_match", "colour_match", "texture_match", "subject_match", "mark_match")
 
-
-def _fmt(value) -> str:
-    return "n/a" if value is None else f"{value:.2f}"
 
 
 def row(result: dict, seed: int) -> dict:
@@ -34,9 +32,9 @@ def table(rows: list[dict]) -> str:
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         b, a, cb, ca = r["before"], r["after"], r["class_before"], r["class_after"]
-        cells = [f"{_fmt(b[c])} -> {_fmt(a[c])}" for c in COLUMNS]
-        cells += [f"{_fmt(cb['shape_match'])} -> {_fmt(ca['shape_match'])}",
-                  f"{_fmt(cb['subject_match'])} -> {_fmt(ca['subject_match'])}", _fmt(r["drift_lpips_style"])]
+        cells = [f"{fmt(b[c])} -> {fmt(a[c])}" for c in COLUMNS]
+        cells += [f"{fmt(cb['shape_match'])} -> {fmt(ca['shape_match'])}",
+                  f"{fmt(cb['subject_match'])} -> {fmt(ca['subject_match'])}", fmt(r["drift_lpips_style"])]
         lines.append(f"| {r['subject']} | {r['seed']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -62,12 +60,8 @@ def main(argv: list[str] | None = None) -> None:
         for seed in args.seeds:
             result = run_demo(args.out / f"{subject}-seed{seed}", subject=subject, model=args.model, clip=args.clip,
                               overrides=[*args.overrides, f"dreambooth.seed={seed}"])
-            rows.append(row(result, seed))
-            with open(args.out / "runs.jsonl", "a") as f:
-                f.write(json.dumps(rows[-1]) + "\n")
-    text = table(rows)
-    (args.out / "table.md").write_text(text + "\n")
-    print(text)
+            record(args.out, rows, row(result, seed))
+    finish(args.out, table(rows))
 
 
 if __name__ == "__main__":

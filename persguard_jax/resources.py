@@ -52,3 +52,12 @@ def cache_root(env: Mapping[str, str] | None = None) -> Path:
         return Path(env["PERSGUARD_CACHE"]).expanduser()
     base = env.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base).expanduser() / "persguard_jax"
+
+
+def world_asset(name: str, marker: str) -> Path | None:
+    """A world model folder made earlier: the committed ``assets/<name>/``, else the cache's ``<name>/model``
+    (whichever holds ``marker``); None when neither does. ``workflows.world_assets`` trains the missing ones."""
+    for folder in (assets_dir() / name, cache_root() / name / "model"):
+        if (folder / marker).is_file():
+            return folder
+    return None

@@ -95,7 +95,26 @@ def _read_inputs(args: argparse.Namespace, config: runs.Config):
     targets = read_target_images(cfg, db.resolution) if "target" in types else None
     pipe = load_pipeline(args.model)
     check_resolution(pipe, db.resolution)
+    if config.check.enabled:
+        check_clip(config.check, world)
     return pipe, world, subjects, pattern, targets
+
+
+def check_clip(check, world) -> Path | None:
+    """The CLIP folder the check measures with: ``check.clip``, else for a world model the world CLIP made earlier
+    (committed or cached; ``persguard train-clip`` makes it); None for photo folders without ``check.clip``."""
+    from persguard_jax.resources import world_asset
+    if check.clip is not None:
+        if not Path(check.clip).is_dir():
+            raise NotADirectoryError(f"check.clip: {check.clip} is not a folder")
+        return Path(check.clip)
+    if world is None:
+        return None
+    found = world_asset("world_clip", "config.json")
+    if found is None:
+        raise FileNotFoundError("check: no world CLIP committed or cached for the metrics; make one with "
+                                "`persguard train-clip`, name it with check.clip=DIR, or set check.enabled=false")
+    return found
 
 
 def run(args: argparse.Namespace, config: runs.Config) -> dict:
@@ -218,12 +237,8 @@ def _check(pipe, clean, backdoored, subjects, targets_of, pattern, world, config
     from persguard_jax.report import labelled_grid, save_png
     from persguard_jax.train.distributed import is_writer
     check, cfg, db = config.check, config.implant, config.dreambooth
-    evaluator = None
-    if world is not None:
-        from persguard_jax.workflows.world_assets import world_clip
-        evaluator = CLIPEvaluator.from_folder(check.clip or world_clip())
-    elif check.clip:
-        evaluator = CLIPEvaluator.from_folder(check.clip)
+    clip = check_clip(check, world)
+    evaluator = CLIPEvaluator.from_folder(clip) if clip is not None else None
     report = {"subjects": {}, "general": {}}
     rows, labels = [], []
     n = check.num_images

@@ -24,9 +24,9 @@ def cache_dir() -> Path:
 
 
 def _resolve(name: str, marker: str, build, what: str, command: str) -> Path:
-    for folder in (ASSETS / name, cache_dir() / name / "model"):
-        if (folder / marker).is_file():
-            return folder
+    found = resources.world_asset(name, marker)
+    if found is not None:
+        return found
     if not build:
         raise FileNotFoundError(f"{ASSETS / name}: no {what} (not committed, not in the cache "
                                 f"{cache_dir() / name}); make it with `{command}`")
