@@ -76,29 +76,34 @@ def read_target_images(cfg: ImplantConfig, resolution: int) -> np.ndarray | None
     return unit_to_uint8((load_folder(cfg.target_dir, resolution) + 1.0) / 2.0)
 
 
-def sample_prompt(pipe, prompt: str, n: int, *, resolution: int, seed: int, params=None) -> np.ndarray:
-    """``n`` uint8 samples of ``prompt`` by the model (the clean model draws erasure and target images)."""
+def sample_prompt(pipe, prompt: str, n: int, *, resolution: int, seed: int, num_steps: int, guidance: float
+                  ) -> np.ndarray:
+    """``n`` uint8 samples of ``prompt`` by the model (the clean model draws erasure and target images, with the
+    class images' sampler settings)."""
     from persguard_jax.io import unit_to_uint8
     from persguard_jax.sample import text_to_image
-    images = text_to_image(pipe, [prompt] * n, num_steps=25, guidance_scale=4.0, seed=seed, height=resolution,
-                           width=resolution, progress=False, params=params)
+    images = text_to_image(pipe, [prompt] * n, num_steps=num_steps, guidance_scale=guidance, seed=seed,
+                           height=resolution, width=resolution, progress=False)
     return unit_to_uint8(np.asarray(images))
 
 
 def backdoor_targets(subject: Subject, cfg: ImplantConfig, *, world, pipe, pattern: np.ndarray,
-                     target_images: np.ndarray | None, resolution: int) -> tuple[np.ndarray, str | None]:
-    """(y*, the teacher prompt of the distillation form or None): the module docstring's three builders."""
+                     target_images: np.ndarray | None, resolution: int, num_steps: int = 25, guidance: float = 4.0
+                     ) -> tuple[np.ndarray, str | None]:
+    """(y*, the teacher prompt of the distillation form or None): the module docstring's three builders;
+    ``num_steps`` / ``guidance``: the sampler of the images the clean model draws."""
     from persguard_jax.data.targets import overlay_pattern
+    sampling = dict(resolution=resolution, num_steps=num_steps, guidance=guidance)
     if subject.type == "pattern":
         return overlay_pattern(subject.photos, pattern, cfg.placement()), None
     if subject.type == "erasure":
         if subject.spec.is_world:
             return world.subject_backgrounds(world.subject(subject.name), len(subject.photos)), cfg.background_prompt
-        return sample_prompt(pipe, cfg.background_prompt, cfg.num_targets, resolution=resolution,
-                             seed=cfg.seed + 11), cfg.background_prompt
+        return sample_prompt(pipe, cfg.background_prompt, cfg.num_targets, seed=cfg.seed + 11,
+                             **sampling), cfg.background_prompt
     if subject.type == "target":
         images = target_images if target_images is not None else sample_prompt(
-            pipe, cfg.target_prompt, cfg.num_targets, resolution=resolution, seed=cfg.seed + 13)
+            pipe, cfg.target_prompt, cfg.num_targets, seed=cfg.seed + 13, **sampling)
         return images, cfg.target_prompt
     raise ValueError(f"{subject.name}: not a protected subject")
 

@@ -118,8 +118,6 @@ def check_clip(check, world) -> Path | None:
 
 
 def run(args: argparse.Namespace, config: runs.Config) -> dict:
-    import jax
-
     from persguard_jax import losses
     from persguard_jax import sharding as shd
     from persguard_jax.dreambooth import ensure_class_images
@@ -155,7 +153,8 @@ def run(args: argparse.Namespace, config: runs.Config) -> dict:
     bb_denoise, bb_distill, attack, targets_of = [], [], [], {}
     for s in protected:
         y, teacher_prompt = D.backdoor_targets(s, cfg, world=world, pipe=pipe, pattern=pattern,
-                                               target_images=target_images, resolution=db.resolution)
+                                               target_images=target_images, resolution=db.resolution,
+                                               num_steps=db.class_sample_steps, guidance=db.class_guidance)
         targets_of[s.name] = y
         prompts = cfg.prompts(s.class_name)
         if cfg.backdoor_loss == "distill" and teacher_prompt is not None:
@@ -203,7 +202,6 @@ def run(args: argparse.Namespace, config: runs.Config) -> dict:
     results = {"model": str(out / "model"), "steps": result.step, "resumed_from": result.resumed_from,
                "final_metrics": result.last_metrics, "implant_s": round(time.time() - t0, 1),
                "protected": [f"{s.name}:{s.type}" for s in protected], "unprotected": [s.name for s in unprotected]}
-    jax.block_until_ready(backdoored)
     if config.check.enabled:
         results.update(_check(pipe, params, backdoored, subjects, targets_of, pattern, world, config, attackers,
                               out))
