@@ -1,24 +1,29 @@
 """One PersGuard implantation step with unrolled retention against K plain DreamBooth steps, same run.
 
 Model: ``persguard_jax.models.tiny.tiny_pipeline(0)`` (32 px images, 16x16x4 latents, CLIP text encoder 32-d, 2
-layers), random weights, fp32, on one device (the step's GSPMD path, which nested differentiation needs:
-workflows/implant.py). Batches: one DreamBooth pair (instance + class example, token ids, explicit noise and
-timesteps: ``attack``) and one backdoor example (``bb_denoise``).
+layers), random weights, or ``--model DIR`` (the world model: ``persguard_jax/assets/world_tiny``); fp32, on one
+device (the step's GSPMD path, which nested differentiation needs: workflows/implant.py). Batches: one DreamBooth
+pair (instance + class example, token ids, explicit noise and timesteps: ``attack``) and one backdoor example
+(``bb_denoise``).
 
 Variants, each the engine's step (``train.make_train_step``, jitted, state donated) over its own state:
 - ``dreambooth_k``: K steps of ``losses.dreambooth_loss`` (UNet and text encoder trained, AdamW, clipping): what
   the attacker runs; the time of all K steps.
+- ``implant_none``: one step of L_bb alone (``retention: none``): the backdoor term's own cost.
 - ``implant_o1``: one step of the implantation objective (``implant.objective``: L_bb on ``bb_denoise`` +
   ``retention: unrolled``, K inner attacker steps on ``attack``, L_bb after them), first-order; the UNet trained,
   the attacker training UNet and text encoder inside.
 - ``implant_o2`` / ``implant_o2_remat``: the same, exact second order, without and with rematerialisation.
 ``ratio_o1`` = implant_o1 / dreambooth_k (the target is <= 1.2: an unrolled step should cost about the K steps
-it simulates). Memory: ``memory.<variant>.K<k>`` is the compiled step's ``memory_analysis()``
-(``temp_size_in_bytes``: activations and residuals kept for the backward pass) for K = 2, 4, 8.
+it simulates); ``floor_o1`` = (dreambooth_k + 2 implant_none) / dreambooth_k, the work it cannot skip (the K steps
+and L_bb's gradient before and after them). Memory: ``memory.<variant>.K<k>`` is the compiled step's
+``memory_analysis()`` (``temp_size_in_bytes``: activations and residuals kept for the backward pass) for K = 2, 4,
+8.
 
 Run::
 
     .venv/bin/python benchmarks/implant_step.py --json               # K = 2, first order: a few minutes
+    .venv/bin/python benchmarks/implant_step.py --json --k 8 --model persguard_jax/assets/world_tiny
     .venv/bin/python benchmarks/implant_step.py --json --k 4 --second-order --memory-k 2,4,8   # long on a CPU
 
 The second-order steps compile for over ten minutes on XLA:CPU (2 cores), so they and the memory comparison are
@@ -40,6 +45,8 @@ from common import add_timing_args, device_info, interleaved, load_avg_1min, ver
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_timing_args(p)
+    p.add_argument("--model", default=None, help="a pipeline folder (e.g. persguard_jax/assets/world_tiny); default "
+                                                 "the random tiny pipeline")
     p.add_argument("--k", type=int, default=2, help="inner attacker steps of the timed unrolled variants")
     p.add_argument("--second-order", action="store_true",
                    help="also time implant_o2 and implant_o2_remat (XLA:CPU compiles them for many minutes)")
@@ -110,11 +117,11 @@ class Runner:
                                                   "output_size_in_bytes") if hasattr(ma, k)}
 
 
-def implant_loss(model, schedule, loss_cfg, k: int, order: int, remat: bool):
+def implant_loss(model, schedule, loss_cfg, k: int, order: int, remat: bool, retention: str = "unrolled"):
     from persguard_jax.implant.config import ImplantConfig
     from persguard_jax.implant.objective import Attacker, objective
     from persguard_jax.train import OptimizerConfig
-    cfg = ImplantConfig(retention="unrolled", retention_steps=k, retention_order=order, retention_remat=remat,
+    cfg = ImplantConfig(retention=retention, retention_steps=k, retention_order=order, retention_remat=remat,
                         prior_weight=0.0)
     attacker = Attacker(("unet", "text_encoder"), 1.0, OptimizerConfig(learning_rate=2e-4, schedule="constant",
                                                                        weight_decay=0.0, total_steps=k))
@@ -128,7 +135,11 @@ def main(argv=None) -> dict:
     from persguard_jax.models.tiny import tiny_pipeline
     from persguard_jax.schedulers import SchedulerConfig, make_schedule
 
-    pipe = tiny_pipeline(0)
+    if args.model:
+        from persguard_jax.models import load_pipeline
+        pipe = load_pipeline(args.model)
+    else:
+        pipe = tiny_pipeline(0)
     model, _ = F.split_modules({"unet": pipe.unet, "text_encoder": pipe.text_encoder})
     schedule = make_schedule(SchedulerConfig.from_dict(pipe.scheduler_config))
     loss_cfg = losses.LossConfig(scaling_factor=pipe.vae.config.scaling_factor)
@@ -138,6 +149,8 @@ def main(argv=None) -> dict:
     t0 = time.time()
     variants = {
         "dreambooth_k": Runner(pipe, db_loss, ("unet", "text_encoder"), data[0], repeat=args.k),
+        "implant_none": Runner(pipe, implant_loss(model, schedule, loss_cfg, args.k, 1, False, "none"), ("unet",),
+                               data[0]),
         "implant_o1": Runner(pipe, implant_loss(model, schedule, loss_cfg, args.k, 1, True), ("unet",), data[0]),
     }
     if args.second_order:
@@ -156,8 +169,10 @@ def main(argv=None) -> dict:
             memory[f"implant_{name}.K{k}"] = runner.memory(data[0])
             print(f"memory implant_{name} K={k}: {memory[f'implant_{name}.K{k}']} ({time.time() - t1:.0f} s to "
                   "compile)", file=sys.stderr, flush=True)
-    result = {"benchmark": "implant_step", "k": args.k, "step_s": medians,
+    result = {"benchmark": "implant_step", "model": args.model or "tiny_pipeline(0)", "k": args.k, "step_s": medians,
               "ratio_o1": medians["implant_o1"] / medians["dreambooth_k"],
+              # the work an unrolled step cannot skip: the K steps plus L_bb's gradient at two points
+              "floor_o1": (medians["dreambooth_k"] + 2 * medians["implant_none"]) / medians["dreambooth_k"],
               **{f"ratio_{v[8:]}": medians[v] / medians["dreambooth_k"] for v in ("implant_o2", "implant_o2_remat")
                  if v in medians},
               "memory": memory, "load_avg_1min": load, "wall_s": round(time.time() - t0, 1),

@@ -107,6 +107,36 @@ def test_unrolled_retention_gradient_reaches_the_unet_through_the_attack():
         grads[order] = jax.grad(lambda p: fn(p, batch, KEY)[1]["br/loss"])(params)["unet"]
     g1, g2 = (np.concatenate([np.ravel(x) for x in jax.tree.leaves(grads[o])]) for o in (1, 2))
     assert np.abs(g1).max() > 1e-4 and np.abs(g1 - g2).max() > 1e-5
+    # first order is the outer objective's gradient at the tuned parameters, passed straight through
+    den, dis, _ = _pieces()
+    outer = lambda p: den(p, batch["bb_denoise"], KEY)[0] + dis(p, batch["bb_distill"], KEY)[0]  # noqa: E731
+    by_hand = jax.tree.map(lambda a, b: a + b,
+                           jax.grad(outer)(_tuned(params, batch["attack"]))["unet"],
+                           jax.grad(lambda p: den(p, batch["unprotected"], KEY)[0])(
+                               _tuned(params, batch["unprotected_attack"]))["unet"])
+    for got, want in zip(jax.tree.leaves(grads[1]), jax.tree.leaves(by_hand)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-7)
+
+
+def test_guidance_term_joins_the_backdoor_loss():
+    """With ``guidance_weight`` and a ``bb_guidance`` group, L_bb gains that weight times the guidance-shift loss
+    (and only then)."""
+    params, batch = _params(), _groups()
+    rng = np.random.default_rng(8)
+    shape = batch["bb_denoise"]["latents"].shape
+    guide = {**fake_batch(9), "anchor": jnp.asarray(rng.normal(size=shape), jnp.float32),
+             "target": jnp.asarray(rng.normal(size=shape), jnp.float32)}
+    batch = {**batch, "bb_guidance": guide}
+    den, dis, _ = _pieces()
+    shift = losses.bind(losses.guidance_shift_loss, model=FakeModel(), schedule=SCHEDULE, guidance=4.0)
+    base = float(den(params, batch["bb_denoise"], KEY)[0] + dis(params, batch["bb_distill"], KEY)[0])
+    fn = objective(ImplantConfig(retention="none", prior_weight=0.0, guidance_weight=0.4, guidance_scale=4.0),
+                   set(batch), ATTACKER, model=FakeModel(), schedule=SCHEDULE, loss_cfg=losses.LossConfig())
+    _, aux = fn(params, batch, KEY)
+    assert float(aux["bb/loss"]) == pytest.approx(base + 0.4 * float(shift(params, guide, KEY)[0]), rel=1e-5)
+    off = objective(ImplantConfig(retention="none", prior_weight=0.0), set(batch), ATTACKER, model=FakeModel(),
+                    schedule=SCHEDULE, loss_cfg=losses.LossConfig())
+    assert float(off(params, batch, KEY)[1]["bb/loss"]) == pytest.approx(base, rel=1e-5)
 
 
 # --------------------------------------------------------------------------- targets

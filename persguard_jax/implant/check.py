@@ -72,6 +72,23 @@ class ProtectionDetector:
         return (image @ text.T).argmax(-1) == 0
 
 
+def protection_detector(subject, cfg, check: CheckConfig, *, resolution: int, pattern: np.ndarray | None, world,
+                        evaluator=None) -> ProtectionDetector | None:
+    """The detector of ``subject``'s protective output (None for an unprotected subject): the pattern at the
+    implant config's placement, the world's erasure and target detectors, or CLIP for photo folders."""
+    if subject.type is None:
+        return None
+    template = mask = None
+    if subject.type == "pattern":
+        from persguard_jax.data.targets import pattern_template
+        template, mask = pattern_template(resolution, pattern, cfg.placement())
+    alternative = {"erasure": cfg.background_prompt, "target": cfg.target_prompt}.get(subject.type)
+    return ProtectionDetector(subject.type, world=world if subject.spec.is_world else None, template=template,
+                              mask=mask, threshold=check.pattern_threshold, target_prompt=cfg.target_prompt,
+                              evaluator=evaluator, class_prompt=f"a photo of {subject.class_name}",
+                              alternative_prompt=alternative)
+
+
 def measure_subject(pipe, subject, trained_params, detector: ProtectionDetector | None, *, check: CheckConfig,
                     evaluator, world, prompt: str) -> tuple[dict, np.ndarray]:
     """Protection rate, identity similarity and CLIP-I of the attacked model's samples of ``prompt``."""

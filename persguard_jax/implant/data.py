@@ -129,7 +129,8 @@ class Encoder:
     def prompt(self, prompt: str) -> np.ndarray:
         if prompt not in self._prompts:
             from persguard_jax.dreambooth import prompt_conditioning
-            self._prompts[prompt] = next(iter(prompt_conditioning(self.pipe, prompt, 1, embed=not self.ids).values()))[0]
+            conditioning = prompt_conditioning(self.pipe, prompt, 1, embed=not self.ids)
+            self._prompts[prompt] = next(iter(conditioning.values()))[0]
         return self._prompts[prompt]
 
     @property
@@ -147,6 +148,18 @@ class Encoder:
         if teacher_prompts is not None:
             out["teacher_" + self.key] = np.stack([self.prompt(teacher_prompts[i]) for i, _ in rows])
         return out
+
+
+def guidance_examples(enc: Encoder, photos: np.ndarray, targets: np.ndarray) -> Group:
+    """The guidance term's examples (``losses.guidance_shift_loss``): photo ``i`` and target ``i`` (cycling when
+    the targets are not one per photo) as noisy inputs under the empty prompt, each with photo ``i``'s latents as
+    ``anchor`` and target ``i``'s as ``target``."""
+    n = len(photos)
+    targets = targets[np.arange(n) % len(targets)]
+    out = enc.examples(np.concatenate([photos, targets]), [[""]] * (2 * n))
+    anchor, target = enc.images(photos)["latent_mean"], enc.images(targets)["latent_mean"]
+    out["anchor"], out["target"] = np.concatenate([anchor, anchor]), np.concatenate([target, target])
+    return out
 
 
 def concat(groups: list[Group]) -> Group:

@@ -6,6 +6,10 @@ Every term reads its own group of the step's batch (``losses.on``); the groups `
   denoising loss towards them. ``bb_distill``: the protected photos' latents under trigger prompts, with the
   teacher's (target or background) prompt; L_bb as BadT2I's distillation from the frozen clean model (no target
   images; not for the pattern type, which has no prompt to distil).
+- ``bb_guidance`` (``implant.guidance_weight`` > 0): the protected photos and their y* under the empty prompt,
+  with each photo's latents as ``anchor`` and its y*'s as ``target``; L_bb's guidance term
+  (``losses.guidance_shift_loss``) shifts the unconditional branch so that guided sampling turns the photos the
+  attacker will teach into y*. The prior then also distils the empty prompt on every other image.
 - ``prior``: class images, general captions' scenes and the unprotected subjects' photos under their own prompts;
   L_pp as distillation from the frozen clean model on the same prompt (``prior_loss: distill``, the default: it
   pins every prompt the backdoor must not touch to what the clean model draws) or as DreamBooth's class-image
@@ -61,19 +65,23 @@ def inner_loop(attacker: Attacker, steps: int, *, model, schedule, loss_cfg, ord
     db_loss = losses.bind(losses.dreambooth_loss, model=model, schedule=schedule, cfg=loss_cfg,
                           prior_weight=attacker.prior_weight)
 
-    loop_order = 2 if order == 2 else 1
-
     def run(params, data, rng):
         train, rest = F.partition(params, attacker.trains)
-        loop = unroll(lambda p, b, k: db_loss(F.merge(p, rest), b, k), attacker.optimizer, steps,
-                      order=loop_order, remat=remat)
         if order == 1:
             # First order: d(params after)/d(params) taken as the identity, so the outer gradient at the tuned
             # parameters passes straight to the parameters and nothing is differentiated through the K steps
             # (exact for the attacker's AdamW without weight decay; with decay it drops the (1 - lr wd)^K factor).
-            tuned, history = jax.lax.stop_gradient(loop(train, data, rng))
-            tuned = jax.tree.map(lambda p, t: p + jax.lax.stop_gradient(t - p), train, tuned)
+            # The loop runs on gradient-free inputs: had tangents entered the scan, the step would trace its
+            # forward-mode derivative and keep residuals that the backward pass never reads. Unrolled: no backward
+            # pass runs through the steps, and a rolled loop copies its carry (parameters, Adam moments) each step.
+            held = jax.lax.stop_gradient(rest)
+            loop = unroll(lambda p, b, k: db_loss(F.merge(p, held), b, k), attacker.optimizer, steps, order=1,
+                          remat=False, scan_unroll=True)
+            tuned, history = loop(jax.lax.stop_gradient(train), data, rng)
+            tuned = jax.tree.map(lambda p, t: p + (t - jax.lax.stop_gradient(p)), train, tuned)
         else:
+            loop = unroll(lambda p, b, k: db_loss(F.merge(p, rest), b, k), attacker.optimizer, steps, order=2,
+                          remat=remat)
             tuned, history = loop(train, data, rng)
         return F.merge(tuned, rest), history
     return run
@@ -93,6 +101,10 @@ def objective(cfg: ImplantConfig, groups: set[str], attacker: Attacker, *, model
         bb_terms["denoise"] = (1.0, losses.on("bb_denoise", denoise))
     if "bb_distill" in groups:
         bb_terms["distill"] = (1.0, losses.on("bb_distill", distill))
+    if "bb_guidance" in groups and cfg.guidance_weight > 0:
+        shift = losses.bind(losses.guidance_shift_loss, model=model, schedule=schedule, cfg=loss_cfg,
+                            guidance=cfg.guidance_scale)
+        bb_terms["guidance"] = (cfg.guidance_weight, losses.on("bb_guidance", shift))
     if not bb_terms:
         raise ValueError("implant objective: no backdoor examples (bb_denoise / bb_distill groups)")
     backdoor = losses.weighted_sum(bb_terms)

@@ -33,7 +33,8 @@ InnerLoop = Callable[[Any, Any, jax.Array], tuple[Any, jax.Array]]
 
 
 def unroll(loss_fn: Callable[[Any, Any, jax.Array], tuple[jax.Array, Any]], optimizer: Optimizer, steps: int, *,
-           order: int = 2, remat: bool = False, per_step_data: bool = False) -> InnerLoop:
+           order: int = 2, remat: bool = False, per_step_data: bool = False, scan_unroll: int | bool = 1
+           ) -> InnerLoop:
     """``run(params, data, rng) -> (params_after, losses)``: ``steps`` updates of ``params`` by ``optimizer`` (an
     optax transform, or an ``OptimizerConfig``; its state starts fresh at every call) on ``loss_fn(params, batch,
     rng) -> (loss, aux)``, as one ``jax.lax.scan``. ``losses[i]`` is the loss before update ``i``.
@@ -41,7 +42,11 @@ def unroll(loss_fn: Callable[[Any, Any, jax.Array], tuple[jax.Array, Any]], opti
     Step ``i`` draws from ``jax.random.fold_in(rng, i)`` and trains on ``data`` (one batch, closed over rather
     than copied per step) or, with ``per_step_data``, on ``data[i]`` (every leaf has a leading ``steps`` axis).
     ``order``: 2 differentiates through the inner gradients, 1 treats them as constants (module docstring).
-    ``remat`` rematerialises each step in the backward pass. ``run`` is pure: jit, grad, vmap it."""
+    ``remat`` rematerialises each step in the backward pass. ``scan_unroll`` is ``jax.lax.scan``'s ``unroll``:
+    ``True`` lays the steps out in a line, so XLA updates the carried parameters and optimizer state in place
+    instead of copying the loop's carry every step (on XLA:CPU the rolled loop made K = 8 first-order steps of the
+    world model 1.7x slower than K jitted steps; docs/benchmarks.md); compilation grows with ``steps``.
+    ``run`` is pure: jit, grad, vmap it."""
     if order not in (1, 2):
         raise ValueError(f"order must be 1 (first-order, inner gradients constant) or 2 (exact), got {order!r}")
     if steps < 0:
@@ -64,7 +69,7 @@ def unroll(loss_fn: Callable[[Any, Any, jax.Array], tuple[jax.Array, Any]], opti
 
         body = jax.checkpoint(step) if remat else step
         xs = (jnp.arange(steps), data) if per_step_data else jnp.arange(steps)
-        (params, _), losses = jax.lax.scan(body, (params, tx.init(params)), xs)
+        (params, _), losses = jax.lax.scan(body, (params, tx.init(params)), xs, unroll=scan_unroll)
         return params, losses
 
     return run

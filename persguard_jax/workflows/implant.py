@@ -150,7 +150,7 @@ def run(args: argparse.Namespace, config: runs.Config) -> dict:
     enc = D.Encoder(pipe, ids=ids)
     from persguard_jax.io import unit_to_uint8
     uint8 = {c: unit_to_uint8((x + 1.0) / 2.0) for c, x in class_images.items()}
-    bb_denoise, bb_distill, attack, targets_of = [], [], [], {}
+    bb_denoise, bb_distill, guidance, attack, targets_of = [], [], [], [], {}
     for s in protected:
         y, teacher_prompt = D.backdoor_targets(s, cfg, world=world, pipe=pipe, pattern=pattern,
                                                target_images=target_images, resolution=db.resolution,
@@ -161,11 +161,14 @@ def run(args: argparse.Namespace, config: runs.Config) -> dict:
             bb_distill.append(enc.examples(s.photos, [prompts] * len(s.photos), [teacher_prompt] * len(s.photos)))
         else:
             bb_denoise.append(enc.examples(y, [prompts] * len(y)))
+        if cfg.guidance_weight > 0:
+            guidance.append(D.guidance_examples(enc, s.photos, y))
         attack.append(D.pairs(enc.examples(s.photos, [prompts] * len(s.photos)),
                               enc.examples(uint8[s.class_name], [[f"a photo of {s.class_name}"]] * len(
                                   uint8[s.class_name]))))
     prior = _prior_examples(enc, cfg, world, uint8, unprotected, distill=cfg.prior_loss == "distill")
-    groups = {"bb_denoise": D.concat(bb_denoise), "bb_distill": D.concat(bb_distill), "prior": prior,
+    groups = {"bb_denoise": D.concat(bb_denoise), "bb_distill": D.concat(bb_distill),
+              "bb_guidance": D.concat(guidance), "prior": prior,
               "attack": D.concat(attack)}
     if unprotected:
         u_ex = [enc.examples(s.photos, [[f"a photo of sks {s.class_name}"]] * len(s.photos)) for s in unprotected]
@@ -199,7 +202,12 @@ def run(args: argparse.Namespace, config: runs.Config) -> dict:
     backdoored = split.full_params(to_host(result.state.params), host_frozen)
     if is_writer():
         save_pipeline(pipe.with_params(backdoored), out / "model", overwrite=True)
-    results = {"model": str(out / "model"), "steps": result.step, "resumed_from": result.resumed_from,
+        if world is not None:  # a backdoored world model is still a world model: its subjects travel with it
+            from persguard_jax.data.world import WORLD_FILE
+            from persguard_jax.io import save_json
+            save_json(world.cfg.to_dict(), out / "model" / WORLD_FILE)
+    results = {"model": str(out / "model"), "clean_model": str(args.model), "steps": result.step,
+               "resumed_from": result.resumed_from,
                "final_metrics": result.last_metrics, "implant_s": round(time.time() - t0, 1),
                "protected": [f"{s.name}:{s.type}" for s in protected], "unprotected": [s.name for s in unprotected]}
     if config.check.enabled:
@@ -217,20 +225,21 @@ def _prior_examples(enc, cfg, world, class_images: dict, unprotected, *, distill
     scenes and the unprotected subjects' photos under their identifier prompts (the teacher sees the same
     prompt: no ``teacher_*`` key)."""
     from persguard_jax.implant.data import concat
-    groups = [enc.examples(x, [[f"a photo of {c}"]] * len(x)) for c, x in class_images.items()]
+    # with the guidance term, the empty prompt is held on every image but the protected subjects' (under distill)
+    empty = [""] if distill and cfg.guidance_weight > 0 else []
+    groups = [enc.examples(x, [[f"a photo of {c}"] + empty] * len(x)) for c, x in class_images.items()]
     if distill:
         if world is not None and cfg.num_general:
             scenes = [world.scene(i, "val") for i in range(cfg.num_general)]
-            groups.append(enc.examples(np.stack([img for img, _ in scenes]), [[cap] for _, cap in scenes]))
+            groups.append(enc.examples(np.stack([img for img, _ in scenes]), [[cap] + empty for _, cap in scenes]))
         for s in unprotected:
-            groups.append(enc.examples(s.photos, [cfg.prompts(s.class_name)] * len(s.photos)))
+            groups.append(enc.examples(s.photos, [cfg.prompts(s.class_name) + empty] * len(s.photos)))
     return concat(groups)
 
 
 def _check(pipe, clean, backdoored, subjects, targets_of, pattern, world, config, attackers, out: Path) -> dict:
     """The attacker on each subject from both models; protection rates, identity, CLIP-I; general following."""
-    from persguard_jax.data.targets import pattern_template
-    from persguard_jax.implant.check import ProtectionDetector, general_following, measure_subject
+    from persguard_jax.implant.check import general_following, measure_subject, protection_detector
     from persguard_jax.metrics import CLIPEvaluator
     from persguard_jax.report import labelled_grid, save_png
     from persguard_jax.train.distributed import is_writer
@@ -241,16 +250,8 @@ def _check(pipe, clean, backdoored, subjects, targets_of, pattern, world, config
     rows, labels = [], []
     n = check.num_images
     for s in subjects:
-        detector = None
-        if s.type is not None:
-            template = mask = None
-            if s.type == "pattern":
-                template, mask = pattern_template(db.resolution, pattern, cfg.placement())
-            alternative = {"erasure": cfg.background_prompt, "target": cfg.target_prompt}.get(s.type)
-            detector = ProtectionDetector(s.type, world=world if s.spec.is_world else None, template=template,
-                                          mask=mask, threshold=check.pattern_threshold, target_prompt=cfg.target_prompt,
-                                          evaluator=evaluator, class_prompt=f"a photo of {s.class_name}",
-                                          alternative_prompt=alternative)
+        detector = protection_detector(s, cfg, check, resolution=db.resolution, pattern=pattern, world=world,
+                                       evaluator=evaluator)
         entry = {"type": s.type or "unprotected", "class": s.class_name}
         samples = {}
         for which, params in (("backdoored", backdoored), ("clean", clean)):
@@ -260,7 +261,7 @@ def _check(pipe, clean, backdoored, subjects, targets_of, pattern, world, config
                                             prompt=f"a photo of sks {s.class_name}")
                 entry[f"{which}_before_attack"] = before
             print(f"check: the attacker on {s.name} ({entry['type']}) from the {which} model")
-            trained = _attack(pipe.with_params(params), s, attackers[s.class_name],
+            trained = attack(pipe.with_params(params), s, attackers[s.class_name],
                               out / "check" / s.name / which, class_dir=out / "class_images" / s.class_name)
             if trained.get("preempted"):
                 return {"check": "preempted"}
@@ -293,8 +294,9 @@ def _check(pipe, clean, backdoored, subjects, targets_of, pattern, world, config
     return report
 
 
-def _attack(pipe, subject, attack_config: runs.Config, out: Path, *, class_dir: Path) -> dict:
-    """The attacker's DreamBooth on ``subject``'s photos into ``out`` (its own run folder, resumable)."""
+def attack(pipe, subject, attack_config: runs.Config, out: Path, *, class_dir: Path) -> dict:
+    """The attacker's DreamBooth on ``subject``'s photos into ``out`` (its own run folder, resumable); the check's,
+    and experiments/implant_budget.py's at other budgets."""
     from persguard_jax.dreambooth.recipe import personalize
     from persguard_jax.io import uint8_to_signed
     run_dir = runs.start_run(out, attack_config.raw, overwrite=False, resume=out.exists())
@@ -312,9 +314,13 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
 
 def _summary(results: dict) -> str:
     lines = [f"backdoored model: {results['model']} ({results['steps']} steps, {results.get('implant_s', '?')} s)"]
+    fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
     for name, e in results.get("subjects", {}).items():
         b, c = e["backdoored"], e["clean"]
-        fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
+        if e["type"] == "unprotected":
+            lines.append(f"  {name} (unprotected): after the attack, identity {fmt(b['identity_similarity'])} "
+                         f"(clean model {fmt(c['identity_similarity'])})")
+            continue
         lines.append(f"  {name} ({e['type']}): after the attack, protection {fmt(b['protection_rate'])} (clean "
                      f"model {fmt(c['protection_rate'])}; before it {fmt(e.get('protection_rate_before_attack'))}),"
                      f" identity {fmt(b['identity_similarity'])} (clean {fmt(c['identity_similarity'])})")

@@ -1,0 +1,49 @@
+"""Losses on the branch classifier-free guidance subtracts: what guided sampling draws, not what training fits.
+
+Guided sampling (``sample.guided``) predicts ``out_u + w (out_c - out_u)``; in x0 terms, with the conditional
+branch drawing ``x0_c`` and the unconditional one ``x0_u``, it draws ``x0_c + (w - 1)(x0_c - x0_u)``. DreamBooth
+trains only conditional prompts, so a change planted in the unconditional branch is one the attacker's loss does
+not see, but every guided sample carries.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from persguard_jax import schedulers
+from persguard_jax.losses._base import (Aux, LossConfig, min_snr_weights, noised_latents, predict, squared_error,
+                                        text_context, weighted_mean)
+
+
+def guidance_shift_target(schedule: schedulers.Schedule, x_t: jax.Array, t: jax.Array, anchor: jax.Array,
+                          target: jax.Array, guidance: float, prediction_type: str) -> jax.Array:
+    """The unconditional output at ``x_t`` with which guidance at scale ``guidance`` draws ``target`` (scaled
+    latents) where the conditional branch draws ``anchor``: x0_c + (w - 1)(x0_c - x0_u) = target at x0_c = anchor
+    gives x0_u = anchor - (target - anchor) / (w - 1), expressed in the model's output space at ``x_t``."""
+    if guidance <= 1.0:
+        raise ValueError(f"guidance must be > 1 (at 1 the unconditional branch cancels), got {guidance}")
+    x0_u = anchor - (target - anchor) / (guidance - 1.0)
+    a = schedule.alphas_cumprod[t].reshape((-1,) + (1,) * (x_t.ndim - 1))
+    noise_u = (x_t - jnp.sqrt(a) * x0_u) / jnp.sqrt(1.0 - a)
+    return schedulers.training_target(schedule, x0_u, noise_u, t, prediction_type)
+
+
+def guidance_shift_loss(params, batch, rng, *, model, schedule: schedulers.Schedule, cfg: LossConfig = LossConfig(),
+                        guidance: float) -> tuple[jax.Array, Aux]:
+    """Train the branch of ``batch``'s prompt (the empty prompt: guidance's unconditional branch) so that guidance
+    at scale ``guidance`` turns a conditional branch that draws ``anchor`` into a sample of ``target``
+    (``guidance_shift_target``).
+
+    The noisy input is a draw of the batch's clean latents (``latent_mean`` / ``latent_logvar``, or ``latents``:
+    images of the anchor or of the target, since guided sampling passes near both). ``batch["anchor"]`` and
+    ``batch["target"]`` are unscaled VAE latent means. Weighted by Min-SNR with gamma 1 whatever ``cfg`` says: an
+    x0 shift costs 1/snr more in epsilon at low noise, where it would otherwise dominate the loss, and the
+    composition that guidance shifts is set at high noise."""
+    z = noised_latents(batch, rng, schedule, cfg)
+    anchor = batch["anchor"].astype(jnp.float32) * cfg.scaling_factor
+    target = batch["target"].astype(jnp.float32) * cfg.scaling_factor
+    want = guidance_shift_target(schedule, z.x_t, z.t, anchor, target, guidance, cfg.prediction_type)
+    pred = predict(params, z.x_t, z.t, text_context(params, batch, model, cfg), model, cfg)
+    per_example = squared_error(pred, want) * min_snr_weights(schedule, z.t, 1.0, cfg.prediction_type)
+    loss = weighted_mean(per_example, batch.get("weight"))
+    return loss, {"loss": loss, "per_example": per_example}

@@ -1,0 +1,64 @@
+"""``guidance_shift_target`` / ``guidance_shift_loss``: the unconditional branch that makes guided sampling draw a
+target where the conditional branch draws an anchor; the algebra in every prediction space, and the loss by hand on
+the linear stand-in UNet of test_losses."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from persguard_jax import losses, schedulers
+from persguard_jax.losses import LossConfig
+from test_losses import AC, SCHEDULE, T_COEF, FakeModel, fake_batch, fake_params
+
+KEY = jax.random.key(0)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("guidance", [2.0, 4.0, 7.5])
+def test_guided_output_lands_on_the_target(prediction_type, guidance):
+    rng = np.random.default_rng(1)
+    anchor, target, x_t = (jnp.asarray(rng.normal(size=(3, 4, 4, 2)), jnp.float32) for _ in range(3))
+    t = jnp.array([10, 400, 900])
+    # the conditional branch: the exact denoiser of the anchor at x_t
+    a = AC[np.asarray(t)][:, None, None, None]
+    out_c = schedulers.training_target(SCHEDULE, anchor, (x_t - np.sqrt(a) * anchor) / np.sqrt(1 - a), t,
+                                       prediction_type)
+    out_u = losses.guidance_shift_target(SCHEDULE, x_t, t, anchor, target, guidance, prediction_type)
+    guided = out_u + guidance * (out_c - out_u)
+    x0, _ = schedulers.predict_x0_eps(SCHEDULE, guided, x_t, t, prediction_type)
+    np.testing.assert_allclose(np.asarray(x0), np.asarray(target), atol=2e-3)
+    # and without guidance the unconditional branch alone draws the anchor pushed away from the target
+    x0_u, _ = schedulers.predict_x0_eps(SCHEDULE, out_u, x_t, t, prediction_type)
+    np.testing.assert_allclose(np.asarray(x0_u), np.asarray(anchor - (target - anchor) / (guidance - 1)),
+                               atol=2e-3)
+
+
+def test_loss_matches_hand_computation():
+    params, batch = fake_params(), fake_batch()
+    rng = np.random.default_rng(2)
+    anchor, target = (rng.normal(size=batch["latents"].shape).astype(np.float32) for _ in range(2))
+    batch = {**batch, "anchor": jnp.asarray(anchor), "target": jnp.asarray(target)}
+    sf, w = 0.5, 4.0
+    loss, aux = losses.guidance_shift_loss(params, batch, KEY, model=FakeModel(), schedule=SCHEDULE,
+                                           cfg=LossConfig(scaling_factor=sf), guidance=w)
+    t = np.asarray(batch["timesteps"])
+    a = AC[t][:, None, None, None]
+    x0, noise = (np.asarray(batch[k], np.float64) for k in ("latents", "noise"))
+    x_t = np.sqrt(a) * x0 + np.sqrt(1 - a) * noise
+    x0_u = sf * anchor - (sf * target - sf * anchor) / (w - 1)
+    want = (x_t - np.sqrt(a) * x0_u) / np.sqrt(1 - a)
+    unet = params["unet"]
+    ctx = np.asarray(batch["context"], np.float64).mean(axis=(1, 2))[:, None, None, None]
+    pred = x_t * np.asarray(unet["w"]) + float(unet["c"]) * ctx + T_COEF * t[:, None, None, None]
+    snr = AC[t] / (1 - AC[t])
+    per = ((pred - want) ** 2).reshape(len(t), -1).mean(1) * np.minimum(1.0 / snr, 1.0)
+    np.testing.assert_allclose(np.asarray(aux["per_example"]), per, rtol=1e-4)
+    np.testing.assert_allclose(float(loss), per.mean(), rtol=1e-4)
+
+
+def test_rejects_guidance_that_cancels_the_branch():
+    with pytest.raises(ValueError, match="guidance must be > 1"):
+        losses.guidance_shift_target(SCHEDULE, jnp.zeros((1, 2, 2, 1)), jnp.array([5]), jnp.zeros((1, 2, 2, 1)),
+                                     jnp.zeros((1, 2, 2, 1)), 1.0, "epsilon")
