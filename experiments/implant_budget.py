@@ -1,14 +1,15 @@
 """Attack budget of planted backdoors: the protection rate after the attacker's DreamBooth of each length and rate.
 
     python experiments/implant_budget.py --run runs/ablation/none --out runs/budget/none \\
-        [--steps 0,25,50,100,200] [--lrs 2e-4] [--clean]
+        [--steps 0,25,50,100,200] [--lrs 2e-4] [--guidance 4] [--clean]
 
 ``--run`` is a finished ``persguard implant`` run (its ``config.yaml``, ``model/``, ``results.json``, class
 images). For each protected subject and each (steps, learning rate) the attacker of the run's config (the
 ``dreambooth`` + ``optimizer`` sections, ``sks`` identifier; only ``dreambooth.steps`` and
 ``optimizer.learning_rate`` changed) fine-tunes the backdoored model on the subject's photos, and the run's own
 detector and sampler measure "a photo of sks <class>": protection rate and identity similarity. Steps 0 is the
-backdoored model as published. ``--clean`` measures the clean model (the run's ``--model``) the same way, the
+backdoored model as published. ``--guidance`` samples each attacked model at several classifier-free guidance
+scales (the attacker chooses it; the check's ``eval_guidance`` by default). ``--clean`` measures the clean model (the run's ``--model``) the same way, the
 floor each rate is read against. Writes ``<out>/<subject>/<model>_s<steps>_lr<lr>/`` (the attacks),
 ``<out>/runs.jsonl`` (a line per measurement as it ends) and ``<out>/table.md``.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from _tables import finish, fmt, record
@@ -28,16 +30,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", default="0,25,50,100,200", type=lambda s: [int(x) for x in s.split(",")])
     p.add_argument("--lrs", default=None, type=lambda s: [float(x) for x in s.split(",")],
                    help="attacker learning rates (default: the run's optimizer.learning_rate)")
+    p.add_argument("--guidance", default=None, type=lambda s: [float(x) for x in s.split(",")],
+                   help="sampling guidance scales (default: the run's check.eval_guidance)")
     p.add_argument("--clean", action="store_true", help="also attack the clean model (the run's --model)")
     return p.parse_args(argv)
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| subject (type) | model | attacker lr | steps | protection rate | identity similarity |",
-             "|" + "---|" * 6]
+    lines = ["| subject (type) | model | attacker lr | steps | guidance | protection rate | identity similarity |",
+             "|" + "---|" * 7]
     for r in rows:
         lines.append(f"| {r['subject']} ({r['type']}) | {r['model']} | {r['lr']:g} | {r['steps']} | "
-                     f"{fmt(r['protection_rate'])} | {fmt(r['identity_similarity'])} |")
+                     f"{r['guidance']:g} | {fmt(r['protection_rate'])} | {fmt(r['identity_similarity'])} |")
     return "\n".join(lines)
 
 
@@ -86,10 +90,12 @@ def main(argv=None) -> None:
                         trained = W.attack(pipe, s, attacker, args.out / s.name / f"{which}_s{steps}_lr{lr:g}",
                                            class_dir=args.run / "class_images" / s.class_name)
                         params = trained["params"]
-                    scores, _ = measure_subject(pipe, s, params, detector, check=check, evaluator=evaluator,
-                                                world=world, prompt=f"a photo of sks {s.class_name}")
-                    record(args.out, rows, {"subject": s.name, "type": s.type, "model": which, "lr": lr,
-                                            "steps": steps, **scores})
+                    for g in args.guidance or [check.eval_guidance]:
+                        scores, _ = measure_subject(pipe, s, params, detector, check=replace(check, eval_guidance=g),
+                                                    evaluator=evaluator, world=world,
+                                                    prompt=f"a photo of sks {s.class_name}")
+                        record(args.out, rows, {"subject": s.name, "type": s.type, "model": which, "lr": lr,
+                                                "steps": steps, "guidance": g, **scores})
     finish(args.out, table(rows))
 
 

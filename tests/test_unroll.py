@@ -58,9 +58,10 @@ def test_equals_a_python_loop_of_the_same_updates(optimizer):
         (value, _), g = jax.value_and_grad(noisy, has_aux=True)(p, DATA, jax.random.fold_in(KEY, i))
         updates, state = tx.update(g, state, p)
         p, history = optax.apply_updates(p, updates), history + [float(value)]
-    tuned, losses = jax.jit(unroll(noisy, optimizer, K))(W0, DATA, KEY)
-    np.testing.assert_allclose(np.asarray(tuned["w"]), np.asarray(p["w"]), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(np.asarray(losses), history, rtol=1e-5)
+    for scan_unroll in (1, True):  # rolled, and laid out step by step
+        tuned, losses = jax.jit(unroll(noisy, optimizer, K, scan_unroll=scan_unroll))(W0, DATA, KEY)
+        np.testing.assert_allclose(np.asarray(tuned["w"]), np.asarray(p["w"]), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(losses), history, rtol=1e-5)
     assert history[-1] < history[0]
 
 
