@@ -62,3 +62,18 @@ def test_rejects_guidance_that_cancels_the_branch():
     with pytest.raises(ValueError, match="guidance must be > 1"):
         losses.guidance_shift_target(SCHEDULE, jnp.zeros((1, 2, 2, 1)), jnp.array([5]), jnp.zeros((1, 2, 2, 1)),
                                      jnp.zeros((1, 2, 2, 1)), 1.0, "epsilon")
+
+
+def test_max_timestep_limits_the_drawn_timesteps():
+    params, batch = fake_params(), fake_batch(fixed=False)
+    rng = np.random.default_rng(3)
+    shape = batch["latents"].shape
+    batch = {**batch, "noise": jnp.asarray(rng.normal(size=shape), jnp.float32),
+             "anchor": jnp.asarray(rng.normal(size=shape), jnp.float32),
+             "target": jnp.asarray(rng.normal(size=shape), jnp.float32)}
+    fn = losses.bind(losses.guidance_shift_loss, model=FakeModel(), schedule=SCHEDULE, guidance=3.0)
+    at_zero, _ = fn(params, {**batch, "timesteps": jnp.zeros(shape[0], jnp.int32)}, KEY)
+    limited, _ = fn(params, batch, KEY, max_timestep=1)
+    drawn, _ = fn(params, batch, KEY)
+    assert float(limited) == pytest.approx(float(at_zero), rel=1e-6)
+    assert float(drawn) != pytest.approx(float(at_zero), rel=1e-3)

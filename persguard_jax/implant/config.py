@@ -25,7 +25,7 @@ class ImplantConfig(cfglib.Section):
     SECTION = "implant"
     BOUNDS = {"steps": "[1, inf)", "batch_size": "[1, inf)", "num_photos": "[1, inf)", "prior_weight": "[0, inf)",
               "retention_weight": "[0, inf)", "guidance_weight": "[0, inf)",
-              "guidance_scale": "(1, inf)", "retention_steps": "[1, inf)", "unprotected_weight": "[0, inf)",
+              "guidance_scale": "(1, inf)", "guidance_max_timestep": "[1, inf)", "retention_steps": "[1, inf)", "unprotected_weight": "[0, inf)",
               "num_targets": "[1, inf)", "num_general": "[0, inf)", "seed": "[0, inf)",
               "pattern_size": "(0, 1]", "pattern_opacity": "(0, 1]"}
     steps: int = 400
@@ -45,6 +45,7 @@ class ImplantConfig(cfglib.Section):
     # shifted on the protected subjects so that guided samples of a subject the attacker taught show y*; 0 is off
     guidance_weight: float = 0.0
     guidance_scale: float = 4.0         # the attacker's sampling guidance w that the shift is sized for (> 1)
+    guidance_max_timestep: int | None = None  # train the shift below this timestep only (None: all)
     retention: Literal["none", "mirror", "grad_suppression", "unrolled"] = "unrolled"
     retention_weight: float = 1.0       # lambda_br
     retention_steps: int = 2            # K, the unrolled attacker's steps

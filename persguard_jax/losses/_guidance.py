@@ -13,6 +13,11 @@ import jax.numpy as jnp
 from persguard_jax import schedulers
 from persguard_jax.losses._base import (Aux, LossConfig, min_snr_weights, noised_latents, predict, squared_error,
                                         text_context, weighted_mean)
+from persguard_jax.losses._batch import batch_draw
+
+
+def _num_examples(batch) -> int:
+    return next(iter(v for k, v in batch.items() if k in ("latents", "latent_mean"))).shape[0]
 
 
 def guidance_shift_target(schedule: schedulers.Schedule, x_t: jax.Array, t: jax.Array, anchor: jax.Array,
@@ -29,7 +34,7 @@ def guidance_shift_target(schedule: schedulers.Schedule, x_t: jax.Array, t: jax.
 
 
 def guidance_shift_loss(params, batch, rng, *, model, schedule: schedulers.Schedule, cfg: LossConfig = LossConfig(),
-                        guidance: float) -> tuple[jax.Array, Aux]:
+                        guidance: float, max_timestep: int | None = None) -> tuple[jax.Array, Aux]:
     """Train the branch of ``batch``'s prompt (the empty prompt: guidance's unconditional branch) so that guidance
     at scale ``guidance`` turns a conditional branch that draws ``anchor`` into a sample of ``target``
     (``guidance_shift_target``).
@@ -38,7 +43,12 @@ def guidance_shift_loss(params, batch, rng, *, model, schedule: schedulers.Sched
     images of the anchor or of the target, since guided sampling passes near both). ``batch["anchor"]`` and
     ``batch["target"]`` are unscaled VAE latent means. Weighted by Min-SNR with gamma 1 whatever ``cfg`` says: an
     x0 shift costs 1/snr more in epsilon at low noise, where it would otherwise dominate the loss, and the
-    composition that guidance shifts is set at high noise."""
+    composition that guidance shifts is set at high noise. ``max_timestep``: train at timesteps below it only
+    (where the noisy input still shows which subject it is) unless the batch fixes them."""
+    if max_timestep is not None and "timesteps" not in batch:
+        n = _num_examples(batch)
+        batch = {**batch, "timesteps": batch_draw(lambda s: jax.random.randint(jax.random.fold_in(rng, 1), s, 0,
+                                                                               max_timestep), (n,))}
     z = noised_latents(batch, rng, schedule, cfg)
     anchor = batch["anchor"].astype(jnp.float32) * cfg.scaling_factor
     target = batch["target"].astype(jnp.float32) * cfg.scaling_factor
