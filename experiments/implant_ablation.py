@@ -5,7 +5,9 @@
         [key=value ...]
 
 Each variant is the shipped ``configs/implant_world.yaml`` with ``implant.retention`` (and, for the unrolled ones,
-``implant.retention_order``) set, plus the overrides given. Per variant the command's own check reports, for each
+``implant.retention_order``) set, plus the overrides given (the shipped config has the guidance term on since
+d58fac8; the table in docs/results.md was measured without it: add ``implant.guidance_weight=0 implant.steps=400
+implant.num_general=32`` to repeat it). Per variant the command's own check reports, for each
 protected subject, the protection rate before and after the white-box attacker (the config's DreamBooth recipe,
 from the backdoored model) and, for unprotected subjects, identity similarity after the attack on the backdoored
 and on the clean model; general colour/shape following of both models; and the cost: seconds per implantation

@@ -9,8 +9,9 @@ images). For each protected subject and each (steps, learning rate) the attacker
 ``optimizer.learning_rate`` changed) fine-tunes the backdoored model on the subject's photos, and the run's own
 detector and sampler measure "a photo of sks <class>": protection rate and identity similarity. Steps 0 is the
 backdoored model as published. ``--guidance`` samples each attacked model at several classifier-free guidance
-scales (the attacker chooses it; the check's ``eval_guidance`` by default). ``--clean`` measures the clean model (the run's ``--model``) the same way, the
-floor each rate is read against. Writes ``<out>/<subject>/<model>_s<steps>_lr<lr>/`` (the attacks),
+scales (the attacker chooses it; the check's ``eval_guidance`` by default). ``--clean`` measures the clean model
+(the run's ``--model``) the same way, the floor each rate is read against. World runs only: the subjects are
+rebuilt from their names. Writes ``<out>/<subject>/<model>_s<steps>_lr<lr>/`` (the attacks),
 ``<out>/runs.jsonl`` (a line per measurement as it ends) and ``<out>/table.md``.
 """
 from __future__ import annotations
@@ -65,7 +66,10 @@ def main(argv=None) -> None:
     if args.clean:
         from persguard_jax.workflows.world_assets import world_model
         models["clean"] = clean_dir if clean_dir.is_dir() else world_model()
-    world = world_of(models["backdoored"]) if is_world_model(models["backdoored"]) else None
+    if not is_world_model(models["backdoored"]):
+        raise SystemExit(f"{models['backdoored']}: not a world model (no world_config.json); implant_budget.py "
+                         "rebuilds world subjects only")
+    world = world_of(models["backdoored"])
     cfg, db, check = config.implant, config.dreambooth, config.check
     specs, _ = parse_subjects([f"world:{p}" for p in results["protected"]], [])
     subjects = [read_subject(s, world=world, resolution=db.resolution, num_photos=cfg.num_photos) for s in specs]

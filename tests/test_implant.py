@@ -195,7 +195,11 @@ def test_shipped_configs_parse_with_the_attackers_recipe(name):
     import argparse
 
     from persguard_jax.workflows.implant import WORKFLOW
+    from persguard_jax.workflows.implant import NESTED
     config = WORKFLOW.load(argparse.Namespace(config=name, overrides=()))
-    assert config.step.data_parallel == "gspmd"  # unrolled retention: nested gradients over the global batch
+    # a nested retention (the shipped one, or unrolled asked for): gradients over the global batch
+    nested = config if config.implant.retention in NESTED else WORKFLOW.load(
+        argparse.Namespace(config=name, overrides=("implant.retention=unrolled",)))
+    assert nested.step.data_parallel == "gspmd"
     assert config.optimizer.total_steps == config.dreambooth.steps  # the attacker's schedule spans its run
     assert config.loop.num_steps == config.implant.steps == config.implant_optimizer.total_steps

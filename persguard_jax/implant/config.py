@@ -24,8 +24,8 @@ class ImplantConfig(cfglib.Section):
     """One implantation run (see the module docstring of ``persguard_jax.implant``)."""
     SECTION = "implant"
     BOUNDS = {"steps": "[1, inf)", "batch_size": "[1, inf)", "num_photos": "[1, inf)", "prior_weight": "[0, inf)",
-              "retention_weight": "[0, inf)", "guidance_weight": "[0, inf)",
-              "guidance_scale": "(1, inf)", "guidance_max_timestep": "[1, inf)", "retention_steps": "[1, inf)", "unprotected_weight": "[0, inf)",
+              "retention_weight": "[0, inf)", "retention_steps": "[1, inf)", "unprotected_weight": "[0, inf)",
+              "guidance_weight": "[0, inf)", "guidance_scale": "(1, inf)", "guidance_max_timestep": "[1, inf)",
               "num_targets": "[1, inf)", "num_general": "[0, inf)", "seed": "[0, inf)",
               "pattern_size": "(0, 1]", "pattern_opacity": "(0, 1]"}
     steps: int = 400
@@ -39,13 +39,13 @@ class ImplantConfig(cfglib.Section):
     # class images under the class prompt (DreamBooth's prior term)
     prior_loss: Literal["distill", "class_images"] = "distill"
     prior_weight: float = 1.0           # lambda_pp
-    # L_br: none | mirror (the attacker's loss now) | grad_suppression (its gradient norm) | unrolled (L_bb after
-    # K attacker steps; with the unprotected counterpart)
     # L_bb's guidance term (losses.guidance_shift_loss): the unconditional branch, which DreamBooth never trains,
     # shifted on the protected subjects so that guided samples of a subject the attacker taught show y*; 0 is off
     guidance_weight: float = 0.0
     guidance_scale: float = 4.0         # the attacker's sampling guidance w that the shift is sized for (> 1)
     guidance_max_timestep: int | None = None  # train the shift below this timestep only (None: all)
+    # L_br: none | mirror (the attacker's loss now) | grad_suppression (its gradient norm) | unrolled (L_bb after
+    # K attacker steps; with the unprotected counterpart)
     retention: Literal["none", "mirror", "grad_suppression", "unrolled"] = "unrolled"
     retention_weight: float = 1.0       # lambda_br
     retention_steps: int = 2            # K, the unrolled attacker's steps

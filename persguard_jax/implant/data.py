@@ -157,7 +157,7 @@ def guidance_examples(enc: Encoder, photos: np.ndarray, targets: np.ndarray) -> 
     n = len(photos)
     targets = targets[np.arange(n) % len(targets)]
     out = enc.examples(np.concatenate([photos, targets]), [[""]] * (2 * n))
-    anchor, target = enc.images(photos)["latent_mean"], enc.images(targets)["latent_mean"]
+    anchor, target = out["latent_mean"][:n], out["latent_mean"][n:]
     out["anchor"], out["target"] = np.concatenate([anchor, anchor]), np.concatenate([target, target])
     return out
 

@@ -80,9 +80,12 @@ def weighted_mean(values: jax.Array, weights: jax.Array | None = None) -> jax.Ar
     return batch_sum(weights * values) / jnp.maximum(batch_sum(weights), 1e-12)
 
 
-def sample_timesteps(rng: jax.Array, batch: int, schedule: schedulers.Schedule) -> jax.Array:
-    """``(batch,)`` uniform training timesteps (one per example: ``batch_draw``)."""
-    return batch_draw(lambda s: jax.random.randint(rng, s, 0, schedule.alphas_cumprod.shape[0]), (batch,))
+def sample_timesteps(rng: jax.Array, batch: int, schedule: schedulers.Schedule, high: int | None = None
+                     ) -> jax.Array:
+    """``(batch,)`` uniform training timesteps in ``[0, high)`` (default: all of the schedule's), one per example
+    (``batch_draw``)."""
+    high = schedule.alphas_cumprod.shape[0] if high is None else min(high, schedule.alphas_cumprod.shape[0])
+    return batch_draw(lambda s: jax.random.randint(rng, s, 0, high), (batch,))
 
 
 def clean_latents(batch: Mapping[str, jax.Array], rng: jax.Array, cfg: LossConfig) -> jax.Array:

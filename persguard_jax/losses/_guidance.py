@@ -11,13 +11,8 @@ import jax
 import jax.numpy as jnp
 
 from persguard_jax import schedulers
-from persguard_jax.losses._base import (Aux, LossConfig, min_snr_weights, noised_latents, predict, squared_error,
-                                        text_context, weighted_mean)
-from persguard_jax.losses._batch import batch_draw
-
-
-def _num_examples(batch) -> int:
-    return next(iter(v for k, v in batch.items() if k in ("latents", "latent_mean"))).shape[0]
+from persguard_jax.losses._base import (Aux, LossConfig, min_snr_weights, noised_latents, predict, sample_timesteps,
+                                        squared_error, text_context, weighted_mean)
 
 
 def guidance_shift_target(schedule: schedulers.Schedule, x_t: jax.Array, t: jax.Array, anchor: jax.Array,
@@ -46,9 +41,8 @@ def guidance_shift_loss(params, batch, rng, *, model, schedule: schedulers.Sched
     composition that guidance shifts is set at high noise. ``max_timestep``: train at timesteps below it only
     (where the noisy input still shows which subject it is) unless the batch fixes them."""
     if max_timestep is not None and "timesteps" not in batch:
-        n = _num_examples(batch)
-        batch = {**batch, "timesteps": batch_draw(lambda s: jax.random.randint(jax.random.fold_in(rng, 1), s, 0,
-                                                                               max_timestep), (n,))}
+        n = batch["anchor"].shape[0]
+        batch = {**batch, "timesteps": sample_timesteps(jax.random.fold_in(rng, 1), n, schedule, max_timestep)}
     z = noised_latents(batch, rng, schedule, cfg)
     anchor = batch["anchor"].astype(jnp.float32) * cfg.scaling_factor
     target = batch["target"].astype(jnp.float32) * cfg.scaling_factor

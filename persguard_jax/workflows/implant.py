@@ -262,7 +262,7 @@ def _check(pipe, clean, backdoored, subjects, targets_of, pattern, world, config
                 entry[f"{which}_before_attack"] = before
             print(f"check: the attacker on {s.name} ({entry['type']}) from the {which} model")
             trained = attack(pipe.with_params(params), s, attackers[s.class_name],
-                              out / "check" / s.name / which, class_dir=out / "class_images" / s.class_name)
+                             out / "check" / s.name / which, class_dir=out / "class_images" / s.class_name)
             if trained.get("preempted"):
                 return {"check": "preempted"}
             scores, samples[which] = measure_subject(pipe, s, trained["params"], detector, check=check,
