@@ -170,6 +170,19 @@ def _pipeline_denoise(unet_def, skip_uncond: bool) -> Denoise:
     return denoise
 
 
+def pipeline_denoise(pipe, cond_context, uncond_context, guidance_scale, *,
+                     params: Mapping[str, Any] | None = None) -> tuple[Denoise, tuple]:
+    """The pipeline's UNet under classifier-free guidance as ``sample_latents``' ``(denoise, args)``.
+
+    The weights, contexts and scale travel in ``args`` and ``denoise`` is one object per UNet graph, so every
+    sampling loop built from it (text -> image, SDEdit from a noised image latent) compiles once per graph and
+    shape, whatever the prompts, scale or weights (``params["unet"]`` instead of the pipeline's own when given)."""
+    unet_def, unet_state = _network(pipe, "unet", params)
+    skip_uncond = isinstance(guidance_scale, (int, float)) and guidance_scale == 1
+    return _pipeline_denoise(unet_def, skip_uncond), (unet_state, cond_context, uncond_context,
+                                                      jnp.float32(guidance_scale))
+
+
 @jax.jit(static_argnums=0)
 def _apply(graphdef, state, ids):
     return nnx.merge(graphdef, state)(ids)
@@ -213,12 +226,10 @@ def text_to_image(pipe, prompts: Sequence[str], negative_prompts: Sequence[str] 
         latents = initial_latents(seed, len(prompts), latent_shape(pipe, height, width), offset=seed_offset)
 
     cond, uncond = encode_text(pipe, prompts, params=params), encode_text(pipe, negative_prompts, params=params)
-    unet_def, unet_state = _network(pipe, "unet", params)
-    denoise = _pipeline_denoise(unet_def, isinstance(guidance_scale, (int, float)) and guidance_scale == 1)
+    denoise, args = pipeline_denoise(pipe, cond, uncond, guidance_scale, params=params)
     z = sample_latents(denoise, latents, schedule, ts, sampler=sampler, prediction_type=cfg.prediction_type,
                        eta=eta, rng=jax.random.key(seed) if eta else None, progress=progress,
-                       prev_timesteps=prev,
-                       args=(unet_state, cond, uncond, jnp.float32(guidance_scale)))
+                       prev_timesteps=prev, args=args)
     if output_type == "latents":
         return np.asarray(z, np.float32)
     vae_cfg = pipe.vae.config

@@ -271,6 +271,19 @@ def global_batch(local_batch: Any, mesh: Mesh, cfg: MeshConfig | None = None) ->
     return jax.tree.map(one, local_batch)
 
 
+def put_global(tree: Any, *, mesh: Mesh, cfg: MeshConfig | None = None, shardings: Any = None) -> Any:
+    """Arrays that every process holds whole (photos, prompts, weights read from disk) as global arrays: each
+    device takes its slice (``jax.make_array_from_callback``), so it works across hosts, where ``device_put``
+    of a host array onto devices of other processes cannot. ``shardings`` default: ``batch_sharding``."""
+    if shardings is None:
+        shardings = batch_sharding(tree, mesh, cfg)
+
+    def one(x, sharding):
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+    return jax.tree.map(one, tree, shardings)
+
+
 # --------------------------------------------------------------------------- the plan, for humans
 
 def sharding_plan(shapes: Any, shardings: Any) -> list[dict]:

@@ -47,8 +47,11 @@ def test_shipped_configs_parse(name):
 
 def _sections() -> list[type]:
     """Every config section class of the package (imported, then found as Section subclasses)."""
+    import persguard_jax.purifiers  # noqa: F401
     import persguard_jax.workflows.personalize  # noqa: F401
+    import persguard_jax.workflows.protect  # noqa: F401
     import persguard_jax.workflows.pretrain  # noqa: F401
+    from persguard_jax.protect import ProtectConfig  # noqa: F401
     import persguard_jax.workflows.world_clip  # noqa: F401
     from persguard_jax.data.world import WorldConfig  # noqa: F401
     from persguard_jax.lora import LoRAConfig  # noqa: F401
@@ -58,7 +61,8 @@ def _sections() -> list[type]:
     seen, todo = [], [cfglib.Section]
     while todo:
         for sub in todo.pop().__subclasses__():
-            seen.append(sub)
+            if "SECTION" in sub.__dict__:  # a section; abstract bases (purifiers.Purifier) name none
+                seen.append(sub)
             todo.append(sub)
     return seen
 

@@ -173,3 +173,25 @@ def load_folder(folder: str | os.PathLike, resolution: int, *, min_size: int | N
     paths = _image_files(folder)
     arrays = _each_or_report(folder, paths, lambda p: load_image(p, resolution, min_size=min_size))
     return np.stack(arrays)
+
+
+def load_folder_as_is(folder: str | os.PathLike) -> tuple[list[Path], np.ndarray]:
+    """Every image of ``folder`` at its own size: its paths in sorted name order and uint8 ``(N, H, W, 3)`` RGB.
+
+    For commands whose outputs must keep the inputs' pixels and size (``persguard purify``): nothing is resized or
+    cropped, only made upright (EXIF) and RGB (transparency on white), as ``load_image`` does. One ``ImageFolderError``
+    lists every unreadable file; a folder of mixed sizes is refused too, naming the files off the common size
+    (one array holds the folder, and a purifier compiles for one shape).
+    """
+    paths = _image_files(folder)
+    arrays = _each_or_report(folder, paths, lambda p: np.asarray(_to_rgb(_decode(p, 1), p)))
+    by_size: dict[tuple[int, int], list[str]] = {}
+    for path, array in zip(paths, arrays):
+        by_size.setdefault(array.shape[:2], []).append(path.name)
+    if len(by_size) > 1:
+        common = max(by_size, key=lambda size: len(by_size[size]))
+        problems = {name: f"{w}x{h}" for (h, w), names in by_size.items() if (h, w) != common for name in names}
+        odd = f"{len(problems)} {'is' if len(problems) == 1 else 'are'} not"
+        raise ImageFolderError(folder, f"images differ in size: every image must be {common[1]}x{common[0]} like "
+                                       f"the other {len(by_size[common])}, and {odd}:", problems)
+    return paths, np.stack(arrays)

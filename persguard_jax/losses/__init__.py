@@ -36,6 +36,7 @@ weights from ``params["teacher"]``.
 One private module per family: ``_batch`` (batch-wide reductions and draws), ``_base`` (config and array
 pieces), ``_denoising``, ``_contrastive``,
 ``_distillation``, ``_dreambooth``, ``_guidance`` (the unconditional branch that guided sampling subtracts),
+``_pixels`` (the VAE inside the loss: pixel gradients for protective perturbations),
 ``_retention`` (objectives about the attacker's later fine-tuning: a gradient
 penalty, an objective after an inner loop), ``_combinators``; import from the package, not from them.
 """
@@ -50,11 +51,12 @@ from persguard_jax.losses._denoising import denoising_loss, vae_loss
 from persguard_jax.losses._distillation import distillation_loss
 from persguard_jax.losses._dreambooth import dreambooth_loss, pairs_to_examples
 from persguard_jax.losses._guidance import guidance_shift_loss, guidance_shift_target
+from persguard_jax.losses._pixels import encode_pixels, target_shift_loss, through_vae
 from persguard_jax.losses._retention import InnerLoop, after_finetuning, gradient_penalty
 
 __all__ = ["PREDICTION_TYPES", "Aux", "BatchShards", "InnerLoop", "after_finetuning", "gradient_penalty", "on", "LossConfig", "LossFn", "Noised", "batch_draw", "batch_gather",
            "batch_mean", "batch_shards", "batch_sum", "bind", "caption_dropout", "clean_latents",
-           "clip_contrastive_loss", "denoising_loss", "distillation_loss", "dreambooth_loss", "guidance_shift_loss", "guidance_shift_target", "info_nce", "masked",
+           "clip_contrastive_loss", "denoising_loss", "distillation_loss", "dreambooth_loss", "encode_pixels", "guidance_shift_loss", "guidance_shift_target", "info_nce", "masked",
            "example_index", "mean_per_example", "min_snr_weights", "noised_latents", "pairs_to_examples", "predict",
            "prior_preservation", "sample_timesteps", "scalar_metrics", "sharded_batch", "snr_weighted", "squared_error",
-           "text_context", "vae_loss", "weighted_mean", "weighted_sum"]
+           "target_shift_loss", "text_context", "through_vae", "vae_loss", "weighted_mean", "weighted_sum"]

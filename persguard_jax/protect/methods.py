@@ -1,0 +1,200 @@
+"""The protections as pure, jittable functions: objectives, sign-PGD, the surrogate's DreamBooth steps and one
+ASPL iteration. Host-side drivers (progress, sharding, files) are in ``protect.runner``.
+
+All images are ``(N, H, W, 3)`` in [-1, 1]. ``Setting`` carries what every piece closes over (the model's graph
+definitions, the noise schedule, the loss config, the attacker's recipe, the protect config); build jitted
+functions with ``functools.partial(fn, setting=...)`` so none of it becomes a traced argument.
+
+What the released code does and what is ours (Anti-DreamBooth's ``attacks/aspl.py``, ``fsmg.py``):
+- PGD maximises the plain denoising loss of the photos under the instance prompt, through VAE encode (a posterior
+  draw) -> noising at a fresh timestep with fresh noise -> UNet, all photos in one batch; the step is
+  ``x + alpha sign(grad)``, projected to the l_inf ball around the originals, then clamped to [-1, 1].
+- The surrogate's DreamBooth steps start a fresh AdamW each call (``train_one_epoch`` builds its optimizer anew)
+  and train on one instance + one class image per step. The released loop restarts its photo index at every call,
+  so with 3 steps per call and 5 photos it never trains on photos 4 and 5; here step ``j`` of iteration ``i``
+  takes photo ``(i * steps + j) mod N``, so every photo is used.
+- The targeted variant subtracts ``target_weight`` times ``losses.target_shift_loss`` (same noise and timesteps).
+- MetaCloak's expectation over transformations (``eot``): each PGD step sees the photos blurred with a random
+  sigma and flipped at random (one draw per step for the whole batch), differentiably.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from persguard_jax import losses
+from persguard_jax.models import functional as F
+from persguard_jax.protect.config import ProtectConfig
+from persguard_jax.train.optim import OptimizerConfig
+from persguard_jax.train.pgd import sign_pgd
+from persguard_jax.train.unroll import unroll
+
+Examples = Mapping[str, jax.Array]
+Objective = Callable[[jax.Array, Examples, jax.Array], tuple[jax.Array, dict]]
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What the protections close over: graphs, schedule, loss config, the attacker's recipe, the config."""
+    model: F.Modules
+    schedule: Any
+    loss_cfg: losses.LossConfig
+    trains: tuple[str, ...]          # what the surrogate's DreamBooth trains ("unet", maybe "text_encoder")
+    prior_weight: float
+    optimizer: OptimizerConfig
+    cfg: ProtectConfig
+
+
+# --------------------------------------------------------------------------- objective
+
+def gaussian_kernel(size: int, sigma: jax.Array) -> jax.Array:
+    """Normalised 1-D Gaussian weights ``(size,)`` (``sigma`` may be traced)."""
+    r = jnp.arange(size, dtype=jnp.float32) - (size - 1) / 2
+    w = jnp.exp(-0.5 * jnp.square(r / jnp.maximum(sigma, 1e-3)))
+    return w / w.sum()
+
+
+def blur(images: jax.Array, kernel: jax.Array) -> jax.Array:
+    """Separable blur of ``(N, H, W, C)`` images by a 1-D kernel, edges extended."""
+    pad = (kernel.shape[0] - 1) // 2
+
+    def along(x, axis):
+        x = jnp.pad(x, [(pad, pad) if a == axis else (0, 0) for a in range(x.ndim)], mode="edge")
+        n = x.shape[axis] - 2 * pad
+        return sum(w * jax.lax.slice_in_dim(x, i, i + n, axis=axis) for i, w in enumerate(kernel))
+
+    return along(along(images, 1), 2)
+
+
+def eot_transform(images: jax.Array, rng: jax.Array, *, kernel: int, max_sigma: float) -> jax.Array:
+    """One random draw of MetaCloak's transformations: a Gaussian blur with sigma ~ U(0, max_sigma], then a
+    horizontal flip with probability 1/2; differentiable in the images."""
+    k_sigma, k_flip = jax.random.split(rng)
+    sigma = jax.random.uniform(k_sigma, (), minval=1e-3, maxval=max_sigma)
+    out = blur(images, gaussian_kernel(kernel, sigma))
+    return jnp.where(jax.random.bernoulli(k_flip), out[:, :, ::-1], out)
+
+
+def protection_objective(params: Mapping[str, Any], setting: Setting, *, eot: bool | None = None) -> Objective:
+    """``(images, batch, rng) -> (value, aux)``, the value a protection maximises: the model's denoising loss on
+    the photos (``batch`` holds their conditioning, and ``target_latents`` for the targeted variant), with the
+    VAE inside (``losses.through_vae``)."""
+    cfg = setting.cfg
+    denoise = losses.through_vae(losses.bind(losses.denoising_loss, model=setting.model, schedule=setting.schedule,
+                                             cfg=setting.loss_cfg), model=setting.model, cfg=setting.loss_cfg)
+    shift = losses.through_vae(losses.bind(losses.target_shift_loss, model=setting.model, schedule=setting.schedule,
+                                           cfg=setting.loss_cfg), model=setting.model, cfg=setting.loss_cfg)
+    use_eot = cfg.eot if eot is None else eot
+
+    def objective(images, batch, rng):
+        k_eot, k = jax.random.split(rng)
+        if use_eot:
+            images = eot_transform(images, k_eot, kernel=cfg.eot_blur_kernel, max_sigma=cfg.eot_blur_sigma)
+        batch = {**batch, "images": images}
+        value, aux = denoise(params, {k_: v for k_, v in batch.items() if k_ != "target_latents"}, k)
+        aux = {"denoising": value}
+        if "target_latents" in batch:  # the same key: the same posterior draw, noise and timesteps
+            shifted, _ = shift(params, batch, k)
+            value = value - cfg.target_weight * shifted
+            aux["target_shift"] = shifted
+        return value, aux
+
+    return objective
+
+
+def pgd(objective: Objective, images: jax.Array, origin: jax.Array, batch: Examples, rng: jax.Array, *,
+        steps: int, setting: Setting) -> tuple[jax.Array, jax.Array]:
+    """``steps`` of sign-PGD ascent on ``objective`` from ``images`` (``train.pgd.sign_pgd`` as the optimizer of
+    ``train.unroll``; step ``i`` draws from ``fold_in(rng, i)``). Returns the images and the objective before
+    each step."""
+    cfg = setting.cfg
+    tx = sign_pgd(cfg.alpha, origin, cfg.radius)
+
+    def descend(x, b, k):
+        value, aux = objective(x, b, k)
+        return -value, aux
+
+    x, history = unroll(descend, tx, steps, order=1)(images, batch, rng)
+    return x, -history
+
+
+# --------------------------------------------------------------------------- the surrogate's DreamBooth steps
+
+def posterior(params: Mapping[str, Any], images: jax.Array, setting: Setting) -> dict[str, jax.Array]:
+    """The VAE posterior of images, as ``latent_mean`` / ``latent_logvar`` examples (no gradient to the images:
+    the model's fine-tuning steps do not differentiate the pixels)."""
+    vae = setting.model.bind(params, "vae")
+    mean, logvar = vae.encode(jax.lax.stop_gradient(images).astype(vae.dtype))
+    return {"latent_mean": mean.astype(jnp.float32), "latent_logvar": logvar.astype(jnp.float32)}
+
+
+def dreambooth_steps(train: Any, rest: Any, instance: Examples, prior: Examples | None, offset: jax.Array,
+                     rng: jax.Array, *, steps: int, setting: Setting) -> tuple[Any, jax.Array]:
+    """``steps`` of the attacker's DreamBooth on ``train`` (a fresh optimizer, as each released call): step ``j``
+    trains on instance example ``(offset + j) mod N`` paired with class example ``(offset + j) mod M`` (alone
+    without prior preservation). Returns the trained parameters and the loss before each step."""
+    if steps == 0:
+        return train, jnp.zeros((0,), jnp.float32)
+    idx = offset + jnp.arange(steps)
+
+    def pick(examples):
+        n = jax.tree.leaves(examples)[0].shape[0]
+        return jax.tree.map(lambda a: a[idx % n][:, None], examples)  # (steps, 1, ...): one example per step
+
+    data = pick(instance)
+    with_prior = prior is not None and setting.prior_weight > 0
+    if with_prior:
+        data = jax.tree.map(lambda a, b: jnp.concatenate([a[:, :, None], b[:, :, None]], 2), data, pick(prior))
+    db_loss = losses.bind(losses.dreambooth_loss, model=setting.model, schedule=setting.schedule,
+                          cfg=setting.loss_cfg, prior_weight=setting.prior_weight)
+
+    def loss(p, batch, key):
+        batch = losses.pairs_to_examples(batch) if with_prior else batch
+        return db_loss(F.merge(p, rest), batch, key)
+
+    return unroll(loss, setting.optimizer, steps, order=1, per_step_data=True)(train, data, rng)
+
+
+def aspl_iteration(train: Any, rest: Any, images: jax.Array, origin: jax.Array, clean: Examples,
+                   prior: Examples | None, condition: Examples, iteration: jax.Array, rng: jax.Array, *,
+                   setting: Setting) -> tuple[Any, jax.Array, Any, dict[str, jax.Array]]:
+    """One ASPL iteration (Anti-DreamBooth, Alg. 1): a surrogate copy of the model takes ``surrogate_steps`` of
+    DreamBooth on the clean photos (``clean``: their posteriors and conditioning), PGD takes ``pgd_steps`` on
+    the photos against it, and the model itself takes ``model_steps`` on the perturbed photos. The copy is
+    free: ``train`` is an immutable tree. Returns (model, images, surrogate, metrics)."""
+    cfg = setting.cfg
+    k_sur, k_pgd, k_main = jax.random.split(jax.random.fold_in(rng, iteration), 3)
+    surrogate, sur_losses = dreambooth_steps(train, rest, clean, prior, iteration * cfg.surrogate_steps, k_sur,
+                                             steps=cfg.surrogate_steps, setting=setting)
+    objective = protection_objective(F.merge(surrogate, rest), setting)
+    images, pgd_values = pgd(objective, images, origin, condition, k_pgd, steps=cfg.pgd_steps, setting=setting)
+    cond = {k: v for k, v in clean.items() if k not in ("latent_mean", "latent_logvar")}
+    perturbed = {**posterior(rest, images, setting), **cond}
+    train, main_losses = dreambooth_steps(train, rest, perturbed, prior, iteration * cfg.model_steps, k_main,
+                                          steps=cfg.model_steps, setting=setting)
+    metrics = {"objective": pgd_values[-1], "surrogate_loss": _last(sur_losses), "model_loss": _last(main_losses)}
+    return train, images, surrogate, metrics
+
+
+def _last(values: jax.Array) -> jax.Array:
+    return values[-1] if values.shape[0] else jnp.float32(jnp.nan)
+
+
+# --------------------------------------------------------------------------- measurement
+
+def denoising_losses(params: Mapping[str, Any], images: jax.Array, condition: Examples, rng: jax.Array, *,
+                     setting: Setting) -> jax.Array:
+    """Each photo's denoising loss ``(N,)`` under ``params``, averaged over ``cfg.eval_draws`` draws of posterior,
+    timestep and noise (the same draws for any images: clean and perturbed photos are compared pairwise)."""
+    loss = losses.through_vae(losses.bind(losses.denoising_loss, model=setting.model, schedule=setting.schedule,
+                                          cfg=setting.loss_cfg), model=setting.model, cfg=setting.loss_cfg)
+
+    def one(_, i):
+        _, aux = loss(params, {**condition, "images": images}, jax.random.fold_in(rng, i))
+        return None, aux["per_example"]
+
+    _, per_draw = jax.lax.scan(one, None, jnp.arange(setting.cfg.eval_draws))
+    return per_draw.mean(0)

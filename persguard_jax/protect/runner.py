@@ -1,0 +1,196 @@
+"""``protect``: run a protection on photos on the engine's mesh, with progress, checkpoints and measurements.
+
+The compiled pieces are ``protect.methods``'; here they are driven: AdvDM and FSMG run their PGD steps in compiled
+chunks of ``protect.chunk`` steps (one progress tick each; PGD has no state, so chunking changes nothing), ASPL one
+compiled iteration per tick (surrogate, PGD and model steps inside, no host round trip per step). FSMG's surrogate
+is the ``persguard personalize`` recipe itself, trained on the clean photos into ``<out>/surrogate``.
+
+The photos are split over the mesh's batch axes when their number divides it (``sharding.batch_sharding``), the
+model as its logical axes say; every process holds the same photos (``sharding.put_global``). The state (the
+photos, and ASPL's model) is checkpointed with Orbax every ``protect.checkpoint_every`` ticks, so ``--resume``
+continues a killed run.
+"""
+from __future__ import annotations
+
+import functools
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from persguard_jax.protect import methods as M
+
+
+def _setting(pipe, config, trains: tuple[str, ...]) -> tuple[M.Setting, dict, dict]:
+    """(setting, params, logical axes) of the pipeline's UNet, text encoder and VAE."""
+    from persguard_jax import losses
+    from persguard_jax import sharding as shd
+    from persguard_jax.models import functional as F
+    from persguard_jax.schedulers import SchedulerConfig, make_schedule
+    modules = {"unet": pipe.unet, "text_encoder": pipe.text_encoder, "vae": pipe.vae}
+    logical = {k: shd.logical_axes(m) for k, m in modules.items()}
+    model, params = F.split_modules(modules)
+    scheduler_cfg = SchedulerConfig.from_dict(pipe.scheduler_config)
+    loss_cfg = losses.LossConfig.from_dict({"prediction_type": scheduler_cfg.prediction_type,
+                                            "scaling_factor": pipe.vae.config.scaling_factor, **config.loss})
+    db = config.dreambooth
+    setting = M.Setting(model=model, schedule=make_schedule(scheduler_cfg), loss_cfg=loss_cfg, trains=trains,
+                        prior_weight=db.prior_weight if db.use_prior else 0.0, optimizer=config.optimizer,
+                        cfg=config.protect)
+    return setting, params, logical
+
+
+def _conditioning(pipe, prompt: str, n: int, *, embed: bool) -> dict[str, np.ndarray]:
+    from persguard_jax.dreambooth.data import prompt_conditioning
+    return prompt_conditioning(pipe, prompt, n, embed=embed)
+
+
+def _target_latents(pipe, path: str, resolution: int, n: int, scaling: float) -> np.ndarray:
+    from persguard_jax.data.images import load_image
+    from persguard_jax.dreambooth import encode_latents
+    mean, _ = encode_latents(pipe.vae, load_image(path, resolution)[None])
+    return np.repeat(mean * scaling, n, 0)
+
+
+class _Progress:
+    """Checkpoints of the protection's state every ``every`` ticks (Orbax, atomic) and the tick to resume from."""
+
+    def __init__(self, out: Path, every: int, abstract: Any):
+        from persguard_jax.train.checkpoint import Checkpointer
+        self.ckpt = Checkpointer(out / "checkpoints", max_to_keep=1, save_every=every)
+        restored = self.ckpt.restore(abstract)
+        self.state, _, self.start = restored if restored is not None else (None, {}, 0)
+
+    def save(self, tick: int, state: Any, *, last: bool) -> None:
+        self.ckpt.save(tick, state, force=last)
+
+    def close(self) -> None:
+        self.ckpt.close()
+
+
+def protect(pipe, photos: np.ndarray, config, out: str | Path, *, class_images: np.ndarray | None = None,
+            surrogate: dict | None = None, progress: bool = True) -> tuple[np.ndarray, dict]:
+    """Protect ``photos`` (float32 ``(N, S, S, 3)`` in [-1, 1]) with ``config.protect`` into the run folder ``out``
+    (prepared: ``workflows.runs.start_run``). ``class_images`` (same range): the surrogate's prior-preservation
+    images (ASPL with ``dreambooth.prior_weight`` > 0). ``surrogate``: FSMG's fixed model (the trained networks of
+    a DreamBooth run on the clean photos; the VAE stays the pipeline's). Returns the protected photos (same range,
+    on the 8-bit grid the PNGs hold) and the measurements."""
+    from persguard_jax import sharding as shd
+    from persguard_jax.dreambooth.data import encode_latents
+    from persguard_jax.train.distributed import to_host
+
+    cfg, db = config.protect, config.dreambooth
+    out = Path(out)
+    t0 = time.time()
+    trains = ("unet", "text_encoder") if db.train_text_encoder else ("unet",)
+    setting, params, logical = _setting(pipe, config, trains)
+    n = len(photos)
+    embed = "text_encoder" not in trains
+    plain = _conditioning(pipe, db.instance_prompt, n, embed=embed)
+    condition = dict(plain)
+    if cfg.target_image:
+        condition["target_latents"] = _target_latents(pipe, cfg.target_image, db.resolution, n,
+                                                      setting.loss_cfg.scaling_factor)
+    mesh = shd.make_mesh(config.mesh)
+    put = functools.partial(shd.put_global, mesh=mesh, cfg=config.mesh)
+    shardings = shd.param_shardings(logical, params, mesh, config.mesh)
+    params = shd.put_global(params, mesh=mesh, shardings=shardings)
+    origin, condition, plain = put(photos.astype(np.float32)), put(condition), put(plain)
+    rng = jax.random.key(cfg.seed)
+    results: dict[str, Any] = {"method": cfg.method, "budget": cfg.budget, "step_size": cfg.step_size,
+                               "targeted": bool(cfg.target_image), "eot": cfg.eot, "photos": n}
+
+    if cfg.method == "aspl":
+        mean, logvar = encode_latents(pipe.vae, photos)
+        clean = put({"latent_mean": mean, "latent_logvar": logvar, **_conditioning(pipe, db.instance_prompt, n,
+                                                                                   embed=embed)})
+        prior = None
+        if class_images is not None and setting.prior_weight > 0:
+            c_mean, c_logvar = encode_latents(pipe.vae, class_images)
+            prior = put({"latent_mean": c_mean, "latent_logvar": c_logvar,
+                         **_conditioning(pipe, db.class_prompt, len(class_images), embed=embed)})
+        images, attacked, extra = _aspl(params, origin, clean, prior, condition, rng, setting, out, progress)
+    else:
+        attacked = params
+        if cfg.method == "fsmg":
+            if surrogate is None:
+                raise ValueError("protect.method fsmg: needs the surrogate model trained on the clean photos")
+            tuned = {k: v for k, v in surrogate.items() if k in params}
+            attacked = {**params, **shd.put_global(tuned, mesh=mesh, shardings={k: shardings[k] for k in tuned})}
+        images, extra = _pgd_chunks(attacked, origin, condition, rng, setting, out, progress)
+    results.update(extra)
+
+    measure = jax.jit(functools.partial(M.denoising_losses, setting=setting))
+    key = jax.random.key(cfg.seed + 1)
+    quantised = np.round((np.asarray(to_host(images), np.float64) + 1.0) * 127.5).clip(0, 255)
+    protected = (quantised / 127.5 - 1.0).astype(np.float32)
+    before = np.asarray(to_host(measure(attacked, origin, plain, key)))
+    after = np.asarray(to_host(measure(attacked, put(protected), plain, key)))
+    results["surrogate_loss"] = {"clean": float(before.mean()), "protected": float(after.mean()),
+                                 "per_photo_clean": before.tolist(), "per_photo_protected": after.tolist()}
+    results["protect_s"] = round(time.time() - t0, 1)
+    results["seconds_per_photo"] = round(results["protect_s"] / n, 2)
+    return protected, results
+
+
+def _pgd_chunks(attacked, origin, condition, rng, setting: M.Setting, out: Path, progress: bool):
+    """AdvDM / FSMG: ``attack_steps`` of PGD against fixed parameters, ``chunk`` steps per compiled call."""
+    from tqdm.auto import tqdm
+    cfg = setting.cfg
+    sizes = [min(cfg.chunk, cfg.attack_steps - s) for s in range(0, cfg.attack_steps, cfg.chunk)]
+
+    @functools.partial(jax.jit, static_argnames="steps")
+    def chunk(params, images, origin, condition, key, *, steps):
+        return M.pgd(M.protection_objective(params, setting), images, origin, condition, key, steps=steps,
+                     setting=setting)
+
+    state = _Progress(out, cfg.checkpoint_every, {"images": _abstract(origin)})
+    images = origin if state.state is None else state.state["images"]
+    history = []
+    with tqdm(total=len(sizes), initial=state.start, desc=f"{cfg.method} PGD", unit="chunk",
+              disable=not progress) as bar:
+        for i in range(state.start, len(sizes)):
+            images, values = chunk(attacked, images, origin, condition, jax.random.fold_in(rng, i), steps=sizes[i])
+            history.append({"chunk": i + 1, "pgd_steps": sum(sizes[:i + 1]), "objective": float(values[-1])})
+            state.save(i + 1, {"images": images}, last=i + 1 == len(sizes))
+            bar.set_postfix(objective=f"{history[-1]['objective']:.4f}")
+            bar.update()
+    state.close()
+    return images, {"pgd_steps": cfg.attack_steps, "history": history, "resumed_from": state.start}
+
+
+def _aspl(params, origin, clean, prior, condition, rng, setting: M.Setting, out: Path, progress: bool):
+    """ASPL: ``iterations`` compiled iterations (``methods.aspl_iteration``); the state checkpointed is the
+    photos, the model and the latest surrogate (what the measurement attacks)."""
+    from tqdm.auto import tqdm
+
+    from persguard_jax.models import functional as F
+    cfg = setting.cfg
+    train, rest = F.partition(params, setting.trains)
+    iteration = jax.jit(functools.partial(M.aspl_iteration, setting=setting))
+    abstract = jax.tree.map(_abstract, {"images": origin, "model": train, "surrogate": train})
+    state = _Progress(out, cfg.checkpoint_every, abstract)
+    if state.state is None:
+        images, surrogate = origin, train
+    else:
+        images, train, surrogate = state.state["images"], state.state["model"], state.state["surrogate"]
+    history = []
+    with tqdm(total=cfg.iterations, initial=state.start, desc="aspl", unit="it", disable=not progress) as bar:
+        for i in range(state.start, cfg.iterations):
+            train, images, surrogate, metrics = iteration(train, rest, images, origin, clean, prior, condition,
+                                                          i, rng)
+            history.append({"iteration": i + 1, **{k: float(v) for k, v in metrics.items()}})
+            state.save(i + 1, {"images": images, "model": train, "surrogate": surrogate},
+                       last=i + 1 == cfg.iterations)
+            bar.set_postfix(objective=f"{history[-1]['objective']:.4f}")
+            bar.update()
+    state.close()
+    extra = {"iterations": cfg.iterations, "steps_per_iteration": {"surrogate": cfg.surrogate_steps,
+             "pgd": cfg.pgd_steps, "model": cfg.model_steps}, "history": history, "resumed_from": state.start}
+    return images, F.merge(surrogate, rest), extra
+
+
+def _abstract(x):
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
