@@ -48,9 +48,9 @@ POSITIVE, NON_NEGATIVE, NUMBER = _number(int, 1), _number(int, 0), _number(float
 def WORKFLOWS() -> tuple:  # noqa: N802 (the table, read like a constant)
     """The training commands, one ``runs.Workflow`` entry each: parsing, output folder, preemption and the
     subcommand come from the entry (workflows/runs.py)."""
-    from persguard_jax.workflows import demo, implant, personalize, pretrain, protect, purify, world_clip
-    return (personalize.WORKFLOW, implant.WORKFLOW, protect.WORKFLOW, purify.WORKFLOW, pretrain.WORKFLOW,
-            world_clip.WORKFLOW, demo.DEMO)
+    from persguard_jax.workflows import demo, diagnose, implant, personalize, pretrain, protect, purify, world_clip
+    return (personalize.WORKFLOW, implant.WORKFLOW, protect.WORKFLOW, purify.WORKFLOW, diagnose.WORKFLOW,
+            pretrain.WORKFLOW, world_clip.WORKFLOW, demo.DEMO)
 
 
 def _dtype(name: str):

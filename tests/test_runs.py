@@ -14,7 +14,7 @@ from persguard_jax.workflows import runs
 
 def test_every_training_command_is_a_table_entry_with_a_shipped_config():
     names = [w.name for w in WORKFLOWS()]
-    assert names == ["personalize", "implant", "protect", "purify", "pretrain", "train-clip", "demo"]
+    assert names == ["personalize", "implant", "protect", "purify", "diagnose", "pretrain", "train-clip", "demo"]
     for workflow in WORKFLOWS():  # every shipped default parses with its sections (defaults filled in)
         import argparse
         config = workflow.load(argparse.Namespace(config=None, overrides=()))

@@ -2,18 +2,21 @@
 other workflows simulate the attacker with (the demo; implantation's check, on the clean and the backdoored model).
 
 ``config`` is a parsed personalisation config: its ``dreambooth``, ``optimizer``, ``loss``, ``step``, ``mesh``,
-``loop`` and ``lora`` sections, as ``recipe_sections`` parses them from a mapping ``resolve_recipe`` completed
+``loop``, ``lora`` and ``cdl`` sections (contrastive decoupling learning's prompt and sampling policy,
+``dreambooth.cdl``), as ``recipe_sections`` parses them from a mapping ``resolve_recipe`` completed
 (``workflows.personalize.parse_config`` does both).
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from persguard_jax import config as cfglib
+from persguard_jax.dreambooth.cdl import CDLConfig
 from persguard_jax.dreambooth.config import DreamBoothConfig
 
 
@@ -40,7 +43,28 @@ def recipe_sections() -> dict[str, Callable[[dict], Any]]:
     from persguard_jax.sharding import MeshConfig
     from persguard_jax.train import LoopConfig, StepConfig
     return {"dreambooth": DreamBoothConfig.from_dict, "optimizer": _optimizer, "step": StepConfig.from_dict,
-            "loss": _loss, "mesh": MeshConfig.from_dict, "loop": LoopConfig.from_dict, "lora": _lora}
+            "loss": _loss, "mesh": MeshConfig.from_dict, "loop": LoopConfig.from_dict, "lora": _lora,
+            "cdl": CDLConfig.from_dict}
+
+
+def training_prompts(config: Any) -> DreamBoothConfig:
+    """The ``dreambooth`` section with the prompts the photos and class images are trained under: the config's
+    own, or contrastive decoupling learning's (``cdl.enabled``)."""
+    db, cdl = config.dreambooth, config.get("cdl")
+    if cdl is None or not cdl.enabled:
+        return db
+    return dataclasses.replace(db, instance_prompt=cdl.instance_prompt(db.instance_prompt),
+                               class_prompt=cdl.class_prompt(db.class_prompt))
+
+
+def sampling_policy(config: Any, prompts: Sequence[str]) -> tuple[list[str], str, float]:
+    """(prompts, negative prompt, guidance scale) a personalised model is sampled with: the recipe's, or CDL's
+    ("..., without <phrase> noisy pattern" against its quality negative prompt)."""
+    db, cdl = config.dreambooth, config.get("cdl")
+    if cdl is None or not cdl.enabled:
+        return list(prompts), db.eval_negative_prompt, db.eval_guidance
+    return ([cdl.sampling_prompt(p) for p in prompts], cdl.negative_prompt,
+            cdl.guidance_scale(db.eval_guidance))
 
 
 def resolve_recipe(raw: dict) -> dict:
@@ -91,7 +115,7 @@ def personalize(pipe, instance_images: np.ndarray, config: Any, out: str | Path,
     print(f"encoding {len(instance_images)} instance" + (f" and {len(class_images)} class" if db.use_prior else "")
           + " images with the VAE (cached for all steps)")
     # prompts are encoded once unless the text encoder trains (LoRA adapters on it included)
-    source, map_fn = dreambooth_source(pipe, instance_images, class_images, db,
+    source, map_fn = dreambooth_source(pipe, instance_images, class_images, training_prompts(config),
                                        text_trains=split.trains("text_encoder"))
     scheduler_cfg = SchedulerConfig.from_dict(pipe.scheduler_config)
     loss_cfg = losses.LossConfig.from_dict({"prediction_type": scheduler_cfg.prediction_type,
@@ -106,16 +130,20 @@ def personalize(pipe, instance_images: np.ndarray, config: Any, out: str | Path,
         return {"preempted": True, "step": result.step}
 
     final = split.full_params(to_host(result.state.params), to_host(frozen))
+    trained_on = training_prompts(config)
     results = {"steps": result.step, "resumed_from": result.resumed_from, "final_metrics": result.last_metrics,
+               "instance_prompt": trained_on.instance_prompt, "class_prompt": trained_on.class_prompt,
                "instance_images": len(instance_images),
                "class_images": 0 if class_images is None else len(class_images), "trainable": split.mode,
                "model": str(out / "model"), "samples": str(out / "samples.png")}
     if is_writer():
         from persguard_jax.models import save_pipeline
         save_pipeline(pipe.with_params(final), out / "model", overwrite=True)
-        prompts = list(db.eval_prompts) or [db.instance_prompt, db.class_prompt]
+        prompts, negative, guidance = sampling_policy(config, list(db.eval_prompts) or [db.instance_prompt,
+                                                                                         db.class_prompt])
+        results["sampling"] = {"prompts": prompts, "negative_prompt": negative, "guidance_scale": guidance}
         images = text_to_image(pipe, [p for p in prompts for _ in range(db.eval_num_images)],
-                               db.eval_negative_prompt, num_steps=db.eval_steps, guidance_scale=db.eval_guidance,
+                               negative, num_steps=db.eval_steps, guidance_scale=guidance,
                                seed=db.seed, height=db.resolution, width=db.resolution, params=final)
         save_png(image_grid(images, ncols=db.eval_num_images), out / "samples.png")
         results["wall_s"] = round(time.time() - t0, 1)

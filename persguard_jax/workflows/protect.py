@@ -32,7 +32,8 @@ def sections() -> dict[str, runs.SectionParser]:
     """The surrogate's recipe (``persguard personalize``'s sections) and ``protect``."""
     from persguard_jax.dreambooth.recipe import recipe_sections
     from persguard_jax.protect.config import ProtectConfig
-    return {**recipe_sections(), "protect": ProtectConfig.from_dict}
+    recipe = {k: v for k, v in recipe_sections().items() if k != "cdl"}  # the surrogate is the plain attacker
+    return {**recipe, "protect": ProtectConfig.from_dict}
 
 
 def resolve(raw: dict, args: argparse.Namespace | None = None) -> dict:

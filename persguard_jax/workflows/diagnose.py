@@ -1,0 +1,185 @@
+"""``persguard diagnose``: DiffShortcut's investigation of a protection as shortcut learning, on one subject.
+
+    persguard diagnose --model DIR --clean DIR --perturbed DIR [--clip DIR] --out DIR [--config FILE] [key=value ...]
+
+1. Reads the clean photos and their protected versions (paired by file stem, ``persguard protect``'s naming) and
+   makes the control: uniform random noise of each photo's l_inf size (``metrics.shortcut.uniform_noise_like``).
+2. CLIP-space shift: each set's similarity to the class prompt and to the clean photos; the zero-shot probe
+   ("a photo of <class>" against "noise pattern") on each set.
+3. DreamBooth (the config's recipe) on the perturbed photos into ``<out>/dreambooth``; then samples of "a photo of
+   sks", "a photo of sks <class>" and "noise pattern" from the base and the trained model (same seeds), each with
+   the probe's noise rate and its high-frequency energy: how much the identifier alone carries the noise.
+4. ``results.json`` / ``results.md`` (the table) and ``sheet.png`` (clean, perturbed, the perturbation x8, the
+   noise control, then the samples, base and trained, row by row).
+The default CLIP of a world model is the world CLIP; other models need ``--clip``.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from persguard_jax import config as cfglib
+from persguard_jax.workflows import runs
+
+
+@dataclass(frozen=True)
+class DiagnoseConfig(cfglib.Section):
+    """The ``diagnose`` section."""
+    SECTION = "diagnose"
+    BOUNDS = {"num_images": "[1, inf)", "seed": "[0, inf)"}
+    class_name: str = "person"        # the prompts: "a photo of <class>", "a photo of sks <class>"
+    noise_prompt: str = "noise pattern"
+    num_images: int = 8               # samples per prompt and model
+    seed: int = 0
+
+
+def sections() -> dict[str, runs.SectionParser]:
+    from persguard_jax.dreambooth.recipe import recipe_sections
+    return {**recipe_sections(), "diagnose": DiagnoseConfig.from_dict}
+
+
+def resolve(raw: dict, args: argparse.Namespace | None = None) -> dict:
+    """The DreamBooth prompts come from ``diagnose.class_name``; the loop spans ``dreambooth.steps``."""
+    from persguard_jax.dreambooth.recipe import resolve_recipe
+    raw = dict(raw)
+    c = DiagnoseConfig.from_dict(cfglib.section(raw, "diagnose")).class_name
+    raw["dreambooth"] = {**cfglib.section(raw, "dreambooth"), "instance_prompt": f"a photo of sks {c}",
+                         "class_prompt": f"a photo of {c}"}
+    return resolve_recipe(raw)
+
+
+def _paired(clean_dir: str, perturbed_dir: str, resolution: int) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(names, clean uint8, perturbed uint8): every clean photo with the perturbed photo of the same stem."""
+    from persguard_jax.data.images import load_folder, scan_folder
+    from persguard_jax.io import signed_to_uint8
+    clean_paths, pert_paths = scan_folder(clean_dir, resolution), scan_folder(perturbed_dir, resolution)
+    pert_by_stem = {p.stem: i for i, p in enumerate(pert_paths)}
+    missing = [p.name for p in clean_paths if p.stem not in pert_by_stem]
+    if missing:
+        raise ValueError(f"{perturbed_dir}: no perturbed version of {missing[0]} (photos are paired by name; "
+                         f"{len(missing)} of {len(clean_paths)} unpaired)")
+    clean = signed_to_uint8(load_folder(clean_dir, resolution))
+    perturbed = signed_to_uint8(load_folder(perturbed_dir, resolution))
+    perturbed = perturbed[[pert_by_stem[p.stem] for p in clean_paths]]
+    return [p.stem for p in clean_paths], clean, perturbed
+
+
+def _clip_folder(args: argparse.Namespace, model: Path) -> Path:
+    from persguard_jax.data.world import is_world_model
+    from persguard_jax.resources import world_asset
+    if args.clip:
+        if not Path(args.clip).is_dir():
+            raise NotADirectoryError(f"--clip {args.clip}: not a folder")
+        return Path(args.clip)
+    if not is_world_model(model):
+        raise ValueError(f"{model}: not a world model, so there is no default CLIP; pass --clip with a CLIP folder")
+    found = world_asset("world_clip", "config.json")
+    if found is None:
+        raise FileNotFoundError("diagnose: no world CLIP committed or cached; make one with `persguard train-clip` "
+                                "or pass --clip")
+    return found
+
+
+def run(args: argparse.Namespace, config: runs.Config) -> dict:
+    from persguard_jax.dreambooth.recipe import check_resolution, personalize
+    from persguard_jax.io import uint8_to_signed
+    from persguard_jax.metrics import CLIPEvaluator
+    from persguard_jax.metrics import shortcut as S
+    from persguard_jax.models import load_pipeline
+    from persguard_jax.train.distributed import is_writer
+
+    diag, db = config.diagnose, config.dreambooth
+    names, clean, perturbed = _paired(args.clean, args.perturbed, db.resolution)
+    clip_dir = _clip_folder(args, Path(args.model))
+    pipe = load_pipeline(args.model)
+    check_resolution(pipe, db.resolution)
+    evaluator = CLIPEvaluator.from_folder(clip_dir)
+    out = runs.start_run(args.out, config.raw, overwrite=args.overwrite, resume=args.resume)
+    noise = S.uniform_noise_like(clean, perturbed, seed=diag.seed)
+    class_prompt = f"a photo of {diag.class_name}"
+    sets = {"clean": clean, "perturbed": perturbed, "uniform_noise": noise}
+    results = {"photos": names, "clip": str(clip_dir), "class_prompt": class_prompt,
+               "linf": int(np.abs(perturbed.astype(int) - clean.astype(int)).max()),
+               "clip_shift": S.clip_shift(evaluator, sets, clean, class_prompt),
+               "noise_probe": {k: S.noise_probe(evaluator, v, class_prompt, diag.noise_prompt) for k, v in sets.items()},
+               "high_frequency_energy": {k: S.high_frequency_energy(v) for k, v in sets.items()}}
+
+    folder = out / "dreambooth"
+    runs.start_run(folder, config.raw, overwrite=False, resume=folder.exists())
+    trained = personalize(pipe, uint8_to_signed(perturbed), config, folder,
+                          class_dir=Path(db.class_dir or out / "class_images"))
+    if trained.get("preempted"):
+        return {"preempted": True, "step": trained["step"], "stage": "dreambooth"}
+    prompts = ["a photo of sks", f"a photo of sks {diag.class_name}", diag.noise_prompt]
+    samples, rows = {}, {}
+    for which, params in (("base", None), ("trained", trained["params"])):
+        for prompt in prompts:
+            images = _samples(pipe, prompt, diag, db, params)
+            samples[(which, prompt)] = images
+            rows.setdefault(prompt, {})[which] = {
+                "noise_probe": S.noise_probe(evaluator, images, class_prompt, diag.noise_prompt),
+                "high_frequency_energy": S.high_frequency_energy(images)}
+    results["samples"] = rows
+    sks = rows["a photo of sks"]
+    base_hf = max(sks["base"]["high_frequency_energy"], 1e-12)
+    results["identifier_carries_noise"] = {
+        "high_frequency_ratio": sks["trained"]["high_frequency_energy"] / base_hf,
+        "noise_probe_change": sks["trained"]["noise_probe"] - sks["base"]["noise_probe"]}
+    results["dreambooth"] = str(folder)
+    if is_writer():
+        from persguard_jax.report import write_results
+        _sheet(out / "sheet.png", clean, perturbed, noise, samples, prompts, diag.num_images)
+        write_results(out, results, title="persguard diagnose: protective perturbation as a shortcut", overwrite=True)
+    return results
+
+
+def _samples(pipe, prompt: str, diag: DiagnoseConfig, db, params) -> np.ndarray:
+    from persguard_jax.io import unit_to_uint8
+    from persguard_jax.sample import text_to_image
+    images = text_to_image(pipe, [prompt] * diag.num_images, db.eval_negative_prompt, num_steps=db.eval_steps,
+                           guidance_scale=db.eval_guidance, seed=diag.seed, height=db.resolution,
+                           width=db.resolution, params=params, progress=False)
+    return unit_to_uint8(images)
+
+
+def _sheet(path: Path, clean, perturbed, noise, samples: dict, prompts: list[str], n: int) -> None:
+    from persguard_jax.report import labelled_grid, save_png
+
+    def row(images: np.ndarray) -> np.ndarray:
+        padded = np.full((n, *images.shape[1:]), 255, np.uint8)
+        padded[:min(n, len(images))] = images[:n]
+        return padded
+
+    amplified = np.clip(128 + 8 * (perturbed.astype(int) - clean.astype(int)), 0, 255).astype(np.uint8)
+    rows = [row(clean), row(perturbed), row(amplified), row(noise)]
+    labels = ["clean photos", "perturbed", "perturbation x8", "uniform noise, same l_inf"]
+    for prompt in prompts:
+        for which in ("base", "trained"):
+            rows.append(row(samples[(which, prompt)]))
+            labels.append(f'"{prompt}": {"base model" if which == "base" else "after DreamBooth on perturbed"}')
+    grid = np.concatenate(rows).astype(np.float32) / 255.0
+    save_png(labelled_grid(grid, row_labels=labels), path)
+
+
+def _arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="diffusers pipeline folder (the base model)")
+    parser.add_argument("--clean", required=True, help="folder of the clean photos")
+    parser.add_argument("--perturbed", required=True, help="folder of their protected versions (same file stems)")
+    parser.add_argument("--clip", help="CLIP folder for the probes (default for a world model: the world CLIP)")
+
+
+def _summary(results: dict) -> str:
+    probe, sks = results["noise_probe"], results["identifier_carries_noise"]
+    return (f"noise probe: clean {probe['clean']:.2f}, perturbed {probe['perturbed']:.2f}, uniform noise "
+            f"{probe['uniform_noise']:.2f}; after DreamBooth on the perturbed photos, 'a photo of sks' samples carry "
+            f"{sks['high_frequency_ratio']:.2f}x the base model's high-frequency energy\n"
+            f"wrote {Path(results['dreambooth']).parent / 'results.md'} and sheet.png")
+
+
+WORKFLOW = runs.Workflow(
+    name="diagnose", help="the shortcut diagnosis of a protection: CLIP shift, noise probe, identifier samples",
+    config="diagnose_world", sections=sections, run=run, summary=_summary, arguments=_arguments, resolve=resolve,
+    out_help="new folder for results, sheet.png and the DreamBooth run", example="diagnose.class_name=dog")
