@@ -56,13 +56,13 @@ def world():
     from persguard_jax.data.world import world_of
     from persguard_jax.io import uint8_to_signed
     from persguard_jax.models import load_pipeline
-    from persguard_jax.protect.runner import _conditioning, _setting
+    from persguard_jax.protect.runner import _conditioning, make_setting
     from persguard_jax.workflows.protect import WORKFLOW
     pipe = load_pipeline(WORLD)
     overrides = ("protect.class_name=dog", "protect.pgd_steps=2", "protect.surrogate_steps=2", "protect.model_steps=1",
                  "protect.eval_draws=4")
     config = WORKFLOW.load(argparse.Namespace(config=None, overrides=overrides, method="aspl"))
-    setting, params, _ = _setting(pipe, config, ("unet", "text_encoder"))
+    setting, params, _ = make_setting(pipe, config, ("unet", "text_encoder"))
     photos = uint8_to_signed(world_of(WORLD).subject_photos("dog_00", 3))
     cond = _conditioning(pipe, config.dreambooth.instance_prompt, 3, embed=False)
     return pipe, setting, params, photos, cond
@@ -70,7 +70,7 @@ def world():
 
 def test_pgd_raises_the_models_loss_and_keeps_the_budget(world):
     _, setting, params, photos, cond = world
-    setting = setting.__class__(**{**setting.__dict__, "cfg": ProtectConfig(budget=8, step_size=1)})
+    setting = setting.__class__(**{**setting.__dict__, "cfg": ProtectConfig(budget=8, step_size=1, unroll=False)})
     run = jax.jit(lambda x: M.pgd(M.protection_objective(params, setting), x, x, cond, jax.random.key(0), steps=8,
                                   setting=setting))
     adv, history = run(jnp.asarray(photos))
@@ -147,7 +147,7 @@ def test_protect_command_aspl(photos, tmp_path, capsys, monkeypatch):
     out = tmp_path / "aspl"
     argv = ["protect", "--model", WORLD, "--images", str(photos), "--method", "aspl", "--out", str(out),
             "protect.class_name=dog", "protect.iterations=2", "protect.pgd_steps=3", "protect.surrogate_steps=1",
-            "protect.model_steps=2", "protect.budget=8", "dreambooth.num_class_images=4", "protect.eval_draws=4"]
+            "protect.model_steps=2", "protect.budget=8", "protect.unroll=false", "dreambooth.num_class_images=4", "protect.eval_draws=4"]
     assert main(argv) == 0
     assert calls == [("db", 1), ("pgd", 3), ("db", 2)]  # one trace, reused by both iterations
     assert _digest(photos) == before  # the input folder is only read
@@ -169,6 +169,7 @@ def test_protect_command_advdm_resumes(photos, tmp_path):
     out = tmp_path / "advdm"
     argv = ["protect", "--model", WORLD, "--images", str(photos), "--method", "advdm", "--out", str(out),
             "protect.class_name=dog", "protect.attack_steps=6", "protect.chunk=3", "protect.checkpoint_every=1",
+            "protect.unroll=false",
             "protect.eval_draws=2"]
     assert main(argv) == 0
     first = {p: (out / p).read_bytes() for p in ("photo_0.png", "photo_1.png")}

@@ -38,6 +38,9 @@ class ProtectConfig(cfglib.Section):
     eot: bool = False               # MetaCloak's expectation over transformations (blur, flip) in every PGD step
     eot_blur_kernel: int = 7
     eot_blur_sigma: float = 1.0     # the blur's sigma is drawn uniformly from (0, eot_blur_sigma]
+    # lay the compiled PGD steps out in a line (train.unroll's scan_unroll): on XLA:CPU the same steps in a rolled loop
+    # ran 2.8x slower (docs/benchmarks.md); compilation grows with the steps per loop (pgd_steps, chunk)
+    unroll: bool = True
     chunk: int = 10                 # advdm, fsmg: PGD steps per compiled call (one progress tick each)
     checkpoint_every: int = 10     # ticks (chunks, or ASPL iterations) between checkpoints; the last is always saved
     eval_draws: int = 16            # timestep/noise draws for the surrogate's loss before and after

@@ -105,6 +105,16 @@ def protection_objective(params: Mapping[str, Any], setting: Setting, *, eot: bo
     return objective
 
 
+def encoded_condition(params: Mapping[str, Any], condition: Examples, setting: Setting) -> dict:
+    """``condition`` with its ``input_ids`` replaced by the text encoder's output under ``params``: PGD moves only
+    the pixels, so the prompt's context is the same at every step and is computed once, not once per step."""
+    if "input_ids" not in condition:
+        return dict(condition)
+    context = setting.model.bind(params, "text_encoder")(condition["input_ids"])
+    rest = {k: v for k, v in condition.items() if k != "input_ids"}
+    return {**rest, "context": jax.lax.stop_gradient(context)}
+
+
 def pgd(objective: Objective, images: jax.Array, origin: jax.Array, batch: Examples, rng: jax.Array, *,
         steps: int, setting: Setting) -> tuple[jax.Array, jax.Array]:
     """``steps`` of sign-PGD ascent on ``objective`` from ``images`` (``train.pgd.sign_pgd`` as the optimizer of
@@ -117,7 +127,7 @@ def pgd(objective: Objective, images: jax.Array, origin: jax.Array, batch: Examp
         value, aux = objective(x, b, k)
         return -value, aux
 
-    x, history = unroll(descend, tx, steps, order=1)(images, batch, rng)
+    x, history = unroll(descend, tx, steps, order=1, scan_unroll=cfg.unroll)(images, batch, rng)
     return x, -history
 
 
@@ -142,7 +152,7 @@ def dreambooth_steps(train: Any, rest: Any, instance: Examples, prior: Examples 
 
     def pick(examples):
         n = jax.tree.leaves(examples)[0].shape[0]
-        return jax.tree.map(lambda a: a[idx % n][:, None], examples)  # (steps, 1, ...): one example per step
+        return jax.tree.map(lambda a: jnp.asarray(a)[idx % n][:, None], examples)  # (steps, 1, ...): one a step
 
     data = pick(instance)
     with_prior = prior is not None and setting.prior_weight > 0
@@ -155,7 +165,8 @@ def dreambooth_steps(train: Any, rest: Any, instance: Examples, prior: Examples 
         batch = losses.pairs_to_examples(batch) if with_prior else batch
         return db_loss(F.merge(p, rest), batch, key)
 
-    return unroll(loss, setting.optimizer, steps, order=1, per_step_data=True)(train, data, rng)
+    return unroll(loss, setting.optimizer, steps, order=1, per_step_data=True,
+                  scan_unroll=1)(train, data, rng)
 
 
 def aspl_iteration(train: Any, rest: Any, images: jax.Array, origin: jax.Array, clean: Examples,
@@ -169,8 +180,10 @@ def aspl_iteration(train: Any, rest: Any, images: jax.Array, origin: jax.Array, 
     k_sur, k_pgd, k_main = jax.random.split(jax.random.fold_in(rng, iteration), 3)
     surrogate, sur_losses = dreambooth_steps(train, rest, clean, prior, iteration * cfg.surrogate_steps, k_sur,
                                              steps=cfg.surrogate_steps, setting=setting)
-    objective = protection_objective(F.merge(surrogate, rest), setting)
-    images, pgd_values = pgd(objective, images, origin, condition, k_pgd, steps=cfg.pgd_steps, setting=setting)
+    attacked = F.merge(surrogate, rest)
+    images, pgd_values = pgd(protection_objective(attacked, setting), images, origin,
+                             encoded_condition(attacked, condition, setting), k_pgd, steps=cfg.pgd_steps,
+                             setting=setting)
     cond = {k: v for k, v in clean.items() if k not in ("latent_mean", "latent_logvar")}
     perturbed = {**posterior(rest, images, setting), **cond}
     train, main_losses = dreambooth_steps(train, rest, perturbed, prior, iteration * cfg.model_steps, k_main,

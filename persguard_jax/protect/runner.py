@@ -1,4 +1,5 @@
-"""``protect``: run a protection on photos on the engine's mesh, with progress, checkpoints and measurements.
+"""``Protector`` / ``protect``: run a protection on photos on the engine's mesh, with progress, checkpoints and
+measurements.
 
 The compiled pieces are ``protect.methods``'; here they are driven: AdvDM and FSMG run their PGD steps in compiled
 chunks of ``protect.chunk`` steps (one progress tick each; PGD has no state, so chunking changes nothing), ASPL one
@@ -23,8 +24,9 @@ import numpy as np
 from persguard_jax.protect import methods as M
 
 
-def _setting(pipe, config, trains: tuple[str, ...]) -> tuple[M.Setting, dict, dict]:
-    """(setting, params, logical axes) of the pipeline's UNet, text encoder and VAE."""
+def make_setting(pipe, config, trains: tuple[str, ...]) -> tuple[M.Setting, dict, dict]:
+    """(setting, params, logical axes) of the pipeline's UNet, text encoder and VAE under a protect config (its
+    ``protect``, ``dreambooth``, ``optimizer`` and ``loss`` sections)."""
     from persguard_jax import losses
     from persguard_jax import sharding as shd
     from persguard_jax.models import functional as F
@@ -70,126 +72,143 @@ class _Progress:
         self.ckpt.close()
 
 
+class Protector:
+    """A protection compiled once for a pipeline and a protect config, then run on any number of photo sets of one
+    size and count (the experiment protects every subject with the same compiled programs)."""
+
+    def __init__(self, pipe, config):
+        from persguard_jax import sharding as shd
+        self.pipe, self.config = pipe, config
+        db = config.dreambooth
+        self.trains = ("unet", "text_encoder") if db.train_text_encoder else ("unet",)
+        self.setting, params, logical = make_setting(pipe, config, self.trains)
+        self.mesh = shd.make_mesh(config.mesh)
+        self.put = functools.partial(shd.put_global, mesh=self.mesh, cfg=config.mesh)
+        self.shardings = shd.param_shardings(logical, params, self.mesh, config.mesh)
+        self.params = shd.put_global(params, mesh=self.mesh, shardings=self.shardings)
+        setting = self.setting
+        self.iteration = jax.jit(functools.partial(M.aspl_iteration, setting=setting))
+        self.measure = jax.jit(functools.partial(M.denoising_losses, setting=setting))
+
+        @functools.partial(jax.jit, static_argnames="steps")
+        def chunk(params, images, origin, condition, key, *, steps):
+            return M.pgd(M.protection_objective(params, setting), images, origin,
+                         M.encoded_condition(params, condition, setting), key, steps=steps, setting=setting)
+        self.chunk = chunk
+
+    def __call__(self, photos: np.ndarray, out: str | Path, *, class_images: np.ndarray | None = None,
+                 surrogate: dict | None = None, instance_prompt: str | None = None, class_prompt: str | None = None,
+                 seed: int | None = None, progress: bool = True) -> tuple[np.ndarray, dict]:
+        """Protect ``photos`` (float32 ``(N, S, S, 3)`` in [-1, 1]) into the run folder ``out`` (its checkpoints).
+        ``class_images`` (same range): the surrogate's prior-preservation images (ASPL with
+        ``dreambooth.prior_weight`` > 0). ``surrogate``: FSMG's fixed model (the networks a DreamBooth run on the
+        clean photos trained; the VAE stays the pipeline's). Prompts and seed default to the config's. Returns the
+        protected photos (same range, on the 8-bit grid the PNGs hold) and the measurements."""
+        from persguard_jax.dreambooth.data import encode_latents
+        from persguard_jax.train.distributed import to_host
+        pipe, put, setting = self.pipe, self.put, self.setting
+        cfg, db = self.config.protect, self.config.dreambooth
+        instance_prompt, class_prompt = instance_prompt or db.instance_prompt, class_prompt or db.class_prompt
+        seed = cfg.seed if seed is None else seed
+        out = Path(out)
+        t0 = time.time()
+        n = len(photos)
+        embed = "text_encoder" not in self.trains
+        plain = _conditioning(pipe, instance_prompt, n, embed=embed)
+        condition = dict(plain)
+        if cfg.target_image:
+            condition["target_latents"] = _target_latents(pipe, cfg.target_image, db.resolution, n,
+                                                          setting.loss_cfg.scaling_factor)
+        origin, condition, plain = put(photos.astype(np.float32)), put(condition), put(plain)
+        rng = jax.random.key(seed)
+        results: dict[str, Any] = {"method": cfg.method, "budget": cfg.budget, "step_size": cfg.step_size,
+                                   "targeted": bool(cfg.target_image), "eot": cfg.eot, "photos": n, "seed": seed}
+        if cfg.method == "aspl":
+            mean, logvar = encode_latents(pipe.vae, photos)
+            clean = put({"latent_mean": mean, "latent_logvar": logvar, **_conditioning(pipe, instance_prompt, n,
+                                                                                       embed=embed)})
+            prior = None
+            if class_images is not None and setting.prior_weight > 0:
+                c_mean, c_logvar = encode_latents(pipe.vae, class_images)
+                prior = put({"latent_mean": c_mean, "latent_logvar": c_logvar,
+                             **_conditioning(pipe, class_prompt, len(class_images), embed=embed)})
+            images, attacked, extra = self._aspl(origin, clean, prior, condition, rng, out, progress)
+        else:
+            attacked = self.params
+            if cfg.method == "fsmg":
+                if surrogate is None:
+                    raise ValueError("protect.method fsmg: needs the surrogate model trained on the clean photos")
+                tuned = {k: v for k, v in surrogate.items() if k in self.params}
+                placed = self.put(tuned, shardings={k: self.shardings[k] for k in tuned})
+                attacked = {**self.params, **placed}
+            images, extra = self._pgd_chunks(attacked, origin, condition, rng, out, progress)
+        results.update(extra)
+
+        key = jax.random.key(seed + 1)
+        quantised = np.round((np.asarray(to_host(images), np.float64) + 1.0) * 127.5).clip(0, 255)
+        protected = (quantised / 127.5 - 1.0).astype(np.float32)
+        before = np.asarray(to_host(self.measure(attacked, origin, plain, key)))
+        after = np.asarray(to_host(self.measure(attacked, put(protected), plain, key)))
+        results["surrogate_loss"] = {"clean": float(before.mean()), "protected": float(after.mean()),
+                                     "per_photo_clean": before.tolist(), "per_photo_protected": after.tolist()}
+        results["protect_s"] = round(time.time() - t0, 1)
+        results["seconds_per_photo"] = round(results["protect_s"] / n, 2)
+        return protected, results
+
+    def _pgd_chunks(self, attacked, origin, condition, rng, out: Path, progress: bool):
+        """AdvDM / FSMG: ``attack_steps`` of PGD against fixed parameters, ``chunk`` steps per compiled call."""
+        from tqdm.auto import tqdm
+        cfg = self.setting.cfg
+        sizes = [min(cfg.chunk, cfg.attack_steps - s) for s in range(0, cfg.attack_steps, cfg.chunk)]
+        state = _Progress(out, cfg.checkpoint_every, {"images": _abstract(origin)})
+        images = origin if state.state is None else state.state["images"]
+        history = []
+        with tqdm(total=len(sizes), initial=state.start, desc=f"{cfg.method} PGD", unit="chunk",
+                  disable=not progress) as bar:
+            for i in range(state.start, len(sizes)):
+                images, values = self.chunk(attacked, images, origin, condition, jax.random.fold_in(rng, i),
+                                            steps=sizes[i])
+                history.append({"chunk": i + 1, "pgd_steps": sum(sizes[:i + 1]), "objective": float(values[-1])})
+                state.save(i + 1, {"images": images}, last=i + 1 == len(sizes))
+                bar.set_postfix(objective=f"{history[-1]['objective']:.4f}")
+                bar.update()
+        state.close()
+        return images, {"pgd_steps": cfg.attack_steps, "history": history, "resumed_from": state.start}
+
+    def _aspl(self, origin, clean, prior, condition, rng, out: Path, progress: bool):
+        """ASPL: ``iterations`` compiled iterations (``methods.aspl_iteration``); the state checkpointed is the
+        photos, the model and the latest surrogate (what the measurement attacks)."""
+        from tqdm.auto import tqdm
+
+        from persguard_jax.models import functional as F
+        cfg = self.setting.cfg
+        train, rest = F.partition(self.params, self.setting.trains)
+        abstract = jax.tree.map(_abstract, {"images": origin, "model": train, "surrogate": train})
+        state = _Progress(out, cfg.checkpoint_every, abstract)
+        if state.state is None:
+            images, surrogate = origin, train
+        else:
+            images, train, surrogate = state.state["images"], state.state["model"], state.state["surrogate"]
+        history = []
+        with tqdm(total=cfg.iterations, initial=state.start, desc="aspl", unit="it", disable=not progress) as bar:
+            for i in range(state.start, cfg.iterations):
+                train, images, surrogate, metrics = self.iteration(train, rest, images, origin, clean, prior,
+                                                                   condition, i, rng)
+                history.append({"iteration": i + 1, **{k: float(v) for k, v in metrics.items()}})
+                state.save(i + 1, {"images": images, "model": train, "surrogate": surrogate},
+                           last=i + 1 == cfg.iterations)
+                bar.set_postfix(objective=f"{history[-1]['objective']:.4f}")
+                bar.update()
+        state.close()
+        extra = {"iterations": cfg.iterations, "steps_per_iteration": {"surrogate": cfg.surrogate_steps,
+                 "pgd": cfg.pgd_steps, "model": cfg.model_steps}, "history": history, "resumed_from": state.start}
+        return images, F.merge(surrogate, rest), extra
+
+
 def protect(pipe, photos: np.ndarray, config, out: str | Path, *, class_images: np.ndarray | None = None,
             surrogate: dict | None = None, progress: bool = True) -> tuple[np.ndarray, dict]:
-    """Protect ``photos`` (float32 ``(N, S, S, 3)`` in [-1, 1]) with ``config.protect`` into the run folder ``out``
-    (prepared: ``workflows.runs.start_run``). ``class_images`` (same range): the surrogate's prior-preservation
-    images (ASPL with ``dreambooth.prior_weight`` > 0). ``surrogate``: FSMG's fixed model (the trained networks of
-    a DreamBooth run on the clean photos; the VAE stays the pipeline's). Returns the protected photos (same range,
-    on the 8-bit grid the PNGs hold) and the measurements."""
-    from persguard_jax import sharding as shd
-    from persguard_jax.dreambooth.data import encode_latents
-    from persguard_jax.train.distributed import to_host
-
-    cfg, db = config.protect, config.dreambooth
-    out = Path(out)
-    t0 = time.time()
-    trains = ("unet", "text_encoder") if db.train_text_encoder else ("unet",)
-    setting, params, logical = _setting(pipe, config, trains)
-    n = len(photos)
-    embed = "text_encoder" not in trains
-    plain = _conditioning(pipe, db.instance_prompt, n, embed=embed)
-    condition = dict(plain)
-    if cfg.target_image:
-        condition["target_latents"] = _target_latents(pipe, cfg.target_image, db.resolution, n,
-                                                      setting.loss_cfg.scaling_factor)
-    mesh = shd.make_mesh(config.mesh)
-    put = functools.partial(shd.put_global, mesh=mesh, cfg=config.mesh)
-    shardings = shd.param_shardings(logical, params, mesh, config.mesh)
-    params = shd.put_global(params, mesh=mesh, shardings=shardings)
-    origin, condition, plain = put(photos.astype(np.float32)), put(condition), put(plain)
-    rng = jax.random.key(cfg.seed)
-    results: dict[str, Any] = {"method": cfg.method, "budget": cfg.budget, "step_size": cfg.step_size,
-                               "targeted": bool(cfg.target_image), "eot": cfg.eot, "photos": n}
-
-    if cfg.method == "aspl":
-        mean, logvar = encode_latents(pipe.vae, photos)
-        clean = put({"latent_mean": mean, "latent_logvar": logvar, **_conditioning(pipe, db.instance_prompt, n,
-                                                                                   embed=embed)})
-        prior = None
-        if class_images is not None and setting.prior_weight > 0:
-            c_mean, c_logvar = encode_latents(pipe.vae, class_images)
-            prior = put({"latent_mean": c_mean, "latent_logvar": c_logvar,
-                         **_conditioning(pipe, db.class_prompt, len(class_images), embed=embed)})
-        images, attacked, extra = _aspl(params, origin, clean, prior, condition, rng, setting, out, progress)
-    else:
-        attacked = params
-        if cfg.method == "fsmg":
-            if surrogate is None:
-                raise ValueError("protect.method fsmg: needs the surrogate model trained on the clean photos")
-            tuned = {k: v for k, v in surrogate.items() if k in params}
-            attacked = {**params, **shd.put_global(tuned, mesh=mesh, shardings={k: shardings[k] for k in tuned})}
-        images, extra = _pgd_chunks(attacked, origin, condition, rng, setting, out, progress)
-    results.update(extra)
-
-    measure = jax.jit(functools.partial(M.denoising_losses, setting=setting))
-    key = jax.random.key(cfg.seed + 1)
-    quantised = np.round((np.asarray(to_host(images), np.float64) + 1.0) * 127.5).clip(0, 255)
-    protected = (quantised / 127.5 - 1.0).astype(np.float32)
-    before = np.asarray(to_host(measure(attacked, origin, plain, key)))
-    after = np.asarray(to_host(measure(attacked, put(protected), plain, key)))
-    results["surrogate_loss"] = {"clean": float(before.mean()), "protected": float(after.mean()),
-                                 "per_photo_clean": before.tolist(), "per_photo_protected": after.tolist()}
-    results["protect_s"] = round(time.time() - t0, 1)
-    results["seconds_per_photo"] = round(results["protect_s"] / n, 2)
-    return protected, results
-
-
-def _pgd_chunks(attacked, origin, condition, rng, setting: M.Setting, out: Path, progress: bool):
-    """AdvDM / FSMG: ``attack_steps`` of PGD against fixed parameters, ``chunk`` steps per compiled call."""
-    from tqdm.auto import tqdm
-    cfg = setting.cfg
-    sizes = [min(cfg.chunk, cfg.attack_steps - s) for s in range(0, cfg.attack_steps, cfg.chunk)]
-
-    @functools.partial(jax.jit, static_argnames="steps")
-    def chunk(params, images, origin, condition, key, *, steps):
-        return M.pgd(M.protection_objective(params, setting), images, origin, condition, key, steps=steps,
-                     setting=setting)
-
-    state = _Progress(out, cfg.checkpoint_every, {"images": _abstract(origin)})
-    images = origin if state.state is None else state.state["images"]
-    history = []
-    with tqdm(total=len(sizes), initial=state.start, desc=f"{cfg.method} PGD", unit="chunk",
-              disable=not progress) as bar:
-        for i in range(state.start, len(sizes)):
-            images, values = chunk(attacked, images, origin, condition, jax.random.fold_in(rng, i), steps=sizes[i])
-            history.append({"chunk": i + 1, "pgd_steps": sum(sizes[:i + 1]), "objective": float(values[-1])})
-            state.save(i + 1, {"images": images}, last=i + 1 == len(sizes))
-            bar.set_postfix(objective=f"{history[-1]['objective']:.4f}")
-            bar.update()
-    state.close()
-    return images, {"pgd_steps": cfg.attack_steps, "history": history, "resumed_from": state.start}
-
-
-def _aspl(params, origin, clean, prior, condition, rng, setting: M.Setting, out: Path, progress: bool):
-    """ASPL: ``iterations`` compiled iterations (``methods.aspl_iteration``); the state checkpointed is the
-    photos, the model and the latest surrogate (what the measurement attacks)."""
-    from tqdm.auto import tqdm
-
-    from persguard_jax.models import functional as F
-    cfg = setting.cfg
-    train, rest = F.partition(params, setting.trains)
-    iteration = jax.jit(functools.partial(M.aspl_iteration, setting=setting))
-    abstract = jax.tree.map(_abstract, {"images": origin, "model": train, "surrogate": train})
-    state = _Progress(out, cfg.checkpoint_every, abstract)
-    if state.state is None:
-        images, surrogate = origin, train
-    else:
-        images, train, surrogate = state.state["images"], state.state["model"], state.state["surrogate"]
-    history = []
-    with tqdm(total=cfg.iterations, initial=state.start, desc="aspl", unit="it", disable=not progress) as bar:
-        for i in range(state.start, cfg.iterations):
-            train, images, surrogate, metrics = iteration(train, rest, images, origin, clean, prior, condition,
-                                                          i, rng)
-            history.append({"iteration": i + 1, **{k: float(v) for k, v in metrics.items()}})
-            state.save(i + 1, {"images": images, "model": train, "surrogate": surrogate},
-                       last=i + 1 == cfg.iterations)
-            bar.set_postfix(objective=f"{history[-1]['objective']:.4f}")
-            bar.update()
-    state.close()
-    extra = {"iterations": cfg.iterations, "steps_per_iteration": {"surrogate": cfg.surrogate_steps,
-             "pgd": cfg.pgd_steps, "model": cfg.model_steps}, "history": history, "resumed_from": state.start}
-    return images, F.merge(surrogate, rest), extra
+    """One protection run (``Protector``, compiled for this call): ``persguard protect``'s."""
+    return Protector(pipe, config)(photos, out, class_images=class_images, surrogate=surrogate, progress=progress)
 
 
 def _abstract(x):
