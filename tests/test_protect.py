@@ -220,3 +220,31 @@ class _nothing:
 
     def __exit__(self, *exc):
         return False
+
+
+def test_protect_command_fsmg_trains_its_surrogate_then_attacks_it(photos, tmp_path):
+    """FSMG: the personalize recipe for dreambooth.steps on the clean photos (its own run folder), then the
+    configured PGD steps against that fixed model."""
+    out = tmp_path / "fsmg"
+    assert main(["protect", "--model", WORLD, "--images", str(photos), "--method", "fsmg", "--out", str(out),
+                 "protect.class_name=dog", "protect.attack_steps=5", "protect.chunk=2", "protect.unroll=false",
+                 "protect.eval_draws=2", "dreambooth.steps=3", "dreambooth.num_class_images=2",
+                 "dreambooth.class_batch_size=2", "dreambooth.eval_num_images=1", "dreambooth.eval_steps=2"]) == 0
+    surrogate = json.loads((out / "surrogate" / "results.json").read_text())
+    assert surrogate["steps"] == 3 and surrogate["instance_prompt"] == "a photo of sks dog"
+    results = json.loads((out / "results.json").read_text())
+    assert results["pgd_steps"] == 5
+    assert [row["pgd_steps"] for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())] == [2, 4, 5]
+    assert results["surrogate_loss"]["protected"] > results["surrogate_loss"]["clean"]
+
+
+@pytest.mark.parametrize("name", ["protect_world", "protect_sd15", "protect_sd21base"])
+def test_shipped_protect_configs_parse(name):
+    from persguard_jax.workflows.protect import WORKFLOW
+    config = WORKFLOW.load(argparse.Namespace(config=name, overrides=("protect.budget=6.4",), method="fsmg"))
+    assert config.protect.method == "fsmg" and config.protect.radius == pytest.approx(2 * 6.4 / 255)
+    assert config.loop.num_steps == config.dreambooth.steps == config.optimizer.total_steps
+    if config.protect.class_name:
+        assert config.dreambooth.instance_prompt == f"a photo of sks {config.protect.class_name}"
+    with pytest.raises(ValueError, match="protect.iterations"):
+        WORKFLOW.load(argparse.Namespace(config=name, overrides=("protect.iterations=0",), method="aspl"))
