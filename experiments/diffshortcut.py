@@ -11,7 +11,10 @@
    largest budget).
 3. The main table at that budget, every subject and seed: the attacker on clean photos, on each method's protected
    photos, on them purified (each of ``--purifiers``; ``--purifiers-for`` limits which methods get all of them, the
-   rest get ``--combo`` only), with CDL only, and purified (``--combo``) + CDL.
+   rest get ``--combo`` only), with CDL only, and purified (``--combo``, and ``--extra-combos``) + CDL; and CDL on
+   the clean photos (what CDL costs when there is nothing to decouple).
+   ``--cdl-empty-negative`` measures every CDL run a second time sampled against the empty prompt instead of CDL's
+   quality negative prompt (condition ``...:empty-negative``; the same training).
 
 The attacker is the world DreamBooth recipe (configs/dreambooth_world.yaml: 200 steps, lr 2e-4, prior weight 1, 50
 class images sampled from the base model, UNet and text encoder trained), run as ``protect.methods.dreambooth_steps``
@@ -52,6 +55,9 @@ def parse_args(argv=None):
     p.add_argument("--purifiers", type=words, default=["jpeg", "blur", "tv", "sdedit", "sr"])
     p.add_argument("--purifiers-for", type=words, default=["aspl"], help="methods that get every purifier")
     p.add_argument("--combo", default="sdedit", help="the purifier paired with CDL")
+    p.add_argument("--extra-combos", type=words, default=[], help="more purifiers paired with CDL (--purifiers-for)")
+    p.add_argument("--cdl-empty-negative", action="store_true",
+                   help="also sample CDL runs against the empty prompt instead of CDL's quality negative prompt")
     p.add_argument("--steps", type=int, default=200, help="the attacker's DreamBooth steps")
     p.add_argument("--photos", type=int, default=5)
     p.add_argument("--num-images", type=int, default=16)
@@ -122,13 +128,15 @@ class World:
         trained = self.attack(self.train, inst, prior, jax.random.key(seed))
         return jax.tree.map(np.asarray, F.merge(trained, self.rest))
 
-    def measure(self, params: dict, clean_u8: np.ndarray, c: str, seed: int, *, cdl: bool) -> dict:
+    def measure(self, params: dict, clean_u8: np.ndarray, c: str, seed: int, *, cdl: bool,
+                negative_prompt: str | None = None) -> dict:
         from persguard_jax.dreambooth import CDLConfig
         from persguard_jax.evaluate import evaluate_pipeline
         from persguard_jax.metrics import frechet_distance
         prompt, negative, guidance = f"a photo of sks {c}", "", 4.0
         if cdl:
-            policy = CDLConfig(enabled=True)
+            policy = CDLConfig(enabled=True, **({} if negative_prompt is None else
+                                                {"negative_prompt": negative_prompt}))
             prompt, negative, guidance = (policy.sampling_prompt(prompt), policy.negative_prompt,
                                           policy.guidance_scale(4.0))
         ev = evaluate_pipeline(self.pipe, [prompt], references=clean_u8, evaluator=self.evaluator, world=self.world,
@@ -186,16 +194,23 @@ def main(argv=None):
     rows = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
 
     def run(key: dict, photos: np.ndarray, clean_u8, c: str, seed: int, *, cdl: bool = False) -> None:
-        if json.dumps(key) in done:
+        keys = [key] + ([{**key, "condition": key["condition"] + ":empty-negative"}]
+                        if cdl and args.cdl_empty_negative else [])
+        if all(json.dumps(k) in done for k in keys):
             return
         t0 = time.time()
         params = w.personalise(photos, c, seed, cdl=cdl)
-        row = {"key": key, **w.measure(params, clean_u8, c, seed, cdl=cdl), "seconds": round(time.time() - t0, 1)}
-        rows.append(row)
-        done.add(json.dumps(key))
-        with open(log, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        print(json.dumps(row), flush=True)
+        for k in keys:  # one training, measured under each sampling policy
+            if json.dumps(k) in done:
+                continue
+            negative = "" if k["condition"].endswith(":empty-negative") else None
+            row = {"key": k, **w.measure(params, clean_u8, c, seed, cdl=cdl, negative_prompt=negative),
+                   "seconds": round(time.time() - t0, 1)}
+            rows.append(row)
+            done.add(json.dumps(k))
+            with open(log, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(json.dumps(row), flush=True)
 
     def photos_of(name: str):
         subject = w.world.subject(name)
@@ -220,16 +235,18 @@ def main(argv=None):
         c, u8, x = photos_of(name)
         for seed in args.seeds:
             run({"subject": name, "seed": seed, "condition": "clean"}, x, u8, c, seed)
+            run({"subject": name, "seed": seed, "condition": "clean+cdl"}, x, u8, c, seed, cdl=True)  # CDL's own cost
             for method in args.methods:
                 protected = protect(w, method, budget, x, c, seed, args.out)
                 base = {"subject": name, "seed": seed, "method": method, "budget": budget}
                 run({**base, "condition": "protected"}, protected, u8, c, seed)
                 run({**base, "condition": "cdl"}, protected, u8, c, seed, cdl=True)
                 purifiers = args.purifiers if method in args.purifiers_for else [args.combo]
+                combos = {args.combo, *(args.extra_combos if method in args.purifiers_for else [])}
                 for purifier in purifiers:
                     cleaned = purify(w, purifier, protected, c)
                     run({**base, "condition": f"purified:{purifier}"}, cleaned, u8, c, seed)
-                    if purifier == args.combo:
+                    if purifier in combos:
                         run({**base, "condition": f"purified:{purifier}+cdl"}, cleaned, u8, c, seed, cdl=True)
     text = table(rows, budget, args.curve)
     (args.out / "table.md").write_text(text + "\n")
@@ -260,33 +277,46 @@ def choose_budget(rows: list[dict], curve: list[float]) -> float:
     return max(curve)
 
 
-def table(rows: list[dict], budget: float, curve: list[float]) -> str:
+def _condition(key: dict) -> str:
+    return key["condition"] if "method" not in key else f"{key['method']}: {key['condition']}"
+
+
+def table(rows: list[dict], budget: float, curve: list[float], learnable: float = 0.5) -> str:
+    """The budget curve, the main table over every subject and over the subjects the attacker learns from clean
+    photos (clean identity >= ``learnable``: where a protection has something to prevent), and identity per
+    subject and seed."""
     metrics = ("identity", "clip_i", "colour", "fd")
     head = "| condition | runs | identity | CLIP-I | subject colour | FD to class samples |\n|---|---|---|---|---|---|"
-    lines = ["Budget curve (ASPL vs uniform noise of the same l_inf size; curve subjects, all seeds):", "", head]
-    curve_subjects = {r["key"]["subject"] for r in rows if r["key"].get("budget") in curve and
-                      r["key"].get("method") == "noise"}
-    clean = [r for r in _select(rows, condition="clean") if r["key"]["subject"] in curve_subjects]
-    lines.append(f"| clean photos | {len(clean)} | " + " | ".join(_mean_std([r[m] for r in clean]) for m in metrics)
-                 + " |")
+
+    def line(label: str, sel: list[dict]) -> str:
+        return f"| {label} | {len(sel)} | " + " | ".join(_mean_std([r[m] for r in sel]) for m in metrics) + " |"
+
+    curve_subjects = {r["key"]["subject"] for r in rows if r["key"].get("method") == "noise"}
+    in_curve = [r for r in rows if r["key"]["subject"] in curve_subjects]
+    lines = [f"Budget curve (ASPL vs uniform noise of the same l_inf size; {', '.join(sorted(curve_subjects))}, all "
+             "seeds):", "", head, line("clean photos", _select(in_curve, condition="clean"))]
     for b in curve:
         for method in ("aspl", "noise"):
-            sel = _select(rows, method=method, budget=b, condition="protected")
-            lines.append(f"| {method} {b:g}/255 | {len(sel)} | "
-                         + " | ".join(_mean_std([r[m] for r in sel]) for m in metrics) + " |")
-    lines += ["", f"Main table at {budget:g}/255 (every subject and seed):", "", head]
-    allclean = _select(rows, condition="clean")
-    lines.append(f"| clean photos | {len(allclean)} | "
-                 + " | ".join(_mean_std([r[m] for r in allclean]) for m in metrics) + " |")
-    conditions = sorted({r["key"]["condition"] for r in rows if r["key"].get("budget") == budget
-                         and r["key"].get("method") not in (None, "noise")},
-                        key=lambda c: (c != "protected", "cdl" in c, c))
-    for method in dict.fromkeys(r["key"]["method"] for r in rows if r["key"].get("method") not in (None, "noise")):
-        for condition in conditions:
-            sel = _select(rows, method=method, budget=budget, condition=condition)
-            if sel:
-                lines.append(f"| {method}: {condition} | {len(sel)} | "
-                             + " | ".join(_mean_std([r[m] for r in sel]) for m in metrics) + " |")
+            lines.append(line(f"{method} {b:g}/255", _select(in_curve, method=method, budget=b, condition="protected")))
+    main = [r for r in rows if "method" not in r["key"] or
+            (r["key"].get("budget") == budget and r["key"]["method"] != "noise")]
+    order = list(dict.fromkeys(_condition(r["key"]) for r in main))
+    clean = {(r["key"]["subject"], r["key"]["seed"]): r["identity"] for r in _select(rows, condition="clean")}
+    learned = [r for r in main if clean.get((r["key"]["subject"], r["key"]["seed"]), 0) >= learnable]
+    left_out = sorted({f"{s} seed {d}" for (s, d), v in clean.items() if v < learnable})
+    for title, sel in ((f"Main table at {budget:g}/255, every subject and seed:", main),
+                       (f"The same over the runs whose clean-photo attacker reaches identity >= {learnable} (left out: "
+                        f"{', '.join(left_out) or 'none'}):", learned)):
+        lines += ["", title, "", head]
+        lines += [line(c, [r for r in sel if _condition(r["key"]) == c]) for c in order
+                  if any(_condition(r["key"]) == c for r in sel)]
+    pairs = sorted({(r["key"]["subject"], r["key"]["seed"]) for r in main})
+    lines += ["", "Identity similarity per subject and seed:", "",
+              "| condition | " + " | ".join(f"{s} s{d}" for s, d in pairs) + " |",
+              "|---|" + "---|" * len(pairs)]
+    for c in order:
+        by = {(r["key"]["subject"], r["key"]["seed"]): r["identity"] for r in main if _condition(r["key"]) == c}
+        lines.append(f"| {c} | " + " | ".join(f"{by[p]:.2f}" if p in by else "" for p in pairs) + " |")
     return "\n".join(lines)
 
 

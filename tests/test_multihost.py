@@ -73,3 +73,38 @@ def test_two_processes_export_what_one_process_exports(tmp_path):
     records = [json.loads(line) for line in (b / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(2, STEPS + 1, 2))
     assert sorted(p.name for p in (b / "class_images").iterdir()) == [f"class_{i:05d}.png" for i in range(4)]
+
+
+def test_protect_runs_on_two_processes(tmp_path):
+    """``persguard protect`` on two jax processes (the photos split over them) writes the photos one process with
+    two devices writes, each file once."""
+    from PIL import Image
+
+    from persguard_jax.data.world import save_photos, world_of
+    from persguard_jax.workflows import world_assets
+    model = world_assets.world_model(build=False)
+    world = world_of(model)
+    subject = next(s for s in world.subjects if s.class_name == "cat" and s.held_out)
+    photos = tmp_path / "photos"
+    save_photos(world.subject_photos(subject, 4), photos, prefix=subject.name)
+
+    def protect(out: str) -> list[str]:
+        return [sys.executable, "-m", "persguard_jax.cli", "protect", "--model", str(model), "--images", str(photos),
+                "--method", "advdm", "--out", str(tmp_path / out), "protect.class_name=cat", "protect.attack_steps=4",
+                "protect.chunk=2", "protect.unroll=false", "protect.eval_draws=2"]
+
+    one = subprocess.run(protect("one"), env=_env(2), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
+    two = subprocess.run([sys.executable, str(REPO / "launch" / "local.py"), "-n", "2", "--devices-per-process", "1",
+                          "--", *protect("two")], env=_env(1), cwd=tmp_path, capture_output=True, text=True,
+                         timeout=600)
+    assert two.returncode == 0, two.stdout[-5000:] + two.stderr[-3000:]
+    a, b = tmp_path / "one", tmp_path / "two"
+    assert _files(a) == _files(b)
+    for name in sorted(p.name for p in a.glob("*.png")):
+        pa, pb = (np.asarray(Image.open(folder / name), np.int16) for folder in (a, b))
+        clean = np.asarray(Image.open(photos / name), np.int16)
+        assert np.abs(pa - clean).max() > 0
+        # sign steps: a gradient summed in another order may flip a near-zero component's sign
+        assert np.mean(pa != pb) < 0.01 and np.abs(pa - pb).max() <= 4, name
+    assert len((b / "metrics.jsonl").read_text().splitlines()) == 2
