@@ -60,7 +60,8 @@ def test_personalize_with_cdl_trains_and_samples_under_its_prompts(tmp_path, mon
                  "a photo of sks dog", "--class-prompt", "a photo of dog", "--out", str(out), "--config",
                  "dreambooth_tiny", "dreambooth.steps=2", "dreambooth.eval_steps=2", "dreambooth.class_sample_steps=2",
                  "dreambooth.num_class_images=2", "dreambooth.class_batch_size=2", "dreambooth.eval_num_images=1",
-                 "dreambooth.eval_guidance=4.0", "cdl.enabled=true", "cdl.guidance=2.5"]) == 0
+                 "dreambooth.eval_guidance=4.0", "dreambooth.train_text_encoder=false", "cdl.enabled=true",
+                 "cdl.guidance=2.5"]) == 0
     assert trained_under == [("a photo of sks dog, bhj noisy pattern", "a photo of dog, without bhj noisy pattern")]
     class_call, eval_call = sampled
     assert class_call[0] == ["a photo of dog"]  # the clean class images: the base model's plain class pictures

@@ -47,7 +47,7 @@ def test_diagnose_command(tmp_path, capsys):
     assert main(["diagnose", "--model", WORLD, "--clean", str(clean_dir), "--perturbed", str(pert_dir), "--out",
                  str(out), "diagnose.class_name=dog", "diagnose.num_images=2", "dreambooth.steps=4",
                  "dreambooth.num_class_images=2", "dreambooth.class_batch_size=2", "dreambooth.eval_steps=3",
-                 "dreambooth.eval_num_images=1"]) == 0
+                 "dreambooth.eval_num_images=1", "dreambooth.train_text_encoder=false"]) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["photos"] == ["p0", "p1", "p2"]
     assert results["linf"] >= 8  # paired by stem: the JPEG's decoded pixels against the PNG

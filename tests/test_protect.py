@@ -146,10 +146,10 @@ def test_protect_command_aspl(photos, tmp_path, capsys, monkeypatch):
     before = _digest(photos)
     out = tmp_path / "aspl"
     argv = ["protect", "--model", WORLD, "--images", str(photos), "--method", "aspl", "--out", str(out),
-            "protect.class_name=dog", "protect.iterations=2", "protect.pgd_steps=3", "protect.surrogate_steps=1",
-            "protect.model_steps=2", "protect.budget=8", "protect.unroll=false", "dreambooth.num_class_images=4", "protect.eval_draws=4"]
+            "protect.class_name=dog", "protect.iterations=2", "protect.pgd_steps=3", "protect.surrogate_steps=0",
+            "protect.model_steps=2", "dreambooth.train_text_encoder=false", "protect.budget=8", "protect.unroll=false", "dreambooth.num_class_images=4", "protect.eval_draws=4"]
     assert main(argv) == 0
-    assert calls == [("db", 1), ("pgd", 3), ("db", 2)]  # one trace, reused by both iterations
+    assert calls == [("db", 0), ("pgd", 3), ("db", 2)]  # one trace, reused by both iterations
     assert _digest(photos) == before  # the input folder is only read
     results = json.loads((out / "results.json").read_text())
     assert sorted(results["per_photo"]) == ["photo_0.png", "photo_1.png", "photo_2.png"]
@@ -159,7 +159,7 @@ def test_protect_command_aspl(photos, tmp_path, capsys, monkeypatch):
         assert protected.shape == clean.shape
         assert 0 < np.abs(protected - clean).max() <= 8
         assert results["per_photo"][name]["linf"] == np.abs(protected - clean).max()
-    assert results["iterations"] == 2 and results["steps_per_iteration"] == {"surrogate": 1, "pgd": 3, "model": 2}
+    assert results["iterations"] == 2 and results["steps_per_iteration"] == {"surrogate": 0, "pgd": 3, "model": 2}
     assert results["surrogate_loss"]["protected"] > results["surrogate_loss"]["clean"]
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
     assert "protected 3 photos with aspl" in capsys.readouterr().out
@@ -229,7 +229,8 @@ def test_protect_command_fsmg_trains_its_surrogate_then_attacks_it(photos, tmp_p
     assert main(["protect", "--model", WORLD, "--images", str(photos), "--method", "fsmg", "--out", str(out),
                  "protect.class_name=dog", "protect.attack_steps=5", "protect.chunk=2", "protect.unroll=false",
                  "protect.eval_draws=2", "dreambooth.steps=3", "dreambooth.num_class_images=2",
-                 "dreambooth.class_batch_size=2", "dreambooth.eval_num_images=1", "dreambooth.eval_steps=2"]) == 0
+                 "dreambooth.class_batch_size=2", "dreambooth.eval_num_images=1", "dreambooth.eval_steps=2",
+                 "dreambooth.train_text_encoder=false"]) == 0
     surrogate = json.loads((out / "surrogate" / "results.json").read_text())
     assert surrogate["steps"] == 3 and surrogate["instance_prompt"] == "a photo of sks dog"
     results = json.loads((out / "results.json").read_text())
