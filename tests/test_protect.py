@@ -56,7 +56,8 @@ def world():
     from persguard_jax.data.world import world_of
     from persguard_jax.io import uint8_to_signed
     from persguard_jax.models import load_pipeline
-    from persguard_jax.protect.runner import _conditioning, make_setting
+    from persguard_jax.dreambooth.data import prompt_conditioning
+    from persguard_jax.protect.runner import make_setting
     from persguard_jax.workflows.protect import WORKFLOW
     pipe = load_pipeline(WORLD)
     overrides = ("protect.class_name=dog", "protect.pgd_steps=2", "protect.surrogate_steps=2", "protect.model_steps=1",
@@ -64,7 +65,7 @@ def world():
     config = WORKFLOW.load(argparse.Namespace(config=None, overrides=overrides, method="aspl"))
     setting, params, _ = make_setting(pipe, config, ("unet", "text_encoder"))
     photos = uint8_to_signed(world_of(WORLD).subject_photos("dog_00", 3))
-    cond = _conditioning(pipe, config.dreambooth.instance_prompt, 3, embed=False)
+    cond = prompt_conditioning(pipe, config.dreambooth.instance_prompt, 3, embed=False)
     return pipe, setting, params, photos, cond
 
 

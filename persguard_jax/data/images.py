@@ -175,6 +175,18 @@ def load_folder(folder: str | os.PathLike, resolution: int, *, min_size: int | N
     return np.stack(arrays)
 
 
+def output_names(paths: list[Path]) -> list[str]:
+    """Each input's output file name, ``stem.png`` (commands that write one image per photo); two inputs that would
+    write one file are refused."""
+    names = [f"{p.stem}.png" for p in paths]
+    seen: dict[str, str] = {}
+    for path, name in zip(paths, names):
+        if name in seen:
+            raise ValueError(f"{seen[name]} and {path.name} would both be written as {name}; rename one")
+        seen[name] = path.name
+    return names
+
+
 def load_folder_as_is(folder: str | os.PathLike) -> tuple[list[Path], np.ndarray]:
     """Every image of ``folder`` at its own size: its paths in sorted name order and uint8 ``(N, H, W, 3)`` RGB.
 

@@ -118,8 +118,7 @@ def personalize(pipe, instance_images: np.ndarray, config: Any, out: str | Path,
     source, map_fn = dreambooth_source(pipe, instance_images, class_images, training_prompts(config),
                                        text_trains=split.trains("text_encoder"))
     scheduler_cfg = SchedulerConfig.from_dict(pipe.scheduler_config)
-    loss_cfg = losses.LossConfig.from_dict({"prediction_type": scheduler_cfg.prediction_type,
-                                            "scaling_factor": pipe.vae.config.scaling_factor, **config.loss})
+    loss_cfg = losses.pipeline_loss_config(pipe, config.loss)
     loss_fn = split.loss(losses.bind(losses.dreambooth_loss, model=model, schedule=make_schedule(scheduler_cfg),
                                      cfg=loss_cfg, prior_weight=db.prior_weight if db.use_prior else 0.0))
     result, frozen = fit(loss_fn, split.params, split.frozen, train_logical=split.params_logical,

@@ -41,7 +41,8 @@ pieces), ``_denoising``, ``_contrastive``,
 penalty, an objective after an inner loop), ``_combinators``; import from the package, not from them.
 """
 from persguard_jax.losses._base import (PREDICTION_TYPES, Aux, LossConfig, LossFn, Noised, bind, clean_latents,
-                                        mean_per_example, min_snr_weights, noised_latents, predict, sample_timesteps,
+                                        mean_per_example, min_snr_weights, noised_latents, pipeline_loss_config, predict,
+                                        sample_timesteps,
                                         scalar_metrics, snr_weighted, squared_error, text_context, weighted_mean)
 from persguard_jax.losses._batch import (BatchShards, batch_draw, batch_gather, batch_mean, batch_shards, batch_sum,
                                          example_index, sharded_batch)
@@ -57,6 +58,6 @@ from persguard_jax.losses._retention import InnerLoop, after_finetuning, gradien
 __all__ = ["PREDICTION_TYPES", "Aux", "BatchShards", "InnerLoop", "after_finetuning", "gradient_penalty", "on", "LossConfig", "LossFn", "Noised", "batch_draw", "batch_gather",
            "batch_mean", "batch_shards", "batch_sum", "bind", "caption_dropout", "clean_latents",
            "clip_contrastive_loss", "denoising_loss", "distillation_loss", "dreambooth_loss", "encode_pixels", "guidance_shift_loss", "guidance_shift_target", "info_nce", "masked",
-           "example_index", "mean_per_example", "min_snr_weights", "noised_latents", "pairs_to_examples", "predict",
+           "example_index", "mean_per_example", "min_snr_weights", "noised_latents", "pairs_to_examples", "pipeline_loss_config", "predict",
            "prior_preservation", "sample_timesteps", "scalar_metrics", "sharded_batch", "snr_weighted", "squared_error",
            "target_shift_loss", "text_context", "through_vae", "vae_loss", "weighted_mean", "weighted_sum"]

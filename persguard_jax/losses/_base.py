@@ -35,6 +35,14 @@ class LossConfig(Section):
     text_encoder: str = "text_encoder"
 
 
+def pipeline_loss_config(pipe, overrides: Mapping | None = None) -> LossConfig:
+    """A pipeline's loss config: its scheduler's prediction type and its VAE's latent scale, then ``overrides`` (a
+    run config's ``loss`` section)."""
+    prediction = schedulers.SchedulerConfig.from_dict(pipe.scheduler_config).prediction_type
+    return LossConfig.from_dict({"prediction_type": prediction, "scaling_factor": pipe.vae.config.scaling_factor,
+                                 **(overrides or {})})
+
+
 def bind(loss_fn: LossFn, **kwargs) -> LossFn:
     """``loss_fn`` with its keyword arguments fixed: the ``(params, batch, rng)`` form."""
     return functools.partial(loss_fn, **kwargs)

@@ -8,7 +8,7 @@
   and ``detect_mark``, and the backdoor outputs' ``pattern_presence``, ``detect_pattern``, ``object_fraction`` and
   ``detect_erasure`` (numpy only).
 """
-from persguard_jax.metrics.clip_evaluator import CLIPEvaluator, preprocess
+from persguard_jax.metrics.clip_evaluator import CLIPEvaluator, metrics_clip_folder, preprocess
 from persguard_jax.metrics.detectors import (detect_erasure, detect_mark, detect_pattern, detect_shape, detect_texture,
                                              dominant_colour, object_fraction, pattern_presence)
 from persguard_jax.metrics.scores import (clip_i, clip_t, cosine_matrix, feature_distance, frechet_distance,
@@ -18,5 +18,5 @@ from persguard_jax.models.pretrained import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, I
 
 __all__ = ["CLIPEvaluator", "ImageNorm", "OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD", "clip_i", "clip_t", "cosine_matrix",
            "detect_erasure", "detect_mark", "detect_pattern", "detect_shape", "detect_texture", "dominant_colour",
-           "feature_distance", "frechet_distance", "identity_similarity", "load_clip", "object_fraction",
+           "feature_distance", "frechet_distance", "identity_similarity", "load_clip", "metrics_clip_folder", "object_fraction",
            "pattern_presence", "pattern_score", "preprocess", "psnr"]

@@ -215,3 +215,22 @@ class CLIPEvaluator:
             if mask.shape[:2] != (h, w):
                 mask = jax.image.resize(mask, (h, w, mask.shape[-1]), "linear")
         return _in_batches(lambda x: pattern_score(x, pattern, mask), [images], self.batch_size)
+
+
+def metrics_clip_folder(given: str | Path | None, *, key: str, world_default: bool = True) -> Path | None:
+    """The CLIP folder a command measures with: ``given`` (``key`` names where it came from: ``--clip``,
+    ``check.clip``), else, with ``world_default``, the world CLIP made earlier (committed or cached; ``persguard
+    train-clip`` makes it), else None. A ``given`` that is not a folder, or a world CLIP that is nowhere, is one
+    line naming ``key``."""
+    from persguard_jax.resources import world_asset
+    if given is not None:
+        if not Path(given).is_dir():
+            raise NotADirectoryError(f"{key}: {given} is not a folder")
+        return Path(given)
+    if not world_default:
+        return None
+    found = world_asset("world_clip", "config.json")
+    if found is None:
+        raise FileNotFoundError(f"no world CLIP committed or cached for the metrics; make one with `persguard "
+                                f"train-clip`, or name a CLIP folder with {key}")
+    return found

@@ -35,18 +35,12 @@ def make_setting(pipe, config, trains: tuple[str, ...]) -> tuple[M.Setting, dict
     logical = {k: shd.logical_axes(m) for k, m in modules.items()}
     model, params = F.split_modules(modules)
     scheduler_cfg = SchedulerConfig.from_dict(pipe.scheduler_config)
-    loss_cfg = losses.LossConfig.from_dict({"prediction_type": scheduler_cfg.prediction_type,
-                                            "scaling_factor": pipe.vae.config.scaling_factor, **config.loss})
+    loss_cfg = losses.pipeline_loss_config(pipe, config.loss)
     db = config.dreambooth
     setting = M.Setting(model=model, schedule=make_schedule(scheduler_cfg), loss_cfg=loss_cfg, trains=trains,
                         prior_weight=db.prior_weight if db.use_prior else 0.0, optimizer=config.optimizer,
                         cfg=config.protect)
     return setting, params, logical
-
-
-def _conditioning(pipe, prompt: str, n: int, *, embed: bool) -> dict[str, np.ndarray]:
-    from persguard_jax.dreambooth.data import prompt_conditioning
-    return prompt_conditioning(pipe, prompt, n, embed=embed)
 
 
 def _target_latents(pipe, path: str, resolution: int, n: int, scaling: float) -> np.ndarray:
@@ -104,7 +98,8 @@ class Protector:
         ``dreambooth.prior_weight`` > 0). ``surrogate``: FSMG's fixed model (the networks a DreamBooth run on the
         clean photos trained; the VAE stays the pipeline's). Prompts and seed default to the config's. Returns the
         protected photos (same range, on the 8-bit grid the PNGs hold) and the measurements."""
-        from persguard_jax.dreambooth.data import encode_latents
+        from persguard_jax.dreambooth.data import encode_latents, prompt_conditioning
+        from persguard_jax.io import signed_to_uint8, uint8_to_signed
         from persguard_jax.train.distributed import to_host
         pipe, put, setting = self.pipe, self.put, self.setting
         cfg, db = self.config.protect, self.config.dreambooth
@@ -114,7 +109,7 @@ class Protector:
         t0 = time.time()
         n = len(photos)
         embed = "text_encoder" not in self.trains
-        plain = _conditioning(pipe, instance_prompt, n, embed=embed)
+        plain = prompt_conditioning(pipe, instance_prompt, n, embed=embed)
         condition = dict(plain)
         if cfg.target_image:
             condition["target_latents"] = _target_latents(pipe, cfg.target_image, db.resolution, n,
@@ -125,13 +120,13 @@ class Protector:
                                    "targeted": bool(cfg.target_image), "eot": cfg.eot, "photos": n, "seed": seed}
         if cfg.method == "aspl":
             mean, logvar = encode_latents(pipe.vae, photos)
-            clean = put({"latent_mean": mean, "latent_logvar": logvar, **_conditioning(pipe, instance_prompt, n,
+            clean = put({"latent_mean": mean, "latent_logvar": logvar, **prompt_conditioning(pipe, instance_prompt, n,
                                                                                        embed=embed)})
             prior = None
             if class_images is not None and setting.prior_weight > 0:
                 c_mean, c_logvar = encode_latents(pipe.vae, class_images)
                 prior = put({"latent_mean": c_mean, "latent_logvar": c_logvar,
-                             **_conditioning(pipe, class_prompt, len(class_images), embed=embed)})
+                             **prompt_conditioning(pipe, class_prompt, len(class_images), embed=embed)})
             images, attacked, extra = self._aspl(origin, clean, prior, condition, rng, out, progress)
         else:
             attacked = self.params
@@ -145,8 +140,7 @@ class Protector:
         results.update(extra)
 
         key = jax.random.key(seed + 1)
-        quantised = np.round((np.asarray(to_host(images), np.float64) + 1.0) * 127.5).clip(0, 255)
-        protected = (quantised / 127.5 - 1.0).astype(np.float32)
+        protected = uint8_to_signed(signed_to_uint8(to_host(images)))  # on the 8-bit grid the PNGs hold
         before = np.asarray(to_host(self.measure(attacked, origin, plain, key)))
         after = np.asarray(to_host(self.measure(attacked, put(protected), plain, key)))
         results["surrogate_loss"] = {"clean": float(before.mean()), "protected": float(after.mean()),

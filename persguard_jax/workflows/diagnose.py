@@ -69,18 +69,10 @@ def _paired(clean_dir: str, perturbed_dir: str, resolution: int) -> tuple[list[s
 
 def _clip_folder(args: argparse.Namespace, model: Path) -> Path:
     from persguard_jax.data.world import is_world_model
-    from persguard_jax.resources import world_asset
-    if args.clip:
-        if not Path(args.clip).is_dir():
-            raise NotADirectoryError(f"--clip {args.clip}: not a folder")
-        return Path(args.clip)
-    if not is_world_model(model):
+    from persguard_jax.metrics import metrics_clip_folder
+    if not args.clip and not is_world_model(model):
         raise ValueError(f"{model}: not a world model, so there is no default CLIP; pass --clip with a CLIP folder")
-    found = world_asset("world_clip", "config.json")
-    if found is None:
-        raise FileNotFoundError("diagnose: no world CLIP committed or cached; make one with `persguard train-clip` "
-                                "or pass --clip")
-    return found
+    return metrics_clip_folder(args.clip, key="--clip")
 
 
 def run(args: argparse.Namespace, config: runs.Config) -> dict:

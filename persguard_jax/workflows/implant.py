@@ -103,18 +103,8 @@ def _read_inputs(args: argparse.Namespace, config: runs.Config):
 def check_clip(check, world) -> Path | None:
     """The CLIP folder the check measures with: ``check.clip``, else for a world model the world CLIP made earlier
     (committed or cached; ``persguard train-clip`` makes it); None for photo folders without ``check.clip``."""
-    from persguard_jax.resources import world_asset
-    if check.clip is not None:
-        if not Path(check.clip).is_dir():
-            raise NotADirectoryError(f"check.clip: {check.clip} is not a folder")
-        return Path(check.clip)
-    if world is None:
-        return None
-    found = world_asset("world_clip", "config.json")
-    if found is None:
-        raise FileNotFoundError("check: no world CLIP committed or cached for the metrics; make one with "
-                                "`persguard train-clip`, name it with check.clip=DIR, or set check.enabled=false")
-    return found
+    from persguard_jax.metrics import metrics_clip_folder
+    return metrics_clip_folder(check.clip, key="check.clip (or check.enabled=false)", world_default=world is not None)
 
 
 def run(args: argparse.Namespace, config: runs.Config) -> dict:
@@ -187,8 +177,7 @@ def run(args: argparse.Namespace, config: runs.Config) -> dict:
     frozen = {**split.frozen, "teacher": params}
     frozen_logical = {**split.frozen_logical, "teacher": logical}
     scheduler_cfg = SchedulerConfig.from_dict(pipe.scheduler_config)
-    loss_cfg = losses.LossConfig.from_dict({"prediction_type": scheduler_cfg.prediction_type,
-                                            "scaling_factor": pipe.vae.config.scaling_factor, **config.loss})
+    loss_cfg = losses.pipeline_loss_config(pipe, config.loss)
     loss_fn = objective(cfg, present, attacker, model=model, schedule=make_schedule(scheduler_cfg), loss_cfg=loss_cfg)
     pair_groups = tuple(g for g in PAIR_GROUPS if g in present)
     result, frozen = fit(loss_fn, split.params, frozen, train_logical=split.params_logical,

@@ -53,21 +53,9 @@ def resolve(raw: dict, args: argparse.Namespace | None = None) -> dict:
 
 
 def _read_photos(folder: str, resolution: int) -> tuple[list[str], np.ndarray]:
-    """The photos' output names (stem + .png, unique) and the photos, every file checked."""
-    from persguard_jax.data.images import load_folder, scan_folder
-    paths = scan_folder(folder, resolution)
-    names = [p.stem + ".png" for p in paths]
-    clash = sorted({n for n in names if names.count(n) > 1})
-    if clash:
-        raise ValueError(f"{folder}: two photos would both be written as {clash[0]} (same name, other suffix); "
-                         f"rename one")
-    return names, load_folder(folder, resolution)
-
-
-def _check_out(out: str, images: str) -> None:
-    out_path, images_path = Path(out).resolve(), Path(images).resolve()
-    if out_path == images_path or images_path in out_path.parents:
-        raise ValueError(f"--out {out}: inside --images {images}; protect never writes into its input folder")
+    """The photos' output names (``data.images.output_names``) and the photos, every file checked."""
+    from persguard_jax.data.images import load_folder, output_names, scan_folder
+    return output_names(scan_folder(folder, resolution)), load_folder(folder, resolution)
 
 
 def run(args: argparse.Namespace, config: runs.Config) -> dict:
@@ -79,7 +67,7 @@ def run(args: argparse.Namespace, config: runs.Config) -> dict:
 
     t0 = time.time()
     cfg, db = config.protect, config.dreambooth
-    _check_out(args.out, args.images)
+    runs.check_apart(args.out, args.images, "--images")
     names, photos = _read_photos(args.images, db.resolution)
     if cfg.target_image:
         from persguard_jax.data.images import load_image
@@ -121,17 +109,15 @@ def run(args: argparse.Namespace, config: runs.Config) -> dict:
 
 
 def _perturbation_sizes(names: list[str], clean: np.ndarray, protected: np.ndarray) -> dict:
-    """Per photo and in mean: l_inf in grey levels, l_2 over the image in [0, 1] units, PSNR in dB."""
-    delta = (protected.astype(np.float64) - clean.astype(np.float64)) / 2.0  # [0, 1] units
-    flat = delta.reshape(len(delta), -1)
-    linf = np.abs(flat).max(1) * 255.0
-    l2 = np.sqrt((flat ** 2).sum(1))
-    mse = (flat ** 2).mean(1)
-    psnr = np.where(mse > 0, 10.0 * np.log10(1.0 / np.maximum(mse, 1e-20)), np.inf)
-    per_photo = {n: {"linf": round(float(a), 3), "l2": round(float(b), 4), "psnr": round(float(c), 2)}
-                 for n, a, b, c in zip(names, linf, l2, psnr)}
-    return {"per_photo": per_photo, "linf_max": round(float(linf.max()), 3), "l2_mean": round(float(l2.mean()), 4),
-            "psnr_mean": round(float(psnr.mean()), 2)}
+    """Per photo and in mean: l_inf in grey levels, l_2 over the image in [0, 1] units, PSNR in dB
+    (``purifiers.purification_scores``, what a purifier's change is measured with)."""
+    from persguard_jax.purifiers import purification_scores
+    s = purification_scores((clean + 1.0) / 2.0, (protected + 1.0) / 2.0)
+    linf = np.round(s["linf"] * 255.0, 3)
+    per_photo = {n: {"linf": float(a), "l2": round(float(b), 4), "psnr": round(float(c), 2)}
+                 for n, a, b, c in zip(names, linf, s["l2"], s["psnr"])}
+    return {"per_photo": per_photo, "linf_max": float(linf.max()), "l2_mean": round(float(s["l2"].mean()), 4),
+            "psnr_mean": round(float(s["psnr"].mean()), 2)}
 
 
 def _arguments(parser: argparse.ArgumentParser) -> None:

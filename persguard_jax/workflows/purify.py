@@ -53,16 +53,6 @@ def resolve(raw: dict, args: argparse.Namespace | None = None) -> dict:
     return raw
 
 
-def check_folders(images: str | Path, out: str | Path) -> None:
-    """``--out`` must be neither ``--images`` nor inside it (outputs would mix with the photos, and a rerun would
-    read them), and must not hold it (``--overwrite`` deletes ``--out``)."""
-    images, out = Path(images).resolve(), Path(out).resolve()
-    if out == images or images in out.parents:
-        raise ValueError(f"--out {out} is --images or inside it; write the purified images to another folder")
-    if out in images.parents:
-        raise ValueError(f"--out {out} holds --images {images}; write the purified images to another folder")
-
-
 def check_out(out: str | Path, *, overwrite: bool) -> None:
     """``runs.check_output``'s rules for a command with no ``--resume``: a new or empty folder, or with
     ``--overwrite`` a folder a run wrote (its ``config.yaml``)."""
@@ -78,43 +68,24 @@ def check_out(out: str | Path, *, overwrite: bool) -> None:
     runs.check_output(out, overwrite=overwrite, resume=False)
 
 
-def output_names(paths: list[Path]) -> list[str]:
-    """Each input's output file name, ``stem.png``; two inputs that would write one file are refused."""
-    names = [f"{p.stem}.png" for p in paths]
-    seen: dict[str, str] = {}
-    for path, name in zip(paths, names):
-        if name in seen:
-            raise ValueError(f"{seen[name]} and {path.name} would both be written as {name}; rename one")
-        seen[name] = path.name
-    return names
-
-
 def lpips_clip(cfg: PurifyConfig) -> Path | None:
     """The CLIP folder of the LPIPS-style distance: ``purify.clip``, else the world CLIP made earlier (committed
     or cached); None when ``purify.lpips`` is off."""
-    from persguard_jax.resources import world_asset
+    from persguard_jax.metrics import metrics_clip_folder
     if not cfg.lpips:
         return None
-    if cfg.clip is not None:
-        if not Path(cfg.clip).is_dir():
-            raise NotADirectoryError(f"purify.clip: {cfg.clip} is not a folder")
-        return Path(cfg.clip)
-    found = world_asset("world_clip", "config.json")
-    if found is None:
-        raise FileNotFoundError("purify: no world CLIP committed or cached for the LPIPS-style distance; name a "
-                                "CLIP folder with purify.clip=DIR, or set purify.lpips=false")
-    return found
+    return metrics_clip_folder(cfg.clip, key="purify.clip (or purify.lpips=false)")
 
 
 def _read_inputs(args: argparse.Namespace, config: runs.Config):
     """The chain, the photos, the model and the CLIP: everything that can be wrong, before any output."""
-    from persguard_jax.data.images import load_folder_as_is
+    from persguard_jax.data.images import load_folder_as_is, output_names
     from persguard_jax.purifiers import parse_chain
     chain = parse_chain(config.purify.chain, {name: config.get(name) for name in sections()})
     needs = list(dict.fromkeys(p.NAME for p in chain if p.needs_model))
     if needs and not args.model:
         raise ValueError(f"--purifier {', '.join(needs)} needs --model DIR (a diffusers pipeline folder)")
-    check_folders(args.images, args.out)
+    runs.check_apart(args.out, args.images, "--images")
     check_out(args.out, overwrite=args.overwrite)
     paths, photos = load_folder_as_is(args.images)
     names = output_names(paths)

@@ -185,6 +185,16 @@ def _differences(a: Any, b: Any, prefix: str = "") -> list[tuple[str, Any, Any]]
     return [] if a == b else [(prefix.rstrip("."), a, b)]
 
 
+def check_apart(out: str | Path, inputs: str | Path, flag: str) -> None:
+    """``--out`` must be neither the input folder ``flag`` names nor inside it (outputs would mix with the inputs,
+    and a rerun would read them), nor hold it (``--overwrite`` deletes ``--out``)."""
+    out, inputs = Path(out).resolve(), Path(inputs).resolve()
+    if out == inputs or inputs in out.parents:
+        raise ValueError(f"--out {out}: is {flag} or inside {flag}; the inputs are only read, write to another folder")
+    if out in inputs.parents:
+        raise ValueError(f"--out {out}: holds {flag} {inputs}; write to another folder")
+
+
 def prepare_output(out: Path, *, overwrite: bool, resume: bool, raw_config: Mapping[str, Any] | None = None
                    ) -> None:
     """``check_output``, then process 0 creates the folder (``overwrite``: deletes the earlier run first). Every
