@@ -11,7 +11,7 @@ small frozen dataclass holding its parameters; the same class is the config sect
 - ``tv``: total-variation denoising (Chambolle's dual projection, ``tv_denoise``);
 - ``sdedit``: latent DiffPure / SDEdit with the model at hand (noise the VAE latent to ``t_star``, denoise with
   DDIM and classifier-free guidance); ``sdedit_empty``: the same with the empty prompt;
-- ``sr``: downscale by ``factor`` and upscale back (bicubic; the SD x4-upscaler path is not implemented).
+- ``sr``: downscale by ``factor`` and upscale back (PIL bicubic, or an SD x4-upscaler pipeline, ``sr.model``).
 
 ``parse_chain("jpeg,sdedit", sections)`` gives the purifiers in order, ``purify`` runs a chain and times each
 purifier per image, ``purification_scores`` measures what a chain changed (l_inf, l_2, PSNR and the project's
@@ -369,26 +369,64 @@ RESAMPLING = {"bicubic": Image.BICUBIC, "area": Image.BOX}
 class SuperResolution(Purifier):
     """Super-resolution purification: downscale by ``factor`` (``resample``: PIL's bicubic, antialiased, or
     ``area`` averaging), then upscale back to the input size. Downscaling averages a pixel-level perturbation
-    away; the upscaler redraws the detail. DiffShortcut upscales with the SD x4 upscaler (512 -> 128 -> 512);
-    here the upscale is PIL bicubic, and ``model`` (an SD x4-upscaler pipeline folder) is not implemented yet."""
+    away; the upscaler redraws the detail.
+
+    ``model`` null: the upscale is PIL bicubic. ``model``: a pipeline folder in the SD x4 upscaler's layout
+    (``persguard_jax.upscale``), as DiffShortcut runs it (512 -> 128 -> 512, prompt "A photo of a person"),
+    with diffusers' defaults for ``steps``, ``guidance`` and ``noise_level``; ``factor`` must then equal the
+    upscaler's own factor (4). One fixed draw from ``seed`` serves every image, as ``sdedit``'s does."""
     NAME: ClassVar[str] = "sr"
     SECTION: ClassVar[str] = "sr"
-    BOUNDS: ClassVar[Mapping[str, str]] = {"factor": "[2, inf)"}
+    BOUNDS: ClassVar[Mapping[str, str]] = {"factor": "[2, inf)", "steps": "[1, inf)", "guidance": "[0, inf)",
+                                           "noise_level": "[0, inf)", "seed": "[0, inf)"}
     factor: int = 4
     resample: Literal["bicubic", "area"] = "bicubic"
     model: str | None = None
+    prompt: str = "A photo of a person"
+    negative_prompt: str = ""
+    steps: int = 75
+    guidance: float = 9.0
+    noise_level: int = 20
+    seed: int = 0
+
+    def _upscaler(self):
+        from persguard_jax.upscale import load_upscaler
+        try:
+            return load_upscaler(str(self.model))
+        except ValueError as e:  # WeightsError included: a missing or broken folder
+            raise ValueError(f"sr.model: {e}") from None
 
     def check(self, height: int, width: int, pipe: Any = None) -> None:
-        if self.model is not None:
-            raise NotImplementedError(f"sr.model: the SD x4-upscaler path is not implemented yet (got "
-                                      f"{self.model!r}); leave sr.model null for the bicubic upscale")
+        if self.model is None:
+            return
+        from persguard_jax.upscale import max_noise_level
+        upscaler = self._upscaler()
+        scale = 2 ** (len(upscaler.vae.config.block_out_channels) - 1)
+        if self.factor != scale:
+            raise ValueError(f"sr.factor={self.factor}: the upscaler at {self.model} upscales {scale}x; "
+                             f"set sr.factor={scale}")
+        if height % scale or width % scale:
+            raise ValueError(f"sr: {height}x{width} images are not multiples of the upscaler's factor {scale}")
+        if self.noise_level > max_noise_level(upscaler):
+            raise ValueError(f"sr.noise_level={self.noise_level}: the upscaler at {self.model} takes at most "
+                             f"{max_noise_level(upscaler)}")
 
     def __call__(self, images: Any, *, pipe: Any = None) -> np.ndarray:
         x = _as_images(images)
         h, w = x.shape[1:3]
         self.check(h, w)
         small = (max(1, round(w / self.factor)), max(1, round(h / self.factor)))
-        return _pil_each(x, lambda im: im.resize(small, RESAMPLING[self.resample]).resize((w, h), Image.BICUBIC))
+        low_res = _pil_each(x, lambda im: im.resize(small, RESAMPLING[self.resample]))
+        if self.model is None:
+            return _pil_each(low_res, lambda im: im.resize((w, h), Image.BICUBIC))
+        from persguard_jax.upscale import upscale, upscale_noise
+        upscaler = self._upscaler()
+        latents, noise = upscale_noise(self.seed, 1, low_res.shape[1:3], upscaler.vae.config.latent_channels)
+        n = len(x)
+        return upscale(upscaler, low_res, self.prompt, self.negative_prompt, num_steps=self.steps,
+                       guidance_scale=self.guidance, noise_level=self.noise_level,
+                       latents=jnp.broadcast_to(latents, (n, *latents.shape[1:])),
+                       image_noise=jnp.broadcast_to(noise, (n, *noise.shape[1:])))
 
 
 # --------------------------------------------------------------------------- the table, chains, runs

@@ -57,3 +57,11 @@ def micro():
     logical = {k: shd.logical_axes(m) for k, m in modules.items()}
     model, params = F.split_modules(modules)
     return model, params, logical
+
+
+@pytest.fixture(scope="session")
+def tiny_upscaler_dir(tmp_path_factory):
+    """A tiny random pipeline in the SD x4 upscaler's layout, saved in the diffusers layout."""
+    from persguard_jax.models import save_pipeline
+    from persguard_jax.models.tiny import tiny_upscaler_pipeline
+    return save_pipeline(tiny_upscaler_pipeline(0), tmp_path_factory.mktemp("upscaler") / "pipe")

@@ -215,6 +215,27 @@ def test_command_sdedit_on_the_world_model(tmp_path, world_photos):
     assert _hashes(photos) == before
 
 
+def test_command_sr_with_an_x4_upscaler(tmp_path, tiny_upscaler_dir):
+    """``sr.model``: downscale 4x with PIL, then the upscaler (one shared draw of its noise for every image)."""
+    from persguard_jax.models import load_pipeline
+    from persguard_jax.upscale import upscale, upscale_noise
+    images = sign_noise(smooth_images(3, 32, 32))
+    photos = _write_photos(tmp_path / "photos", images, ["a.png", "b.png", "c.png"])
+    out = tmp_path / "out"
+    assert main(["purify", "--images", str(photos), "--purifier", "sr", "--out", str(out), "purify.batch_size=2",
+                 f"sr.model={tiny_upscaler_dir}", "sr.steps=4", "sr.prompt=a photo of sks dog"]) == 0
+    results = _check_run(out, ["a.png", "b.png", "c.png"], (32, 32), ["sr"])
+    assert results["purifiers"]["sr"]["model"] == str(tiny_upscaler_dir)
+    low = P._pil_each(uint8_to_unit(np.stack([np.asarray(Image.open(photos / n)) for n in ("a.png", "b.png", "c.png")])),
+                      lambda im: im.resize((8, 8), Image.BICUBIC))
+    latents, noise = upscale_noise(0, 1, (8, 8), 4)
+    want = upscale(load_pipeline(tiny_upscaler_dir), low, "a photo of sks dog", num_steps=4,
+                   latents=np.repeat(latents, 3, 0), image_noise=np.repeat(noise, 3, 0))
+    got = uint8_to_unit(np.stack([np.asarray(Image.open(out / n)) for n in ("a.png", "b.png", "c.png")]))
+    assert np.abs(got - want).max() <= 1 / 255 + 1e-6  # written as 8-bit PNGs
+    assert got.std() > 0.01
+
+
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
     """Folders for the refusals: ``photos`` (two 32 px images), ``empty``, ``mixed`` (two sizes)."""
@@ -242,14 +263,17 @@ BAD = [
     (U.replace("{root}/new", "{root}"), "--out"),
     (U.replace("jpeg", "jpeg,sdedit"), "sdedit needs --model"),
     (U.replace("jpeg", "sr") + " sr.model={root}/empty", "sr.model"),
+    (U.replace("jpeg", "sr") + f" sr.model={WORLD}", "not an SD x4-upscaler pipeline"),
+    (U.replace("jpeg", "sr") + " sr.model={upscaler} sr.factor=2", "sr.factor=2"),
+    (U.replace("jpeg", "sr") + " sr.model={upscaler} sr.noise_level=400", "sr.noise_level=400"),
     (U.replace("jpeg", "sdedit") + f" --model {WORLD} sdedit.t_star=0", "sdedit.t_star"),
 ]
 
 
 @pytest.mark.parametrize("line,needle", BAD, ids=[needle for _, needle in BAD])
-def test_bad_input_is_one_line_and_writes_nothing(ws, capsys, line, needle):
+def test_bad_input_is_one_line_and_writes_nothing(ws, tiny_upscaler_dir, capsys, line, needle):
     before = {p: _hashes(ws / p) for p in ("photos", "mixed")}
-    assert main(line.format(root=ws).split()) == 2
+    assert main(line.format(root=ws, upscaler=tiny_upscaler_dir).split()) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("persguard purify: error: ") and needle in err, err
     assert not (ws / "new").exists() and not (ws / "photos" / "purified").exists()

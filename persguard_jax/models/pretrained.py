@@ -138,6 +138,9 @@ class Pipeline:
     tokenizer: CLIPTokenizer
     scheduler_config: dict[str, Any]
     model_index: dict[str, Any] = field(default_factory=lambda: dict(MODEL_INDEX))
+    # an SD x4-upscaler pipeline's second scheduler (``low_res_scheduler/``): the DDPM schedule that noises the
+    # low-resolution image the UNet is conditioned on (``persguard_jax.upscale``); None for text-to-image pipelines
+    low_res_scheduler_config: dict[str, Any] | None = None
 
     MODULES = ("unet", "vae", "text_encoder")
 
@@ -168,6 +171,7 @@ def load_pipeline(folder: str | Path, *, dtype=jnp.float32, param_dtype=jnp.floa
         if not (folder / part).is_dir():
             raise WeightsError(f"{folder / part}: missing pipeline subfolder {part}/")
     scheduler_path = folder / "scheduler" / "scheduler_config.json"
+    low_res_path = folder / "low_res_scheduler" / "scheduler_config.json"
     kw = dict(dtype=dtype, param_dtype=param_dtype, variant=variant)
     return Pipeline(
         unet=load_unet(folder / "unet", **kw),
@@ -176,6 +180,7 @@ def load_pipeline(folder: str | Path, *, dtype=jnp.float32, param_dtype=jnp.floa
         tokenizer=CLIPTokenizer.from_folder(folder / "tokenizer"),
         scheduler_config=read_json(scheduler_path),
         model_index=index,
+        low_res_scheduler_config=read_json(low_res_path) if low_res_path.is_file() else None,
     )
 
 
@@ -192,16 +197,21 @@ def save_pipeline(pipe: Pipeline, out_dir: str | Path, *, dtype=None, overwrite:
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
     try:
         index = {k: v for k, v in pipe.model_index.items() if not k.startswith("_")}
-        for optional in ("safety_checker", "feature_extractor", "image_encoder"):
-            index[optional] = [None, None]  # not carried: diffusers then loads without them
-        index["requires_safety_checker"] = False
-        save_json({"_class_name": pipe.model_index.get("_class_name", MODEL_INDEX["_class_name"]), **index},
-                  tmp / "model_index.json")
+        class_name = pipe.model_index.get("_class_name", MODEL_INDEX["_class_name"])
+        text_to_image = class_name == MODEL_INDEX["_class_name"]
+        for optional in ("safety_checker", "feature_extractor", "image_encoder", "watermarker"):
+            if optional in index or (text_to_image and optional in MODEL_INDEX):
+                index[optional] = [None, None]  # not carried: diffusers then loads without them
+        if text_to_image or "requires_safety_checker" in index:
+            index["requires_safety_checker"] = False
+        save_json({"_class_name": class_name, **index}, tmp / "model_index.json")
         save_model(pipe.unet, tmp / "unet", DIFFUSERS_WEIGHTS, dtype=dtype)
         save_model(pipe.vae, tmp / "vae", DIFFUSERS_WEIGHTS, dtype=dtype)
         save_model(pipe.text_encoder, tmp / "text_encoder", TRANSFORMERS_WEIGHTS, dtype=dtype)
         pipe.tokenizer.save(tmp / "tokenizer")
         save_json(pipe.scheduler_config, tmp / "scheduler" / "scheduler_config.json")
+        if pipe.low_res_scheduler_config is not None:
+            save_json(pipe.low_res_scheduler_config, tmp / "low_res_scheduler" / "scheduler_config.json")
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}.old")
             shutil.rmtree(old, ignore_errors=True)  # left by an earlier crash between the two renames

@@ -5,6 +5,8 @@ Same architecture family as SD 1.x, a few hundred thousand parameters.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import jax.numpy as jnp
 from persguard_jax.models import clip, unet, vae
 from persguard_jax.models.init import random_init
@@ -50,4 +52,37 @@ def tiny_pipeline(seed: int = 0, *, dtype=jnp.float32, param_dtype=jnp.float32) 
         text_encoder=random_init(clip.CLIPTextModel, tiny_text_config(tokenizer.vocab_size), seed=seed + 2, **kw),
         tokenizer=tokenizer,
         scheduler_config=SchedulerConfig().to_dict(),
+    )
+
+
+# The SD x4 upscaler's fixed pipeline facts (stabilityai/stable-diffusion-x4-upscaler: model_index.json and
+# low_res_scheduler/scheduler_config.json; diffusers' StableDiffusionUpscalePipeline reads the same keys).
+UPSCALER_MODEL_INDEX = {
+    "_class_name": "StableDiffusionUpscalePipeline", "max_noise_level": 350,
+    "low_res_scheduler": ["diffusers", "DDPMScheduler"], "scheduler": ["diffusers", "DDIMScheduler"],
+    "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+    "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+    "watermarker": [None, None],
+}
+UPSCALER_LOW_RES_SCHEDULER = {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_start": 0.0001,
+                              "beta_end": 0.02, "beta_schedule": "scaled_linear", "clip_sample": False,
+                              "variance_type": "fixed_small"}
+
+
+def tiny_upscaler_pipeline(seed: int = 0) -> Pipeline:
+    """A randomly initialised tiny pipeline in the SD x4 upscaler's layout: the UNet takes the 4-channel latent
+    beside the noised 3-channel low-resolution image (7 input channels) and embeds the noise level as a class
+    label (1000 classes); the VAE decodes 4x (three blocks, scaling factor 0.08333); v-prediction DDIM."""
+    tokenizer = CLIPTokenizer(train_clip_bpe(CORPUS, vocab_size=400))
+    unet_cfg = dataclasses.replace(tiny_unet_config(), in_channels=7, num_class_embeds=1000)
+    vae_cfg = dataclasses.replace(tiny_vae_config(), block_out_channels=(16, 32, 32), scaling_factor=0.08333,
+                                  down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3)
+    return Pipeline(
+        unet=random_init(unet.UNet2DConditionModel, unet_cfg, seed=seed),
+        vae=random_init(vae.AutoencoderKL, vae_cfg, seed=seed + 1),
+        text_encoder=random_init(clip.CLIPTextModel, tiny_text_config(tokenizer.vocab_size), seed=seed + 2),
+        tokenizer=tokenizer,
+        scheduler_config=SchedulerConfig(prediction_type="v_prediction").to_dict(),
+        model_index=dict(UPSCALER_MODEL_INDEX),
+        low_res_scheduler_config=dict(UPSCALER_LOW_RES_SCHEDULER),
     )

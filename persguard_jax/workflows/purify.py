@@ -94,10 +94,7 @@ def _read_inputs(args: argparse.Namespace, config: runs.Config):
         from persguard_jax.models import load_pipeline
         pipe = load_pipeline(args.model)
     for purifier in chain:
-        try:
-            purifier.check(*photos.shape[1:3], pipe)
-        except NotImplementedError as e:  # a config value asking for what is not built yet (sr.model)
-            raise cfglib.ConfigError(str(e)) from None
+        purifier.check(*photos.shape[1:3], pipe)
     clip = lpips_clip(config.purify)
     return chain, paths, names, photos, pipe, clip
 
