@@ -26,7 +26,7 @@ Reported (bytes are per device unless named ``unsharded``):
   state reused for the new one, temp = activations and gradients, generated code). ``temp`` is what
   ``--remat`` and ``--compute-dtype bfloat16`` change; ``peak_estimate_bytes`` = argument + output - alias + temp.
   (XLA:CPU's own ``peak_memory_in_bytes`` leaves the temp buffer out.) The temp figure is the CPU program's:
-  there ``layers.attention`` materialises each (heads, 4096, 4096) float32 score matrix (512 MiB per
+  there ``models.attention.attention`` (einsum) materialises each (heads, 4096, 4096) float32 score matrix (512 MiB per
   64x64-resolution self-attention at one example per device), where GPUs run flash attention.
 - ``replicated``: count, bytes and the largest arrays whose spec has no ``fsdp`` (norm scales and biases with
   fewer than ``MeshConfig.min_shard_size`` elements, the scalar counts, step and rng).

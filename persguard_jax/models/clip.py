@@ -22,6 +22,7 @@ from flax import nnx
 
 from persguard_jax.config import check_fields
 from persguard_jax.models import layers
+from persguard_jax.models.attention import attention
 from persguard_jax.models.convert import WeightsError
 from persguard_jax.models.remat import maybe_remat
 
@@ -190,9 +191,11 @@ class CLIPAttention(nnx.Module):
         self.q_proj = lin(axes=("embed", "heads"))
         self.out_proj = lin(axes=("heads", "embed"))
         self.num_heads = cfg.num_attention_heads
+        self.attention_impl = "auto"  # models.attention.set_attention
 
     def __call__(self, x: jax.Array, *, is_causal: bool) -> jax.Array:
-        out = layers.attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.num_heads, is_causal=is_causal)
+        out = attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.num_heads, is_causal=is_causal,
+                        implementation=self.attention_impl)
         return self.out_proj(out)
 
 

@@ -120,59 +120,6 @@ class LayerNorm(nnx.Module):
         return y.astype(self.dtype)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, num_heads: int, *, is_causal: bool = False,
-              upcast: bool = False, implementation: str | None = None) -> jax.Array:
-    """Multi-head scaled dot-product attention on ``(B, T, heads * head_dim)`` projections.
-
-    ``implementation``: ``None`` picks by backend: on CPU the explicit einsum path below (``"einsum"``), on
-    GPU/TPU ``jax.nn.dot_product_attention``, so XLA picks cuDNN flash attention on GPU. ``"xla"`` and
-    ``"cudnn"`` are passed to ``jax.nn.dot_product_attention``; ``"einsum"`` forces the explicit path anywhere.
-    ``upcast`` runs the whole product in float32 (diffusers' ``upcast_attention`` for SD 2.x at fp16/bf16).
-    """
-    b, tq, d = q.shape
-    out_dtype = q.dtype
-    if upcast:
-        q, k, v = (a.astype(jnp.float32) for a in (q, k, v))
-    if implementation is None and jax.default_backend() == "cpu":
-        # On CPU the backward XLA derives for jax.nn.dot_product_attention transposes the (B, H, Tq, Tk)
-        # probability matrix several times and feeds it to slow transposed matmuls: in the tiny UNet training
-        # step (docs/benchmarks.md) attention was ~40 of ~90 ms; _einsum_attention cuts the whole step ~35%
-        # (86.6 -> 56.7 ms; one 256-token self-attention fwd+bwd 5.6 -> 3.5 ms).
-        implementation = "einsum"
-    if implementation == "einsum":
-        out = _einsum_attention(q, k, v, num_heads, is_causal)
-    else:
-        split = lambda a: a.reshape(a.shape[0], a.shape[1], num_heads, a.shape[2] // num_heads)
-        out = jax.nn.dot_product_attention(split(q), split(k), split(v), is_causal=is_causal,
-                                           implementation=implementation)
-    return out.reshape(b, tq, d).astype(out_dtype)
-
-
-def _einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array, num_heads: int, is_causal: bool) -> jax.Array:
-    """Softmax attention as plain matmuls with heads as a batch dimension; float32 scores and softmax.
-
-    Same maths as ``jax.nn.dot_product_attention``, arranged for a cheap autodiff backward on CPU: the
-    softmax is left unnormalised (``e = exp(s - max)``) and the row sums divide the small ``(Tq, head_dim)``
-    output instead of the ``(Tq, Tk)`` matrix (as flash attention does), so forward and backward make fewer
-    passes over the big matrix, and the matmuls see row-major operands with no transposed copies of it.
-    Returns ``(B, Tq, heads * head_dim)``.
-    """
-    b, tq, d = q.shape
-    head_dim = d // num_heads
-    heads = lambda a: a.reshape(a.shape[0], a.shape[1], num_heads, head_dim).transpose(0, 2, 1, 3)
-    bdot = lambda x, y, cx, cy: jax.lax.dot_general(x, y, (((cx,), (cy,)), ((0, 1), (0, 1))),
-                                                  preferred_element_type=jnp.float32)
-    qh = heads(q * jnp.asarray(head_dim ** -0.5, q.dtype))
-    kh, vh = heads(k), heads(v)
-    s = bdot(qh, kh, 3, 3)                                                 # (B, H, Tq, Tk) float32
-    if is_causal:  # query i sees keys 0..i, as jax.nn.dot_product_attention (every row keeps key 0)
-        tk = s.shape[-1]
-        s = jnp.where(jnp.arange(tq)[:, None] >= jnp.arange(tk)[None, :], s, -jnp.inf)
-    e = jnp.exp(s - jax.lax.stop_gradient(s.max(-1, keepdims=True)))
-    out = bdot(e.astype(vh.dtype), vh, 3, 2) / e.sum(-1, keepdims=True)   # (B, H, Tq, head_dim)
-    return out.transpose(0, 2, 1, 3).reshape(b, tq, d)
-
-
 # erf as a rational function of x^2 on [-4, 4] (the float32 coefficients of Eigen's fast erf; beyond 4, erf is 1 in
 # float32). Why not ``jax.lax.erf``: from jax 0.12 it (and ``erfc``, hence ``jax.nn.gelu``) lowers through a
 # ``polynomial`` primitive whose varying-axes rule rejects a device-varying input inside ``jax.shard_map``, which

@@ -160,7 +160,11 @@ class Pipeline:
 
 
 def load_pipeline(folder: str | Path, *, dtype=jnp.float32, param_dtype=jnp.float32,
-                  variant: str | None = None) -> Pipeline:
+                  variant: str | None = None, attention: str = "auto") -> Pipeline:
+    """The networks, tokenizer and scheduler configs of a diffusers pipeline folder; ``attention`` is the
+    implementation every attention layer runs (``models.attention.IMPLEMENTATIONS``)."""
+    from persguard_jax.models.attention import check_implementation, set_attention
+    check_implementation(attention)
     folder = Path(folder)
     index_path = folder / "model_index.json"
     if not index_path.is_file():
@@ -173,7 +177,7 @@ def load_pipeline(folder: str | Path, *, dtype=jnp.float32, param_dtype=jnp.floa
     scheduler_path = folder / "scheduler" / "scheduler_config.json"
     low_res_path = folder / "low_res_scheduler" / "scheduler_config.json"
     kw = dict(dtype=dtype, param_dtype=param_dtype, variant=variant)
-    return Pipeline(
+    pipe = Pipeline(
         unet=load_unet(folder / "unet", **kw),
         vae=load_vae(folder / "vae", **kw),
         text_encoder=load_text_encoder(folder / "text_encoder", **kw),
@@ -182,6 +186,9 @@ def load_pipeline(folder: str | Path, *, dtype=jnp.float32, param_dtype=jnp.floa
         model_index=index,
         low_res_scheduler_config=read_json(low_res_path) if low_res_path.is_file() else None,
     )
+    for name in Pipeline.MODULES:
+        set_attention(getattr(pipe, name), attention)
+    return pipe
 
 
 def save_pipeline(pipe: Pipeline, out_dir: str | Path, *, dtype=None, overwrite: bool = False) -> Path:

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from persguard_jax.models import layers
+from persguard_jax.models.attention import attention
 from persguard_jax.models.convert import WeightsError, config_kwargs
 from persguard_jax.models.remat import maybe_remat
 
@@ -292,10 +293,12 @@ class Attention(nnx.Module):
         self.to_v = lin(kv_in, inner, axes=("embed", "heads"), use_bias=False)
         self.to_out = nnx.List([lin(inner, dim, axes=("heads", "embed"))])  # to_out.1 is a parameterless dropout
         self.heads, self.upcast = heads, upcast
+        self.attention_impl = "auto"  # models.attention.set_attention
 
     def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
         context = x if context is None else context
-        out = layers.attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads, upcast=self.upcast)
+        out = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads, upcast=self.upcast,
+                        implementation=self.attention_impl)
         return self.to_out[0](out)
 
 

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from persguard_jax.models import layers
+from persguard_jax.models.attention import attention
 from persguard_jax.models.convert import WeightsError, config_kwargs
 from persguard_jax.models.unet import ACTIVATIONS, Downsample2D, HashableFields, Upsample2D, _thaw
 
@@ -142,11 +143,13 @@ class Attention(nnx.Module):
         self.to_k = layers.Linear(ch, ch, axes=("embed", "heads"), **kw)
         self.to_v = layers.Linear(ch, ch, axes=("embed", "heads"), **kw)
         self.to_out = nnx.List([layers.Linear(ch, ch, axes=("heads", "embed"), **kw)])  # to_out.1 is a dropout
+        self.attention_impl = "auto"  # models.attention.set_attention
 
     def __call__(self, x: jax.Array) -> jax.Array:
         b, h, w, c = x.shape
         tokens = self.group_norm(x).reshape(b, h * w, c)
-        out = layers.attention(self.to_q(tokens), self.to_k(tokens), self.to_v(tokens), 1)
+        out = attention(self.to_q(tokens), self.to_k(tokens), self.to_v(tokens), 1,
+                        implementation=self.attention_impl)
         return x + self.to_out[0](out).reshape(b, h, w, c)  # rescale_output_factor is 1 in the VAE
 
 

@@ -76,6 +76,9 @@ class StepConfig(Section):
     # "auto": with replicated parameters, per-device gradients under shard_map and one psum of the flat gradient
     # vector (module docstring); "gspmd": always one program partitioned by GSPMD
     data_parallel: Literal["auto", "gspmd"] = "auto"
+    # the attention kernel of every model the workflow loads (models.attention): "auto" = einsum on CPU, cuDNN flash
+    # on GPU, Pallas flash on TPU, each falling back to XLA's where it cannot take the shapes
+    attention: Literal["auto", "einsum", "xla", "cudnn", "pallas"] = "auto"
 
 
 def _micro_batches(batch: Any, n: int) -> Any:

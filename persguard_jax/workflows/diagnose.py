@@ -86,7 +86,7 @@ def run(args: argparse.Namespace, config: runs.Config) -> dict:
     diag, db = config.diagnose, config.dreambooth
     names, clean, perturbed = _paired(args.clean, args.perturbed, db.resolution)
     clip_dir = _clip_folder(args, Path(args.model))
-    pipe = load_pipeline(args.model)
+    pipe = load_pipeline(args.model, attention=config.step.attention)
     check_resolution(pipe, db.resolution)
     evaluator = CLIPEvaluator.from_folder(clip_dir)
     out = runs.start_run(args.out, config.raw, overwrite=args.overwrite, resume=args.resume)

@@ -93,7 +93,7 @@ def _read_inputs(args: argparse.Namespace, config: runs.Config):
     types = {s.type for s in subjects}
     pattern = read_pattern(cfg, db.resolution) if "pattern" in types else None
     targets = read_target_images(cfg, db.resolution) if "target" in types else None
-    pipe = load_pipeline(args.model)
+    pipe = load_pipeline(args.model, attention=config.step.attention)
     check_resolution(pipe, db.resolution)
     if config.check.enabled:
         check_clip(config.check, world)

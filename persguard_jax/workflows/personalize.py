@@ -51,7 +51,7 @@ def run(args: argparse.Namespace, config: runs.Config) -> dict:
     if class_dir and Path(class_dir).exists() and not Path(class_dir).is_dir():
         raise NotADirectoryError(f"dreambooth.class_dir: {class_dir} is not a folder")
     photos = load_folder(args.instance_dir, config.dreambooth.resolution)  # bad photos fail here, all named
-    pipe = load_pipeline(args.model)
+    pipe = load_pipeline(args.model, attention=config.step.attention)
     check_resolution(pipe, config.dreambooth.resolution)
     out = runs.start_run(args.out, config.raw, overwrite=args.overwrite, resume=args.resume)
     results = personalize(pipe, photos, config, out)

@@ -72,7 +72,7 @@ def run(args: argparse.Namespace, config: runs.Config) -> dict:
     if cfg.target_image:
         from persguard_jax.data.images import load_image
         load_image(cfg.target_image, db.resolution)  # a bad target fails here, named
-    pipe = load_pipeline(args.model)
+    pipe = load_pipeline(args.model, attention=config.step.attention)
     check_resolution(pipe, db.resolution)
     out = runs.start_run(args.out, config.raw, overwrite=args.overwrite, resume=args.resume)
     print(f"protect: {cfg.method} on {len(photos)} photos of {args.images}, budget {cfg.budget:g}/255, prompt "
