@@ -164,10 +164,13 @@ def _plan_models(args: argparse.Namespace) -> dict:
             raise FileNotFoundError(f"{folder}: no config.json and no unet/, vae/ or text_encoder/ subfolder with one")
         return {p: _abstract(kinds[p], read_json(folder / p / "config.json"), folder / p / "config.json")
                 for p in parts}
+    from persguard_jax.models.clip import text_config_sd15, text_config_sd21
     unet_cfg = {"sd15": unet_config_sd15, "sd21": unet_config_sd21,
                 "sd21-base": lambda: unet_config_sd21(base=True)}[args.arch]()
+    text_cfg = text_config_sd15() if args.arch == "sd15" else text_config_sd21()
     return {"unet": pretrained.abstract_model(pretrained.UNET.model_cls, unet_cfg),
-            "vae": pretrained.abstract_model(pretrained.VAE.model_cls, vae_config_sd())}
+            "vae": pretrained.abstract_model(pretrained.VAE.model_cls, vae_config_sd()),
+            "text_encoder": pretrained.abstract_model(pretrained.TEXT.model_cls, text_cfg)}
 
 
 def _abstract(kind, config: dict, source: Path):
@@ -196,6 +199,32 @@ def cmd_plan(args: argparse.Namespace) -> None:
     full = sum(int(math.prod(r["shape"])) * 4 for r in rows)
     print(f"float32 parameters: {full / 2**30:.2f} GiB unsharded, {per_device / 2**30:.3f} GiB per device; "
           f"with AdamW state x3: {3 * per_device / 2**30:.3f} GiB per device")
+    if args.step:
+        _plan_step(args, models, mesh, mesh_cfg)
+
+
+def _plan_step(args: argparse.Namespace, models: dict, mesh, mesh_cfg) -> None:
+    """``persguard plan --step``: compile the workflow's step ahead of time and print its bytes per device."""
+    import json
+
+    from persguard_jax.models.convert import read_json
+    from persguard_jax.plan import StepPlan, format_memory, plan_memory
+    missing = [p for p in ("unet", "vae", "text_encoder") if p not in models]
+    if missing:
+        raise ValueError(f"--step {args.step} needs a whole pipeline (unet/, vae/, text_encoder/); "
+                         f"{args.model or args.arch} lacks {', '.join(missing)}")
+    scheduler = Path(args.model or "") / "scheduler" / "scheduler_config.json"
+    plan = StepPlan(step=args.step, batch=args.batch, resolution=args.resolution, remat=args.remat,
+                    compute_dtype=None if args.compute_dtype == "float32" else args.compute_dtype,
+                    train_text_encoder=not args.freeze_text_encoder, prior=not args.no_prior,
+                    retention_steps=args.k, retention_order=args.order)
+    print(f"compiling the {args.step} step ahead of time (nothing is allocated; minutes for SD on a CPU)...",
+          flush=True)
+    result = plan_memory(models, plan, mesh, mesh_cfg, read_json(scheduler) if args.model and scheduler.is_file()
+                         else None)
+    print(format_memory(result))
+    if args.json:
+        print(json.dumps(result))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -241,6 +270,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-shard-size", type=POSITIVE, default=1)
     p.add_argument("--devices", type=POSITIVE, help="fake this many CPU devices (plan a pod on a laptop)")
     p.add_argument("--limit", type=NON_NEGATIVE, default=25, help="rows shown, largest first (0: all)")
+    p.add_argument("--step", choices=("dreambooth", "implant", "aspl"),
+                   help="also compile this workflow step ahead of time and print its bytes per device")
+    p.add_argument("--batch", type=POSITIVE, default=8, help="--step: examples per step (global; aspl: photos)")
+    p.add_argument("--resolution", type=POSITIVE, help="--step: image side in pixels (default: the model's)")
+    p.add_argument("--remat", choices=("none", "dots_saveable", "full"), default="none", help="--step: remat policy")
+    p.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="bfloat16",
+                   help="--step: compute dtype (master weights stay float32)")
+    p.add_argument("--k", type=POSITIVE, default=2, help="--step implant: unrolled attacker steps")
+    p.add_argument("--order", type=int, choices=(1, 2), default=1, help="--step implant: 1 first order, 2 exact")
+    p.add_argument("--no-prior", action="store_true", help="--step: no class (prior-preservation) examples")
+    p.add_argument("--freeze-text-encoder", action="store_true", help="--step: train the UNet alone")
+    p.add_argument("--json", action="store_true", help="--step: also print the report as one JSON line")
     p.set_defaults(fn=cmd_plan)
 
     e = sub.add_parser("evaluate", help="sample a model on prompts with fixed seeds; CLIP and detector metrics")

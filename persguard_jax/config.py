@@ -260,8 +260,45 @@ def apply_overrides(config: dict, overrides: Iterable[str], *, source: str = "co
     return config
 
 
+def merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict:
+    """``top`` over ``base``: mappings merge key by key, anything else (a value, a list, null) replaces."""
+    out = copy.deepcopy(dict(base))
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+BASE_KEY = "base"
+
+
+def read_config(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
+    """A config file with its ``base:`` resolved: ``base: dreambooth_sd15`` (a shipped config's name, or a path,
+    relative to this file) is read first and this file's keys are merged over it (``merge``), so a layout
+    config names only what it changes. Bases may have bases; a cycle is refused."""
+    from persguard_jax.resources import config_path
+    path = Path(path)
+    raw = read_yaml(path)
+    base = raw.pop(BASE_KEY, None)
+    if base is None:
+        return raw
+    if not isinstance(base, str) or not base.strip():
+        raise ConfigError(f"{path}: {BASE_KEY} must name a config (a shipped name or a path), got {base!r}")
+    local = path.parent / base
+    try:
+        base_path = local if local.is_file() else config_path(base)
+    except FileNotFoundError as e:
+        raise ConfigError(f"{path}: {BASE_KEY}: {e}") from None
+    chain = _chain + (path.resolve(),)
+    if base_path.resolve() in chain:
+        raise ConfigError(f"{path}: {BASE_KEY}: {base} makes a cycle ({' -> '.join(p.name for p in chain)})")
+    return merge(read_config(base_path, chain), raw)
+
+
 def load_config(path: str | Path, overrides: Iterable[str] = ()) -> dict:
-    return apply_overrides(read_yaml(path), overrides)
+    return apply_overrides(read_config(path), overrides)
 
 
 def section(config: dict, name: str) -> dict:

@@ -101,3 +101,21 @@ def test_values_are_coerced_to_their_field_types(value, hint, want):
 def test_values_of_the_wrong_kind_are_refused(value, hint):
     with pytest.raises(cfglib._Mismatch):
         cfglib._check(value, hint)
+
+
+def test_base_configs_merge_and_refuse_cycles(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: dreambooth_sd15\nmesh: {fsdp: 8, data: 1}\nlora: {rank: 4}\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\ndreambooth: {steps: 250}\n")
+    merged = cfglib.read_config(tmp_path / "b.yaml")
+    shipped = cfglib.read_yaml(resources.config_path("dreambooth_sd15"))
+    assert "base" not in merged and merged["dreambooth"]["steps"] == 250
+    assert merged["dreambooth"]["resolution"] == shipped["dreambooth"]["resolution"]  # kept from the base
+    assert merged["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1} and merged["lora"] == {"rank": 4}
+    assert merged["optimizer"] == shipped["optimizer"]
+    (tmp_path / "c.yaml").write_text("base: d.yaml\n")
+    (tmp_path / "d.yaml").write_text("base: c.yaml\n")
+    with pytest.raises(cfglib.ConfigError, match="cycle"):
+        cfglib.read_config(tmp_path / "c.yaml")
+    (tmp_path / "e.yaml").write_text("base: no_such_config\n")
+    with pytest.raises(cfglib.ConfigError, match="e.yaml: base: no_such_config"):
+        cfglib.read_config(tmp_path / "e.yaml")

@@ -181,6 +181,20 @@ class CLIPConfig:
                 "text_config": strip(self.text_config), "vision_config": strip(self.vision_config)}
 
 
+def text_config_sd15() -> "CLIPTextConfig":
+    """The SD 1.x text encoder (openai/clip-vit-large-patch14's text tower, runwayml/stable-diffusion-v1-5
+    ``text_encoder/config.json``)."""
+    return CLIPTextConfig(hidden_size=768, intermediate_size=3072, projection_dim=768, num_hidden_layers=12,
+                          num_attention_heads=12, hidden_act="quick_gelu", bos_token_id=0, eos_token_id=2)
+
+
+def text_config_sd21() -> "CLIPTextConfig":
+    """The SD 2.x text encoder (OpenCLIP ViT-H/14's text tower, 23 of its 24 layers, stabilityai/stable-diffusion-2-1
+    ``text_encoder/config.json``)."""
+    return CLIPTextConfig(hidden_size=1024, intermediate_size=4096, projection_dim=512, num_hidden_layers=23,
+                          num_attention_heads=16, hidden_act="gelu", bos_token_id=0, eos_token_id=2)
+
+
 # --------------------------------------------------------------------------- transformer
 
 class CLIPAttention(nnx.Module):

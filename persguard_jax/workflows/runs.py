@@ -294,7 +294,7 @@ class Workflow:
         A value that fails its check is reported with where it came from: the file, or the command line."""
         from persguard_jax.resources import config_path
         path = config_path(args.config or self.config)
-        file_raw = cfglib.read_yaml(path)
+        file_raw = cfglib.read_config(path)
         overrides = tuple(getattr(args, "overrides", ()) or ())
         try:
             return parse_config(self.resolve(cfglib.apply_overrides(file_raw, overrides), args), self.sections())
