@@ -53,10 +53,6 @@ from typing import Any
 DEVICES = 8
 GOAL_SLACK = 1.05          # "<= 1/8 of it + 5%"
 LATENT, LATENT_CHANNELS, CONTEXT_LEN, CONTEXT_DIM = 64, 4, 77, 768
-MEMORY_FIELDS = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
-                 "generated_code_size_in_bytes", "host_argument_size_in_bytes", "host_output_size_in_bytes",
-                 "host_alias_size_in_bytes", "host_temp_size_in_bytes", "host_generated_code_size_in_bytes",
-                 "peak_memory_in_bytes", "total_allocation_bytes")
 
 _T0 = time.perf_counter()
 
@@ -161,34 +157,16 @@ def compile_step(parts: dict) -> tuple[Any, float, float]:
 
 # --------------------------------------------------------------------------- bytes
 
+from persguard_jax.plan import full_bytes, memory_stats  # noqa: E402 (the library's own byte counts)
+
+
 def plan(shapes: Any, shardings: Any) -> list[dict]:
     from persguard_jax import sharding as shd
     return shd.sharding_plan(shapes, shardings)
 
 
-def full_bytes(shapes: Any) -> int:
-    """Unsharded bytes of the arrays of ``shapes``."""
-    import jax
-    import numpy as np
-    return sum(int(math.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(shapes))
-
-
 def per_device(rows: list[dict]) -> int:
     return sum(r["bytes_per_device"] for r in rows)
-
-
-def memory_stats(compiled) -> dict:
-    """The fields of ``compiled.memory_analysis()`` that this jax/XLA reports (per device)."""
-    ma = compiled.memory_analysis()
-    if ma is None:
-        return {}
-    if isinstance(ma, (list, tuple)):  # some backends give one entry per device; they are all alike here
-        ma = ma[0]
-    out = {f: int(getattr(ma, f)) for f in MEMORY_FIELDS if isinstance(getattr(ma, f, None), int)}
-    if {"argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes"} <= set(out):
-        out["peak_estimate_bytes"] = (out["argument_size_in_bytes"] + out["output_size_in_bytes"]
-                                      - out["alias_size_in_bytes"] + out["temp_size_in_bytes"])
-    return out
 
 
 def replicated_arrays(rows: list[dict], top: int) -> dict:

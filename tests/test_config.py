@@ -119,3 +119,23 @@ def test_base_configs_merge_and_refuse_cycles(tmp_path):
     (tmp_path / "e.yaml").write_text("base: no_such_config\n")
     with pytest.raises(cfglib.ConfigError, match="e.yaml: base: no_such_config"):
         cfglib.read_config(tmp_path / "e.yaml")
+
+
+# the workflow each shipped config is for, by its name's prefix
+CONFIG_WORKFLOWS = {"dreambooth_": "personalize", "cdl_": "personalize", "implant_": "implant", "protect_": "protect",
+                    "diagnose_": "diagnose", "purify": "purify", "world_tiny": "pretrain", "world_clip": "train-clip"}
+
+
+@pytest.mark.parametrize("name", resources.config_names())
+def test_every_shipped_config_parses_with_its_workflow(name):
+    from persguard_jax.cli import WORKFLOWS
+    from persguard_jax.workflows import runs
+    workflows = {w.name: w for w in WORKFLOWS()}
+    prefix = next(p for p in CONFIG_WORKFLOWS if name.startswith(p))
+    wf = workflows[CONFIG_WORKFLOWS[prefix]]
+    config = runs.parse_config(wf.resolve(cfglib.read_config(resources.config_path(name)), None), wf.sections())
+    if name.count("_") == 2 and name.split("_")[-1] in ("v5e8", "v5p16", "h100x8"):  # an accelerator layout
+        assert config.mesh.data * config.mesh.fsdp * config.mesh.tensor == 8  # all three have 8 chips / GPUs
+        assert config.step.compute_dtype == "bfloat16" and config.step.attention == "auto"
+    if name.startswith("cdl_"):
+        assert config.cdl.enabled
