@@ -16,7 +16,7 @@ WORLD = assets_dir() / "world_tiny"
 
 def test_plan_dreambooth_step_bytes_per_device(capsys):
     assert main(["plan", "--model", str(WORLD), "--data", "1", "--fsdp", "8", "--limit", "1", "--step",
-                 "dreambooth", "--batch", "4", "--remat", "full", "--json"]) == 0
+                 "dreambooth", "--batch", "4", "--remat", "full", "--no-prior", "--json"]) == 0
     out = capsys.readouterr().out
     result = json.loads(out.strip().splitlines()[-1])
     assert "activations" in out and "dreambooth step, 4 per step at 32 px" in out

@@ -103,12 +103,13 @@ def test_global_batch_from_process_shares():
 
 
 def test_plan_command_sd15(capsys):
-    """``persguard plan`` on the full-size SD 1.5 UNet + VAE (abstract: no weights), fsdp=8."""
+    """``persguard plan`` on the full-size SD 1.5 UNet, VAE and text encoder (abstract: no weights), fsdp=8."""
     from persguard_jax.cli import main
-    assert main(["plan", "--arch", "sd15", "--fsdp", "8", "--limit", "3"]) == 0
+    assert main(["plan", "--arch", "sd15", "--fsdp", "8", "--limit", "5"]) == 0
     out = capsys.readouterr().out
     assert "mesh {'data': 1, 'fsdp': 8, 'tensor': 1}" in out
-    assert "unet/up_blocks/0/resnets/0/conv1/kernel  (3, 3, 2560, 1280)" in out and "'fsdp'" in out
+    assert "text_encoder/text_model/embeddings/token_embedding/embedding" in out and "(49408, 768)" in out
+    assert "unet/up_blocks/0/resnets/0/conv1/kernel" in out and "(3, 3, 2560, 1280)" in out and "'fsdp'" in out
     per_device = int(out.split(" arrays, ")[1].split(" bytes per device")[0].replace(",", ""))
     elements = int(out.split("bytes per device (")[1].split(" elements")[0].replace(",", ""))
     assert per_device <= elements * 4 / 8 * 1.01  # float32, 1/8 per device up to the small replicated arrays
