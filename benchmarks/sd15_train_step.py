@@ -175,8 +175,7 @@ def bench_torch(args) -> dict:
     if not cuda:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    cfg = unet_config(args.arch).to_dict()
-    cfg.pop("_class_name", None)
+    cfg = unet_config(args.arch).to_dict()  # the diffusers config.json keys; "_class_name" and the like dropped
     unet = UNet2DConditionModel(**{k: v for k, v in cfg.items() if not k.startswith("_")}).to(device).train()
     if args.remat != "none":
         unet.enable_gradient_checkpointing()

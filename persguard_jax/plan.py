@@ -26,7 +26,6 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal, Mapping
 
 import jax
@@ -126,6 +125,14 @@ def _train_step(loss, trains: tuple[str, ...], params, logical, batch, mesh, mes
     return lowered, parts
 
 
+def _pipeline(modules: Mapping[str, Any], scheduler_config: Mapping[str, Any] | None):
+    """The abstract networks as a ``models.Pipeline`` (no tokenizer: nothing is tokenised), so the workflows' own
+    set-up functions (``losses.pipeline_loss_config``, ``protect.runner.make_setting``) build the plan's step."""
+    from persguard_jax.models import Pipeline
+    return Pipeline(unet=modules["unet"], vae=modules["vae"], text_encoder=modules["text_encoder"], tokenizer=None,
+                    scheduler_config=dict(scheduler_config or {}))
+
+
 def _loss_setup(modules, scheduler_config: Mapping[str, Any] | None):
     from persguard_jax import losses
     from persguard_jax.models import functional as F
@@ -133,9 +140,9 @@ def _loss_setup(modules, scheduler_config: Mapping[str, Any] | None):
     nets = {k: v for k, v in modules.items() if k != "vae"}
     model, params = F.split_modules(nets)
     logical = {k: shd.logical_axes(m) for k, m in nets.items()}
-    schedule = make_schedule(SchedulerConfig.from_dict(dict(scheduler_config or {})))
-    loss_cfg = losses.LossConfig(scaling_factor=modules["vae"].config.scaling_factor)
-    return model, params, logical, schedule, loss_cfg
+    pipe = _pipeline(modules, scheduler_config)
+    schedule = make_schedule(SchedulerConfig.from_dict(pipe.scheduler_config))
+    return model, params, logical, schedule, losses.pipeline_loss_config(pipe)
 
 
 def lower_dreambooth(modules, plan: StepPlan, mesh, mesh_cfg, scheduler_config=None):
@@ -176,23 +183,22 @@ def lower_implant(modules, plan: StepPlan, mesh, mesh_cfg, scheduler_config=None
 
 def lower_aspl(modules, plan: StepPlan, mesh, mesh_cfg, scheduler_config=None):
     import functools
+    from types import SimpleNamespace
 
-    from persguard_jax import losses
+    from persguard_jax.dreambooth.config import DreamBoothConfig
     from persguard_jax.models import functional as F
     from persguard_jax.protect import methods as M
     from persguard_jax.protect.config import ProtectConfig
-    from persguard_jax.schedulers import SchedulerConfig, make_schedule
+    from persguard_jax.protect.runner import make_setting
     from persguard_jax.train.optim import OptimizerConfig
     pixels, side = latent_size(modules, plan)
-    model, params = F.split_modules(dict(modules))
-    logical = {k: shd.logical_axes(m) for k, m in modules.items()}
     trains = ("unet", "text_encoder") if plan.train_text_encoder else ("unet",)
-    cfg = ProtectConfig(method="aspl", surrogate_steps=plan.surrogate_steps, pgd_steps=plan.pgd_steps,
-                        model_steps=plan.model_steps)
-    setting = M.Setting(model=model, schedule=make_schedule(SchedulerConfig.from_dict(dict(scheduler_config or {}))),
-                        loss_cfg=losses.LossConfig(scaling_factor=modules["vae"].config.scaling_factor),
-                        trains=trains, prior_weight=1.0 if plan.prior else 0.0,
-                        optimizer=OptimizerConfig(learning_rate=5e-6, schedule="constant"), cfg=cfg)
+    config = SimpleNamespace(  # the sections of a protect config that make_setting reads
+        protect=ProtectConfig(method="aspl", surrogate_steps=plan.surrogate_steps, pgd_steps=plan.pgd_steps,
+                              model_steps=plan.model_steps),
+        dreambooth=DreamBoothConfig(prior_weight=1.0 if plan.prior else 0.0),
+        optimizer=OptimizerConfig(learning_rate=5e-6, schedule="constant"), loss={})
+    setting, params, logical = make_setting(_pipeline(modules, scheduler_config), config, trains)
     ps = shd.param_shardings(logical, params, mesh, mesh_cfg)
     train, rest = F.partition(params, trains)
     train_s, rest_s = F.partition(ps, trains)
@@ -208,7 +214,7 @@ def lower_aspl(modules, plan: StepPlan, mesh, mesh_cfg, scheduler_config=None):
     scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)
     key = jax.eval_shape(lambda: jax.random.key(0))
     d = _with(data, ds)
-    iteration = jax.jit(functools.partial(M.aspl_iteration, setting=setting))
+    iteration = jax.jit(functools.partial(M.aspl_iteration, setting=setting))  # as protect.runner.Protector
     lowered = iteration.lower(_with(train, train_s), _with(rest, rest_s), d["images"], d["origin"], d["clean"],
                               d["prior"], d["condition"], scalar, jax.ShapeDtypeStruct(key.shape, key.dtype,
                                                                                          sharding=rep))

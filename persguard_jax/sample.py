@@ -160,27 +160,40 @@ def encode_text(pipe, texts, *, params: Mapping[str, Any] | None = None) -> jax.
 
 
 @functools.lru_cache(maxsize=32)
-def _pipeline_denoise(unet_def, skip_uncond: bool) -> Denoise:
+def _pipeline_denoise(unet_def, skip_uncond: bool, image_conditioned: bool = False) -> Denoise:
     """The guided UNet call of a pipeline, one object per UNet graph (so ``_runner`` caches its compilation);
-    the guidance scale is an argument, so a new scale does not recompile either."""
-    def denoise(x, t, unet_state, cond, uncond, guidance_scale):
+    the guidance scale is an argument, so a new scale does not recompile either. ``image_conditioned``: the SD x4
+    upscaler's call, which also takes ``(low_res, noise_level)``: the noised low-resolution image beside the
+    latent (on channels) and its noise level as the UNet's class label."""
+    def denoise(x, t, unet_state, cond, uncond, guidance_scale, *image):
         unet = nnx.merge(unet_def, unet_state)
-        apply = lambda x, t, ctx: unet(x.astype(unet.dtype), t, ctx).astype(jnp.float32)
+
+        def apply(x, t, ctx):
+            kw = {}
+            if image_conditioned:  # under guidance x holds [uncond; cond]: the image repeats to match
+                low_res, noise_level = image
+                x = jnp.concatenate([x, jnp.concatenate([low_res] * (x.shape[0] // low_res.shape[0]))], axis=-1)
+                kw["class_labels"] = jnp.full((x.shape[0],), noise_level, jnp.int32)
+            return unet(x.astype(unet.dtype), t, ctx, **kw).astype(jnp.float32)
         return guided(apply, cond, uncond, 1 if skip_uncond else guidance_scale)(x, t)
     return denoise
 
 
 def pipeline_denoise(pipe, cond_context, uncond_context, guidance_scale, *,
-                     params: Mapping[str, Any] | None = None) -> tuple[Denoise, tuple]:
+                     params: Mapping[str, Any] | None = None, image: tuple | None = None) -> tuple[Denoise, tuple]:
     """The pipeline's UNet under classifier-free guidance as ``sample_latents``' ``(denoise, args)``.
 
     The weights, contexts and scale travel in ``args`` and ``denoise`` is one object per UNet graph, so every
-    sampling loop built from it (text -> image, SDEdit from a noised image latent) compiles once per graph and
-    shape, whatever the prompts, scale or weights (``params["unet"]`` instead of the pipeline's own when given)."""
+    sampling loop built from it (text -> image, SDEdit from a noised image latent, the x4 upscaler with ``image``
+    = ``(noised low-resolution image, noise level)``) compiles once per graph and shape, whatever the prompts,
+    scale or weights (``params["unet"]`` instead of the pipeline's own when given)."""
     unet_def, unet_state = _network(pipe, "unet", params)
     skip_uncond = isinstance(guidance_scale, (int, float)) and guidance_scale == 1
-    return _pipeline_denoise(unet_def, skip_uncond), (unet_state, cond_context, uncond_context,
-                                                      jnp.float32(guidance_scale))
+    args = (unet_state, cond_context, uncond_context, jnp.float32(guidance_scale))
+    if image is None:
+        return _pipeline_denoise(unet_def, skip_uncond), args
+    low_res, noise_level = image
+    return _pipeline_denoise(unet_def, skip_uncond, True), args + (jnp.asarray(low_res), jnp.int32(noise_level))
 
 
 @jax.jit(static_argnums=0)

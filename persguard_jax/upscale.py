@@ -15,10 +15,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from persguard_jax.models import Pipeline, load_pipeline
-from persguard_jax.sample import Denoise, _network, decode_latents, encode_text, guided, sample_latents
+from persguard_jax.sample import decode_latents, encode_text, pipeline_denoise, sample_latents
 from persguard_jax.schedulers import (SchedulerConfig, add_noise, diffusers_ddim_prev_timesteps, make_schedule,
                                       sampling_timesteps)
 
@@ -51,22 +50,6 @@ def load_upscaler(folder: str) -> Pipeline:
     pipe = load_pipeline(folder)
     check_upscaler(pipe, str(Path(folder)))
     return pipe
-
-
-@functools.lru_cache(maxsize=8)
-def _upscaler_denoise(unet_def, skip_uncond: bool) -> Denoise:
-    """The guided UNet call with the noised low-resolution image and its noise level beside the latent; one object
-    per UNet graph, so the sampling loop compiles once per graph and shape."""
-    def denoise(x, t, unet_state, cond, uncond, guidance_scale, low_res, noise_level):
-        unet = nnx.merge(unet_def, unet_state)
-
-        def apply(x, t, ctx):  # under guidance x holds [uncond; cond]: the image repeats to match
-            image = jnp.concatenate([low_res] * (x.shape[0] // low_res.shape[0]))
-            labels = jnp.full((x.shape[0],), noise_level, jnp.int32)
-            x_in = jnp.concatenate([x, image], axis=-1).astype(unet.dtype)
-            return unet(x_in, t, ctx, class_labels=labels).astype(jnp.float32)
-        return guided(apply, cond, uncond, 1 if skip_uncond else guidance_scale)(x, t)
-    return denoise
 
 
 def upscale_noise(seed: int, num_images: int, low_res_shape: tuple[int, int], latent_channels: int
@@ -108,10 +91,9 @@ def upscale(pipe: Pipeline, images: Any, prompt: str, negative_prompt: str = "",
     cfg = SchedulerConfig.from_dict(pipe.scheduler_config)
     ts = sampling_timesteps(cfg, num_steps, "ddim")
     cond, uncond = encode_text(pipe, [prompt]), encode_text(pipe, [negative_prompt])
-    unet_def, unet_state = _network(pipe, "unet", None)
-    skip_uncond = guidance_scale <= 1  # diffusers guides only above 1
-    denoise = _upscaler_denoise(unet_def, skip_uncond)
-    args = (unet_state, cond, uncond, jnp.float32(guidance_scale), low_res, jnp.int32(noise_level))
+    # diffusers guides only above 1: at or below it the prompt runs alone (scale 1)
+    denoise, args = pipeline_denoise(pipe, cond, uncond, guidance_scale if guidance_scale > 1 else 1,
+                                     image=(low_res, noise_level))
     z = sample_latents(denoise, latents, make_schedule(cfg), ts, prediction_type=cfg.prediction_type,
                        prev_timesteps=diffusers_ddim_prev_timesteps(cfg, ts), args=args)
     vae_cfg = pipe.vae.config

@@ -14,14 +14,14 @@ in the graph definition, as the remat policy does.
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 Implementation = Literal["auto", "einsum", "xla", "cudnn", "pallas"]
-IMPLEMENTATIONS: tuple[str, ...] = ("auto", "einsum", "xla", "cudnn", "pallas")
+IMPLEMENTATIONS: tuple[str, ...] = get_args(Implementation)
 # cuDNN's fused flash attention (cudnn >= 9, as jax.nn.dot_product_attention calls it): half precision inputs, a
 # head dimension that is a multiple of 8 up to 128
 CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
@@ -50,7 +50,7 @@ def choose(name: str, *, backend: str, dtype, head_dim: int, q_len: int, kv_len:
     """The kernel one attention call runs: ``einsum``, ``xla``, ``cudnn`` or ``pallas``.
 
     ``auto`` picks by ``backend`` (``jax.default_backend()``): ``cpu`` einsum (cheaper backward on XLA:CPU,
-    docs/benchmarks.md), ``gpu``/``cuda``/``rocm`` cuDNN, ``tpu`` Pallas; ``cudnn`` and ``pallas`` (asked for or
+    docs/benchmarks.md), ``gpu``/``cuda`` cuDNN, ``tpu`` Pallas, any other (``rocm``) XLA's; ``cudnn`` and ``pallas`` (asked for or
     picked) become ``xla`` for a call whose dtype or shapes the kernel cannot take, and off their backend."""
     check_implementation(name)
     gpu = backend in ("gpu", "cuda")

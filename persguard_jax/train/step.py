@@ -56,6 +56,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from persguard_jax.config import Section
 from persguard_jax.losses import scalar_metrics, sharded_batch
+from persguard_jax.models.attention import Implementation
 from persguard_jax.models.functional import cast_floating, merge
 from persguard_jax.train.optim import Optimizer, resolve_optimizer
 from persguard_jax.train.state import TrainState
@@ -78,7 +79,7 @@ class StepConfig(Section):
     data_parallel: Literal["auto", "gspmd"] = "auto"
     # the attention kernel of every model the workflow loads (models.attention): "auto" = einsum on CPU, cuDNN flash
     # on GPU, Pallas flash on TPU, each falling back to XLA's where it cannot take the shapes
-    attention: Literal["auto", "einsum", "xla", "cudnn", "pallas"] = "auto"
+    attention: Implementation = "auto"
 
 
 def _micro_batches(batch: Any, n: int) -> Any:
