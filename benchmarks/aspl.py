@@ -60,6 +60,10 @@ def parse_args(argv=None):
     p.add_argument("--model-steps", type=int, default=3)
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     p.add_argument("--skip-torch", action="store_true")
+    p.add_argument("--no-per-device", action="store_true", help="protect.per_device=false: every device computes "
+                                                                  "the whole batch (the behaviour before it)")
+    p.add_argument("--devices", type=int, help="XLA CPU devices (default: one per core, as every persguard command "
+                                                "asks; 1 = the whole iteration on one device)")
     p.add_argument("--compile-cache", help="JAX's persistent compilation cache folder, as the CLI uses one (a "
                                            "second run with the same folder shows the warm compile)")
     return p.parse_args(argv)
@@ -84,38 +88,42 @@ def bench_jax(args, photos, class_images, class_name):
     from persguard_jax.io import uint8_to_signed
     from persguard_jax.models import functional as F
     from persguard_jax.models import load_pipeline
-    from persguard_jax.protect import methods as M
-    from persguard_jax.protect.runner import make_setting
+    from persguard_jax.protect.methods import split_axes
+    from persguard_jax.protect.runner import Protector
     from persguard_jax.workflows.protect import WORKFLOW
     overrides = (f"protect.class_name={class_name}", f"protect.pgd_steps={args.pgd_steps}",
-                 f"protect.surrogate_steps={args.surrogate_steps}", f"protect.model_steps={args.model_steps}")
+                 f"protect.surrogate_steps={args.surrogate_steps}", f"protect.model_steps={args.model_steps}",
+                 f"protect.per_device={not args.no_per_device}")
     config = WORKFLOW.load(ap.Namespace(config=None, overrides=overrides, method="aspl"))
     pipe = load_pipeline(args.model)
-    setting, params, _ = make_setting(pipe, config, ("unet", "text_encoder"))
+    protector = Protector(pipe, config)  # what `persguard protect` compiles: the mesh over every device
+    put = protector.put
     x = uint8_to_signed(photos)
     cond = prompt_conditioning(pipe, config.dreambooth.instance_prompt, len(x), embed=False)
     mean, logvar = encode_latents(pipe.vae, x)
     c_mean, c_logvar = encode_latents(pipe.vae, uint8_to_signed(class_images))
-    clean = {"latent_mean": mean, "latent_logvar": logvar, **cond}
-    prior = {"latent_mean": c_mean, "latent_logvar": c_logvar,
-             **prompt_conditioning(pipe, config.dreambooth.class_prompt, len(c_mean), embed=False)}
-    train, rest = F.partition(params, setting.trains)
-    step = jax.jit(lambda *a: M.aspl_iteration(*a, setting=setting))
+    clean = put({"latent_mean": mean, "latent_logvar": logvar, **cond})
+    prior = put({"latent_mean": c_mean, "latent_logvar": c_logvar,
+                 **prompt_conditioning(pipe, config.dreambooth.class_prompt, len(c_mean), embed=False)})
+    cond = put(cond)
+    train, rest = F.partition(protector.params, protector.setting.trains)
+    step = protector.iteration
     rng = jax.random.key(0)
-    images = jax.numpy.asarray(x)
+    images = origin = put(x)
     t0 = time.perf_counter()
-    out = step(train, rest, images, images, clean, prior, cond, 0, rng)
+    out = step(train, rest, images, origin, clean, prior, cond, 0, rng)
     jax.block_until_ready(out)
     compile_s = time.perf_counter() - t0
     train, images = out[0], out[1]
     times = []
     for i in range(1, args.iterations + 1):
         t0 = time.perf_counter()
-        out = step(train, rest, images, jax.numpy.asarray(x), clean, prior, cond, i, rng)
+        out = step(train, rest, images, origin, clean, prior, cond, i, rng)
         jax.block_until_ready(out)
         times.append(time.perf_counter() - t0)
         train, images = out[0], out[1]
-    return {"jax_compile_s": round(compile_s, 2), "jax_iteration_s": statistics.median(times),
+    return {"jax_devices": jax.device_count(), "jax_split_over": list(split_axes(protector.setting)),
+            "jax_compile_s": round(compile_s, 2), "jax_iteration_s": statistics.median(times),
             "jax_linf": float(np.abs(np.asarray(images) - x).max() * 127.5)}
 
 
@@ -193,6 +201,8 @@ def bench_torch(args, photos, class_images, class_name):
 
 def main(argv=None):
     args = parse_args(argv)
+    from persguard_jax.sharding import request_cpu_devices
+    request_cpu_devices(args.devices)  # before jax starts its CPU backend
     if args.compile_cache:
         os.environ["JAX_COMPILATION_CACHE_DIR"] = args.compile_cache
         from persguard_jax.runtime import setup_process

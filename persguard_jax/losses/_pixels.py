@@ -10,8 +10,9 @@ import jax
 import jax.numpy as jnp
 
 from persguard_jax import schedulers
-from persguard_jax.losses._base import Aux, LossConfig, LossFn, noised_latents, predict, squared_error, text_context
-from persguard_jax.losses._batch import batch_draw, batch_mean
+from persguard_jax.losses._base import (Aux, LossConfig, LossFn, noised_latents, predict, squared_error, text_context,
+                                        weighted_mean)
+from persguard_jax.losses._batch import batch_draw
 
 
 def encode_pixels(params, images: jax.Array, rng: jax.Array, *, model, cfg: LossConfig, vae: str = "vae",
@@ -52,5 +53,5 @@ def target_shift_loss(params, batch, rng, *, model, schedule: schedulers.Schedul
     x_prev = schedulers.ddim_step(schedule, pred, z.t, prev, z.x_t, prediction_type=cfg.prediction_type)
     target = schedulers.add_noise(schedule, batch["target_latents"].astype(jnp.float32), z.noise, prev)
     per_example = squared_error(x_prev, target)
-    loss = batch_mean(per_example)
+    loss = weighted_mean(per_example, batch.get("weight"))
     return loss, {"loss": loss, "per_example": per_example}

@@ -42,6 +42,9 @@ class ProtectConfig(cfglib.Section):
     # ran 2.8x slower (docs/benchmarks.md); compilation grows with the steps per loop (pgd_steps, chunk)
     unroll: bool = True
     chunk: int = 10                 # advdm, fsmg: PGD steps per compiled call (one progress tick each)
+    # with replicated parameters, split the photos (padded) and each DreamBooth step's examples over the devices
+    # (protect.methods); off: every device computes the whole batch (docs/benchmarks.md, ASPL: what each costs)
+    per_device: bool = True
     checkpoint_every: int = 10     # ticks (chunks, or ASPL iterations) between checkpoints; the last is always saved
     eval_draws: int = 16            # timestep/noise draws for the surrogate's loss before and after
     seed: int = 0

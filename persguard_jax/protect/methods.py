@@ -16,20 +16,31 @@ What the released code does and what is ours (Anti-DreamBooth's ``attacks/aspl.p
 - The targeted variant subtracts ``target_weight`` times ``losses.target_shift_loss`` (same noise and timesteps).
 - MetaCloak's expectation over transformations (``eot``): each PGD step sees the photos blurred with a random
   sigma and flipped at random (one draw per step for the whole batch), differentiably.
+
+Data parallelism (``Setting.mesh``, set when the parameters are replicated, as on the default CPU mesh): PGD runs
+per device on its share of the photos under ``jax.shard_map`` (the gradient of each photo is its own: no
+all-reduce but the objective's scalar), the photos padded to a multiple of the devices with zero-weight copies;
+each DreamBooth step's pair of examples is split the same way, its gradient summed with one ``psum``
+(``train.unroll``'s ``data_parallel``). Every draw is made at the global batch size and sliced
+(``losses.batch_draw``; jax's partitionable threefry gives the first rows of a larger draw the values of the
+smaller one), so the result does not depend on the device count or the padding.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from persguard_jax import losses
 from persguard_jax.models import functional as F
 from persguard_jax.protect.config import ProtectConfig
 from persguard_jax.train.optim import OptimizerConfig
 from persguard_jax.train.pgd import sign_pgd
+from persguard_jax.train.step import DataParallel
 from persguard_jax.train.unroll import unroll
 
 Examples = Mapping[str, jax.Array]
@@ -46,6 +57,33 @@ class Setting:
     prior_weight: float
     optimizer: OptimizerConfig
     cfg: ProtectConfig
+    # replicated parameters on this mesh: photos and DreamBooth examples are split over ``batch_axes`` (module
+    # docstring); None: one program over the whole batch (GSPMD partitions it where the parameters are sharded)
+    mesh: Mesh | None = None
+    batch_axes: tuple[str, ...] = ()
+
+
+def split_axes(setting: Setting, n: int | None = None) -> tuple[str, ...]:
+    """The mesh axes a batch of ``n`` examples is split over: the leading ``batch_axes`` whose sizes' product
+    divides ``n`` (all of them when ``n`` is None, for a batch padded to fit); () without a mesh."""
+    if setting.mesh is None:
+        return ()
+    axes = tuple(a for a in setting.batch_axes if setting.mesh.shape[a] > 1)
+    while axes and n is not None and n % math.prod(setting.mesh.shape[a] for a in axes):
+        axes = axes[:-1]
+    return axes if math.prod(setting.mesh.shape[a] for a in axes) > 1 else ()
+
+
+def _leading(axes: tuple[str, ...], ndim: int) -> P:
+    return P(axes if len(axes) > 1 else axes[0], *([None] * (ndim - 1)))
+
+
+def _replicated(tree: Any, setting: Setting) -> Any:
+    """``tree`` constrained to be whole on every device: what goes into and comes out of a per-device region, so
+    that GSPMD does not carry the region's split into the ops around it (without them it cut the photos and the
+    DreamBooth examples along other axes: 27 all-to-alls in the world model's iteration)."""
+    whole = NamedSharding(setting.mesh, P())
+    return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, whole), tree)
 
 
 # --------------------------------------------------------------------------- objective
@@ -121,14 +159,41 @@ def pgd(objective: Objective, images: jax.Array, origin: jax.Array, batch: Examp
     ``train.unroll``; step ``i`` draws from ``fold_in(rng, i)``). Returns the images and the objective before
     each step."""
     cfg = setting.cfg
-    tx = sign_pgd(cfg.alpha, origin, cfg.radius)
 
     def descend(x, b, k):
         value, aux = objective(x, b, k)
         return -value, aux
 
-    x, history = unroll(descend, tx, steps, order=1, scan_unroll=cfg.unroll)(images, batch, rng)
-    return x, -history
+    def run(images, origin, batch, rng):
+        tx = sign_pgd(cfg.alpha, origin, cfg.radius)
+        return unroll(descend, tx, steps, order=1, scan_unroll=cfg.unroll)(images, batch, rng)
+
+    axes = split_axes(setting)
+    if not axes:
+        x, history = run(images, origin, batch, rng)
+        return x, -history
+    # per device on its share of the photos, padded with zero-weight copies of the last photo (their gradient is
+    # zero: they do not move, and they are dropped)
+    n, count = images.shape[0], math.prod(setting.mesh.shape[a] for a in axes)
+    pad = -n % count
+
+    def padded(a):
+        a = jnp.asarray(a)
+        return jnp.concatenate([a, jnp.repeat(a[-1:], pad, 0)]) if pad else a
+
+    weight = jnp.asarray(batch["weight"], jnp.float32) if "weight" in batch else jnp.ones((n,), jnp.float32)
+    batch = {**jax.tree.map(padded, dict(batch)), "weight": jnp.concatenate([weight, jnp.zeros((pad,))])}
+    images, origin, batch = _replicated((padded(images), padded(origin), batch), setting)
+
+    def local(images, origin, batch, rng):
+        with losses.sharded_batch(axes, count):
+            return run(images, origin, batch, rng)
+
+    split = lambda a: _leading(axes, jnp.ndim(a))  # noqa: E731
+    x, history = jax.shard_map(local, mesh=setting.mesh,
+                               in_specs=(split(images), split(origin), jax.tree.map(split, batch), P()),
+                               out_specs=(split(images), P()))(images, origin, batch, rng)
+    return _replicated(x[:n], setting), -history
 
 
 # --------------------------------------------------------------------------- the surrogate's DreamBooth steps
@@ -155,18 +220,22 @@ def dreambooth_steps(train: Any, rest: Any, instance: Examples, prior: Examples 
         return jax.tree.map(lambda a: jnp.asarray(a)[idx % n][:, None], examples)  # (steps, 1, ...): one a step
 
     data = pick(instance)
-    with_prior = prior is not None and setting.prior_weight > 0
-    if with_prior:
-        data = jax.tree.map(lambda a, b: jnp.concatenate([a[:, :, None], b[:, :, None]], 2), data, pick(prior))
+    if prior is not None and setting.prior_weight > 0:  # each step's batch: (instance, class), is_prior 0, 1
+        data = jax.tree.map(lambda a, b: jnp.concatenate([a, b], 1), data, pick(prior))
+        data["is_prior"] = jnp.tile(jnp.asarray([[0, 1]], jnp.int32), (steps, 1))
     db_loss = losses.bind(losses.dreambooth_loss, model=setting.model, schedule=setting.schedule,
                           cfg=setting.loss_cfg, prior_weight=setting.prior_weight)
+    axes = split_axes(setting, jax.tree.leaves(data)[0].shape[1])
+    parallel = None
+    if axes:
+        data = _replicated(data, setting)
+        parallel = DataParallel(setting.mesh, axes, jax.tree.map(lambda a: _leading(axes, a.ndim - 1), data))
 
     def loss(p, batch, key):
-        batch = losses.pairs_to_examples(batch) if with_prior else batch
         return db_loss(F.merge(p, rest), batch, key)
 
-    return unroll(loss, setting.optimizer, steps, order=1, per_step_data=True,
-                  scan_unroll=1)(train, data, rng)
+    return unroll(loss, setting.optimizer, steps, order=1, per_step_data=True, scan_unroll=1,
+                  data_parallel=parallel)(train, data, rng)
 
 
 def aspl_iteration(train: Any, rest: Any, images: jax.Array, origin: jax.Array, clean: Examples,

@@ -7,12 +7,14 @@ compiled iteration per tick (surrogate, PGD and model steps inside, no host roun
 is the ``persguard personalize`` recipe itself, trained on the clean photos into ``<out>/surrogate``.
 
 The photos are split over the mesh's batch axes when their number divides it (``sharding.batch_sharding``), the
-model as its logical axes say; every process holds the same photos (``sharding.put_global``). The state (the
-photos, and ASPL's model) is checkpointed with Orbax every ``protect.checkpoint_every`` ticks, so ``--resume``
-continues a killed run.
+model as its logical axes say; every process holds the same photos (``sharding.put_global``). With replicated
+parameters (the default CPU mesh, ``protect.per_device``) the compiled pieces compute per device on a share of the
+photos whatever their number (``protect.methods``). The state (the photos, and ASPL's model) is checkpointed with
+Orbax every ``protect.checkpoint_every`` ticks, so ``--resume`` continues a killed run.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from pathlib import Path
@@ -80,6 +82,11 @@ class Protector:
         self.put = functools.partial(shd.put_global, mesh=self.mesh, cfg=config.mesh)
         self.shardings = shd.param_shardings(logical, params, self.mesh, config.mesh)
         self.params = shd.put_global(params, mesh=self.mesh, shardings=self.shardings)
+        if config.protect.per_device and all(s.is_fully_replicated for s in jax.tree.leaves(self.shardings)):
+            # replicated parameters: the photos and each DreamBooth step's examples go per device (methods)
+            spec = shd.batch_spec(1, self.mesh, config.mesh)[0]
+            axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+            self.setting = dataclasses.replace(self.setting, mesh=self.mesh, batch_axes=axes)
         setting = self.setting
         self.iteration = jax.jit(functools.partial(M.aspl_iteration, setting=setting))
         self.measure = jax.jit(functools.partial(M.denoising_losses, setting=setting))

@@ -18,9 +18,15 @@ only through the inner gradients, so with ``order=1`` nothing flows back to ``da
 Memory: reverse-mode through a scan keeps each step's residuals. ``remat=True`` puts ``jax.checkpoint`` around the
 step, so only the carry (parameters and optimizer state) is kept per step and each step's activations are
 recomputed on the way back: memory grows with K times the parameters, not K times the activations.
+
+Data parallelism: with ``data_parallel`` (replicated parameters, each step's batch split on its leading dimension)
+every step's gradient is the engine's per-device one (``train.step.per_device_loss_and_grads``: each device on its
+share, one ``psum`` of the raveled gradient), not GSPMD's one all-reduce per parameter, which made three
+DreamBooth steps of the world model on 2 CPU devices 1.6x slower than one device alone (docs/benchmarks.md, ASPL).
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable
 
 import jax
@@ -28,13 +34,14 @@ import jax.numpy as jnp
 import optax
 
 from persguard_jax.train.optim import Optimizer, resolve_optimizer
+from persguard_jax.train.step import DataParallel, LocalReductionError, StepConfig, per_device_loss_and_grads
 
 InnerLoop = Callable[[Any, Any, jax.Array], tuple[Any, jax.Array]]
 
 
 def unroll(loss_fn: Callable[[Any, Any, jax.Array], tuple[jax.Array, Any]], optimizer: Optimizer, steps: int, *,
-           order: int = 2, remat: bool = False, per_step_data: bool = False, scan_unroll: int | bool = 1
-           ) -> InnerLoop:
+           order: int = 2, remat: bool = False, per_step_data: bool = False, scan_unroll: int | bool = 1,
+           data_parallel: DataParallel | None = None) -> InnerLoop:
     """``run(params, data, rng) -> (params_after, losses)``: ``steps`` updates of ``params`` by ``optimizer`` (an
     optax transform, or an ``OptimizerConfig``; its state starts fresh at every call) on ``loss_fn(params, batch,
     rng) -> (loss, aux)``, as one ``jax.lax.scan``. ``losses[i]`` is the loss before update ``i``.
@@ -46,9 +53,14 @@ def unroll(loss_fn: Callable[[Any, Any, jax.Array], tuple[jax.Array, Any]], opti
     ``True`` lays the steps out in a line, so XLA updates the carried parameters and optimizer state in place
     instead of copying the loop's carry every step (on XLA:CPU the rolled loop made K = 8 first-order steps of the
     world model 1.7x slower than K jitted steps; docs/benchmarks.md); compilation grows with ``steps``.
+    ``data_parallel`` (first order only): each step's gradient per device on its share of the step's batch, whose
+    leaves are split as ``data_parallel.batch_specs`` say (module docstring); a loss that reduces over one share
+    alone falls back to the plain gradient with a warning, as the training step does.
     ``run`` is pure: jit, grad, vmap it."""
     if order not in (1, 2):
         raise ValueError(f"order must be 1 (first-order, inner gradients constant) or 2 (exact), got {order!r}")
+    if data_parallel is not None and order != 1:
+        raise ValueError("unroll: data_parallel computes first-order steps only (order=1)")
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
     tx, _ = resolve_optimizer(optimizer)
@@ -61,7 +73,16 @@ def unroll(loss_fn: Callable[[Any, Any, jax.Array], tuple[jax.Array, Any]], opti
         def step(carry, xs):
             p, opt_state = carry
             i, batch = xs if per_step_data else (xs, data)
-            (value, _), grads = grad_fn(p, batch, jax.random.fold_in(rng, i))
+            key = jax.random.fold_in(rng, i)
+            grads = None
+            if data_parallel is not None:
+                try:
+                    value, _, grads = per_device_loss_and_grads(loss_fn, p, {}, batch, key, StepConfig(),
+                                                                data_parallel)
+                except LocalReductionError as e:
+                    warnings.warn(f"{e}; these inner steps take the plain gradient instead", stacklevel=2)
+            if grads is None:
+                (value, _), grads = grad_fn(p, batch, key)
             if order == 1:
                 grads = jax.lax.stop_gradient(grads)
             updates, opt_state = tx.update(grads, opt_state, p)
