@@ -122,52 +122,38 @@ def _per_device(setting, devices: int):
     return dataclasses.replace(setting, mesh=mesh, batch_axes=("data", "fsdp")), NamedSharding(mesh, P())
 
 
-def test_dreambooth_steps_per_device_equal_one_program(world):
-    """Each step's (instance, class) pair split over 2 devices, one psum of the gradient: the same draws, so the
-    same trained weights as one program over the pair."""
-    from persguard_jax.models import functional as F
-    _, setting, params, _, cond = world
-    split, whole = _per_device(setting, 2)
-    assert M.split_axes(split, 2) == ("data",) and M.split_axes(split, 1) == ()
-    train, rest = F.partition(params, setting.trains)
-    rng = np.random.default_rng(0)
-    clean = {"latent_mean": jnp.asarray(rng.normal(size=(3, 8, 8, 4)), jnp.float32),
-             "latent_logvar": jnp.full((3, 8, 8, 4), -4.0), **cond}
-    prior = {k: v[::-1].copy() for k, v in clean.items()}
-    args = (train, rest, clean, prior, 1, jax.random.key(5))
-    run = lambda st: jax.jit(functools.partial(M.dreambooth_steps, steps=2, setting=st))  # noqa: E731
-    one, losses_one = run(setting)(*args)
-    per, losses_per = run(split)(*jax.device_put(args[:4], whole), *args[4:])
-    np.testing.assert_allclose(np.asarray(losses_per), np.asarray(losses_one), rtol=1e-4)
-    # every weight agrees, except the keys' bias of the text encoder's attention: adding the same q.b to every
-    # key leaves the softmax unchanged, so its gradient is zero up to rounding, which Adam scales up to the
-    # learning rate
-    moved = 0.0
-    for (path, a), b, w in zip(jax.tree_util.tree_leaves_with_path(one), jax.tree.leaves(per), jax.tree.leaves(train)):
-        name = jax.tree_util.keystr(path)
-        moved = max(moved, float(np.abs(np.asarray(a) - np.asarray(w)).max()))
-        if not ("k_proj" in name and "bias" in name):
-            np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-3, atol=2e-5, err_msg=name)
-    assert moved > 1e-4  # the steps trained
-
-
 def test_pgd_per_device_equals_one_program(world):
-    """3 photos over 8 devices: padded to 8 with zero-weight copies (the targeted term weighs them too), the
-    same draws, so the same objective and, but for steps whose gradient is within rounding of zero, the same
-    pixels."""
+    """3 photos over 2 devices: padded to 4 with a zero-weight copy (the targeted term weighs it too), the same
+    draws, so the same objective and, but for steps whose gradient is within rounding of zero, the same pixels.
+    (The DreamBooth steps' per-device gradient: tests/test_unroll.py, data_parallel.)"""
     from persguard_jax.models import functional as F
     _, setting, params, photos, cond = world
-    split, whole = _per_device(setting, 8)
-    assert M.split_axes(split) == ("data",)
+    split, whole = _per_device(setting, 2)
+    assert M.split_axes(split) == ("data",) and M.split_axes(split, 2) == ("data",) and M.split_axes(split, 3) == ()
     targeted = {**cond, "target_latents": jnp.asarray(np.random.default_rng(1).normal(size=(3, 8, 8, 4)),
                                                       jnp.float32)}
     x = jnp.asarray(photos)
     run = lambda st: jax.jit(lambda a, im, b: M.pgd(M.protection_objective(a, st), im, im, b,  # noqa: E731
-                                                   jax.random.key(2), steps=2, setting=st))
+                                                   jax.random.key(2), steps=1, setting=st))
     (y1, h1), (y2, h2) = run(setting)(params, x, targeted), run(split)(*jax.device_put((params, x, targeted), whole))
     np.testing.assert_allclose(np.asarray(h2), np.asarray(h1), rtol=1e-4)
     assert y2.shape == y1.shape and float(jnp.abs(y1 - x).max()) > 0
     assert float(jnp.mean(jnp.abs(y1 - y2) > 1e-5)) < 2e-3
+
+
+def test_per_device_choice():
+    """``protect.per_device``: never with sharded parameters; ``auto`` on the CPU only when each device has a core."""
+    import os
+
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from persguard_jax import sharding as shd
+    from persguard_jax.protect.runner import _per_device
+    mesh = shd.make_mesh(shd.MeshConfig(data=-1))
+    whole, cut = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    assert _per_device("always", {"w": whole}) and not _per_device("never", {"w": whole})
+    assert not _per_device("always", {"w": whole, "v": cut})
+    assert _per_device("auto", {"w": whole}) == (jax.local_device_count() <= (os.cpu_count() or 1))
 
 
 def test_eot_transform_blurs_flips_and_differentiates():

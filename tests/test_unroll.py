@@ -149,3 +149,36 @@ def test_remat_gives_the_same_numbers_and_keeps_only_the_carry():
     remat = temp_bytes(24, True) - temp_bytes(8, True)
     assert plain > 16 * activation, (plain, remat)
     assert remat < 16 * 4 * carry and remat < 0.05 * plain, (plain, remat)
+
+
+def test_data_parallel_steps_equal_one_program():
+    """``data_parallel``: each step's batch split over 4 devices, the gradient per device and one psum of it,
+    the example draws made at the global size (``losses.batch_draw``): the same steps as one program."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from persguard_jax import losses
+    from persguard_jax.sharding import MeshConfig, make_mesh
+    from persguard_jax.train.step import DataParallel
+
+    def loss(params, batch, rng):  # a per-example loss with a draw per example, reduced over the global batch
+        noise = losses.batch_draw(lambda s: jax.random.normal(rng, s), batch["x"].shape)
+        h = jnp.tanh((batch["x"] + 0.1 * noise) @ params["w1"]) @ params["w2"]
+        value = losses.weighted_mean(jnp.sum(h ** 2, axis=-1), batch["weight"])
+        return value, {"loss": value}
+
+    p = {"w1": jax.random.normal(KEY, (6, 5)) * 0.5, "w2": jax.random.normal(jax.random.key(1), (5, 3))}
+    data = {"x": jax.random.normal(jax.random.key(2), (3, 8, 6)),  # 3 steps of 8 examples
+            "weight": jnp.tile(jnp.asarray([1.0, 0.5, 0.0, 2.0] * 2), (3, 1))}
+    mesh = make_mesh(MeshConfig(data=4), devices=jax.devices()[:4])
+    plan = DataParallel(mesh, ("data",), {"x": P("data", None), "weight": P("data")})
+    run = lambda dp: jax.jit(unroll(loss, optax.adam(0.05), 3, order=1, per_step_data=True,  # noqa: E731
+                                    data_parallel=dp))
+    one, l_one = run(None)(p, data, KEY)
+    whole = NamedSharding(mesh, P())
+    split, l_split = run(plan)(*jax.device_put((p, data), whole), KEY)
+    np.testing.assert_allclose(np.asarray(l_split), np.asarray(l_one), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(split)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
+    assert float(jnp.abs(one["w1"] - p["w1"]).max()) > 0.05  # the steps moved the weights
+    with pytest.raises(ValueError, match="first-order"):
+        unroll(loss, optax.sgd(0.1), 2, order=2, data_parallel=plan)

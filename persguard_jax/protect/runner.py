@@ -8,7 +8,7 @@ is the ``persguard personalize`` recipe itself, trained on the clean photos into
 
 The photos are split over the mesh's batch axes when their number divides it (``sharding.batch_sharding``), the
 model as its logical axes say; every process holds the same photos (``sharding.put_global``). With replicated
-parameters (the default CPU mesh, ``protect.per_device``) the compiled pieces compute per device on a share of the
+parameters (``protect.per_device``, e.g. the default CPU mesh) the compiled pieces compute per device on a share of the
 photos whatever their number (``protect.methods``). The state (the photos, and ASPL's model) is checkpointed with
 Orbax every ``protect.checkpoint_every`` ticks, so ``--resume`` continues a killed run.
 """
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,14 @@ def make_setting(pipe, config, trains: tuple[str, ...]) -> tuple[M.Setting, dict
                         prior_weight=db.prior_weight if db.use_prior else 0.0, optimizer=config.optimizer,
                         cfg=config.protect)
     return setting, params, logical
+
+
+def _per_device(choice: str, shardings: Any) -> bool:
+    """Whether the protection runs per device (``ProtectConfig.per_device``): only with replicated parameters."""
+    if choice == "never" or not all(s.is_fully_replicated for s in jax.tree.leaves(shardings)):
+        return False
+    devices = jax.local_devices()
+    return choice == "always" or devices[0].platform != "cpu" or len(devices) <= (os.cpu_count() or 1)
 
 
 def _target_latents(pipe, path: str, resolution: int, n: int, scaling: float) -> np.ndarray:
@@ -82,7 +91,7 @@ class Protector:
         self.put = functools.partial(shd.put_global, mesh=self.mesh, cfg=config.mesh)
         self.shardings = shd.param_shardings(logical, params, self.mesh, config.mesh)
         self.params = shd.put_global(params, mesh=self.mesh, shardings=self.shardings)
-        if config.protect.per_device and all(s.is_fully_replicated for s in jax.tree.leaves(self.shardings)):
+        if _per_device(config.protect.per_device, self.shardings):
             # replicated parameters: the photos and each DreamBooth step's examples go per device (methods)
             spec = shd.batch_spec(1, self.mesh, config.mesh)[0]
             axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
