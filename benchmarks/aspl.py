@@ -60,8 +60,9 @@ def parse_args(argv=None):
     p.add_argument("--model-steps", type=int, default=3)
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     p.add_argument("--skip-torch", action="store_true")
-    p.add_argument("--no-per-device", action="store_true", help="protect.per_device=never: every device computes "
-                                                                  "the whole batch (the behaviour before it)")
+    p.add_argument("--per-device", choices=("auto", "always", "never"), default="always",
+                   help="protect.per_device (always: photos and DreamBooth pairs split over the devices; never: every "
+                        "device computes the whole batch; auto: the command's default, never on the CPU)")
     p.add_argument("--devices", type=int, help="XLA CPU devices (default: one per core, as every persguard command "
                                                 "asks; 1 = the whole iteration on one device)")
     p.add_argument("--compile-cache", help="JAX's persistent compilation cache folder, as the CLI uses one (a "
@@ -93,7 +94,7 @@ def bench_jax(args, photos, class_images, class_name):
     from persguard_jax.workflows.protect import WORKFLOW
     overrides = (f"protect.class_name={class_name}", f"protect.pgd_steps={args.pgd_steps}",
                  f"protect.surrogate_steps={args.surrogate_steps}", f"protect.model_steps={args.model_steps}",
-                 f"protect.per_device={'never' if args.no_per_device else 'auto'}")
+                 f"protect.per_device={args.per_device}")
     config = WORKFLOW.load(ap.Namespace(config=None, overrides=overrides, method="aspl"))
     pipe = load_pipeline(args.model)
     protector = Protector(pipe, config)  # what `persguard protect` compiles: the mesh over every device

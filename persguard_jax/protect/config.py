@@ -43,9 +43,10 @@ class ProtectConfig(cfglib.Section):
     unroll: bool = True
     chunk: int = 10                 # advdm, fsmg: PGD steps per compiled call (one progress tick each)
     # with replicated parameters, split the photos (padded) and each DreamBooth step's examples over the devices
-    # (protect.methods); never: every device computes the whole batch (docs/benchmarks.md, ASPL: what each costs).
-    # auto: always on GPUs and TPUs; on the CPU when each device has a core of its own (XLA:CPU's device threads
-    # wait for each other at every collective: 8 devices faked on 2 cores made the protect tests 1.3-1.5x slower)
+    # (protect.methods). auto: on GPUs and TPUs, off on the CPU, where it paid only over many protections of one
+    # compiled size: per ASPL iteration 0.43 -> 0.30 s on 2 devices, but compilation 74 -> 93 s, and slower when
+    # devices are faked beyond the cores or split across processes (docs/benchmarks.md, ASPL). never: every device
+    # computes the whole batch
     per_device: Literal["auto", "always", "never"] = "auto"
     checkpoint_every: int = 10     # ticks (chunks, or ASPL iterations) between checkpoints; the last is always saved
     eval_draws: int = 16            # timestep/noise draws for the surrogate's loss before and after

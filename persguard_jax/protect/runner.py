@@ -8,15 +8,14 @@ is the ``persguard personalize`` recipe itself, trained on the clean photos into
 
 The photos are split over the mesh's batch axes when their number divides it (``sharding.batch_sharding``), the
 model as its logical axes say; every process holds the same photos (``sharding.put_global``). With replicated
-parameters (``protect.per_device``, e.g. the default CPU mesh) the compiled pieces compute per device on a share of the
-photos whatever their number (``protect.methods``). The state (the photos, and ASPL's model) is checkpointed with
-Orbax every ``protect.checkpoint_every`` ticks, so ``--resume`` continues a killed run.
+parameters and ``protect.per_device`` (on GPUs and TPUs by default) the compiled pieces compute per device on a
+share of the photos whatever their number (``protect.methods``). The state (the photos, and ASPL's model) is
+checkpointed with Orbax every ``protect.checkpoint_every`` ticks, so ``--resume`` continues a killed run.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -50,8 +49,7 @@ def _per_device(choice: str, shardings: Any) -> bool:
     """Whether the protection runs per device (``ProtectConfig.per_device``): only with replicated parameters."""
     if choice == "never" or not all(s.is_fully_replicated for s in jax.tree.leaves(shardings)):
         return False
-    devices = jax.local_devices()
-    return choice == "always" or devices[0].platform != "cpu" or len(devices) <= (os.cpu_count() or 1)
+    return choice == "always" or jax.local_devices()[0].platform != "cpu"
 
 
 def _target_latents(pipe, path: str, resolution: int, n: int, scaling: float) -> np.ndarray:
