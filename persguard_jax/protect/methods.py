@@ -19,8 +19,8 @@ What the released code does and what is ours (Anti-DreamBooth's ``attacks/aspl.p
 
 Data parallelism (``Setting.mesh``, set by ``runner.Protector`` under ``protect.per_device`` when the weights are
 replicated): PGD runs per device on its share of the photos under ``jax.shard_map`` (the gradient of each photo is
-its own: no all-reduce but the objective's scalar), the photos padded to a multiple of the devices with zero-weight copies;
-each DreamBooth step's pair of examples is split the same way, its gradient summed with one ``psum``
+its own: no all-reduce but the objective's scalar), the photos padded to a multiple of the devices with zero-weight
+copies; each DreamBooth step's pair of examples is split the same way, its gradient summed with one ``psum``
 (``train.unroll``'s ``data_parallel``). Every draw is made at the global batch size and sliced
 (``losses.batch_draw``; jax's partitionable threefry gives the first rows of a larger draw the values of the
 smaller one), so the result does not depend on the device count or the padding.
