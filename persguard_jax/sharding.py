@@ -224,18 +224,26 @@ def opt_state_shardings(optimizer, params_shapes: Any, shardings: Any, mesh: Mes
         transform_non_params=lambda _: replicated(mesh))
 
 
-def batch_spec(ndim: int, mesh: Mesh, cfg: MeshConfig | None = None, size: int | None = None) -> P:
-    """Batch arrays are split on their leading dimension over the layout's ``batch`` mesh axes.
+def dividing_axes(mesh: Mesh, axes: Sequence[str], size: int | None = None) -> tuple[str, ...]:
+    """The leading ``axes`` whose sizes' product divides ``size`` (all of them when ``size`` is None)."""
+    axes = tuple(axes)
+    while axes and size is not None and size % math.prod(mesh.shape[a] for a in axes):
+        axes = axes[:-1]
+    return axes
 
-    With ``size`` (the global batch), only as many of those axes as divide it are used, so a DreamBooth batch of
-    1 instance + 1 class image still runs on 8 devices (the devices of the unused axes compute replicas).
-    """
+
+def batch_axes(mesh: Mesh, cfg: MeshConfig | None = None, size: int | None = None) -> tuple[str, ...]:
+    """The mesh axes a batch's leading dimension is split over: the layout's ``batch`` axes, and with ``size``
+    (the global batch) only as many of them as divide it, so a DreamBooth batch of 1 instance + 1 class image
+    still runs on 8 devices (the devices of the unused axes compute replicas)."""
     rules = dict(rules_for((cfg or MeshConfig()).layout))
     axes = tuple(a for a in _axes_of(rules.get("batch", BATCH_AXES)) if a in mesh.axis_names)
-    if size is not None:
-        sizes = dict(zip(mesh.axis_names, mesh.devices.shape))
-        while axes and size % math.prod(sizes[a] for a in axes):
-            axes = axes[:-1]
+    return dividing_axes(mesh, axes, size)
+
+
+def batch_spec(ndim: int, mesh: Mesh, cfg: MeshConfig | None = None, size: int | None = None) -> P:
+    """Batch arrays are split on their leading dimension over ``batch_axes``."""
+    axes = batch_axes(mesh, cfg, size)
     return P(axes if len(axes) > 1 else (axes[0] if axes else None), *([None] * (ndim - 1)))
 
 
@@ -254,10 +262,7 @@ def local_batch_sharding(local_batch: Any, mesh: Mesh, cfg: MeshConfig | None = 
 
 def batch_divisor(mesh: Mesh, cfg: MeshConfig | None = None) -> int:
     """The number of pieces a global batch is cut into: its size must be a multiple of this."""
-    spec = batch_spec(1, mesh, cfg)[0]
-    axes = () if spec is None else (spec,) if isinstance(spec, str) else spec
-    sizes = dict(zip(mesh.axis_names, mesh.devices.shape))
-    return math.prod(sizes[a] for a in axes)
+    return math.prod(mesh.shape[a] for a in batch_axes(mesh, cfg))
 
 
 def global_batch(local_batch: Any, mesh: Mesh, cfg: MeshConfig | None = None) -> Any:

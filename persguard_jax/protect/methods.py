@@ -36,6 +36,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from persguard_jax import losses
+from persguard_jax import sharding as shd
 from persguard_jax.models import functional as F
 from persguard_jax.protect.config import ProtectConfig
 from persguard_jax.train.optim import OptimizerConfig
@@ -68,9 +69,7 @@ def split_axes(setting: Setting, n: int | None = None) -> tuple[str, ...]:
     divides ``n`` (all of them when ``n`` is None, for a batch padded to fit); () without a mesh."""
     if setting.mesh is None:
         return ()
-    axes = tuple(a for a in setting.batch_axes if setting.mesh.shape[a] > 1)
-    while axes and n is not None and n % math.prod(setting.mesh.shape[a] for a in axes):
-        axes = axes[:-1]
+    axes = shd.dividing_axes(setting.mesh, [a for a in setting.batch_axes if setting.mesh.shape[a] > 1], n)
     return axes if math.prod(setting.mesh.shape[a] for a in axes) > 1 else ()
 
 

@@ -91,9 +91,8 @@ class Protector:
         self.params = shd.put_global(params, mesh=self.mesh, shardings=self.shardings)
         if _per_device(config.protect.per_device, self.shardings):
             # replicated parameters: the photos and each DreamBooth step's examples go per device (methods)
-            spec = shd.batch_spec(1, self.mesh, config.mesh)[0]
-            axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
-            self.setting = dataclasses.replace(self.setting, mesh=self.mesh, batch_axes=axes)
+            self.setting = dataclasses.replace(self.setting, mesh=self.mesh,
+                                               batch_axes=shd.batch_axes(self.mesh, config.mesh))
         setting = self.setting
         self.iteration = jax.jit(functools.partial(M.aspl_iteration, setting=setting))
         self.measure = jax.jit(functools.partial(M.denoising_losses, setting=setting))
