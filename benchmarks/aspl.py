@@ -62,7 +62,7 @@ def parse_args(argv=None):
     p.add_argument("--skip-torch", action="store_true")
     p.add_argument("--per-device", choices=("auto", "always", "never"), default="always",
                    help="protect.per_device (always: photos and DreamBooth pairs split over the devices; never: every "
-                        "device computes the whole batch; auto: the command's default, never on the CPU)")
+                        "device computes the whole batch; auto: the command's default, one device on the CPU)")
     p.add_argument("--devices", type=int, help="XLA CPU devices (default: one per core, as every persguard command "
                                                 "asks; 1 = the whole iteration on one device)")
     p.add_argument("--compile-cache", help="JAX's persistent compilation cache folder, as the CLI uses one (a "
@@ -97,7 +97,7 @@ def bench_jax(args, photos, class_images, class_name):
                  f"protect.per_device={args.per_device}")
     config = WORKFLOW.load(ap.Namespace(config=None, overrides=overrides, method="aspl"))
     pipe = load_pipeline(args.model)
-    protector = Protector(pipe, config)  # what `persguard protect` compiles: the mesh over every device
+    protector = Protector(pipe, config)  # what `persguard protect` compiles (its mesh: protect.per_device)
     put = protector.put
     x = uint8_to_signed(photos)
     cond = prompt_conditioning(pipe, config.dreambooth.instance_prompt, len(x), embed=False)
@@ -123,7 +123,8 @@ def bench_jax(args, photos, class_images, class_name):
         jax.block_until_ready(out)
         times.append(time.perf_counter() - t0)
         train, images = out[0], out[1]
-    return {"jax_devices": jax.device_count(), "jax_split_over": list(split_axes(protector.setting)),
+    return {"jax_devices": int(protector.mesh.devices.size), "jax_visible_devices": jax.device_count(),
+            "jax_split_over": list(split_axes(protector.setting)),
             "jax_compile_s": round(compile_s, 2), "jax_iteration_s": statistics.median(times),
             "jax_linf": float(np.abs(np.asarray(images) - x).max() * 127.5)}
 

@@ -91,7 +91,8 @@ def test_protect_runs_on_two_processes(tmp_path):
     def protect(out: str) -> list[str]:
         return [sys.executable, "-m", "persguard_jax.cli", "protect", "--model", str(model), "--images", str(photos),
                 "--method", "advdm", "--out", str(tmp_path / out), "protect.class_name=cat", "protect.attack_steps=4",
-                "protect.chunk=2", "protect.unroll=false", "protect.eval_draws=2"]
+                "protect.chunk=2", "protect.unroll=false", "protect.eval_draws=2",
+                "protect.per_device=never"]  # one process keeps both devices (auto would take one on the CPU)
 
     one = subprocess.run(protect("one"), env=_env(2), cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]

@@ -142,16 +142,21 @@ def test_pgd_per_device_equals_one_program(world):
 
 
 def test_per_device_choice():
-    """``protect.per_device``: never with sharded parameters; ``auto`` is off on the CPU."""
+    """``protect.per_device``: never with sharded parameters; ``auto`` is off on the CPU, where one process with
+    replicated parameters runs on one device instead."""
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from persguard_jax import sharding as shd
-    from persguard_jax.protect.runner import _per_device
+    from persguard_jax.protect.runner import _one_device, _per_device
     mesh = shd.make_mesh(shd.MeshConfig(data=-1))
     whole, cut = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     assert _per_device("always", {"w": whole}) and not _per_device("never", {"w": whole})
     assert not _per_device("always", {"w": whole, "v": cut})
-    assert _per_device("auto", {"w": whole}) == (jax.devices()[0].platform != "cpu")
+    cpu = jax.devices()[0].platform == "cpu"
+    assert _per_device("auto", {"w": whole}) == (not cpu)
+    assert _one_device("auto", {"w": whole}) == cpu
+    assert not any(_one_device(c, {"w": whole}) for c in ("always", "never"))
+    assert not _one_device("auto", {"w": whole, "v": cut})  # sharded weights need the mesh
 
 
 def test_eot_transform_blurs_flips_and_differentiates():
@@ -205,6 +210,7 @@ def test_protect_command_aspl(photos, tmp_path, capsys, monkeypatch):
         assert 0 < np.abs(protected - clean).max() <= 8
         assert results["per_photo"][name]["linf"] == np.abs(protected - clean).max()
     assert results["iterations"] == 2 and results["steps_per_iteration"] == {"surrogate": 0, "pgd": 3, "model": 2}
+    assert (results["devices"], results["per_device"]) == (1, False)  # per_device auto on the CPU: one device
     assert results["surrogate_loss"]["protected"] > results["surrogate_loss"]["clean"]
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
     assert "protected 3 photos with aspl" in capsys.readouterr().out

@@ -43,10 +43,10 @@ class ProtectConfig(cfglib.Section):
     unroll: bool = True
     chunk: int = 10                 # advdm, fsmg: PGD steps per compiled call (one progress tick each)
     # with replicated parameters, split the photos (padded) and each DreamBooth step's examples over the devices
-    # (protect.methods). auto: on GPUs and TPUs, off on the CPU, where it paid only over many protections of one
-    # compiled size: per ASPL iteration 0.43 -> 0.30 s on 2 devices, but compilation 74 -> 93 s, and slower when
-    # devices are faked beyond the cores or split across processes (docs/benchmarks.md, ASPL). never: every device
-    # computes the whole batch
+    # (protect.methods). auto: on GPUs and TPUs; on the CPU in one process the protection runs on one device (2
+    # devices per ASPL iteration: 0.43 s computing everything each, 0.30 s split, one device 0.29 s; compilation 74,
+    # 93 and 66 s; docs/benchmarks.md, ASPL). always: split on the CPU too. never: every device of the mesh computes
+    # the whole batch
     per_device: Literal["auto", "always", "never"] = "auto"
     checkpoint_every: int = 10     # ticks (chunks, or ASPL iterations) between checkpoints; the last is always saved
     eval_draws: int = 16            # timestep/noise draws for the surrogate's loss before and after

@@ -9,8 +9,10 @@ is the ``persguard personalize`` recipe itself, trained on the clean photos into
 The photos are split over the mesh's batch axes when their number divides it (``sharding.batch_sharding``), the
 model as its logical axes say; every process holds the same photos (``sharding.put_global``). With replicated
 parameters and ``protect.per_device`` (on GPUs and TPUs by default) the compiled pieces compute per device on a
-share of the photos whatever their number (``protect.methods``). The state (the photos, and ASPL's model) is
-checkpointed with Orbax every ``protect.checkpoint_every`` ticks, so ``--resume`` continues a killed run.
+share of the photos whatever their number (``protect.methods``); on the CPU in one process ``auto`` runs on one
+device instead, since further devices there only repeat its work on the same cores. The state (the photos, and
+ASPL's model) is checkpointed with Orbax every ``protect.checkpoint_every`` ticks, so ``--resume`` continues a
+killed run.
 """
 from __future__ import annotations
 
@@ -45,11 +47,24 @@ def make_setting(pipe, config, trains: tuple[str, ...]) -> tuple[M.Setting, dict
     return setting, params, logical
 
 
+def _replicated(shardings: Any) -> bool:
+    return all(s.is_fully_replicated for s in jax.tree.leaves(shardings))
+
+
 def _per_device(choice: str, shardings: Any) -> bool:
     """Whether the protection runs per device (``ProtectConfig.per_device``): only with replicated parameters."""
-    if choice == "never" or not all(s.is_fully_replicated for s in jax.tree.leaves(shardings)):
+    if choice == "never" or not _replicated(shardings):
         return False
     return choice == "always" or jax.local_devices()[0].platform != "cpu"
+
+
+def _one_device(choice: str, shardings: Any) -> bool:
+    """``per_device: auto`` on the CPU in one process with replicated parameters: the protection runs on one
+    device. Every further device would only repeat its work on the same cores (ASPL on 2 devices: 0.43 s per
+    iteration against 0.29 s on one, compilation 74 against 66 s; docs/benchmarks.md). Several processes keep the
+    global mesh, so that every process runs the same program."""
+    return (choice == "auto" and jax.local_devices()[0].platform == "cpu" and jax.process_count() == 1
+            and len(jax.devices()) > 1 and _replicated(shardings))
 
 
 def _target_latents(pipe, path: str, resolution: int, n: int, scaling: float) -> np.ndarray:
@@ -85,14 +100,19 @@ class Protector:
         db = config.dreambooth
         self.trains = ("unet", "text_encoder") if db.train_text_encoder else ("unet",)
         self.setting, params, logical = make_setting(pipe, config, self.trains)
-        self.mesh = shd.make_mesh(config.mesh)
-        self.put = functools.partial(shd.put_global, mesh=self.mesh, cfg=config.mesh)
-        self.shardings = shd.param_shardings(logical, params, self.mesh, config.mesh)
+        mesh_cfg = config.mesh
+        self.mesh = shd.make_mesh(mesh_cfg)
+        self.shardings = shd.param_shardings(logical, params, self.mesh, mesh_cfg)
+        if _one_device(config.protect.per_device, self.shardings):
+            mesh_cfg = dataclasses.replace(mesh_cfg, data=1, fsdp=1, tensor=1, dcn_data=1)
+            self.mesh = shd.make_mesh(mesh_cfg, jax.devices()[:1])
+            self.shardings = shd.param_shardings(logical, params, self.mesh, mesh_cfg)
+        self.put = functools.partial(shd.put_global, mesh=self.mesh, cfg=mesh_cfg)
         self.params = shd.put_global(params, mesh=self.mesh, shardings=self.shardings)
         if _per_device(config.protect.per_device, self.shardings):
             # replicated parameters: the photos and each DreamBooth step's examples go per device (methods)
             self.setting = dataclasses.replace(self.setting, mesh=self.mesh,
-                                               batch_axes=shd.batch_axes(self.mesh, config.mesh))
+                                               batch_axes=shd.batch_axes(self.mesh, mesh_cfg))
         setting = self.setting
         self.iteration = jax.jit(functools.partial(M.aspl_iteration, setting=setting))
         self.measure = jax.jit(functools.partial(M.denoising_losses, setting=setting))
@@ -130,7 +150,9 @@ class Protector:
         origin, condition, plain = put(photos.astype(np.float32)), put(condition), put(plain)
         rng = jax.random.key(seed)
         results: dict[str, Any] = {"method": cfg.method, "budget": cfg.budget, "step_size": cfg.step_size,
-                                   "targeted": bool(cfg.target_image), "eot": cfg.eot, "photos": n, "seed": seed}
+                                   "targeted": bool(cfg.target_image), "eot": cfg.eot, "photos": n, "seed": seed,
+                                   "devices": int(self.mesh.devices.size),
+                                   "per_device": setting.mesh is not None}
         if cfg.method == "aspl":
             mean, logvar = encode_latents(pipe.vae, photos)
             clean = put({"latent_mean": mean, "latent_logvar": logvar, **prompt_conditioning(pipe, instance_prompt, n,
