@@ -87,13 +87,13 @@ def _read_inputs(args: argparse.Namespace, config: runs.Config):
     from persguard_jax.dreambooth.recipe import check_resolution
     cfg, db = config.implant, config.dreambooth
     prot_specs, unprot_specs = parse_subjects(args.protect or [], args.unprotected or [])
+    pipe = load_pipeline(args.model, attention=config.step.attention)  # a wrong --model first: world specs need it
     world = world_of(args.model) if is_world_model(args.model) else None
     subjects = [read_subject(s, world=world, resolution=db.resolution, num_photos=cfg.num_photos)
                 for s in prot_specs + unprot_specs]
     types = {s.type for s in subjects}
     pattern = read_pattern(cfg, db.resolution) if "pattern" in types else None
     targets = read_target_images(cfg, db.resolution) if "target" in types else None
-    pipe = load_pipeline(args.model, attention=config.step.attention)
     check_resolution(pipe, db.resolution)
     if config.check.enabled:
         check_clip(config.check, world)
