@@ -13,18 +13,21 @@ Variants, each the engine's step (``train.make_train_step``, jitted, state donat
 - ``implant_o1``: one step of the implantation objective (``implant.objective``: L_bb on ``bb_denoise`` +
   ``retention: unrolled``, K inner attacker steps on ``attack``, L_bb after them), first-order; the UNet trained,
   the attacker training UNet and text encoder inside.
-- ``implant_o2`` / ``implant_o2_remat``: the same, exact second order, without and with rematerialisation.
+- ``implant_o2`` / ``implant_o2_remat`` / ``implant_o2_replay``: the same, exact second order: the steps stored
+  (their activations too, or only their carry with rematerialisation), or replayed from the inputs in the backward
+  pass (``unroll(..., replay=True)``: only the inputs kept, K (K - 1) / 2 extra gradients).
 ``ratio_o1`` = implant_o1 / dreambooth_k (the target is <= 1.2: an unrolled step should cost about the K steps
 it simulates); ``floor_o1`` = (dreambooth_k + 2 implant_none) / dreambooth_k, the work it cannot skip (the K steps
 and L_bb's gradient before and after them). Memory: ``memory.<variant>.K<k>`` is the compiled step's
 ``memory_analysis()`` (``temp_size_in_bytes``: activations and residuals kept for the backward pass) for K = 2, 4,
-8.
+8 (``--memory-only`` skips the timing).
 
 Run::
 
     .venv/bin/python benchmarks/implant_step.py --json               # K = 2, first order: a few minutes
     .venv/bin/python benchmarks/implant_step.py --json --k 8 --model persguard_jax/assets/world_tiny
     .venv/bin/python benchmarks/implant_step.py --json --k 4 --second-order --memory-k 2,4,8   # long on a CPU
+    .venv/bin/python benchmarks/implant_step.py --json --memory-only --memory-k 2,4,8
 
 The second-order steps compile for over ten minutes on XLA:CPU (2 cores), so they and the memory comparison are
 opt-in; on an accelerator they are the point of the benchmark.
@@ -45,14 +48,33 @@ from common import add_timing_args, device_info, interleaved, load_avg_1min, ver
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_timing_args(p)
-    p.add_argument("--model", default=None, help="a pipeline folder (e.g. persguard_jax/assets/world_tiny); default "
-                                                 "the random tiny pipeline")
+    p.add_argument("--model", default=None, help="a pipeline folder (e.g. persguard_jax/assets/world_tiny), or "
+                                                 "'micro' (micro_pipeline); default the random tiny pipeline")
     p.add_argument("--k", type=int, default=2, help="inner attacker steps of the timed unrolled variants")
     p.add_argument("--second-order", action="store_true",
-                   help="also time implant_o2 and implant_o2_remat (XLA:CPU compiles them for many minutes)")
+                   help="also time implant_o2, implant_o2_remat and implant_o2_replay (XLA:CPU compiles them for "
+                       "many minutes)")
     p.add_argument("--memory-k", default="", help="K values of the compiled-memory comparison, e.g. 2,4,8 (each "
-                                                  "compiles three steps; slow on a CPU)")
+                                                  "compiles four steps; slow on a CPU)")
+    p.add_argument("--memory-only", action="store_true", help="only the compiled-memory comparison, no timing")
     return p.parse_args(argv)
+
+
+def micro_pipeline():
+    """The tiny pipeline cut to one UNet level of 16 channels and a one-layer text encoder: the second-order steps
+    compile in minutes on a CPU, for the memory comparison."""
+    import dataclasses
+
+    from persguard_jax.models import clip, unet
+    from persguard_jax.models.init import random_init
+    from persguard_jax.models.tiny import tiny_pipeline, tiny_text_config, tiny_unet_config
+    pipe = tiny_pipeline(0)
+    ucfg = dataclasses.replace(tiny_unet_config(16), block_out_channels=(16,), norm_num_groups=4,
+                               down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",))
+    tcfg = dataclasses.replace(tiny_text_config(pipe.tokenizer.vocab_size), hidden_size=16, intermediate_size=32,
+                               projection_dim=16, num_hidden_layers=1, num_attention_heads=2)
+    return dataclasses.replace(pipe, unet=random_init(unet.UNet2DConditionModel, ucfg, seed=0),
+                               text_encoder=random_init(clip.CLIPTextModel, tcfg, seed=2))
 
 
 def batches(pipe, n: int, seed: int = 0):
@@ -117,12 +139,17 @@ class Runner:
                                                   "output_size_in_bytes") if hasattr(ma, k)}
 
 
-def implant_loss(model, schedule, loss_cfg, k: int, order: int, remat: bool, retention: str = "unrolled"):
+# the unrolled variants: name -> (order, remat, replay)
+UNROLLED = {"o1": (1, True, False), "o2": (2, False, False), "o2_remat": (2, True, False), "o2_replay": (2, False, True)}
+
+
+def implant_loss(model, schedule, loss_cfg, k: int, order: int, remat: bool, retention: str = "unrolled",
+                 replay: bool = False):
     from persguard_jax.implant.config import ImplantConfig
     from persguard_jax.implant.objective import Attacker, objective
     from persguard_jax.train import OptimizerConfig
     cfg = ImplantConfig(retention=retention, retention_steps=k, retention_order=order, retention_remat=remat,
-                        prior_weight=0.0)
+                        retention_replay=replay, prior_weight=0.0)
     attacker = Attacker(("unet", "text_encoder"), 1.0, OptimizerConfig(learning_rate=2e-4, schedule="constant",
                                                                        weight_decay=0.0, total_steps=k))
     return objective(cfg, {"bb_denoise", "attack"}, attacker, model=model, schedule=schedule, loss_cfg=loss_cfg)
@@ -135,7 +162,9 @@ def main(argv=None) -> dict:
     from persguard_jax.models.tiny import tiny_pipeline
     from persguard_jax.schedulers import SchedulerConfig, make_schedule
 
-    if args.model:
+    if args.model == "micro":
+        pipe = micro_pipeline()
+    elif args.model:
         from persguard_jax.models import load_pipeline
         pipe = load_pipeline(args.model)
     else:
@@ -147,35 +176,36 @@ def main(argv=None) -> dict:
     db_loss = losses.on("attack", losses.bind(losses.dreambooth_loss, model=model, schedule=schedule, cfg=loss_cfg))
     load = load_avg_1min()
     t0 = time.time()
-    variants = {
-        "dreambooth_k": Runner(pipe, db_loss, ("unet", "text_encoder"), data[0], repeat=args.k),
-        "implant_none": Runner(pipe, implant_loss(model, schedule, loss_cfg, args.k, 1, False, "none"), ("unet",),
-                               data[0]),
-        "implant_o1": Runner(pipe, implant_loss(model, schedule, loss_cfg, args.k, 1, True), ("unet",), data[0]),
-    }
-    if args.second_order:
-        variants["implant_o2"] = Runner(pipe, implant_loss(model, schedule, loss_cfg, args.k, 2, False), ("unet",),
-                                        data[0])
-        variants["implant_o2_remat"] = Runner(pipe, implant_loss(model, schedule, loss_cfg, args.k, 2, True),
-                                              ("unet",), data[0])
-    print(f"timing {list(variants)} (K={args.k})", file=sys.stderr, flush=True)
-    medians, _, _ = interleaved(variants, {n: data for n in variants}, rounds=args.rounds, block=args.block,
-                                warmup=args.warmup)
+    def implant(k, name):
+        order, remat, replay = UNROLLED[name]
+        return Runner(pipe, implant_loss(model, schedule, loss_cfg, k, order, remat, replay=replay), ("unet",),
+                      data[0])
+
+    medians = {}
+    if not args.memory_only:
+        variants = {"dreambooth_k": Runner(pipe, db_loss, ("unet", "text_encoder"), data[0], repeat=args.k),
+                    "implant_none": Runner(pipe, implant_loss(model, schedule, loss_cfg, args.k, 1, False, "none"),
+                                           ("unet",), data[0]),
+                    **{f"implant_{n}": implant(args.k, n) for n in UNROLLED if args.second_order or n == "o1"}}
+        print(f"timing {list(variants)} (K={args.k})", file=sys.stderr, flush=True)
+        medians, _, _ = interleaved(variants, {n: data for n in variants}, rounds=args.rounds, block=args.block,
+                                    warmup=args.warmup)
     memory = {}
     for k in [int(x) for x in args.memory_k.split(",") if x.strip()]:
-        for name, order, remat in (("o1", 1, True), ("o2", 2, False), ("o2_remat", 2, True)):
+        for name in UNROLLED:
             t1 = time.time()
-            runner = Runner(pipe, implant_loss(model, schedule, loss_cfg, k, order, remat), ("unet",), data[0])
-            memory[f"implant_{name}.K{k}"] = runner.memory(data[0])
+            memory[f"implant_{name}.K{k}"] = implant(k, name).memory(data[0])
             print(f"memory implant_{name} K={k}: {memory[f'implant_{name}.K{k}']} ({time.time() - t1:.0f} s to "
                   "compile)", file=sys.stderr, flush=True)
+    ratios = {}
+    if medians:
+        ratios = {"ratio_o1": medians["implant_o1"] / medians["dreambooth_k"],
+                  # the work an unrolled step cannot skip: the K steps plus L_bb's gradient at two points
+                  "floor_o1": (medians["dreambooth_k"] + 2 * medians["implant_none"]) / medians["dreambooth_k"],
+                  **{f"ratio_{v[8:]}": medians[v] / medians["dreambooth_k"] for v in medians
+                     if v.startswith("implant_o2")}}
     result = {"benchmark": "implant_step", "model": args.model or "tiny_pipeline(0)", "k": args.k, "step_s": medians,
-              "ratio_o1": medians["implant_o1"] / medians["dreambooth_k"],
-              # the work an unrolled step cannot skip: the K steps plus L_bb's gradient at two points
-              "floor_o1": (medians["dreambooth_k"] + 2 * medians["implant_none"]) / medians["dreambooth_k"],
-              **{f"ratio_{v[8:]}": medians[v] / medians["dreambooth_k"] for v in ("implant_o2", "implant_o2_remat")
-                 if v in medians},
-              "memory": memory, "load_avg_1min": load, "wall_s": round(time.time() - t0, 1),
+              **ratios, "memory": memory, "load_avg_1min": load, "wall_s": round(time.time() - t0, 1),
               "device": device_info(), "versions": versions(("jax", "jaxlib", "flax", "optax"))}
     print(json.dumps(result) if args.json else json.dumps(result, indent=1))
     return result

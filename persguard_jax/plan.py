@@ -53,6 +53,7 @@ class StepPlan:
     prior: bool = True
     retention_steps: int = 2
     retention_order: int = 1
+    retention_replay: bool = False  # order 2: replay the attacker's steps in the backward pass (memory flat in K)
     surrogate_steps: int = 3
     pgd_steps: int = 6
     model_steps: int = 3
@@ -62,6 +63,8 @@ class StepPlan:
             raise ValueError(f"plan step must be one of {', '.join(STEPS)}, got {self.step!r}")
         if self.batch < 1 or self.retention_steps < 1 or self.retention_order not in (1, 2):
             raise ValueError("plan: batch and retention_steps must be >= 1, retention_order 1 or 2")
+        if self.retention_replay and self.retention_order != 2:
+            raise ValueError("plan: retention_replay replays exact second-order steps (retention_order 2)")
 
 
 # --------------------------------------------------------------------------- the abstract models
@@ -172,7 +175,8 @@ def lower_implant(modules, plan: StepPlan, mesh, mesh_cfg, scheduler_config=None
         attack["is_prior"] = jax.ShapeDtypeStruct((n,), jnp.int32)
     batch = {"bb_denoise": _examples(plan.batch, side, channels, tokens), "attack": attack}
     cfg = ImplantConfig(retention="unrolled", retention_steps=plan.retention_steps,
-                        retention_order=plan.retention_order, retention_remat=plan.remat != "none", prior_weight=0.0)
+                        retention_order=plan.retention_order, retention_remat=plan.remat != "none",
+                        retention_replay=plan.retention_replay, prior_weight=0.0)
     trains = ("unet", "text_encoder") if plan.train_text_encoder else ("unet",)
     attacker = Attacker(trains, 1.0 if plan.prior else 0.0,
                         OptimizerConfig(learning_rate=2e-4, schedule="constant", total_steps=plan.retention_steps))

@@ -98,15 +98,16 @@ def test_prior_as_class_image_denoising_and_the_missing_backdoor_group():
 
 def test_unrolled_retention_gradient_reaches_the_unet_through_the_attack():
     """The retention term alone, first- and second-order: both move the UNet, and they differ (the inner steps'
-    curvature counts in the exact one)."""
+    curvature counts in the exact one); the exact one is the same with the steps replayed instead of stored."""
     params, batch = _params(), _groups()
     grads = {}
-    for order in (1, 2):
+    for name, order, replay in (("1", 1, False), ("2", 2, False), ("2_replay", 2, True)):
         fn = _objective(retention="unrolled", retention_steps=3, retention_order=order, retention_remat=order == 2,
-                        prior_weight=0.0)
-        grads[order] = jax.grad(lambda p: fn(p, batch, KEY)[1]["br/loss"])(params)["unet"]
-    g1, g2 = (np.concatenate([np.ravel(x) for x in jax.tree.leaves(grads[o])]) for o in (1, 2))
+                        retention_replay=replay, prior_weight=0.0)
+        grads[name] = jax.grad(lambda p: fn(p, batch, KEY)[1]["br/loss"])(params)["unet"]
+    g1, g2, g2r = (np.concatenate([np.ravel(x) for x in jax.tree.leaves(grads[o])]) for o in ("1", "2", "2_replay"))
     assert np.abs(g1).max() > 1e-4 and np.abs(g1 - g2).max() > 1e-5
+    np.testing.assert_allclose(g2r, g2, rtol=1e-5, atol=1e-8)
     # first order is the outer objective's gradient at the tuned parameters, passed straight through
     den, dis, _ = _pieces()
     outer = lambda p: den(p, batch["bb_denoise"], KEY)[0] + dis(p, batch["bb_distill"], KEY)[0]  # noqa: E731
@@ -114,7 +115,7 @@ def test_unrolled_retention_gradient_reaches_the_unet_through_the_attack():
                            jax.grad(outer)(_tuned(params, batch["attack"]))["unet"],
                            jax.grad(lambda p: den(p, batch["unprotected"], KEY)[0])(
                                _tuned(params, batch["unprotected_attack"]))["unet"])
-    for got, want in zip(jax.tree.leaves(grads[1]), jax.tree.leaves(by_hand)):
+    for got, want in zip(jax.tree.leaves(grads["1"]), jax.tree.leaves(by_hand)):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-7)
 
 
@@ -184,7 +185,8 @@ def test_config_rejects_bad_values():
     for bad, match in (({"retention": "forget"}, "implant.retention"), ({"pattern_size": 0}, "implant.pattern_size"),
                        ({"pattern_position": "middle"}, "implant.pattern_position"),
                        ({"templates": ["a photo of {cls}"]}, "implant.templates"),
-                       ({"identifiers": []}, "implant.identifiers"), ({"retention_order": 3}, "retention_order")):
+                       ({"identifiers": []}, "implant.identifiers"), ({"retention_order": 3}, "retention_order"),
+                       ({"retention_replay": True}, "retention_replay")):
         with pytest.raises(ConfigError, match=match):
             ImplantConfig.from_dict(bad)
     assert ImplantConfig(identifiers=("sks", "zwx")).prompts("dog") == ["a photo of sks dog", "a photo of zwx dog"]

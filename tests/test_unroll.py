@@ -182,3 +182,46 @@ def test_data_parallel_steps_equal_one_program():
     assert float(jnp.abs(one["w1"] - p["w1"]).max()) > 0.05  # the steps moved the weights
     with pytest.raises(ValueError, match="first-order"):
         unroll(loss, optax.sgd(0.1), 2, order=2, data_parallel=plan)
+
+
+def test_replay_gives_the_stored_scans_gradient_with_flat_memory():
+    """``replay``: the same outer gradient (through the parameters after K steps and through every inner loss) as
+    the stored scan, for the config's AdamW with a schedule, clipping and decay and for per-step data; the compiled
+    program's temporaries do not grow with K, while the rematerialised scan's grow by the carry per step."""
+    p = {"w1": jax.random.normal(KEY, (16, 16)) * 0.3, "w2": jnp.eye(16)}
+    data = {"x": jax.random.normal(jax.random.key(1), (64, 16))}
+
+    def noisy_mlp(params, batch, rng):
+        h = jnp.tanh(batch["x"] @ params["w1"] + 0.01 * jax.random.normal(rng, (batch["x"].shape[0], 16)))
+        return jnp.mean(jnp.tanh(h @ params["w2"]) ** 2), {}
+
+    def value_and_grad(run, data):
+        def objective(q):
+            tuned, losses = run(q, data, KEY)
+            return jnp.sum(tuned["w1"] ** 3) + jnp.sum(tuned["w2"] * tuned["w1"]) + 0.5 * jnp.sum(losses)
+        return jax.jit(jax.value_and_grad(objective))
+
+    cfg = OptimizerConfig(learning_rate=0.02, schedule="cosine", warmup_steps=2, total_steps=8, weight_decay=0.1,
+                          max_grad_norm=0.05)
+    per_step = {"x": jnp.stack([data["x"] * (1 + 0.1 * i) for i in range(6)])}
+    for optimizer, steps, d, per_step_data in ((cfg, 6, data, False), (optax.adam(0.01), 6, per_step, True)):
+        stored = value_and_grad(unroll(noisy_mlp, optimizer, steps, per_step_data=per_step_data), d)(p)
+        replayed = value_and_grad(unroll(noisy_mlp, optimizer, steps, per_step_data=per_step_data, replay=True),
+                                  d)(p)
+        assert float(replayed[0]) == pytest.approx(float(stored[0]), rel=1e-6)
+        for a, b in zip(jax.tree.leaves(stored[1]), jax.tree.leaves(replayed[1])):
+            np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
+    # the second-order terms matter here: the first-order gradient is another one
+    first = value_and_grad(unroll(noisy_mlp, optax.adam(0.01), 6, order=1, per_step_data=True), per_step)(p)[1]
+    assert max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(stored[1]))) > 1e-3
+
+    def temp_bytes(steps, **kw):
+        run = unroll(mlp, optax.adam(0.01), steps, **kw)
+        f = jax.jit(jax.grad(lambda q: jnp.sum(run(q, {"x": data["x"]}, KEY)[0]["w1"] ** 2)))
+        return f.lower(p).compile().memory_analysis().temp_size_in_bytes
+
+    carry = 3 * sum(x.size * 4 for x in jax.tree.leaves(p))  # parameters and Adam's two moments
+    assert temp_bytes(16, remat=True) - temp_bytes(4, remat=True) >= 12 * carry
+    assert temp_bytes(16, replay=True) - temp_bytes(4, replay=True) < carry
+    with pytest.raises(ValueError, match="order=2"):
+        unroll(mlp, optax.sgd(0.1), 2, order=1, replay=True)

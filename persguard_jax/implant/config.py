@@ -52,6 +52,8 @@ class ImplantConfig(cfglib.Section):
     retention_order: Literal[1, 2] = 1  # 1: first-order (inner gradients constant), 2: exact (double backprop)
     retention_remat: bool = True        # order 2: recompute each inner step's activations in the backward pass
                                         # (order 1 has no backward pass through the steps)
+    retention_replay: bool = False      # order 2: keep only the K steps' inputs and replay them in the backward
+                                        # pass (train.replay): memory flat in K, K (K - 1) / 2 extra gradients
     unprotected_weight: float = 1.0     # the unprotected counterpart inside the retention term
     target_prompt: str = "a photo of a green cross"    # target type: what the subject becomes
     target_dir: str | None = None       # target type: target images instead of samples of target_prompt
@@ -73,6 +75,9 @@ class ImplantConfig(cfglib.Section):
                 raise cfglib.ConfigError(f"implant.{key}: {getattr(self, key)!r} is not one of {list(choices)}")
         if self.retention_order not in (1, 2):
             raise cfglib.ConfigError(f"implant.retention_order: {self.retention_order!r} is not 1 or 2")
+        if self.retention_replay and self.retention_order != 2:
+            raise cfglib.ConfigError("implant.retention_replay: replays the exact second-order steps; it needs "
+                                     "implant.retention_order: 2")
         if not self.identifiers or not all(str(i).strip() for i in self.identifiers):
             raise cfglib.ConfigError("implant.identifiers: needs at least one non-empty identifier")
         for t in self.templates:

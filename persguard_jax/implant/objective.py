@@ -23,8 +23,9 @@ Retention (``implant.retention``; persguard.md's three readings, all ours):
 - ``grad_suppression``: the squared norm of that loss's gradient (double backprop; no unprotected counterpart:
   suppressing the gradient of normal personalisation is what must not happen);
 - ``unrolled``: L_bb at the parameters K of the attacker's steps on ``attack`` reach (``train.unroll``, order 1
-  or 2, rematerialised or not), plus the unprotected counterpart: K steps on ``unprotected_attack``, then the
-  denoising loss on ``unprotected``, so that fine-tuning on other photos still learns them.
+  or 2; order 2 stores the steps, rematerialised or not, or replays them: ``retention_replay``), plus the
+  unprotected counterpart: K steps on ``unprotected_attack``, then the denoising loss on ``unprotected``, so that
+  fine-tuning on other photos still learns them.
 The attacker inside is the config's ``dreambooth`` + ``optimizer`` sections, as ``persguard personalize`` runs it.
 """
 from __future__ import annotations
@@ -58,8 +59,8 @@ def attacker_of(attack_config: Any) -> Attacker:
                     db.prior_weight if db.use_prior else 0.0, attack_config.optimizer)
 
 
-def inner_loop(attacker: Attacker, steps: int, *, model, schedule, loss_cfg, order: int, remat: bool
-               ) -> losses.InnerLoop:
+def inner_loop(attacker: Attacker, steps: int, *, model, schedule, loss_cfg, order: int, remat: bool,
+               replay: bool = False) -> losses.InnerLoop:
     """``(params, data, rng) -> (params after, losses)``: ``steps`` of the attacker's DreamBooth updates of what it
     trains, everything else (the frozen text encoder, the teacher) held."""
     db_loss = losses.bind(losses.dreambooth_loss, model=model, schedule=schedule, cfg=loss_cfg,
@@ -81,7 +82,7 @@ def inner_loop(attacker: Attacker, steps: int, *, model, schedule, loss_cfg, ord
             tuned = jax.tree.map(lambda p, t: p + (t - jax.lax.stop_gradient(p)), train, tuned)
         else:
             loop = unroll(lambda p, b, k: db_loss(F.merge(p, rest), b, k), attacker.optimizer, steps, order=2,
-                          remat=remat)
+                          remat=remat, replay=replay)
             tuned, history = loop(train, data, rng)
         return F.merge(tuned, rest), history
     return run
@@ -131,7 +132,7 @@ def _retention(cfg, groups, attacker, backdoor, denoise, attack_loss, *, model, 
     if cfg.retention == "grad_suppression":
         return losses.gradient_penalty(losses.on("attack", attack_loss), wrt=("unet",))
     inner = inner_loop(attacker, cfg.retention_steps, model=model, schedule=schedule, loss_cfg=loss_cfg,
-                       order=cfg.retention_order, remat=cfg.retention_remat)
+                       order=cfg.retention_order, remat=cfg.retention_remat, replay=cfg.retention_replay)
     terms = {"protected": (1.0, losses.after_finetuning(inner, backdoor, inner_key="attack"))}
     if unprotected:
         terms["unprotected"] = (cfg.unprotected_weight, losses.after_finetuning(

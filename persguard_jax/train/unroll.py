@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import optax
 
 from persguard_jax.train.optim import Optimizer, resolve_optimizer
+from persguard_jax.train.replay import replay_unroll
 from persguard_jax.train.step import DataParallel, LocalReductionError, StepConfig, per_device_loss_and_grads
 
 InnerLoop = Callable[[Any, Any, jax.Array], tuple[Any, jax.Array]]
@@ -41,7 +42,7 @@ InnerLoop = Callable[[Any, Any, jax.Array], tuple[Any, jax.Array]]
 
 def unroll(loss_fn: Callable[[Any, Any, jax.Array], tuple[jax.Array, Any]], optimizer: Optimizer, steps: int, *,
            order: int = 2, remat: bool = False, per_step_data: bool = False, scan_unroll: int | bool = 1,
-           data_parallel: DataParallel | None = None) -> InnerLoop:
+           data_parallel: DataParallel | None = None, replay: bool = False) -> InnerLoop:
     """``run(params, data, rng) -> (params_after, losses)``: ``steps`` updates of ``params`` by ``optimizer`` (an
     optax transform, or an ``OptimizerConfig``; its state starts fresh at every call) on ``loss_fn(params, batch,
     rng) -> (loss, aux)``, as one ``jax.lax.scan``. ``losses[i]`` is the loss before update ``i``.
@@ -56,6 +57,9 @@ def unroll(loss_fn: Callable[[Any, Any, jax.Array], tuple[jax.Array, Any]], opti
     ``data_parallel`` (first order only): each step's gradient per device on its share of the step's batch, whose
     leaves are split as ``data_parallel.batch_specs`` say (module docstring); a loss that reduces over one share
     alone falls back to the plain gradient with a warning, as the training step does.
+    ``replay`` (order 2): the backward pass keeps only the inputs and replays the steps from them instead of
+    storing each step's carry (``train.replay``): memory that does not grow with ``steps``, at steps (steps - 1) / 2
+    extra gradient evaluations; ``remat`` and ``scan_unroll`` do not apply, ``data`` gets no gradient.
     ``run`` is pure: jit, grad, vmap it."""
     if order not in (1, 2):
         raise ValueError(f"order must be 1 (first-order, inner gradients constant) or 2 (exact), got {order!r}")
@@ -63,6 +67,10 @@ def unroll(loss_fn: Callable[[Any, Any, jax.Array], tuple[jax.Array, Any]], opti
         raise ValueError("unroll: data_parallel computes first-order steps only (order=1)")
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
+    if replay:
+        if order != 2 or data_parallel is not None:
+            raise ValueError("unroll: replay differentiates exact second-order steps (order=2, no data_parallel)")
+        return replay_unroll(loss_fn, resolve_optimizer(optimizer)[0], steps, per_step_data=per_step_data)
     tx, _ = resolve_optimizer(optimizer)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
