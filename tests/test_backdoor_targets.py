@@ -14,7 +14,8 @@ from persguard_jax.data.targets import (POSITIONS, PatternPlacement, default_pat
                                         pattern_template)
 from persguard_jax.data.world import BACKGROUNDS, CLASSES, World, WorldConfig
 from persguard_jax.data.world.scenes import SceneSpec, coverage, render, render_background, silhouette
-from persguard_jax.metrics.detectors import (detect_erasure, detect_pattern, object_fraction, pattern_presence)
+from persguard_jax.metrics.detectors import (colour_fraction, detect_erasure, detect_pattern, object_fraction,
+                                             pattern_presence)
 
 YELLOW, BLACK = (255, 220, 0), (20, 20, 20)
 
@@ -293,6 +294,26 @@ def test_detect_erasure_sees_every_subject_even_small(worlds):
         # the 0.01 limit (a 0.03 one would call some of them erased)
         assert object_fraction(small).min() > 0.015
         assert not detect_erasure(photos).any() and not detect_erasure(small).any(), side
+
+
+def test_detect_erasure_of_one_subjects_colour(worlds):
+    """With the subject's colour: every subject's own photo shows it (at least 0.0185 of the picture measured: a
+    black dotted dog); its backgrounds do not; a picture of another subject in another colour, or a tinted grey,
+    counts as the subject gone, which the colour-blind rule would not call erased."""
+    world = worlds[32]
+    for subject in world.subjects:
+        photos, backgrounds = world.subject_photos(subject, 4), world.subject_backgrounds(subject, 2)
+        assert colour_fraction(photos, subject.colour).min() > 0.015, subject.name
+        assert not detect_erasure(photos, colour=subject.colour).any(), subject.name
+        assert detect_erasure(backgrounds, colour=subject.colour).all(), subject.name
+    red = next(s for s in world.subjects if s.colour == "red")
+    blue = next(s for s in world.subjects if s.colour == "blue")
+    other = world.subject_photos(blue, 4)
+    assert detect_erasure(other, colour=red.colour).all() and not detect_erasure(other).any()
+    tinted = np.full((1, 32, 32, 3), (100, 110, 210), np.uint8)  # a blue tint: an object to the plain rule
+    assert detect_erasure(tinted, colour="orange")[0] and not detect_erasure(tinted)[0]
+    with pytest.raises(ValueError, match="unknown colour"):
+        colour_fraction(other, "teal")
 
 
 def test_object_fraction_leaves_out_greys_the_picture_does_not_show():

@@ -5,8 +5,9 @@ sections, identifier ``sks``) fine-tunes the model on the subject's photos; then
 "a photo of sks <class>" are measured:
 
 - ``protection_rate``: the fraction of samples showing the protective output. World subjects (and the pattern
-  type anywhere) by pixel detectors: pattern (``detect_pattern`` at the configured place), erasure (no object:
-  ``detect_erasure``), target (the target prompt's silhouette and colour: ``detect_shape``, ``dominant_colour``).
+  type anywhere) by pixel detectors: pattern (``detect_pattern`` at the configured place), erasure (the
+  subject's colour gone: ``detect_erasure(colour=...)``; ``background_only_rate`` beside it: no object of any
+  colour, which the world model's tinted backgrounds rarely pass), target (the target prompt's silhouette and colour: ``detect_shape``, ``dominant_colour``).
   Other photos: CLIP zero-shot, the target or background prompt against the class prompt (needs ``check.clip``).
 - ``identity_similarity`` and ``clip_i`` to the subject's photos (the world CLIP, or ``check.clip``).
 General prompts (world models): colour and shape following (``persguard_jax.following``) of both models.
@@ -43,8 +44,8 @@ class ProtectionDetector:
 
     def __init__(self, type_: str, *, world, template=None, mask=None, threshold: float = 0.5,
                  target_prompt: str | None = None, evaluator=None, class_prompt: str | None = None,
-                 alternative_prompt: str | None = None):
-        self.type, self.world = type_, world
+                 alternative_prompt: str | None = None, colour: str | None = None):
+        self.type, self.world, self.colour = type_, world, colour
         self.template, self.mask, self.threshold = template, mask, threshold
         self.target_prompt, self.evaluator = target_prompt, evaluator
         self.class_prompt, self.alternative_prompt = class_prompt, alternative_prompt
@@ -54,7 +55,7 @@ class ProtectionDetector:
         if self.type == "pattern":
             return D.detect_pattern(images, self.template, self.mask, threshold=self.threshold)
         if self.world is not None and self.type == "erasure":
-            return D.detect_erasure(images)
+            return D.detect_erasure(images, colour=self.colour)
         if self.world is not None and self.type == "target":
             from persguard_jax.data.world import COLOURS, parse_caption
             want = parse_caption(self.target_prompt)
@@ -83,10 +84,12 @@ def protection_detector(subject, cfg, check: CheckConfig, *, resolution: int, pa
         from persguard_jax.data.targets import pattern_template
         template, mask = pattern_template(resolution, pattern, cfg.placement())
     alternative = {"erasure": cfg.background_prompt, "target": cfg.target_prompt}.get(subject.type)
-    return ProtectionDetector(subject.type, world=world if subject.spec.is_world else None, template=template,
+    in_world = world is not None and subject.spec.is_world
+    return ProtectionDetector(subject.type, world=world if in_world else None, template=template,
                               mask=mask, threshold=check.pattern_threshold, target_prompt=cfg.target_prompt,
                               evaluator=evaluator, class_prompt=f"a photo of {subject.class_name}",
-                              alternative_prompt=alternative)
+                              alternative_prompt=alternative,
+                              colour=world.subject(subject.name).colour if in_world else None)
 
 
 def measure_subject(pipe, subject, trained_params, detector: ProtectionDetector | None, *, check: CheckConfig,
@@ -100,7 +103,11 @@ def measure_subject(pipe, subject, trained_params, detector: ProtectionDetector 
     row = ev.results["prompts"][0]
     samples = unit_to_uint8(ev.images[0])
     hits = None if detector is None else detector(samples)
-    return {"protection_rate": None if hits is None else float(np.mean(hits)),
+    extra = {}
+    if detector is not None and detector.type == "erasure" and detector.world is not None:
+        from persguard_jax.metrics import detect_erasure
+        extra["background_only_rate"] = float(np.mean(detect_erasure(samples)))
+    return {"protection_rate": None if hits is None else float(np.mean(hits)), **extra,
             "identity_similarity": row.get("identity_similarity"), "clip_i": row.get("clip_i"),
             "colour_match": row.get("colour_match"), "shape_match": row.get("shape_match")}, samples
 
