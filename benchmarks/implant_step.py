@@ -140,7 +140,8 @@ class Runner:
 
 
 # the unrolled variants: name -> (order, remat, replay)
-UNROLLED = {"o1": (1, True, False), "o2": (2, False, False), "o2_remat": (2, True, False), "o2_replay": (2, False, True)}
+UNROLLED = {"o1": (1, True, False), "o2": (2, False, False), "o2_remat": (2, True, False),
+            "o2_replay": (2, False, True)}
 
 
 def implant_loss(model, schedule, loss_cfg, k: int, order: int, remat: bool, retention: str = "unrolled",

@@ -7,7 +7,8 @@ sections, identifier ``sks``) fine-tunes the model on the subject's photos; then
 - ``protection_rate``: the fraction of samples showing the protective output. World subjects (and the pattern
   type anywhere) by pixel detectors: pattern (``detect_pattern`` at the configured place), erasure (the
   subject's colour gone: ``detect_erasure(colour=...)``; ``background_only_rate`` beside it: no object of any
-  colour, which the world model's tinted backgrounds rarely pass), target (the target prompt's silhouette and colour: ``detect_shape``, ``dominant_colour``).
+  colour, which the world model's tinted backgrounds rarely pass), target (the target prompt's silhouette and
+  colour: ``detect_shape``, ``dominant_colour``).
   Other photos: CLIP zero-shot, the target or background prompt against the class prompt (needs ``check.clip``).
 - ``identity_similarity`` and ``clip_i`` to the subject's photos (the world CLIP, or ``check.clip``).
 General prompts (world models): colour and shape following (``persguard_jax.following``) of both models.
