@@ -211,6 +211,13 @@ def test_replay_gives_the_stored_scans_gradient_with_flat_memory():
         assert float(replayed[0]) == pytest.approx(float(stored[0]), rel=1e-6)
         for a, b in zip(jax.tree.leaves(stored[1]), jax.tree.leaves(replayed[1])):
             np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
+    # what the loss closes over (a frozen part an outer objective trains) gets its gradient through every step
+    def through_closure(scale, replay):
+        scaled = lambda q, b, k: noisy_mlp({"w1": q["w1"] * scale, "w2": q["w2"]}, b, k)  # noqa: E731
+        tuned, _ = unroll(scaled, cfg, 6, replay=replay)(p, data, KEY)
+        return jnp.sum(tuned["w1"] ** 3)
+    closure = [float(jax.grad(through_closure)(jnp.float32(1.3), r)) for r in (False, True)]
+    assert abs(closure[0]) > 1e-3 and closure[1] == pytest.approx(closure[0], rel=1e-5)
     # the second-order terms matter here: the first-order gradient is another one
     first = value_and_grad(unroll(noisy_mlp, optax.adam(0.01), 6, order=1, per_step_data=True), per_step)(p)[1]
     assert max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(stored[1]))) > 1e-3
