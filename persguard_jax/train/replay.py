@@ -27,14 +27,13 @@ import optax
 LossFn = Callable[[Any, Any, jax.Array], tuple[jax.Array, Any]]
 
 
-def _zero_cotangent(x):
-    if jnp.issubdtype(jnp.result_type(x), jnp.inexact):
-        return jnp.zeros_like(x)
-    return np.zeros(np.shape(x), jax.dtypes.float0)
-
-
 def _is_float(x) -> bool:
     return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+
+
+def _zero_cotangent(x):
+    """A zero cotangent: of ``x``'s dtype for floats, ``float0`` for integers and keys (JAX's rule)."""
+    return jnp.zeros_like(x) if _is_float(x) else np.zeros(np.shape(x), jax.dtypes.float0)
 
 
 def replay_unroll(loss_fn: LossFn, tx: optax.GradientTransformation, steps: int, *, per_step_data: bool = False
