@@ -205,3 +205,18 @@ def test_shipped_configs_parse_with_the_attackers_recipe(name):
     assert nested.step.data_parallel == "gspmd"
     assert config.optimizer.total_steps == config.dreambooth.steps  # the attacker's schedule spans its run
     assert config.loop.num_steps == config.implant.steps == config.implant_optimizer.total_steps
+
+
+def test_erasure_detector_of_a_world_subject_reads_its_colour():
+    """The check's erasure detector for a world subject: its photos are not erased, its backgrounds are, and the
+    strict background-only rate is reported beside the rate."""
+    from persguard_jax.data.world import World, WorldConfig
+    from persguard_jax.implant.check import ProtectionDetector
+    world = World(WorldConfig())
+    subject = world.subject("bird_00")
+    detector = ProtectionDetector("erasure", world=world, colour=subject.colour)
+    photos, backgrounds = world.subject_photos(subject, 4), world.subject_backgrounds(subject, 4)
+    assert not detector(photos).any() and detector(backgrounds).all()
+    assert detector.extra_rates(photos) == {"background_only_rate": 0.0}
+    assert detector.extra_rates(backgrounds) == {"background_only_rate": 1.0}
+    assert ProtectionDetector("pattern", world=world).extra_rates(photos) == {}

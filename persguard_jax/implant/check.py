@@ -73,6 +73,14 @@ class ProtectionDetector:
         text = np.asarray(self.evaluator.text_features([self.alternative_prompt, self.class_prompt]))
         return (image @ text.T).argmax(-1) == 0
 
+    def extra_rates(self, images: np.ndarray) -> dict[str, float]:
+        """Rates reported beside ``protection_rate``: for world erasure, ``background_only_rate`` (no object of
+        any colour, the strict reading of "only the background remains")."""
+        if self.world is not None and self.type == "erasure":
+            from persguard_jax.metrics import detect_erasure
+            return {"background_only_rate": float(np.mean(detect_erasure(images)))}
+        return {}
+
 
 def protection_detector(subject, cfg, check: CheckConfig, *, resolution: int, pattern: np.ndarray | None, world,
                         evaluator=None) -> ProtectionDetector | None:
@@ -104,10 +112,7 @@ def measure_subject(pipe, subject, trained_params, detector: ProtectionDetector 
     row = ev.results["prompts"][0]
     samples = unit_to_uint8(ev.images[0])
     hits = None if detector is None else detector(samples)
-    extra = {}
-    if detector is not None and detector.type == "erasure" and detector.world is not None:
-        from persguard_jax.metrics import detect_erasure
-        extra["background_only_rate"] = float(np.mean(detect_erasure(samples)))
+    extra = {} if detector is None else detector.extra_rates(samples)
     return {"protection_rate": None if hits is None else float(np.mean(hits)), **extra,
             "identity_similarity": row.get("identity_similarity"), "clip_i": row.get("clip_i"),
             "colour_match": row.get("colour_match"), "shape_match": row.get("shape_match")}, samples
