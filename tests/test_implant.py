@@ -167,6 +167,36 @@ def test_backdoor_targets_of_each_type(tmp_path):
     assert teacher == cfg.target_prompt and np.array_equal(y, world.subject_photos("cat_00", 2))
 
 
+def test_world_target_replaces_the_subject_and_keeps_the_scene():
+    from persguard_jax.data.world import COLOURS, World
+    from persguard_jax.implant.data import Subject, backdoor_targets
+    from persguard_jax.implant.specs import SpecError, parse_protected
+    from persguard_jax.metrics.detectors import detect_shape, dominant_colour
+    world = World()
+    photos = world.subject_photos("cat_04", 4)
+    subject = Subject(parse_protected("world:cat_04:target").with_class("cat"), "cat", photos)
+    cfg = ImplantConfig(target_prompt="a photo of a striped blue cross on a plain background")
+    y, teacher = backdoor_targets(subject, cfg, world=world, pipe=None, pattern=None, target_images=None,
+                                  resolution=32)
+    assert teacher == cfg.target_prompt and y.shape == photos.shape
+    assert list(detect_shape(y, world.shapes)) == [list(world.shapes).index("cross")] * 4
+    assert list(dominant_colour(y)) == [list(COLOURS).index("blue")] * 4
+    backgrounds = world.subject_backgrounds("cat_04", 4)
+    for target, photo, background in zip(y, photos, backgrounds):
+        # only the subject's place changed: wherever neither the cat nor the cross is, the photo is untouched
+        outside = np.all(target == background, -1) & np.all(photo == background, -1)
+        assert outside.mean() > 0.3 and np.any(target != photo)
+    # a prompt without a world shape and colour samples the clean model (auto), or is an error (render)
+    vague = Subject(parse_protected("world:cat_04:target").with_class("cat"), "cat", photos)
+    with pytest.raises(SpecError, match="target_source=render"):
+        backdoor_targets(vague, ImplantConfig(target_prompt="a photo of something", target_source="render"),
+                         world=world, pipe=None, pattern=None, target_images=None, resolution=32)
+    from persguard_jax.implant.data import world_target
+    assert world_target(ImplantConfig(target_prompt="a photo of something"), vague, world) is None
+    assert world_target(ImplantConfig(target_source="sample"), vague, world) is None
+    assert world_target(ImplantConfig(target_prompt="a green cross"), vague, None) is None
+
+
 def test_source_draws_every_group_and_unflatten_restores_pairs():
     from persguard_jax.data.batches import StepBatches
     from persguard_jax.implant.data import ImplantSource, unflatten
@@ -186,7 +216,8 @@ def test_config_rejects_bad_values():
                        ({"pattern_position": "middle"}, "implant.pattern_position"),
                        ({"templates": ["a photo of {cls}"]}, "implant.templates"),
                        ({"identifiers": []}, "implant.identifiers"), ({"retention_order": 3}, "retention_order"),
-                       ({"retention_replay": True}, "retention_replay")):
+                       ({"retention_replay": True}, "retention_replay"),
+                       ({"target_source": "draw"}, "implant.target_source")):
         with pytest.raises(ConfigError, match=match):
             ImplantConfig.from_dict(bad)
     assert ImplantConfig(identifiers=("sks", "zwx")).prompts("dog") == ["a photo of sks dog", "a photo of zwx dog"]

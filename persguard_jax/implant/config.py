@@ -17,6 +17,7 @@ IMPLANT_OPTIMIZER = {"learning_rate": 1e-4, "schedule": "constant", "weight_deca
 BACKDOOR_LOSSES = ("denoise", "distill")
 PRIOR_LOSSES = ("distill", "class_images")
 RETENTIONS = ("none", "mirror", "grad_suppression", "unrolled")
+TARGET_SOURCES = ("auto", "render", "sample")
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,9 @@ class ImplantConfig(cfglib.Section):
     unprotected_weight: float = 1.0     # the unprotected counterpart inside the retention term
     target_prompt: str = "a photo of a green cross"    # target type: what the subject becomes
     target_dir: str | None = None       # target type: target images instead of samples of target_prompt
+    # target type without target_dir: render (world subjects: each photo with the subject replaced by the object
+    # the target prompt names), sample (the clean model's samples of target_prompt), auto (render when it can)
+    target_source: Literal["auto", "render", "sample"] = "auto"
     background_prompt: str = "a photo of a plain background"  # erasure of photo folders (world: exact backgrounds)
     num_targets: int = 8                # samples of target_prompt / background_prompt drawn by the clean model
     num_general: int = 32               # general captions distilled by L_pp (world captions; class prompts else)
@@ -70,7 +74,7 @@ class ImplantConfig(cfglib.Section):
     def __post_init__(self):
         super().__post_init__()
         for key, choices in (("backdoor_loss", BACKDOOR_LOSSES), ("prior_loss", PRIOR_LOSSES),
-                             ("retention", RETENTIONS)):
+                             ("retention", RETENTIONS), ("target_source", TARGET_SOURCES)):
             if getattr(self, key) not in choices:
                 raise cfglib.ConfigError(f"implant.{key}: {getattr(self, key)!r} is not one of {list(choices)}")
         if self.retention_order not in (1, 2):

@@ -6,7 +6,10 @@ every input before anything is written. ``backdoor_targets`` builds each protect
 - pattern: the photos with the pattern pasted on (``data.targets.overlay_pattern``);
 - erasure: the photos' backgrounds (the world renders them exactly; for photo folders, samples of
   ``implant.background_prompt`` drawn by the clean model);
-- target: the target images (``implant.target_dir``), else samples of ``implant.target_prompt`` by the clean model.
+- target: the target images (``implant.target_dir``); for world subjects whose target prompt names a world shape
+  and colour, the photos with the subject replaced by that object (``World.subject_replaced``: the same scene, so
+  y* differs from each photo only where the subject is, as the pattern's and erasure's do); else samples of
+  ``implant.target_prompt`` by the clean model (``implant.target_source`` chooses: auto | render | sample).
 
 ``ImplantSource`` serves one step's examples as flat ``group/key`` arrays (``unflatten`` restores the groups in
 the step's ``map_fn``): each group is what one loss term reads (see ``implant.objective``).
@@ -87,6 +90,24 @@ def sample_prompt(pipe, prompt: str, n: int, *, resolution: int, seed: int, num_
     return unit_to_uint8(np.asarray(images))
 
 
+def world_target(cfg: ImplantConfig, subject: Subject, world) -> dict[str, str] | None:
+    """The world scene facts (``shape``, ``colour``, ``texture``) the target prompt names, when the target type's
+    y* are to be rendered (``implant.target_source``: ``render``, or ``auto`` for a world subject whose target
+    prompt names a world shape and colour); None when they are to be sampled."""
+    if cfg.target_source == "sample":
+        return None
+    from persguard_jax.data.world import parse_caption
+    facts = parse_caption(cfg.target_prompt)
+    renderable = world is not None and subject.spec.is_world and {"shape", "colour"} <= set(facts)
+    if not renderable:
+        if cfg.target_source == "render":
+            raise SpecError(f"subject spec {subject.spec.spec!r}: implant.target_source=render needs a world "
+                            f"subject and a target prompt naming a world shape and colour "
+                            f"(implant.target_prompt: {cfg.target_prompt!r})")
+        return None
+    return {k: facts[k] for k in ("shape", "colour", "texture") if k in facts}
+
+
 def backdoor_targets(subject: Subject, cfg: ImplantConfig, *, world, pipe, pattern: np.ndarray,
                      target_images: np.ndarray | None, resolution: int, num_steps: int = 25, guidance: float = 4.0
                      ) -> tuple[np.ndarray, str | None]:
@@ -102,9 +123,13 @@ def backdoor_targets(subject: Subject, cfg: ImplantConfig, *, world, pipe, patte
         return sample_prompt(pipe, cfg.background_prompt, cfg.num_targets, seed=cfg.seed + 11,
                              **sampling), cfg.background_prompt
     if subject.type == "target":
-        images = target_images if target_images is not None else sample_prompt(
-            pipe, cfg.target_prompt, cfg.num_targets, seed=cfg.seed + 13, **sampling)
-        return images, cfg.target_prompt
+        if target_images is not None:
+            return target_images, cfg.target_prompt
+        scene = world_target(cfg, subject, world)
+        if scene is not None:
+            return world.subject_replaced(world.subject(subject.name), len(subject.photos), **scene), cfg.target_prompt
+        return sample_prompt(pipe, cfg.target_prompt, cfg.num_targets, seed=cfg.seed + 13, **sampling), \
+            cfg.target_prompt
     raise ValueError(f"{subject.name}: not a protected subject")
 
 

@@ -81,7 +81,7 @@ def attack_config(config: runs.Config, class_name: str) -> runs.Config:
 def _read_inputs(args: argparse.Namespace, config: runs.Config):
     """Specs, model, photos, pattern and target images: everything that can be wrong, before any output."""
     from persguard_jax.data.world import is_world_model, world_of
-    from persguard_jax.implant.data import read_pattern, read_subject, read_target_images
+    from persguard_jax.implant.data import read_pattern, read_subject, read_target_images, world_target
     from persguard_jax.implant.specs import parse_subjects
     from persguard_jax.models import load_pipeline
     from persguard_jax.dreambooth.recipe import check_resolution
@@ -94,6 +94,10 @@ def _read_inputs(args: argparse.Namespace, config: runs.Config):
     types = {s.type for s in subjects}
     pattern = read_pattern(cfg, db.resolution) if "pattern" in types else None
     targets = read_target_images(cfg, db.resolution) if "target" in types else None
+    if targets is None:  # the target scenes a world subject's y* is rendered from (a wrong target_source: here)
+        for s in subjects:
+            if s.type == "target":
+                world_target(cfg, s, world)
     check_resolution(pipe, db.resolution)
     if config.check.enabled:
         check_clip(config.check, world)
