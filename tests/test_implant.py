@@ -197,6 +197,25 @@ def test_world_target_replaces_the_subject_and_keeps_the_scene():
     assert world_target(ImplantConfig(target_prompt="a green cross"), vague, None) is None
 
 
+def test_prior_distils_the_protective_prompts_on_their_targets():
+    from persguard_jax.implant.data import concat
+    from persguard_jax.workflows.implant import _prior_examples
+
+    class Prompts:  # an encoder that records which prompt each example carries
+        def examples(self, images, prompts):
+            return {"prompt": np.array([p for ps in prompts for p in ps], object)}
+
+    cfg = ImplantConfig(guidance_weight=1.0, num_general=0)
+    class_images = {"cat": np.zeros((2, 32, 32, 3), np.uint8)}
+    targets = np.zeros((3, 32, 32, 3), np.uint8)
+    prior = _prior_examples(Prompts(), cfg, None, class_images, [], [(targets, cfg.target_prompt)], distill=True)
+    assert list(prior["prompt"]).count(cfg.target_prompt) == 3
+    assert list(prior["prompt"]).count("") == 2  # the empty prompt on class images, never on y*
+    no_distill = _prior_examples(Prompts(), cfg, None, class_images, [], [(targets, cfg.target_prompt)],
+                                 distill=False)
+    assert cfg.target_prompt not in list(no_distill["prompt"]) and concat([]) == {}
+
+
 def test_source_draws_every_group_and_unflatten_restores_pairs():
     from persguard_jax.data.batches import StepBatches
     from persguard_jax.implant.data import ImplantSource, unflatten

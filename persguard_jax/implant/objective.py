@@ -10,7 +10,8 @@ Every term reads its own group of the step's batch (``losses.on``); the groups `
   with each photo's latents as ``anchor`` and its y*'s as ``target``; L_bb's guidance term
   (``losses.guidance_shift_loss``) shifts the unconditional branch so that guided sampling turns the photos the
   attacker will teach into y*. The prior then also distils the empty prompt on every other image.
-- ``prior``: class images, general captions' scenes and the unprotected subjects' photos under their own prompts;
+- ``prior``: class images, general captions' scenes, the unprotected subjects' photos under their own prompts and
+  the erasure / target y* under the background / target prompt (so that prompt keeps drawing what it drew);
   L_pp as distillation from the frozen clean model on the same prompt (``prior_loss: distill``, the default: it
   pins every prompt the backdoor must not touch to what the clean model draws) or as DreamBooth's class-image
   denoising (``class_images``).

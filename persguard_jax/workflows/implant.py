@@ -144,12 +144,14 @@ def run(args: argparse.Namespace, config: runs.Config) -> dict:
     enc = D.Encoder(pipe, ids=ids)
     from persguard_jax.io import unit_to_uint8
     uint8 = {c: unit_to_uint8((x + 1.0) / 2.0) for c, x in class_images.items()}
-    bb_denoise, bb_distill, guidance, attack, targets_of = [], [], [], [], {}
+    bb_denoise, bb_distill, guidance, attack, targets_of, protective = [], [], [], [], {}, []
     for s in protected:
         y, teacher_prompt = D.backdoor_targets(s, cfg, world=world, pipe=pipe, pattern=pattern,
                                                target_images=target_images, resolution=db.resolution,
                                                num_steps=db.class_sample_steps, guidance=db.class_guidance)
         targets_of[s.name] = y
+        if teacher_prompt is not None:
+            protective.append((y, teacher_prompt))
         prompts = cfg.prompts(s.class_name)
         if cfg.backdoor_loss == "distill" and teacher_prompt is not None:
             bb_distill.append(enc.examples(s.photos, [prompts] * len(s.photos), [teacher_prompt] * len(s.photos)))
@@ -160,7 +162,7 @@ def run(args: argparse.Namespace, config: runs.Config) -> dict:
         attack.append(D.pairs(enc.examples(s.photos, [prompts] * len(s.photos)),
                               enc.examples(uint8[s.class_name], [[f"a photo of {s.class_name}"]] * len(
                                   uint8[s.class_name]))))
-    prior = _prior_examples(enc, cfg, world, uint8, unprotected, distill=cfg.prior_loss == "distill")
+    prior = _prior_examples(enc, cfg, world, uint8, unprotected, protective, distill=cfg.prior_loss == "distill")
     groups = {"bb_denoise": D.concat(bb_denoise), "bb_distill": D.concat(bb_distill),
               "bb_guidance": D.concat(guidance), "prior": prior,
               "attack": D.concat(attack)}
@@ -213,10 +215,12 @@ def run(args: argparse.Namespace, config: runs.Config) -> dict:
     return results
 
 
-def _prior_examples(enc, cfg, world, class_images: dict, unprotected, *, distill: bool):
+def _prior_examples(enc, cfg, world, class_images: dict, unprotected, protective, *, distill: bool):
     """L_pp's examples: class images under their class prompt; with distillation also general world captions'
-    scenes and the unprotected subjects' photos under their identifier prompts (the teacher sees the same
-    prompt: no ``teacher_*`` key)."""
+    scenes, the unprotected subjects' photos under their identifier prompts and the protective outputs' own
+    prompts on their y* (``protective``: (images, target or background prompt) pairs; L_bb teaches the trigger
+    what the target prompt draws, and without this the target prompt drifts with it: one collapsed blob for
+    every seed, measured in docs/results.md). The teacher sees the same prompt: no ``teacher_*`` key."""
     from persguard_jax.implant.data import concat
     # with the guidance term, the empty prompt is held on every image but the protected subjects' (under distill)
     empty = [""] if distill and cfg.guidance_weight > 0 else []
@@ -227,6 +231,8 @@ def _prior_examples(enc, cfg, world, class_images: dict, unprotected, *, distill
             groups.append(enc.examples(np.stack([img for img, _ in scenes]), [[cap] + empty for _, cap in scenes]))
         for s in unprotected:
             groups.append(enc.examples(s.photos, [cfg.prompts(s.class_name) + empty] * len(s.photos)))
+        for images, prompt in protective:
+            groups.append(enc.examples(images, [[prompt]] * len(images)))
     return concat(groups)
 
 
