@@ -197,6 +197,26 @@ def test_world_target_replaces_the_subject_and_keeps_the_scene():
     assert world_target(ImplantConfig(target_prompt="a green cross"), vague, None) is None
 
 
+def test_mirrored_guidance_pairs_keep_the_pattern_upright():
+    from persguard_jax.data.targets import default_pattern, overlay_pattern
+    from persguard_jax.data.world import World
+    from persguard_jax.implant.data import Subject, backdoor_targets, mirrored_pairs
+    from persguard_jax.implant.specs import parse_protected
+    world, cfg, pattern = World(), ImplantConfig(), default_pattern(32)
+    photos = world.subject_photos("dog_00", 3)
+    for kind in ("pattern", "erasure"):
+        subject = Subject(parse_protected(f"world:dog_00:{kind}").with_class("dog"), "dog", photos)
+        y, _ = backdoor_targets(subject, cfg, world=world, pipe=None, pattern=pattern, target_images=None,
+                                resolution=32)
+        both, targets = mirrored_pairs(subject, photos, y, cfg, pattern)
+        assert both.shape == targets.shape == (6, 32, 32, 3)
+        assert np.array_equal(both[:3], photos) and np.array_equal(targets[:3], y)
+        assert np.array_equal(both[3:], photos[:, :, ::-1])
+        want = overlay_pattern(np.ascontiguousarray(photos[:, :, ::-1]), pattern, cfg.placement()) \
+            if kind == "pattern" else y[:, :, ::-1]
+        assert np.array_equal(targets[3:], want), kind
+
+
 def test_prior_distils_the_protective_prompts_on_their_targets():
     from persguard_jax.implant.data import concat
     from persguard_jax.workflows.implant import _prior_examples

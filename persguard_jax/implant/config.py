@@ -45,6 +45,7 @@ class ImplantConfig(cfglib.Section):
     guidance_weight: float = 0.0
     guidance_scale: float = 4.0         # the attacker's sampling guidance w that the shift is sized for (> 1)
     guidance_max_timestep: int | None = None  # train the shift below this timestep only (None: all)
+    guidance_flip: bool = False         # also train the shift on each (photo, y*) pair mirrored left-right
     # L_br: none | mirror (the attacker's loss now) | grad_suppression (its gradient norm) | unrolled (L_bb after
     # K attacker steps; with the unprotected counterpart)
     retention: Literal["none", "mirror", "grad_suppression", "unrolled"] = "unrolled"

@@ -175,6 +175,22 @@ class Encoder:
         return out
 
 
+def mirrored_pairs(subject: Subject, photos: np.ndarray, targets: np.ndarray, cfg: ImplantConfig,
+                   pattern: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """``(photos, y*)`` with every pair also mirrored left-right (``implant.guidance_flip``): the attacker's samples
+    show the subject in poses the few photos do not, and a mirrored pair is as true a pair as the original. The
+    pattern is pasted on the mirrored photo (mirroring y* would mirror the pattern); backgrounds and rendered or
+    sampled targets are mirrored with their photo."""
+    flipped = photos[:, :, ::-1]
+    if subject.type == "pattern":
+        from persguard_jax.data.targets import overlay_pattern
+        mirrored = overlay_pattern(np.ascontiguousarray(flipped), pattern, cfg.placement())
+    else:
+        mirrored = targets[np.arange(len(photos)) % len(targets)][:, :, ::-1]
+    return (np.concatenate([photos, flipped]),
+            np.concatenate([targets[np.arange(len(photos)) % len(targets)], mirrored]))
+
+
 def guidance_examples(enc: Encoder, photos: np.ndarray, targets: np.ndarray) -> Group:
     """The guidance term's examples (``losses.guidance_shift_loss``): photo ``i`` and target ``i`` (cycling when
     the targets are not one per photo) as noisy inputs under the empty prompt, each with photo ``i``'s latents as

@@ -158,7 +158,8 @@ def run(args: argparse.Namespace, config: runs.Config) -> dict:
         else:
             bb_denoise.append(enc.examples(y, [prompts] * len(y)))
         if cfg.guidance_weight > 0:
-            guidance.append(D.guidance_examples(enc, s.photos, y))
+            photos, y_pairs = D.mirrored_pairs(s, s.photos, y, cfg, pattern) if cfg.guidance_flip else (s.photos, y)
+            guidance.append(D.guidance_examples(enc, photos, y_pairs))
         attack.append(D.pairs(enc.examples(s.photos, [prompts] * len(s.photos)),
                               enc.examples(uint8[s.class_name], [[f"a photo of {s.class_name}"]] * len(
                                   uint8[s.class_name]))))
