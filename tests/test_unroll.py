@@ -117,6 +117,26 @@ def mlp(params, batch, rng):
     return jnp.mean(jnp.tanh(h @ params["w2"]) ** 2), {}
 
 
+@pytest.mark.parametrize("replay", [False, True])
+def test_second_order_through_adamw_is_finite_for_a_parameter_the_inner_loss_does_not_use(replay):
+    # a parameter the attacker's loss never touches but the outer objective reads (the embedding of an identifier
+    # the inner prompts do not name) has Adam's v = 0, where sqrt has an infinite derivative: 0 * inf = NaN
+    params = {"w": W0["w"], "unused": jnp.array([0.5, -1.0])}
+
+    def objective(run, p):
+        tuned, _ = run(p, DATA, KEY)
+        return 0.5 * jnp.sum((tuned["w"] - jnp.asarray(B, jnp.float32)) ** 2) + jnp.sum(tuned["unused"] ** 2)
+
+    # clipping active: the global norm spreads one NaN cotangent to every parameter, as on the world model
+    cfg = OptimizerConfig(learning_rate=0.05, weight_decay=0.0, max_grad_norm=0.1)
+    grads = jax.grad(lambda p: objective(unroll(quadratic, cfg, K, order=2, replay=replay), p))(params)
+    np.testing.assert_allclose(grads["unused"], 2 * np.asarray(params["unused"]), rtol=1e-6)  # never updated
+    reference = jax.grad(lambda p: outer(unroll(quadratic, cfg, K, order=2, replay=replay), p))(W0)["w"]
+    np.testing.assert_allclose(grads["w"], reference, rtol=1e-5)
+    naive = unroll(quadratic, make_optimizer(cfg), K, order=2, replay=replay)  # the same AdamW, eps_root 0
+    assert not np.isfinite(np.asarray(jax.grad(lambda p: objective(naive, p))(params)["w"])).any()
+
+
 def test_remat_gives_the_same_numbers_and_keeps_only_the_carry():
     p = {"w1": jnp.full((16, 16), 0.1), "w2": jnp.eye(16)}
     data = {"x": jax.random.normal(KEY, (512, 16))}

@@ -20,7 +20,8 @@ class OptimizerConfig(Section):
     """Global-norm clipping + AdamW with a constant, cosine or linear learning rate after a linear warm-up."""
     SECTION = "optimizer"
     BOUNDS = {"learning_rate": "[0, inf)", "warmup_steps": "[0, inf)", "total_steps": "[1, inf)", "b1": "[0, 1)",
-              "b2": "[0, 1)", "eps": "[0, inf)", "weight_decay": "[0, inf)", "max_grad_norm": "(0, inf)"}
+              "b2": "[0, 1)", "eps": "[0, inf)", "eps_root": "[0, inf)", "weight_decay": "[0, inf)",
+              "max_grad_norm": "(0, inf)"}
     learning_rate: float = 5e-6
     # decay to 0 over total_steps, after warmup
     schedule: Literal["constant", "cosine", "linear"] = "constant"
@@ -29,6 +30,10 @@ class OptimizerConfig(Section):
     b1: float = 0.9
     b2: float = 0.999
     eps: float = 1e-8
+    # added to Adam's second moment inside the square root; 0 is standard AdamW. Differentiating through updates
+    # (train.unroll order 2) needs it > 0: a parameter whose gradient is exactly 0 (an unused token's embedding)
+    # has v = 0, where sqrt's derivative is infinite and 0 * inf makes the whole outer gradient NaN
+    eps_root: float = 0.0
     weight_decay: float = 1e-2
     max_grad_norm: float | None = 1.0  # global-norm clipping; None = off
 
@@ -56,7 +61,7 @@ def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
     None)."""
     parts = [optax.clip_by_global_norm(cfg.max_grad_norm)] if cfg.max_grad_norm else []
     parts.append(optax.adamw(learning_rate_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                             weight_decay=cfg.weight_decay))
+                             eps_root=cfg.eps_root, weight_decay=cfg.weight_decay))
     return optax.chain(*parts)
 
 

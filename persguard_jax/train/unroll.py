@@ -26,6 +26,7 @@ DreamBooth steps of the world model on 2 CPU devices 1.6x slower than one device
 """
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import Any, Callable
 
@@ -33,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from persguard_jax.train.optim import Optimizer, resolve_optimizer
+from persguard_jax.train.optim import Optimizer, OptimizerConfig, resolve_optimizer
 from persguard_jax.train.replay import replay_unroll
 from persguard_jax.train.step import DataParallel, LocalReductionError, StepConfig, per_device_loss_and_grads
 
@@ -60,6 +61,9 @@ def unroll(loss_fn: Callable[[Any, Any, jax.Array], tuple[jax.Array, Any]], opti
     ``replay`` (order 2): the backward pass keeps only the inputs and replays the steps from them instead of
     storing each step's carry (``train.replay``): memory that does not grow with ``steps``, at steps (steps - 1) / 2
     extra gradient evaluations; ``remat`` and ``scan_unroll`` do not apply, ``data`` gets no gradient.
+    An ``OptimizerConfig`` at order 2 gets ``eps_root = eps ** 2`` unless it sets its own (AdamW's square root has
+    an infinite derivative at a zero second moment); an optax transform at order 2 must be differentiable itself
+    (``optax.adam(..., eps_root=...)``).
     ``run`` is pure: jit, grad, vmap it."""
     if order not in (1, 2):
         raise ValueError(f"order must be 1 (first-order, inner gradients constant) or 2 (exact), got {order!r}")
@@ -67,6 +71,10 @@ def unroll(loss_fn: Callable[[Any, Any, jax.Array], tuple[jax.Array, Any]], opti
         raise ValueError("unroll: data_parallel computes first-order steps only (order=1)")
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
+    if order == 2 and isinstance(optimizer, OptimizerConfig) and optimizer.eps_root == 0:
+        # differentiable AdamW: sqrt(v + eps_root) has a finite derivative at v = 0 (parameters with a zero
+        # gradient); eps ** 2 moves an update by at most eps in its denominator. An optax transform is the caller's.
+        optimizer = dataclasses.replace(optimizer, eps_root=max(optimizer.eps, 1e-8) ** 2)
     if replay:
         if order != 2 or data_parallel is not None:
             raise ValueError("unroll: replay differentiates exact second-order steps (order=2, no data_parallel)")
