@@ -182,13 +182,13 @@ def mirrored_pairs(subject: Subject, photos: np.ndarray, targets: np.ndarray, cf
     pattern is pasted on the mirrored photo (mirroring y* would mirror the pattern); backgrounds and rendered or
     sampled targets are mirrored with their photo."""
     flipped = photos[:, :, ::-1]
+    paired = targets[np.arange(len(photos)) % len(targets)]  # target i for photo i, cycling
     if subject.type == "pattern":
         from persguard_jax.data.targets import overlay_pattern
         mirrored = overlay_pattern(np.ascontiguousarray(flipped), pattern, cfg.placement())
     else:
-        mirrored = targets[np.arange(len(photos)) % len(targets)][:, :, ::-1]
-    return (np.concatenate([photos, flipped]),
-            np.concatenate([targets[np.arange(len(photos)) % len(targets)], mirrored]))
+        mirrored = paired[:, :, ::-1]
+    return np.concatenate([photos, flipped]), np.concatenate([paired, mirrored])
 
 
 def guidance_examples(enc: Encoder, photos: np.ndarray, targets: np.ndarray) -> Group:
