@@ -290,3 +290,24 @@ def test_erasure_detector_of_a_world_subject_reads_its_colour():
     assert detector.extra_rates(photos) == {"background_only_rate": 0.0}
     assert detector.extra_rates(backgrounds) == {"background_only_rate": 1.0}
     assert ProtectionDetector("pattern", world=world).extra_rates(photos) == {}
+
+
+def test_target_detector_of_a_world_subject_reports_its_parts():
+    """The check's target detector: the rendered y* (the subject replaced by the green cross) pass, the photos do
+    not; the partial rates tell an object of the target's colour with the wrong outline from a hit."""
+    from persguard_jax.data.world import World, WorldConfig
+    from persguard_jax.implant.check import ProtectionDetector
+    world = World(WorldConfig())
+    subject = world.subject("cat_04")
+    detector = ProtectionDetector("target", world=world, colour=subject.colour,
+                                  target_prompt="a photo of a green cross on a plain background")
+    photos = world.subject_photos(subject, 4)
+    crosses = world.subject_replaced(subject, 4, shape="cross", colour="green")
+    circles = world.subject_replaced(subject, 4, shape="circle", colour="green")
+    assert detector(crosses).all() and not detector(photos).any() and not detector(circles).any()
+    assert detector.extra_rates(crosses) == {"target_shape_rate": 1.0, "target_colour_rate": 1.0,
+                                             "subject_gone_rate": 1.0}
+    assert detector.extra_rates(photos) == {"target_shape_rate": 0.0, "target_colour_rate": 0.0,
+                                            "subject_gone_rate": 0.0}
+    assert detector.extra_rates(circles) == {"target_shape_rate": 0.0, "target_colour_rate": 1.0,
+                                             "subject_gone_rate": 1.0}

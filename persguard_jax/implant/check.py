@@ -8,7 +8,8 @@ sections, identifier ``sks``) fine-tunes the model on the subject's photos; then
   type anywhere) by pixel detectors: pattern (``detect_pattern`` at the configured place), erasure (the
   subject's colour gone: ``detect_erasure(colour=...)``; ``background_only_rate`` beside it: no object of any
   colour, which the world model's tinted backgrounds rarely pass), target (the target prompt's silhouette and
-  colour: ``detect_shape``, ``dominant_colour``).
+  colour: ``detect_shape``, ``dominant_colour``; ``target_shape_rate``, ``target_colour_rate`` and
+  ``subject_gone_rate`` beside it: the parts apart).
   Other photos: CLIP zero-shot, the target or background prompt against the class prompt (needs ``check.clip``).
 - ``identity_similarity`` and ``clip_i`` to the subject's photos (the world CLIP, or ``check.clip``).
 General prompts (world models): colour and shape following (``persguard_jax.following``) of both models.
@@ -58,13 +59,9 @@ class ProtectionDetector:
         if self.world is not None and self.type == "erasure":
             return D.detect_erasure(images, colour=self.colour)
         if self.world is not None and self.type == "target":
-            from persguard_jax.data.world import COLOURS, parse_caption
-            want = parse_caption(self.target_prompt)
             ok = np.ones(len(images), bool)
-            if "shape" in want:
-                ok &= D.detect_shape(images, self.world.shapes) == list(self.world.shapes).index(want["shape"])
-            if "colour" in want:
-                ok &= D.dominant_colour(images) == list(COLOURS).index(want["colour"])
+            for hits in self._target_parts(images).values():
+                ok &= hits
             return ok
         if self.evaluator is None:
             return None
@@ -73,12 +70,33 @@ class ProtectionDetector:
         text = np.asarray(self.evaluator.text_features([self.alternative_prompt, self.class_prompt]))
         return (image @ text.T).argmax(-1) == 0
 
+    def _target_parts(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """Per sample, each fact of the world target prompt the sample shows: ``shape`` (its silhouette) and
+        ``colour`` (the dominant colour), for those the prompt names."""
+        from persguard_jax.data.world import COLOURS, parse_caption
+        from persguard_jax.metrics import detectors as D
+        want = parse_caption(self.target_prompt)
+        parts = {}
+        if "shape" in want:
+            parts["shape"] = D.detect_shape(images, self.world.shapes) == list(self.world.shapes).index(want["shape"])
+        if "colour" in want:
+            parts["colour"] = D.dominant_colour(images) == list(COLOURS).index(want["colour"])
+        return parts
+
     def extra_rates(self, images: np.ndarray) -> dict[str, float]:
         """Rates reported beside ``protection_rate``: for world erasure, ``background_only_rate`` (no object of
-        any colour, the strict reading of "only the background remains")."""
+        any colour, the strict reading of "only the background remains"); for a world target, the parts of the
+        rate apart: ``target_shape_rate`` and ``target_colour_rate`` (the samples showing the target's silhouette,
+        its colour) and ``subject_gone_rate`` (the subject's own colour gone), so that a sample that replaced the
+        subject by an object of the target's colour but not its outline is counted somewhere."""
+        from persguard_jax.metrics import detect_erasure
         if self.world is not None and self.type == "erasure":
-            from persguard_jax.metrics import detect_erasure
             return {"background_only_rate": float(np.mean(detect_erasure(images)))}
+        if self.world is not None and self.type == "target":
+            rates = {f"target_{k}_rate": float(np.mean(v)) for k, v in self._target_parts(images).items()}
+            if self.colour is not None:
+                rates["subject_gone_rate"] = float(np.mean(detect_erasure(images, colour=self.colour)))
+            return rates
         return {}
 
 
