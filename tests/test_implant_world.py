@@ -21,7 +21,7 @@ def implanted(tmp_path_factory):
                  "--unprotected", "world:cat_00", "--out", str(out), f"implant.steps={STEPS}", "implant.retention=none",
                  "implant.guidance_weight=0", "implant.num_general=32", "implant_optimizer.learning_rate=5e-4",
                  "dreambooth.steps=5", "dreambooth.num_class_images=8", "check.num_images=4", "check.per_colour=1",
-                 # the attacker's own samples.png (the check samples its models itself): as small as allowed
+                 # the attacker's own samples.png, which the check does not read (it samples the models itself): small
                  "dreambooth.eval_num_images=1", "dreambooth.eval_steps=2",
                  "check.per_shape=1", "loop.checkpoint_every=40"])
     assert code in (0, None)
