@@ -3,6 +3,7 @@
     python experiments/diffshortcut.py --out runs/diffshortcut [--subjects dog_00,cat_00,...] [--seeds 0,1]
         [--curve 6.4,11,16,32] [--curve-subjects 3] [--budget B] [--methods aspl,advdm,fsmg]
         [--purifiers jpeg,blur,tv,sdedit,sr] [--combo sdedit] [--steps 200]
+        [--cdl-empty-negative] [--cdl-plain-prompt]
 
 1. The budget curve: ASPL at each ``--curve`` budget on the first ``--curve-subjects`` subjects, every seed, then the
    attacker on the protected photos and on uniform noise of the same l_inf size (the control).
@@ -14,7 +15,9 @@
    rest get ``--combo`` only), with CDL only, and purified (``--combo``, and ``--extra-combos``) + CDL; and CDL on
    the clean photos (what CDL costs when there is nothing to decouple).
    ``--cdl-empty-negative`` measures every CDL run a second time sampled against the empty prompt instead of CDL's
-   quality negative prompt (condition ``...:empty-negative``; the same training).
+   quality negative prompt (condition ``...:empty-negative``; the same training). ``--cdl-plain-prompt`` measures
+   it once more under the plain prompt "a photo of sks <class>" against the empty prompt, as the runs without CDL
+   are sampled (``...:plain-prompt``): whether what CDL costs is its sampling prompt.
 
 The attacker is the world DreamBooth recipe (configs/dreambooth_world.yaml: 200 steps, lr 2e-4, prior weight 1, 50
 class images sampled from the base model, UNet and text encoder trained), run as ``protect.methods.dreambooth_steps``
@@ -58,6 +61,8 @@ def parse_args(argv=None):
     p.add_argument("--extra-combos", type=words, default=[], help="more purifiers paired with CDL (--purifiers-for)")
     p.add_argument("--cdl-empty-negative", action="store_true",
                    help="also sample CDL runs against the empty prompt instead of CDL's quality negative prompt")
+    p.add_argument("--cdl-plain-prompt", action="store_true",
+                   help="also sample CDL runs under the plain instance prompt, as the runs without CDL are sampled")
     p.add_argument("--steps", type=int, default=200, help="the attacker's DreamBooth steps")
     p.add_argument("--photos", type=int, default=5)
     p.add_argument("--num-images", type=int, default=16)
@@ -194,8 +199,9 @@ def main(argv=None):
     rows = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
 
     def run(key: dict, photos: np.ndarray, clean_u8, c: str, seed: int, *, cdl: bool = False) -> None:
-        keys = [key] + ([{**key, "condition": key["condition"] + ":empty-negative"}]
-                        if cdl and args.cdl_empty_negative else [])
+        variants = [v for v, on in ((":empty-negative", args.cdl_empty_negative),
+                                    (":plain-prompt", args.cdl_plain_prompt)) if cdl and on]
+        keys = [key] + [{**key, "condition": key["condition"] + v} for v in variants]
         if all(json.dumps(k) in done for k in keys):
             return
         t0 = time.time()
@@ -204,7 +210,8 @@ def main(argv=None):
             if json.dumps(k) in done:
                 continue
             negative = "" if k["condition"].endswith(":empty-negative") else None
-            row = {"key": k, **w.measure(params, clean_u8, c, seed, cdl=cdl, negative_prompt=negative),
+            policy = cdl and not k["condition"].endswith(":plain-prompt")  # CDL's sampling prompt, or the plain one
+            row = {"key": k, **w.measure(params, clean_u8, c, seed, cdl=policy, negative_prompt=negative),
                    "seconds": round(time.time() - t0, 1)}
             rows.append(row)
             done.add(json.dumps(k))
