@@ -102,7 +102,7 @@ def relabel(images: np.ndarray, captions: list[str], tokenizer, args) -> tuple[n
     return images, captions, counts
 
 
-def word_check(pipe, params=None) -> dict[str, float]:
+def word_check(pipe) -> dict[str, float]:
     """High-frequency energy (``metrics.shortcut``) of 8 samples per ``WORD_PROMPTS`` prompt (seed 3, DDIM 25,
     guidance 4): whether "noisy pattern" draws noise and "without" takes it away."""
     from persguard_jax.io import unit_to_uint8
@@ -119,9 +119,8 @@ def main(argv=None) -> dict:
     from persguard_jax import config as cfglib
     from persguard_jax import resources
     from persguard_jax.data.world import WORLD_FILE, render_dataset, world_of
-    from persguard_jax.io import save_json, save_png, uint8_to_unit
+    from persguard_jax.io import save_json
     from persguard_jax.models import load_pipeline, save_pipeline
-    from persguard_jax.report import image_grid
     from persguard_jax.workflows import pretrain as P
 
     args = parse_args(argv)
@@ -131,8 +130,7 @@ def main(argv=None) -> dict:
     t0 = time.time()
     settings = P.parse_config(cfglib.load_config(resources.config_path("world_tiny"), [
         f"pretrain.unet.steps={args.steps}", "pretrain.unet.optimizer.learning_rate=5e-4",
-        "pretrain.unet.optimizer.warmup_steps=50", "pretrain.eval_per_colour=8", "pretrain.eval_per_shape=8",
-        *args.overrides]))
+        "pretrain.unet.optimizer.warmup_steps=50", *args.overrides]))
     pipe, world = load_pipeline(args.model), world_of(args.model)
     words_before = word_check(pipe)
     images, captions = render_dataset(world, args.scenes, class_fraction=settings.pretrain.class_fraction,
@@ -145,8 +143,7 @@ def main(argv=None) -> dict:
     save_pipeline(pipe, args.out / "model", overwrite=True)
     save_json(world.cfg.to_dict(), args.out / "model" / WORLD_FILE)
     samples, scores = P.evaluate(pipe, world, settings.pretrain)
-    for name, per in (("colour", 8), ("shape", 8), ("texture", settings.pretrain.eval_per_texture)):
-        save_png(image_grid(uint8_to_unit(samples[name]), ncols=per * 2), args.out / f"{name}_samples.png")
+    P.save_sample_grids(samples, settings.pretrain, args.out)
     results = {"model": str(args.out / "model"), "base": str(args.model), "steps": args.steps, "scenes": counts,
                "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                "words_hf_energy": {"before": words_before, "after": word_check(pipe)},

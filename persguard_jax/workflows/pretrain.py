@@ -247,6 +247,17 @@ def evaluate(pipe, world, cfg: PretrainConfig) -> tuple[dict[str, np.ndarray], d
     return samples, scores
 
 
+def save_sample_grids(samples: dict[str, np.ndarray], cfg: PretrainConfig, out: Path) -> None:
+    """``evaluate``'s sample grids as ``out/samples.png`` (colour), ``shape_samples.png`` and
+    ``texture_samples.png``, two prompts' samples per row."""
+    from persguard_jax.io import save_png
+    from persguard_jax.report import image_grid
+    for name, file, per in (("colour", "samples.png", cfg.eval_per_colour),
+                            ("shape", "shape_samples.png", cfg.eval_per_shape),
+                            ("texture", "texture_samples.png", cfg.eval_per_texture)):
+        save_png(image_grid(uint8_to_unit(samples[name]), ncols=per * 2), out / file)
+
+
 # --------------------------------------------------------------------------- the run
 
 def pretrain(out: str | Path, settings: runs.Config, *, overwrite: bool = False, resume: bool = False) -> dict:
@@ -255,9 +266,9 @@ def pretrain(out: str | Path, settings: runs.Config, *, overwrite: bool = False,
     import jax
 
     from persguard_jax.data.world import WORLD_FILE, World, render_dataset
-    from persguard_jax.io import save_json, save_png
+    from persguard_jax.io import save_json
     from persguard_jax.models import save_pipeline
-    from persguard_jax.report import image_grid, write_results
+    from persguard_jax.report import write_results
     from persguard_jax.train.distributed import is_writer
 
     cfg = settings.pretrain
@@ -304,10 +315,7 @@ def pretrain(out: str | Path, settings: runs.Config, *, overwrite: bool = False,
     t = time.time()
     samples, scores = evaluate(pipe, world, cfg)
     timings["eval_s"] = round(time.time() - t, 1)
-    for name, file, per in (("colour", "samples.png", cfg.eval_per_colour),
-                            ("shape", "shape_samples.png", cfg.eval_per_shape),
-                            ("texture", "texture_samples.png", cfg.eval_per_texture)):
-        save_png(image_grid(uint8_to_unit(samples[name]), ncols=per * 2), out / file)
+    save_sample_grids(samples, cfg, out)
     results.update(**scores, timings=timings, wall_s=round(time.time() - t0, 1))
     # the run owns ``out`` (start_run checked it): a resumed run's results replace the earlier ones
     write_results(out, results, title="World model pre-training", overwrite=True)
