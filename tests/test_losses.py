@@ -513,6 +513,24 @@ def test_vae_loss_matches_hand_formula():
     assert float(aux0["kl"]) < 1e-9
 
 
+def test_vae_edge_term_weighs_fine_texture_not_offsets():
+    """``edge_error`` is 0 for a constant offset and 4x the pixel error for a checkerboard's (differences of
+    +-1 become +-2); in ``vae_loss`` it adds ``edge_weight`` times itself per example, by hand."""
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.uniform(-1, 1, size=(2, 6, 6, 3)).astype(np.float32))
+    assert float(jnp.max(losses.edge_error(x + 0.3, x))) < 1e-12
+    checker = jnp.asarray(np.indices((6, 6)).sum(0) % 2 * 2.0 - 1.0, jnp.float32)[None, :, :, None]
+    checker = jnp.broadcast_to(checker, (2, 6, 6, 3)) * 0.1
+    np.testing.assert_allclose(losses.edge_error(x + checker, x), 4 * losses.squared_error(x + checker, x), rtol=1e-5)
+    params, key = {"vae": {"a": jnp.float32(0.5), "lv": jnp.float32(np.log(0.04))}}, jax.random.key(3)
+    _, plain = losses.vae_loss(params, {"images": x}, key, model=FakeVAEModel(), kl_weight=0.1)
+    _, with_edges = losses.vae_loss(params, {"images": x}, key, model=FakeVAEModel(), kl_weight=0.1, edge_weight=2.0)
+    z = x * 0.5 + jnp.exp(0.5 * np.log(0.04)) * jax.random.normal(key, x.shape)
+    np.testing.assert_allclose(with_edges["per_example"],
+                               plain["per_example"] + 2.0 * losses.edge_error(z / 0.5, x), rtol=1e-5)
+    assert "edges" in with_edges and "edges" not in plain
+
+
 def test_caption_dropout_replaces_a_fraction_with_the_empty_prompt():
     def inner(params, batch, rng):
         return jnp.float32(0.0), {"ids": batch["input_ids"]}

@@ -48,7 +48,7 @@ from persguard_jax.losses._batch import (BatchShards, batch_draw, batch_gather, 
                                          example_index, sharded_batch)
 from persguard_jax.losses._combinators import caption_dropout, masked, on, prior_preservation, weighted_sum
 from persguard_jax.losses._contrastive import clip_contrastive_loss, info_nce
-from persguard_jax.losses._denoising import denoising_loss, vae_loss
+from persguard_jax.losses._denoising import denoising_loss, edge_error, vae_loss
 from persguard_jax.losses._distillation import distillation_loss
 from persguard_jax.losses._dreambooth import dreambooth_loss, pairs_to_examples
 from persguard_jax.losses._guidance import guidance_shift_loss, guidance_shift_target
@@ -57,7 +57,7 @@ from persguard_jax.losses._retention import InnerLoop, after_finetuning, gradien
 
 __all__ = ["PREDICTION_TYPES", "Aux", "BatchShards", "InnerLoop", "after_finetuning", "gradient_penalty", "on", "LossConfig", "LossFn", "Noised", "batch_draw", "batch_gather",
            "batch_mean", "batch_shards", "batch_sum", "bind", "caption_dropout", "clean_latents",
-           "clip_contrastive_loss", "denoising_loss", "distillation_loss", "dreambooth_loss", "encode_pixels", "guidance_shift_loss", "guidance_shift_target", "info_nce", "masked",
+           "clip_contrastive_loss", "denoising_loss", "distillation_loss", "dreambooth_loss", "edge_error", "encode_pixels", "guidance_shift_loss", "guidance_shift_target", "info_nce", "masked",
            "example_index", "mean_per_example", "min_snr_weights", "noised_latents", "pairs_to_examples", "pipeline_loss_config", "predict",
            "prior_preservation", "sample_timesteps", "scalar_metrics", "sharded_batch", "snr_weighted", "squared_error",
            "target_shift_loss", "text_context", "through_vae", "vae_loss", "weighted_mean", "weighted_sum"]

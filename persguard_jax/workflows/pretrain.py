@@ -57,8 +57,9 @@ class StageConfig(cfglib.Section):
 @dataclass(frozen=True)
 class VAEStageConfig(StageConfig):
     SECTION = "pretrain.vae"
-    BOUNDS = {**StageConfig.BOUNDS, "kl_weight": "[0, inf)"}
+    BOUNDS = {**StageConfig.BOUNDS, "kl_weight": "[0, inf)", "edge_weight": "[0, inf)"}
     kl_weight: float = 1e-4
+    edge_weight: float = 0.0   # losses.vae_loss's high-pass term (finite differences' squared error)
 
 
 @dataclass(frozen=True)
@@ -176,7 +177,8 @@ def train_vae(pipe, images: np.ndarray, settings: runs.Config, workdir: Path):
     from persguard_jax.train import distributed, fit
     stage = settings.pretrain.vae
     model, params = F.split_modules({"vae": pipe.vae})
-    loss_fn = losses.bind(losses.vae_loss, model=model, kl_weight=stage.kl_weight)
+    loss_fn = losses.bind(losses.vae_loss, model=model, kl_weight=stage.kl_weight,
+                           edge_weight=stage.edge_weight)
     result, _ = fit(loss_fn, params, {}, train_logical={"vae": shd.logical_axes(pipe.vae)}, frozen_logical={},
                     source=ArraySource({"images": images}), global_batch=stage.batch_size, workdir=workdir,
                     optimizer=stage.optimizer, loop=runs.loop_config(settings.loop, stage.steps), step=settings.step,
