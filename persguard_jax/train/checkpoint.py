@@ -6,9 +6,10 @@ folder and renames it when complete, so a run killed mid-save leaves the previou
 asynchronous (the arrays are copied off the devices before ``save`` returns, the files are written in the
 background). Replica-parallel saving (each replica of a replicated array writes a slice of it) is on only when
 there is more than one process: within one process every replica's bytes leave through the same host, so slicing
-gains nothing, and slicing costs a compiled ``jit(slice)`` per array shape and device (on the test suite's 8 faked
-CPU devices the first save of the 1M-parameter world model took 24 s with it, 2 s without). A checkpoint that cannot be read is skipped with a warning and the one before it is used; when
-none can be read, ``restore`` raises ``CheckpointError`` rather than start again from step 0.
+gains nothing, and slicing costs a compiled ``jit(slice)`` per array shape and device (on the test suite's 8
+faked CPU devices the first save of the 1M-parameter world model took 24 s with it, 2 s without). A checkpoint
+that cannot be read is skipped with a warning and the one before it is used; when none can be read, ``restore``
+raises ``CheckpointError`` rather than start again from step 0.
 """
 from __future__ import annotations
 
@@ -77,11 +78,15 @@ class Checkpointer:
         ``abstract_state`` is a pytree of ``jax.ShapeDtypeStruct`` with ``sharding`` set: arrays are read
         directly into those shardings (each host reads only its shards).
         """
-        for step in reversed(self.steps()):
+        steps = self.steps()
+        if not steps:
+            return None
+        # each array read as a jax.Array straight into its abstract leaf's sharding
+        into = ocp.checkpoint_utils.construct_restore_args(abstract_state)
+        for step in reversed(steps):
             try:
                 restored = self.manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.PyTreeRestore(abstract_state, restore_args=_restore_args(abstract_state)),
-                    data=ocp.args.JsonRestore()))
+                    state=ocp.args.PyTreeRestore(abstract_state, restore_args=into), data=ocp.args.JsonRestore()))
             except Exception as e:  # noqa: BLE001: any unreadable checkpoint means: try the one before
                 msg = f"{self.directory / str(step)}: checkpoint unreadable ({type(e).__name__}: {str(e)[:200]}); " \
                       f"falling back to the previous one"
@@ -89,11 +94,8 @@ class Checkpointer:
                 log.warning(msg)
                 continue
             return restored.state, dict(restored.data or {}), step
-        if self.steps():
-            raise CheckpointError(f"{self.directory}: none of the checkpoints (steps {self.steps()}) can be read; "
-                                  f"the run cannot resume (start a new --out, or --overwrite to start this one "
-                                  f"again)")
-        return None
+        raise CheckpointError(f"{self.directory}: none of the checkpoints (steps {steps}) can be read; the run "
+                              f"cannot resume (start a new --out, or --overwrite to start this one again)")
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -120,11 +122,6 @@ def saved_steps(directory: str | Path) -> tuple[list[int], list[int]]:
     complete = [s for s in steps if all((directory / str(s) / item).is_dir() and any((directory / str(s) / item).iterdir())
                                         for item in ("state", "data"))]
     return steps, complete
-
-
-def _restore_args(abstract_state: Any) -> Any:
-    """Each array read as a ``jax.Array`` into its abstract leaf's sharding."""
-    return ocp.checkpoint_utils.construct_restore_args(abstract_state)
 
 
 def abstract_like(tree: Any, shardings: Any = None) -> Any:
