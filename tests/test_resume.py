@@ -234,7 +234,7 @@ def test_one_process_saves_replicated_arrays_whole(tmp_path, caplog):
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
     mesh = Mesh(np.array(jax.devices()), ("data",))
     replicated = NamedSharding(mesh, PartitionSpec())
-    # 24 distinct shapes (a fresh shape is a fresh slice program), each divisible by any device count
+    # 24 distinct shapes (a fresh shape is a fresh slice program), each divisible by the 8 devices
     state = {f"w{i}": jax.device_put(np.full((8 * (i + 1), 16), float(i), np.float32), replicated) for i in range(24)}
     with caplog.at_level("WARNING", logger="jax"), jax.log_compiles(True):
         with Checkpointer(tmp_path / "ckpt", save_every=1, async_save=True) as ckpt:

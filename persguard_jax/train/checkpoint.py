@@ -39,10 +39,9 @@ class CheckpointError(RunError):
 MIN_REPLICA_PARALLEL_BYTES = 1 << 20
 
 
-def type_handlers(multi_process: bool | None = None) -> ocp.type_handlers.TypeHandlerRegistry:
+def type_handlers() -> ocp.type_handlers.TypeHandlerRegistry:
     """Orbax's default handlers, with replica-parallel array saving only across processes."""
-    if multi_process is None:
-        multi_process = jax.process_count() > 1
+    multi_process = jax.process_count() > 1
     scalar = ocp.type_handlers.ScalarHandler()
     arrays = ocp.type_handlers.ArrayHandler(
         array_metadata_store=array_metadata_store.Store(), use_replica_parallel=multi_process,
