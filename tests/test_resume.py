@@ -8,6 +8,7 @@ subprocesses share a persistent compilation cache (a repeated run's step compile
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -227,6 +228,14 @@ def test_restore_without_checkpoint_is_none(tmp_path):
         assert ckpt.restore(abstract_like(_small_state())) is None
 
 
+def test_saves_only_every_save_every_steps_and_when_forced(tmp_path):
+    """A fresh run's first step is not saved (Orbax's default would: a full-state write that spares one step);
+    due steps and forced ones (the loop's end, SIGTERM) are."""
+    with Checkpointer(tmp_path / "ckpt", save_every=5, max_to_keep=None, async_save=False) as ckpt:
+        saved = [s for s in range(1, 13) if ckpt.save(s, _small_state(s), {"pos": s}, force=s in (7, 12))]
+        assert saved == ckpt.steps() == [5, 7, 10, 12]
+
+
 def test_one_process_saves_replicated_arrays_whole(tmp_path, caplog):
     """Within one process a replicated array is written by one replica, not sliced across its copies (each slice
     a ``jit(slice)`` compile per shape and device: 24 s on the world model's first save on 8 faked devices), and
@@ -301,6 +310,35 @@ class _FakeBatches:
     def set_state(self, state):
         self.pos = state["pos"]
 
+
+
+def test_a_run_killed_mid_log_and_after_its_end_resumes_with_its_metrics(tmp_path):
+    """kill -9 can cut a metrics record in half: the resumed run drops the fragment instead of gluing its first
+    record to it. A run killed after its last checkpoint (during what a command does after training) resumes at
+    its end, runs no step, and still reports its last step's metrics."""
+    @jax.jit
+    def fake_step(state, frozen, batch):
+        new = TrainState(step=state.step + 1, params=jax.tree.map(lambda p: p + 1.0, state.params),
+                         opt_state=state.opt_state, rng=state.rng, ema=state.ema)
+        return new, {"loss": 1.0 + jnp.mean(batch["x"])}
+
+    state = init_state({"w": jnp.zeros((3,), jnp.float32)}, optax.sgd(0.1))
+    mesh = shd.make_mesh(shd.MeshConfig(data=1), jax.devices()[:1])
+    cfg = LoopConfig(num_steps=4, log_every=1, checkpoint_every=2, async_checkpoint=False, tensorboard=False,
+                     progress=False)
+    first = train(fake_step, state, None, _FakeBatches(), workdir=tmp_path, cfg=cfg, mesh=mesh)
+    assert first.resumed_from is None and first.last_metrics["loss"] == 4.0
+    log = tmp_path / "metrics.jsonl"
+    with open(log, "a", encoding="utf-8") as f:
+        f.write('{"step": 5, "ti')  # a record cut by the kill
+    again = train(fake_step, state, None, _FakeBatches(), workdir=tmp_path, cfg=cfg, mesh=mesh)
+    assert again.resumed_from == 4 and again.step == 4
+    assert again.last_metrics == first.last_metrics
+    assert log.read_text().endswith("}\n")
+    assert [r["step"] for r in read_metrics(log)] == [1, 2, 3, 4]
+    longer = train(fake_step, state, None, _FakeBatches(), workdir=tmp_path,
+                   cfg=dataclasses.replace(cfg, num_steps=5), mesh=mesh)
+    assert longer.resumed_from == 4 and [r["step"] for r in read_metrics(log)] == [1, 2, 3, 4, 5]
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf])
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, bad):

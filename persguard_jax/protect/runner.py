@@ -82,6 +82,7 @@ class _Progress:
         self.ckpt = Checkpointer(out / "checkpoints", max_to_keep=1, save_every=every)
         restored = self.ckpt.restore(abstract)
         self.state, _, self.start = restored if restored is not None else (None, {}, 0)
+        self.resumed_from = None if restored is None else self.start  # as the training loop reports it
 
     def save(self, tick: int, state: Any, *, last: bool) -> None:
         self.ckpt.save(tick, state, force=last)
@@ -202,7 +203,7 @@ class Protector:
                 bar.set_postfix(objective=f"{history[-1]['objective']:.4f}")
                 bar.update()
         state.close()
-        return images, {"pgd_steps": cfg.attack_steps, "history": history, "resumed_from": state.start}
+        return images, {"pgd_steps": cfg.attack_steps, "history": history, "resumed_from": state.resumed_from}
 
     def _aspl(self, origin, clean, prior, condition, rng, out: Path, progress: bool):
         """ASPL: ``iterations`` compiled iterations (``methods.aspl_iteration``); the state checkpointed is the
@@ -230,7 +231,7 @@ class Protector:
                 bar.update()
         state.close()
         extra = {"iterations": cfg.iterations, "steps_per_iteration": {"surrogate": cfg.surrogate_steps,
-                 "pgd": cfg.pgd_steps, "model": cfg.model_steps}, "history": history, "resumed_from": state.start}
+                 "pgd": cfg.pgd_steps, "model": cfg.model_steps}, "history": history, "resumed_from": state.resumed_from}
         return images, F.merge(surrogate, rest), extra
 
 

@@ -24,7 +24,7 @@ from persguard_jax import sharding as shd
 from persguard_jax.config import Section
 from persguard_jax.errors import RunError
 from persguard_jax.train.checkpoint import Checkpointer, abstract_like
-from persguard_jax.train.metrics import MetricsWriter
+from persguard_jax.train.metrics import MetricsWriter, logged_metrics
 
 
 class TrainingDiverged(RunError):
@@ -114,7 +114,8 @@ def train(step_fn: Callable, state: Any, frozen: Any, batches, *, workdir: str |
     writer = MetricsWriter(workdir, tensorboard=cfg.tensorboard)
     bar = tqdm(total=cfg.num_steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
                disable=not cfg.progress or jax.process_index() != 0)
-    metrics: dict = {}
+    # a run resumed at its end runs no step: it reports what its last step logged
+    metrics: dict = logged_metrics(writer.path, start) if restored is not None and start >= cfg.num_steps else {}
     preempted = False
     step = start
     t_last, n_last = time.perf_counter(), start

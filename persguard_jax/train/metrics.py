@@ -22,6 +22,7 @@ class MetricsWriter:
         self._tb = None
         if self.active:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            _drop_partial_line(self.path)
             self._file = open(self.path, "a", encoding="utf-8")
             if tensorboard:
                 from tensorboardX import SummaryWriter
@@ -44,6 +45,29 @@ class MetricsWriter:
                 self._tb.close()
 
 
+def _drop_partial_line(path: Path) -> None:
+    """Cut what follows the last newline: the half-written record of a run killed mid-write, which the resumed
+    run's first record would otherwise be glued to."""
+    if not path.is_file():
+        return
+    with open(path, "rb+") as f:
+        data = f.read()
+        if data and not data.endswith(b"\n"):
+            f.truncate(data.rfind(b"\n") + 1)
+
+
 def read_metrics(path: str | Path) -> list[dict]:
     """The records of a metrics.jsonl (a resumed run may repeat steps: the later record wins)."""
     return read_jsonl(path, unique="step")
+
+
+def logged_metrics(path: str | Path, step: int) -> dict:
+    """The metrics logged at ``step`` (without ``step`` and ``time``), {} if that step has no record: what a run
+    resumed at its last step reports, having run no step itself."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    for record in reversed(read_metrics(path)):
+        if record.get("step") == step:
+            return {k: v for k, v in record.items() if k not in ("step", "time")}
+    return {}
