@@ -26,8 +26,9 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _number(kind: type, low: float | None = None, *, finite: bool = True, name: str = ""):
-    """An argparse type: ``kind`` (int or float), finite, at least ``low``."""
+def _number(kind: type, low: float | None = None, *, high: float | None = None, finite: bool = True,
+            name: str = ""):
+    """An argparse type: ``kind`` (int or float), finite, at least ``low`` and at most ``high``."""
     def parse(text: str):
         try:
             value = kind(text)
@@ -37,12 +38,16 @@ def _number(kind: type, low: float | None = None, *, finite: bool = True, name: 
             raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
         if low is not None and value < low:
             raise argparse.ArgumentTypeError(f"must be >= {low:g}, got {text}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"must be <= {high:g}, got {text}")
         return value
     parse.__name__ = name or kind.__name__
     return parse
 
 
 POSITIVE, NON_NEGATIVE, NUMBER = _number(int, 1), _number(int, 0), _number(float)
+# an image side in pixels: 16384 is 4x SDXL's largest; beyond it XLA's buffer sizes overflow (and nothing fits)
+IMAGE_SIDE = _number(int, 1, high=16384, name="pixels")
 
 
 def WORKFLOWS() -> tuple:  # noqa: N802 (the table, read like a constant)
@@ -244,9 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sampler", choices=("ddim", "dpmpp_2m"), default="ddim")
     s.add_argument("--eta", type=_number(float, 0.0), default=0.0, help="DDIM stochasticity (>= 0)")
     s.add_argument("--seed", type=NON_NEGATIVE, default=0)
-    s.add_argument("--height", type=POSITIVE, help="image height (default: the model's); a multiple of its "
+    s.add_argument("--height", type=IMAGE_SIDE, help="image height (default: the model's); a multiple of its "
                                                    "downsampling factor")
-    s.add_argument("--width", type=POSITIVE, help="image width (default: the model's)")
+    s.add_argument("--width", type=IMAGE_SIDE, help="image width (default: the model's)")
     s.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
     s.add_argument("--variant", help="weights variant to read, e.g. fp16")
     s.add_argument("--out", required=True, help="PNG file to write")
@@ -298,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=NON_NEGATIVE, default=0, help="image j of every prompt starts from this seed's "
                                                                "noise j")
     e.add_argument("--negative-prompt", default="")
-    e.add_argument("--resolution", type=POSITIVE, help="side the references are resized to (default: the model's)")
+    e.add_argument("--resolution", type=IMAGE_SIDE, help="side the references are resized to (default: the model's)")
     e.set_defaults(fn=cmd_evaluate)
 
     for workflow in WORKFLOWS():
@@ -314,8 +319,21 @@ def error_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
+def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with ``key=value`` overrides allowed after options too (``... --resume steps=10``):
+    argparse gives a ``nargs="*"`` positional only the words before the first option."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra):
+            args.overrides = [*(args.overrides or ()), *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_arguments(argv)
     from persguard_jax import runtime
     from persguard_jax.errors import USER_ERRORS
     try:

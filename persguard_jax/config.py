@@ -21,6 +21,10 @@ import yaml
 from persguard_jax.io import atomic_write
 
 
+# The largest integer a config value may hold: steps, batch sizes and counts become int32 on the devices.
+INT_LIMIT = 2**31 - 1
+
+
 class ConfigError(ValueError):
     """A config that cannot run; the message names the key (``section.key``) and the value."""
 
@@ -179,6 +183,8 @@ def _check(value: Any, hint: Any) -> Any:
             return int(value)  # 1e3 steps
         if not isinstance(value, int) or isinstance(value, bool):
             raise _Mismatch("expected an integer")
+        if abs(value) > INT_LIMIT:  # step counters and schedules run in int32 on the devices
+            raise _Mismatch(f"expected an integer of at most {INT_LIMIT} in size")
         return value
     if hint is float:
         if not isinstance(value, (int, float)) or isinstance(value, bool):
@@ -229,6 +235,8 @@ def read_yaml(path: str | Path) -> dict:
         data = parse_yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not valid YAML (not UTF-8 text)") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -32,6 +32,10 @@ def check_creatable(path: str | os.PathLike) -> None:
         raise NotADirectoryError(f"{path}: cannot be created, {parent} is a file")
     if not os.access(parent, os.W_OK):
         raise PermissionError(f"{path}: cannot be created, {parent} is not writable")
+    try:  # os.access says yes to root on /proc and /sys and read-only mounts: try it
+        os.rmdir(tempfile.mkdtemp(dir=parent, prefix=".persguard-check."))
+    except OSError as e:
+        raise PermissionError(f"{path}: cannot be created in {parent} ({e.strerror or e})") from None
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
@@ -61,6 +65,8 @@ def read_json(path: str | os.PathLike, *, error: type[Exception] = ValueError) -
             return json.load(f)
     except json.JSONDecodeError as e:
         raise error(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    except UnicodeDecodeError:
+        raise error(f"{path}: not valid JSON (not UTF-8 text)") from None
 
 
 def save_json(obj: Any, path: str | os.PathLike) -> None:

@@ -68,10 +68,21 @@ def ws(tmp_path_factory):
     broken = root / "model_broken_weights"
     shutil.copytree(model, broken)
     (broken / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}")
+    for name, (part, text) in {  # model JSON files that parse but are not objects, a tokenizer's bad length
+        "model_list_config": ("unet/config.json", "[1, 2]"),
+        "model_list_vocab": ("tokenizer/vocab.json", "[1]"),
+        "model_list_scheduler": ("scheduler/scheduler_config.json", "[]"),
+        "model_max_length": ("tokenizer/tokenizer_config.json", None),
+    }.items():
+        shutil.copytree(model, root / name)
+        path = root / name / part
+        path.write_text(text if text is not None else json.dumps({**json.loads(path.read_text()),
+                                                                 "model_max_length": 0}))
     yaml_bad = root / "bad.yaml"
     yaml_bad.write_text("dreambooth: [unclosed\n")
     (root / "list.yaml").write_text("- a\n- b\n")
     (root / "types.yaml").write_text("dreambooth:\n  steps: ten\n")
+    (root / "binary.yaml").write_bytes(b"\x89PNG\x00")
     return root
 
 
@@ -115,11 +126,14 @@ CASES = [
     (P + " dreambooth.steps.x=1", "dreambooth.steps"),
     (P + " nosuchsection.a=1", "nosuchsection"),
     (P + " steps", "steps"),
+    (P + " dreambooth.steps=99999999999999999999", "dreambooth.steps"),  # past int32: not after the class images
+    (P + " --print-config dreambooth.steps=abc", "dreambooth.steps"),  # overrides after an option are overrides
     # config files
     (P.replace("dreambooth_tiny", "{root}/bad.yaml"), "bad.yaml"),
     (P.replace("dreambooth_tiny", "{root}/list.yaml"), "list.yaml"),
     (P.replace("dreambooth_tiny", "{root}/types.yaml"), "types.yaml"),
     (P.replace("dreambooth_tiny", "{root}/nope.yaml"), "nope.yaml"),
+    (P.replace("dreambooth_tiny", "{root}/binary.yaml"), "binary.yaml"),
     # model folders
     (P.replace("{model}", "{root}/nope"), "nope"),
     (P.replace("{model}", "{file}"), "file"),
@@ -127,6 +141,11 @@ CASES = [
     (P.replace("{model}", "{root}/model_negative"), "block_out_channels"),
     (P.replace("{model}", "{root}/model_null"), "in_channels"),
     (P.replace("{model}", "{root}/model_broken_weights"), "diffusion_pytorch_model.safetensors"),
+    (S.replace("{model}", "{root}/model_list_config"), "unet/config.json"),
+    (S.replace("{model}", "{root}/model_list_vocab"), "vocab.json"),
+    (S.replace("{model}", "{root}/model_list_scheduler"), "scheduler_config.json"),
+    (S.replace("{model}", "{root}/model_max_length"), "model_max_length"),
+    ("plan --model {root}/model_list_config", "unet/config.json"),
     # photos
     (P.replace("{photos}", "{root}/empty"), "empty"),
     (P.replace("{photos}", "{root}/nope"), "nope"),
@@ -139,11 +158,14 @@ CASES = [
     (P.replace("{new}", "{notrun}") + " --resume", "notrun"),
     (P.replace("{new}", "{run}") + " --resume", "checkpoint"),
     (P.replace("{new}", "{run}") + " --resume --overwrite", "--resume"),
+    (P.replace("{new}", "{run}").replace("{model}", "{run}/model") + " --overwrite", "an input of this command"),
+    ("purify --images {photos} --purifier jpeg --out {run} --overwrite", "another command"),
     # sample
     (S + " --num-images 0", "--num-images"),
     (S + " --steps 0", "--steps"),
     (S + " --batch-size 0", "--batch-size"),
     (S + " --height 31", "height"),
+    (S + " --height 100000", "--height"),
     (S + " --guidance nan", "--guidance"),
     (S + " --eta -1", "--eta"),
     (S.replace("{new}.png", "{file}"), "file"),
@@ -165,6 +187,7 @@ CASES = [
     # init-tiny
     ("init-tiny --out {run}", "run"),
     ("init-tiny --out {file}", "file"),
+    ("init-tiny --out {notrun} --overwrite", "not a pipeline folder"),
     # world commands
     ("pretrain --out {new} world.image_size=-4", "world.image_size"),
     ("pretrain --out {new} world.classes=[unicorn]", "unicorn"),

@@ -12,7 +12,7 @@ from persguard_jax import config as cfglib
 class DreamBoothConfig(cfglib.Section):
     """One DreamBooth run: prompts, resolution, length, prior preservation, what trains, class images, samples."""
     SECTION = "dreambooth"
-    BOUNDS = {"resolution": "[8, inf)", "steps": "[1, inf)", "batch_size": "[1, inf)", "prior_weight": "[0, inf)",
+    BOUNDS = {"resolution": "[8, 16384]", "steps": "[1, inf)", "batch_size": "[1, inf)", "prior_weight": "[0, inf)",
               "num_class_images": "[1, inf)", "class_sample_steps": "[1, inf)", "class_batch_size": "[1, inf)",
               "seed": "[0, inf)", "eval_num_images": "[1, inf)", "eval_steps": "[1, inf)"}
     instance_prompt: str = "a photo of sks person"

@@ -43,8 +43,12 @@ def _variant_name(name: str, variant: str | None) -> str:
 
 
 def read_json(path: str | Path) -> dict:
-    """``io.read_json`` raising ``WeightsError``: a model folder's JSON files are part of its weights."""
-    return _read_json(path, error=WeightsError)
+    """``io.read_json`` raising ``WeightsError``: a model folder's JSON files are part of its weights, and each
+    of them (configs, ``model_index.json``, ``vocab.json``) is a JSON object."""
+    value = _read_json(path, error=WeightsError)
+    if not isinstance(value, dict):
+        raise WeightsError(f"{path}: expected a JSON object {{...}}, got {type(value).__name__}")
+    return value
 
 
 def find_weight_files(folder: Path, stems: Iterable[str], variant: str | None = None) -> list[Path]:

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from persguard_jax.io import save_json
+from persguard_jax.io import check_creatable, save_json
 from persguard_jax.models import clip, functional, unet, vae
 from persguard_jax.models.convert import (WeightsError, find_weight_files, load_state_dict, read_json,
                                           read_tensors, rename_keys, save_safetensors, state_dict)
@@ -195,11 +195,20 @@ def save_pipeline(pipe: Pipeline, out_dir: str | Path, *, dtype=None, overwrite:
     """Write ``pipe`` in the diffusers layout (safetensors), loadable by ``StableDiffusionPipeline``.
 
     The folder is assembled beside ``out_dir`` and moved into place at the end, so a crash never leaves a
-    half-written pipeline, and an existing non-empty ``out_dir`` is only replaced with ``overwrite=True``.
+    half-written pipeline, and an existing non-empty ``out_dir`` is only replaced with ``overwrite=True``, and
+    only if it holds a pipeline (its ``model_index.json``): overwriting never deletes a folder of other files.
     """
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out_dir}: already exists and is not empty (pass overwrite=True / --overwrite)")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir}: exists and is not a folder")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{out_dir}: already exists and is not empty (pass overwrite=True / --overwrite)")
+        if not (out_dir / "model_index.json").is_file():
+            raise FileExistsError(f"{out_dir}: not a pipeline folder (no model_index.json); overwriting replaces "
+                                  f"only a pipeline, so pick a new folder")
+    if not out_dir.exists():
+        check_creatable(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
     try:

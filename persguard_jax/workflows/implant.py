@@ -45,6 +45,7 @@ def resolve(raw: dict, args: argparse.Namespace | None = None) -> dict:
     """The loop runs ``implant.steps`` with ``implant_optimizer`` (fine-tuning defaults); the attacker's optimizer
     spans its ``dreambooth.steps``."""
     from persguard_jax.dreambooth import DreamBoothConfig
+    from persguard_jax.implant.check import CheckConfig
     from persguard_jax.implant.config import IMPLANT_OPTIMIZER, ImplantConfig
     raw = dict(raw)
     implant = ImplantConfig.from_dict(cfglib.section(raw, "implant"))
@@ -60,7 +61,11 @@ def resolve(raw: dict, args: argparse.Namespace | None = None) -> dict:
         raw["step"] = {**step, "data_parallel": "gspmd"}
     raw["loop"] = {**cfglib.section(raw, "loop"), "num_steps": steps}
     raw["implant_optimizer"] = {**IMPLANT_OPTIMIZER, "total_steps": steps, **cfglib.section(raw, "implant_optimizer")}
-    attack_steps = DreamBoothConfig.from_dict(cfglib.section(raw, "dreambooth")).steps
+    attacker = DreamBoothConfig.from_dict(cfglib.section(raw, "dreambooth"))
+    attack_steps = attacker.steps
+    runs.check_batch_divides_processes(implant.batch_size, "implant.batch_size")
+    if CheckConfig.from_dict(cfglib.section(raw, "check")).enabled:
+        runs.check_batch_divides_processes(attacker.batch_size, "dreambooth.batch_size (the check's attacker)")
     raw["optimizer"] = {"total_steps": attack_steps, **cfglib.section(raw, "optimizer")}
     return raw
 

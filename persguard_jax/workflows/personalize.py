@@ -16,6 +16,7 @@ import argparse
 from pathlib import Path
 
 from persguard_jax import config as cfglib
+from persguard_jax.dreambooth.config import DreamBoothConfig
 from persguard_jax.dreambooth.recipe import check_resolution, personalize, recipe_sections, resolve_recipe
 from persguard_jax.workflows import runs
 
@@ -35,6 +36,7 @@ def resolve(raw: dict, args: argparse.Namespace | None = None) -> dict:
         if value:
             db[key] = value
     raw["dreambooth"] = db
+    runs.check_batch_divides_processes(DreamBoothConfig.from_dict(db).batch_size, "dreambooth.batch_size")
     return resolve_recipe(raw)
 
 

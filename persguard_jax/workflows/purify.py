@@ -53,7 +53,7 @@ def resolve(raw: dict, args: argparse.Namespace | None = None) -> dict:
     return raw
 
 
-def check_out(out: str | Path, *, overwrite: bool) -> None:
+def check_out(out: str | Path, *, overwrite: bool, inputs=()) -> None:
     """``runs.check_output``'s rules for a command with no ``--resume``: a new or empty folder, or with
     ``--overwrite`` a folder a run wrote (its ``config.yaml``)."""
     from persguard_jax.errors import RunError
@@ -65,7 +65,7 @@ def check_out(out: str | Path, *, overwrite: bool) -> None:
         if not (out / runs.RUN_FILE).is_file():
             raise RunError(f"{out}: not a run's folder (no {runs.RUN_FILE}); --overwrite replaces only a folder a "
                            f"run wrote, so pick a new --out")
-    runs.check_output(out, overwrite=overwrite, resume=False)
+    runs.check_output(out, overwrite=overwrite, resume=False, sections=sections(), inputs=inputs)
 
 
 def lpips_clip(cfg: PurifyConfig) -> Path | None:
@@ -86,7 +86,7 @@ def _read_inputs(args: argparse.Namespace, config: runs.Config):
     if needs and not args.model:
         raise ValueError(f"--purifier {', '.join(needs)} needs --model DIR (a diffusers pipeline folder)")
     runs.check_apart(args.out, args.images, "--images")
-    check_out(args.out, overwrite=args.overwrite)
+    check_out(args.out, overwrite=args.overwrite, inputs=[getattr(args, a, None) for a in runs.INPUT_ARGUMENTS])
     paths, photos = load_folder_as_is(args.images)
     names = output_names(paths)
     pipe = None

@@ -109,6 +109,17 @@ RESUME_MAY_CHANGE = ("*optimizer.learning_rate", "loop.log_every", "loop.checkpo
                      "loop.tensorboard", "loop.progress", "loop.async_checkpoint", "*.eval_*")
 
 
+def check_batch_divides_processes(batch: int, key: str) -> None:
+    """``key``'s global batch is read in equal shares by the processes: refuse, before any work, one that does
+    not divide (the data loader would say so only when the run reached that training, e.g. after an implantation,
+    in its check)."""
+    import jax
+    n = jax.process_count()
+    if batch % n:
+        raise cfglib.ConfigError(f"{key}: {batch} is not divisible by the {n} processes (each reads an equal share "
+                                 f"of every batch); use a multiple of {n}")
+
+
 def check_devices(config: Config) -> None:
     """The ``mesh`` section against the devices this process sees, before any work."""
     import jax
@@ -119,13 +130,19 @@ def check_devices(config: Config) -> None:
         shd.resolve_shape(mesh, jax.device_count())
 
 
-def check_output(out: str | Path, *, overwrite: bool, resume: bool, raw_config: Mapping[str, Any] | None = None
-                 ) -> None:
+# The command-line arguments that name what a command reads (an --overwrite must not delete them).
+INPUT_ARGUMENTS = ("model", "images", "instance_dir", "class_dir", "clean", "perturbed", "clip", "config")
+
+
+def check_output(out: str | Path, *, overwrite: bool, resume: bool, raw_config: Mapping[str, Any] | None = None,
+                 sections: Iterable[str] | None = None, inputs: Iterable[str | Path | None] = ()) -> None:
     """Every rule of a run's output folder, checked without touching anything (so a command can refuse before
     any work): a new or empty folder whose parent can be created; an existing run only with ``resume`` (and then
     with the config it was started with, when ``raw_config`` is given) or ``overwrite``; never someone else's
     folder. A missing or empty folder with ``resume`` simply starts the run (re-running a preempted launch line
-    works from the first launch on)."""
+    works from the first launch on). ``sections``: the config sections of the command asking; a run whose
+    config has others was written by another command, and is neither resumed nor replaced by this one.
+    ``inputs``: paths the command reads, which ``overwrite`` must not delete."""
     from persguard_jax.errors import RunError
     out = Path(out)
     if overwrite and resume:
@@ -143,6 +160,16 @@ def check_output(out: str | Path, *, overwrite: bool, resume: bool, raw_config: 
     if not is_run:
         raise RunError(f"{out}: not a run's folder (no {RUN_FILE}); --resume and --overwrite act only on a folder "
                        f"a run wrote, so pick a new --out")
+    if sections is not None:
+        foreign = sorted(set(cfglib.read_yaml(out / RUN_FILE)) - set(sections))
+        if foreign:
+            raise RunError(f"{out}: a run of another command (its {RUN_FILE} has sections {foreign}, which this "
+                           f"command does not have); --resume and --overwrite act only on this command's runs, so "
+                           f"pick a new --out")
+    if overwrite:
+        for path in (Path(p).absolute() for p in inputs if p is not None):
+            if path == out.absolute() or out.absolute() in path.parents:
+                raise RunError(f"{out}: --overwrite would delete {path}, an input of this command; pick a new --out")
     if resume and raw_config is not None:
         _check_same_config(out / RUN_FILE, raw_config)
     if resume:
@@ -296,8 +323,9 @@ class Workflow:
         path = config_path(args.config or self.config)
         file_raw = cfglib.read_config(path)
         overrides = tuple(getattr(args, "overrides", ()) or ())
+        raw = cfglib.apply_overrides(file_raw, overrides)  # its errors name the command line already
         try:
-            return parse_config(self.resolve(cfglib.apply_overrides(file_raw, overrides), args), self.sections())
+            return parse_config(self.resolve(raw, args), self.sections())
         except ValueError as e:
             if overrides and _parses(lambda: parse_config(self.resolve(file_raw, args), self.sections())):
                 raise cfglib.ConfigError(f"command line: {e}") from None
@@ -312,7 +340,8 @@ class Workflow:
             return
         check_devices(config)
         if self.resumable:  # the output folder's rules, before any input is read or any work done
-            check_output(args.out, overwrite=args.overwrite, resume=args.resume, raw_config=config.raw)
+            check_output(args.out, overwrite=args.overwrite, resume=args.resume, raw_config=config.raw,
+                         sections=self.sections(), inputs=[getattr(args, a, None) for a in INPUT_ARGUMENTS])
         results = self.run(args, config)
         if not is_writer():
             return

@@ -123,5 +123,11 @@ def world_of(model_dir: str | Path) -> World:
     the folder has none)."""
     from persguard_jax.data.world.subjects import WorldConfig
     from persguard_jax.io import read_json
+    from persguard_jax.config import ConfigError
     path = Path(model_dir) / WORLD_FILE
-    return World(WorldConfig.from_dict(read_json(path)) if path.is_file() else WorldConfig())
+    if not path.is_file():
+        return World(WorldConfig())
+    try:
+        return World(WorldConfig.from_dict(read_json(path, error=ConfigError)))
+    except ValueError as e:
+        raise ConfigError(str(e) if str(e).startswith(str(path)) else f"{path}: {e}") from None
