@@ -48,7 +48,8 @@ def resolve(raw: dict, args: argparse.Namespace | None = None) -> dict:
     c = DiagnoseConfig.from_dict(cfglib.section(raw, "diagnose")).class_name
     raw["dreambooth"] = {**cfglib.section(raw, "dreambooth"), "instance_prompt": f"a photo of sks {c}",
                          "class_prompt": f"a photo of {c}"}
-    runs.check_batch_divides_processes(cfglib.section(raw, "dreambooth").get("batch_size", 1),
+    from persguard_jax.dreambooth import DreamBoothConfig
+    runs.check_batch_divides_processes(DreamBoothConfig.from_dict(raw["dreambooth"]).batch_size,
                                        "dreambooth.batch_size")
     return resolve_recipe(raw)
 
