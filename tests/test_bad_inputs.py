@@ -78,6 +78,13 @@ def ws(tmp_path_factory):
         path = root / name / part
         path.write_text(text if text is not None else json.dumps({**json.loads(path.read_text()),
                                                                  "model_max_length": 0}))
+    relabelled = root / "model_int_weights"  # a float tensor's header says int32: same bytes, wrong values
+    shutil.copytree(model, relabelled)
+    weights = relabelled / "unet" / "diffusion_pytorch_model.safetensors"
+    data = weights.read_bytes()
+    size = int.from_bytes(data[:8], "little")
+    header = data[8:8 + size].replace(b'"dtype":"F32"', b'"dtype":"I32"', 1)
+    weights.write_bytes(data[:8] + header + data[8 + size:])
     yaml_bad = root / "bad.yaml"
     yaml_bad.write_text("dreambooth: [unclosed\n")
     (root / "list.yaml").write_text("- a\n- b\n")
@@ -145,6 +152,7 @@ CASES = [
     (S.replace("{model}", "{root}/model_list_vocab"), "vocab.json"),
     (S.replace("{model}", "{root}/model_list_scheduler"), "scheduler_config.json"),
     (S.replace("{model}", "{root}/model_max_length"), "model_max_length"),
+    (S.replace("{model}", "{root}/model_int_weights"), "holds int32 values"),
     ("plan --model {root}/model_list_config", "unet/config.json"),
     # photos
     (P.replace("{photos}", "{root}/empty"), "empty"),

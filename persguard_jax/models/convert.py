@@ -165,6 +165,8 @@ def load_state_dict(model: nnx.Module, tensors: Mapping[str, np.ndarray], *, sou
         if tuple(arr.shape) != shape:
             raise WeightsError(f"{where(key)}: key {key} has shape {tuple(np.shape(tensors[key]))}, "
                                f"the config expects {_torch_shape(shape, leaf)}")
+        if jnp.issubdtype(dtype, jnp.inexact) and not np.issubdtype(arr.dtype, np.inexact):
+            raise WeightsError(f"{where(key)}: key {key} holds {arr.dtype} values; a parameter is floating point")
         var.set_value(jnp.asarray(arr, dtype=dtype))
         used.add(key)
     extra = [k for k in tensors if k not in used and not any(p.search(k) for p in ignore)]
