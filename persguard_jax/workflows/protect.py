@@ -53,9 +53,25 @@ def resolve(raw: dict, args: argparse.Namespace | None = None) -> dict:
 
 
 def _read_photos(folder: str, resolution: int) -> tuple[list[str], np.ndarray]:
-    """The photos' output names (``data.images.output_names``) and the photos, every file checked."""
+    """The photos' output names (``data.images.output_names``) and the photos, every file checked. Photos of
+    another size are centre-cropped and resized to ``resolution`` (the perturbation is computed there), and the
+    command says so: the protected PNGs are at that size, not the inputs'."""
+    from PIL import Image
+
     from persguard_jax.data.images import load_folder, output_names, scan_folder
-    return output_names(scan_folder(folder, resolution)), load_folder(folder, resolution)
+    paths = scan_folder(folder, resolution)
+    photos = load_folder(folder, resolution)
+    resized = []
+    for path in paths:
+        with Image.open(path) as image:
+            if image.size != (resolution, resolution):
+                resized.append(f"{path.name} {image.size[0]}x{image.size[1]}")
+    from persguard_jax.train.distributed import is_writer
+    if resized and is_writer():
+        more = f" and {len(resized) - 3} more" if len(resized) > 3 else ""
+        print(f"protect: {len(resized)} photo(s) centre-cropped and resized to {resolution}x{resolution} "
+              f"(dreambooth.resolution), so protected at that size: {', '.join(resized[:3])}{more}")
+    return output_names(paths), photos
 
 
 def run(args: argparse.Namespace, config: runs.Config) -> dict:
