@@ -90,6 +90,7 @@ def ws(tmp_path_factory):
     (root / "list.yaml").write_text("- a\n- b\n")
     (root / "types.yaml").write_text("dreambooth:\n  steps: ten\n")
     (root / "binary.yaml").write_bytes(b"\x89PNG\x00")
+    (root / "twice.yaml").write_text("dreambooth:\n  steps: 3\n  steps: 4\n")
     return root
 
 
@@ -141,6 +142,7 @@ CASES = [
     (P.replace("dreambooth_tiny", "{root}/types.yaml"), "types.yaml"),
     (P.replace("dreambooth_tiny", "{root}/nope.yaml"), "nope.yaml"),
     (P.replace("dreambooth_tiny", "{root}/binary.yaml"), "binary.yaml"),
+    (P.replace("dreambooth_tiny", "{root}/twice.yaml"), "duplicate key 'steps'"),
     # model folders
     (P.replace("{model}", "{root}/nope"), "nope"),
     (P.replace("{model}", "{file}"), "file"),
