@@ -1,6 +1,7 @@
 """Every training command runs multi-host: ``launch/local.py -n 2`` running ``persguard personalize`` on the world
 model (two jax processes over gloo, one CPU device each) exports the same weights as one process with two
-devices and the same global batch, and writes every file once (process 0 writes, Orbax coordinates checkpoints)."""
+devices and the same global batch, and writes every file once (process 0 writes, Orbax coordinates checkpoints).
+The batch is the world recipe's one pair: the instance example on one process, the class example on the other."""
 from __future__ import annotations
 
 import json
@@ -14,7 +15,7 @@ from safetensors.numpy import load_file
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 6
-OVERRIDES = [f"dreambooth.steps={STEPS}", "dreambooth.batch_size=2", "dreambooth.num_class_images=4",
+OVERRIDES = [f"dreambooth.steps={STEPS}", "dreambooth.batch_size=1", "dreambooth.num_class_images=4",
              "dreambooth.class_batch_size=2", "dreambooth.class_sample_steps=3", "dreambooth.eval_num_images=1",
              "dreambooth.eval_steps=2", "loop.log_every=2", "loop.checkpoint_every=3"]
 

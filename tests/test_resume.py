@@ -434,6 +434,24 @@ def test_process_shares_concatenate_to_the_global_batch():
     assert sorted(np.concatenate([single[s]["i"] for s in range(5)]).tolist()) == sorted(list(range(10)) * 2)
 
 
+def test_a_pair_splits_over_processes_by_examples():
+    """One DreamBooth pair (the world recipe's batch) on 2 processes: the instance example on one, the class
+    example on the other, together the one-process batch; 3 pairs (6 examples) on 4 processes is refused."""
+    from persguard_jax.losses import pairs_to_examples
+    src = ArraySource({"i": np.arange(20).reshape(10, 2), "x": np.arange(60, dtype=np.float32).reshape(10, 2, 3)})
+    single = StepBatches(src, global_batch=1, num_steps=6, seed=3, process_index=0, process_count=1,
+                         map_fn=pairs_to_examples)
+    shares = [StepBatches(src, global_batch=1, num_steps=6, seed=3, process_index=p, process_count=2,
+                          map_fn=pairs_to_examples) for p in range(2)]
+    for s in range(6):
+        parts = [sh[s] for sh in shares]
+        assert [part["is_prior"].tolist() for part in parts] == [[0], [1]]
+        for k in ("i", "x", "is_prior"):
+            np.testing.assert_array_equal(np.concatenate([part[k] for part in parts]), single[s][k])
+    with pytest.raises(ValueError, match=r"global batch 3 \(6 examples\) is not divisible by 4 processes"):
+        StepBatches(src, global_batch=3, num_steps=6, process_index=0, process_count=4, map_fn=pairs_to_examples)
+
+
 def test_grain_iterator_state_round_trip():
     batches = StepBatches(_source(), global_batch=4, num_steps=8, seed=3, process_index=0, process_count=1)
     it = batch_iterator(batches)

@@ -46,6 +46,12 @@ class DreamBoothConfig(cfglib.Section):
     def use_prior(self) -> bool:
         return self.prior_weight > 0
 
+    @property
+    def examples_per_step(self) -> int:
+        """Examples in one global batch: ``batch_size`` pairs of an instance and a class example with prior
+        preservation, else ``batch_size`` instance examples (what processes split between them)."""
+        return self.batch_size * (2 if self.use_prior else 1)
+
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None, *, where: str | None = None) -> "DreamBoothConfig":
         # a YAML "key:" with no value means "the default" here, except class_dir where None is the default

@@ -46,11 +46,11 @@ def fit(loss_fn: Callable, train_params: Any, frozen: Any, *, train_logical: Any
                                    rng_impl=step.rng_impl)
     frozen_sh = shd.param_shardings(frozen_logical, frozen, mesh, mesh_cfg)
     frozen = jax.device_put(frozen, frozen_sh)
-    batches = StepBatches(source, global_batch=global_batch, num_steps=loop.num_steps, seed=seed)
-    first = batches[0] if map_fn is None else map_fn(batches[0])
+    batches = StepBatches(source, global_batch=global_batch, num_steps=loop.num_steps, seed=seed, map_fn=map_fn)
+    first = batches[0]
     step_fn = make_train_step(loss_fn, opt, state_shardings=state_sh, frozen_shardings=frozen_sh,
                               batch_shardings=shd.local_batch_sharding(first, mesh, mesh_cfg), cfg=step,
                               lr_schedule=lr_schedule)
-    result = train(step_fn, state, frozen, batch_iterator(batches, map_fn=map_fn), workdir=workdir, cfg=loop,
+    result = train(step_fn, state, frozen, batch_iterator(batches), workdir=workdir, cfg=loop,
                    mesh=mesh, mesh_cfg=mesh_cfg, state_shardings=state_sh, on_log=on_log)
     return result, frozen

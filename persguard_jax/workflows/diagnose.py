@@ -49,8 +49,8 @@ def resolve(raw: dict, args: argparse.Namespace | None = None) -> dict:
     raw["dreambooth"] = {**cfglib.section(raw, "dreambooth"), "instance_prompt": f"a photo of sks {c}",
                          "class_prompt": f"a photo of {c}"}
     from persguard_jax.dreambooth import DreamBoothConfig
-    runs.check_batch_divides_processes(DreamBoothConfig.from_dict(raw["dreambooth"]).batch_size,
-                                       "dreambooth.batch_size")
+    parsed = DreamBoothConfig.from_dict(raw["dreambooth"])
+    runs.check_batch_divides_processes(parsed.batch_size, "dreambooth.batch_size", examples=parsed.examples_per_step)
     return resolve_recipe(raw)
 
 

@@ -65,7 +65,8 @@ def resolve(raw: dict, args: argparse.Namespace | None = None) -> dict:
     attack_steps = attacker.steps
     runs.check_batch_divides_processes(implant.batch_size, "implant.batch_size")
     if CheckConfig.from_dict(cfglib.section(raw, "check")).enabled:
-        runs.check_batch_divides_processes(attacker.batch_size, "dreambooth.batch_size (the check's attacker)")
+        runs.check_batch_divides_processes(attacker.batch_size, "dreambooth.batch_size (the check's attacker)",
+                                           examples=attacker.examples_per_step)
     raw["optimizer"] = {"total_steps": attack_steps, **cfglib.section(raw, "optimizer")}
     return raw
 

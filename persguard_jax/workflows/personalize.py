@@ -36,7 +36,8 @@ def resolve(raw: dict, args: argparse.Namespace | None = None) -> dict:
         if value:
             db[key] = value
     raw["dreambooth"] = db
-    runs.check_batch_divides_processes(DreamBoothConfig.from_dict(db).batch_size, "dreambooth.batch_size")
+    parsed = DreamBoothConfig.from_dict(db)
+    runs.check_batch_divides_processes(parsed.batch_size, "dreambooth.batch_size", examples=parsed.examples_per_step)
     return resolve_recipe(raw)
 
 

@@ -109,15 +109,16 @@ RESUME_MAY_CHANGE = ("*optimizer.learning_rate", "loop.log_every", "loop.checkpo
                      "loop.tensorboard", "loop.progress", "loop.async_checkpoint", "*.eval_*")
 
 
-def check_batch_divides_processes(batch: int, key: str) -> None:
-    """``key``'s global batch is read in equal shares by the processes: refuse, before any work, one that does
-    not divide (the data loader would say so only when the run reached that training, e.g. after an implantation,
-    in its check)."""
+def check_batch_divides_processes(batch: int, key: str, *, examples: int | None = None) -> None:
+    """``key``'s global batch (``examples`` examples when its rows make several, e.g. DreamBooth pairs) is read in
+    equal shares by the processes: refuse, before any work, one that does not divide (the data loader would say so
+    only when the run reached that training, e.g. after an implantation, in its check)."""
     import jax
-    n = jax.process_count()
-    if batch % n:
-        raise cfglib.ConfigError(f"{key}: {batch} is not divisible by the {n} processes (each reads an equal share "
-                                 f"of every batch); use a multiple of {n}")
+    n, examples = jax.process_count(), batch if examples is None else examples
+    if batch % n and examples % n:
+        shown = f" ({examples} examples)" if examples != batch else ""
+        raise cfglib.ConfigError(f"{key}: {batch}{shown} is not divisible by the {n} processes (each reads an "
+                                 f"equal share of every batch)")
 
 
 def check_devices(config: Config) -> None:
