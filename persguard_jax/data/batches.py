@@ -21,6 +21,17 @@ import jax
 import numpy as np
 
 
+def check_split(global_batch: int, examples: int, process_count: int) -> bool:
+    """Whether the processes split ``global_batch`` by rows (True) or, when only the ``examples`` those rows make
+    divide, by examples (False); ``ValueError`` when neither divides."""
+    if global_batch % process_count == 0:
+        return True
+    if examples % process_count:
+        shown = f" ({examples} examples)" if examples != global_batch else ""
+        raise ValueError(f"global batch {global_batch}{shown} is not divisible by {process_count} processes")
+    return False
+
+
 class StepBatches:
     """Random-access source: item ``s`` = this process's rows of global batch ``s`` (a dict of stacked arrays)."""
 
@@ -39,15 +50,10 @@ class StepBatches:
         n = self.process_count
         # rows split between processes, or (when only the mapped examples divide) every row read and the
         # examples split: ``local_examples`` is then this process's count of them
-        self.split_rows = global_batch % n == 0
+        examples = global_batch if global_batch % n == 0 else global_batch * self._examples_per_row()
+        self.split_rows = check_split(global_batch, examples, n)
         self.local_batch = global_batch // n if self.split_rows else global_batch
-        self.local_examples = None
-        if not self.split_rows:
-            examples = global_batch * self._examples_per_row()
-            if examples % n:
-                shown = f" ({examples} examples)" if examples != global_batch else ""
-                raise ValueError(f"global batch {global_batch}{shown} is not divisible by {n} processes")
-            self.local_examples = examples // n
+        self.local_examples = None if self.split_rows else examples // n
 
     def _examples_per_row(self) -> int:
         """How many examples ``map_fn`` makes of one row: 1 without it, and 1 when its output is not one flat

@@ -114,12 +114,12 @@ class CLIPTokenizer:
             raise WeightsError(f"{folder}: no vocab.json + merges.txt (or tokenizer.json) in the tokenizer folder")
         pad = _token_str(special.get("pad_token")) or _token_str(cfg.get("pad_token")) or EOS
         max_len = cfg.get("model_max_length", 77)
-        if isinstance(max_len, float) and max_len > 10_000:
+        number = isinstance(max_len, (int, float)) and not isinstance(max_len, bool)
+        if number and max_len > 10_000:
             max_len = 77  # transformers writes ~1e30 (an int or a float) when unset
-        if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 2:
+        elif not number or not isinstance(max_len, int) or max_len < 2:
             raise WeightsError(f"{folder / 'tokenizer_config.json'}: model_max_length must be an integer >= 2 "
                                f"(BOS and EOS), got {max_len!r}")
-        max_len = 77 if max_len > 10_000 else max_len
         return cls(bpe, model_max_length=max_len, pad_token=pad)
 
     def save(self, folder: str | Path) -> None:

@@ -65,9 +65,5 @@ def logged_metrics(path: str | Path, step: int) -> dict:
     """The metrics logged at ``step`` (without ``step`` and ``time``), {} if that step has no record: what a run
     resumed at its last step reports, having run no step itself."""
     path = Path(path)
-    if not path.is_file():
-        return {}
-    for record in reversed(read_metrics(path)):
-        if record.get("step") == step:
-            return {k: v for k, v in record.items() if k not in ("step", "time")}
-    return {}
+    record = next((r for r in read_metrics(path) if r["step"] == step), {}) if path.is_file() else {}
+    return {k: v for k, v in record.items() if k not in ("step", "time")}

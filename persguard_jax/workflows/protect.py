@@ -59,6 +59,7 @@ def _read_photos(folder: str, resolution: int) -> tuple[list[str], np.ndarray]:
     from PIL import Image
 
     from persguard_jax.data.images import load_folder, output_names, scan_folder
+    from persguard_jax.train.distributed import is_writer
     paths = scan_folder(folder, resolution)
     photos = load_folder(folder, resolution)
     resized = []
@@ -66,7 +67,6 @@ def _read_photos(folder: str, resolution: int) -> tuple[list[str], np.ndarray]:
         with Image.open(path) as image:
             if image.size != (resolution, resolution):
                 resized.append(f"{path.name} {image.size[0]}x{image.size[1]}")
-    from persguard_jax.train.distributed import is_writer
     if resized and is_writer():
         more = f" and {len(resized) - 3} more" if len(resized) > 3 else ""
         print(f"protect: {len(resized)} photo(s) centre-cropped and resized to {resolution}x{resolution} "

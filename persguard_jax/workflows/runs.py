@@ -114,11 +114,12 @@ def check_batch_divides_processes(batch: int, key: str, *, examples: int | None 
     equal shares by the processes: refuse, before any work, one that does not divide (the data loader would say so
     only when the run reached that training, e.g. after an implantation, in its check)."""
     import jax
-    n, examples = jax.process_count(), batch if examples is None else examples
-    if batch % n and examples % n:
-        shown = f" ({examples} examples)" if examples != batch else ""
-        raise cfglib.ConfigError(f"{key}: {batch}{shown} is not divisible by the {n} processes (each reads an "
-                                 f"equal share of every batch)")
+
+    from persguard_jax.data.batches import check_split
+    try:
+        check_split(batch, batch if examples is None else examples, jax.process_count())
+    except ValueError as e:
+        raise cfglib.ConfigError(f"{key}: {e} (each reads an equal share of every batch)") from None
 
 
 def check_devices(config: Config) -> None:
@@ -135,8 +136,19 @@ def check_devices(config: Config) -> None:
 INPUT_ARGUMENTS = ("model", "images", "instance_dir", "class_dir", "clean", "perturbed", "clip", "config")
 
 
+def input_paths(args: argparse.Namespace) -> list[str]:
+    """The paths ``args`` names in ``INPUT_ARGUMENTS``."""
+    return [p for p in (getattr(args, a, None) for a in INPUT_ARGUMENTS) if p is not None]
+
+
+def _within(path: Path, folder: Path) -> bool:
+    """``path`` is ``folder`` or inside it (both resolved)."""
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
+
+
 def check_output(out: str | Path, *, overwrite: bool, resume: bool, raw_config: Mapping[str, Any] | None = None,
-                 sections: Iterable[str] | None = None, inputs: Iterable[str | Path | None] = ()) -> None:
+                 sections: Iterable[str] | None = None, inputs: Iterable[str | Path] = ()) -> None:
     """Every rule of a run's output folder, checked without touching anything (so a command can refuse before
     any work): a new or empty folder whose parent can be created; an existing run only with ``resume`` (and then
     with the config it was started with, when ``raw_config`` is given) or ``overwrite``; never someone else's
@@ -168,8 +180,8 @@ def check_output(out: str | Path, *, overwrite: bool, resume: bool, raw_config: 
                            f"command does not have); --resume and --overwrite act only on this command's runs, so "
                            f"pick a new --out")
     if overwrite:
-        for path in (Path(p).absolute() for p in inputs if p is not None):
-            if path == out.absolute() or out.absolute() in path.parents:
+        for path in map(Path, inputs):
+            if _within(path, out):
                 raise RunError(f"{out}: --overwrite would delete {path}, an input of this command; pick a new --out")
     if resume and raw_config is not None:
         _check_same_config(out / RUN_FILE, raw_config)
@@ -217,9 +229,9 @@ def check_apart(out: str | Path, inputs: str | Path, flag: str) -> None:
     """``--out`` must be neither the input folder ``flag`` names nor inside it (outputs would mix with the inputs,
     and a rerun would read them), nor hold it (``--overwrite`` deletes ``--out``)."""
     out, inputs = Path(out).resolve(), Path(inputs).resolve()
-    if out == inputs or inputs in out.parents:
+    if _within(out, inputs):
         raise ValueError(f"--out {out}: is {flag} or inside {flag}; the inputs are only read, write to another folder")
-    if out in inputs.parents:
+    if _within(inputs, out):
         raise ValueError(f"--out {out}: holds {flag} {inputs}; write to another folder")
 
 
@@ -342,7 +354,7 @@ class Workflow:
         check_devices(config)
         if self.resumable:  # the output folder's rules, before any input is read or any work done
             check_output(args.out, overwrite=args.overwrite, resume=args.resume, raw_config=config.raw,
-                         sections=self.sections(), inputs=[getattr(args, a, None) for a in INPUT_ARGUMENTS])
+                         sections=self.sections(), inputs=input_paths(args))
         results = self.run(args, config)
         if not is_writer():
             return

@@ -127,7 +127,8 @@ def world_of(model_dir: str | Path) -> World:
     path = Path(model_dir) / WORLD_FILE
     if not path.is_file():
         return World(WorldConfig())
+    values = read_json(path, error=ConfigError)  # an unreadable file is named by read_json
     try:
-        return World(WorldConfig.from_dict(read_json(path, error=ConfigError)))
+        return World(WorldConfig.from_dict(values))
     except ValueError as e:
-        raise ConfigError(str(e) if str(e).startswith(str(path)) else f"{path}: {e}") from None
+        raise ConfigError(f"{path}: {e}") from None
