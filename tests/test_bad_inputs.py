@@ -47,7 +47,7 @@ def ws(tmp_path_factory):
     (bad_photos / "a.png").write_bytes(b"not an image")
     run = root / "run"  # a run the P line below started (its config), whose checkpoints are all unreadable
     args = build_parser().parse_args(P.format(model=model, photos=root / "photos", new=run).split())
-    start_run(run, args.workflow.load(args).raw, overwrite=False, resume=False)
+    start_run(run, args.workflow.load(args).raw, overwrite=False, resume=False, command="personalize")
     (run / "results.json").write_text('{"steps": 3}\n')
     (run / "checkpoints" / "3").mkdir(parents=True)
     (run / "checkpoints" / "3" / "garbage").write_bytes(b"\x00" * 64)
@@ -169,7 +169,7 @@ CASES = [
     (P.replace("{new}", "{run}") + " --resume", "checkpoint"),
     (P.replace("{new}", "{run}") + " --resume --overwrite", "--resume"),
     (P.replace("{new}", "{run}").replace("{model}", "{run}/model") + " --overwrite", "an input of this command"),
-    ("purify --images {photos} --purifier jpeg --out {run} --overwrite", "another command"),
+    ("purify --images {photos} --purifier jpeg --out {run} --overwrite", "persguard personalize"),
     # sample
     (S + " --num-images 0", "--num-images"),
     (S + " --steps 0", "--steps"),
@@ -237,6 +237,9 @@ CASES = [
     (I.replace("SPEC", "{photos}:dog:pattern").replace("{world}", "{model}") + " dreambooth.resolution=31",
      "dreambooth.resolution"),
     (I.replace("SPEC", "world:dog_00:pattern").replace("--out {new}", "--out {run}"), "run"),
+    # an implantation's config holds DreamBooth's sections: only the run's marker tells it a personalize run
+    (I.replace("SPEC", "world:dog_00:pattern").replace("--out {new}", "--out {run}") + " --overwrite",
+     "persguard personalize"),
 ]
 
 

@@ -85,6 +85,28 @@ def test_output_folder_rules(tmp_path):
     runs.prepare_output(tmp_path / "never_started", overwrite=False, resume=True)  # a first launch with --resume
 
 
+
+def test_a_run_is_resumed_or_replaced_only_by_its_own_command(tmp_path):
+    """The run marker names the command; another command's --overwrite or --resume is refused even when its
+    config sections include the run's (an implantation's hold DreamBooth's), and the run is left as it was."""
+    run = runs.start_run(tmp_path / "db", {"dreambooth": {"steps": 3}}, overwrite=False, resume=False,
+                         command="personalize")
+    assert runs.run_command(run) == "personalize"
+    (run / "results.json").write_text("{}")
+    for flags in (dict(overwrite=True, resume=False), dict(overwrite=False, resume=True)):
+        with pytest.raises(RunError, match="a run of `persguard personalize`"):
+            runs.check_output(run, **flags, sections=["dreambooth", "implant"], command="implant")
+    assert (run / "results.json").read_text() == "{}"
+    runs.check_output(run, overwrite=True, resume=False, sections=["dreambooth"], command="personalize")
+    # a run from before markers: its config's sections decide
+    (run / runs.RUN_MARKER).unlink()
+    runs.check_output(run, overwrite=True, resume=False, sections=["dreambooth", "implant"], command="implant")
+    with pytest.raises(RunError, match="another command"):
+        runs.check_output(run, overwrite=True, resume=False, sections=["purify"], command="purify")
+    (run / runs.RUN_MARKER).write_text("[1]")
+    with pytest.raises(RunError, match=r"run.json: expected"):
+        runs.check_output(run, overwrite=True, resume=False, command="personalize")
+
 # --------------------------------------------------------------------------- DreamBooth's data
 
 @pytest.fixture(scope="module")

@@ -123,7 +123,8 @@ def run_demo(out: str | Path = "runs/demo", *, subject: str | None = None, overr
     prompts = [instance_prompt, class_prompt]
     measure = measurement(db, photos, evaluator, world)
     before = evaluate_pipeline(pipe, prompts, **measure)
-    db_run = runs.start_run(run / "dreambooth", settings.raw, overwrite=False, resume=False)
+    db_run = runs.start_run(run / "dreambooth", settings.raw, overwrite=False, resume=False,
+                            command="personalize")
     trained = personalize_wf.personalize(pipe, uint8_to_signed(photos), settings, db_run)
     if trained.get("preempted"):
         return trained

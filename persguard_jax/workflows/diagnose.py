@@ -92,7 +92,8 @@ def run(args: argparse.Namespace, config: runs.Config) -> dict:
     pipe = load_pipeline(args.model, attention=config.step.attention)
     check_resolution(pipe, db.resolution)
     evaluator = CLIPEvaluator.from_folder(clip_dir)
-    out = runs.start_run(args.out, config.raw, overwrite=args.overwrite, resume=args.resume)
+    out = runs.start_run(args.out, config.raw, overwrite=args.overwrite, resume=args.resume,
+                         command="diagnose")
     noise = S.uniform_noise_like(clean, perturbed, seed=diag.seed)
     class_prompt = f"a photo of {diag.class_name}"
     sets = {"clean": clean, "perturbed": perturbed, "uniform_noise": noise}
@@ -103,7 +104,7 @@ def run(args: argparse.Namespace, config: runs.Config) -> dict:
                "high_frequency_energy": {k: S.high_frequency_energy(v) for k, v in sets.items()}}
 
     folder = out / "dreambooth"
-    runs.start_run(folder, config.raw, overwrite=False, resume=folder.exists())
+    runs.start_run(folder, config.raw, overwrite=False, resume=folder.exists(), command="personalize")
     trained = personalize(pipe, uint8_to_signed(perturbed), config, folder,
                           class_dir=Path(db.class_dir or out / "class_images"))
     if trained.get("preempted"):

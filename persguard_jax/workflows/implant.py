@@ -134,7 +134,8 @@ def run(args: argparse.Namespace, config: runs.Config) -> dict:
     t0 = time.time()
     cfg, db = config.implant, config.dreambooth
     pipe, world, subjects, pattern, target_images = _read_inputs(args, config)
-    out = runs.start_run(args.out, config.raw, overwrite=args.overwrite, resume=args.resume)
+    out = runs.start_run(args.out, config.raw, overwrite=args.overwrite, resume=args.resume,
+                         command="implant")
     protected = [s for s in subjects if s.type is not None]
     unprotected = [s for s in subjects if s.type is None]
     print(f"implant: {len(protected)} protected ({', '.join(f'{s.name}:{s.type}' for s in protected)}), "
@@ -305,7 +306,8 @@ def attack(pipe, subject, attack_config: runs.Config, out: Path, *, class_dir: P
     and experiments/implant_budget.py's at other budgets."""
     from persguard_jax.dreambooth.recipe import personalize
     from persguard_jax.io import uint8_to_signed
-    run_dir = runs.start_run(out, attack_config.raw, overwrite=False, resume=out.exists())
+    run_dir = runs.start_run(out, attack_config.raw, overwrite=False, resume=out.exists(),
+                             command="personalize")
     return personalize(pipe, uint8_to_signed(subject.photos), attack_config, run_dir, class_dir=class_dir)
 
 

@@ -56,7 +56,8 @@ def run(args: argparse.Namespace, config: runs.Config) -> dict:
     photos = load_folder(args.instance_dir, config.dreambooth.resolution)  # bad photos fail here, all named
     pipe = load_pipeline(args.model, attention=config.step.attention)
     check_resolution(pipe, config.dreambooth.resolution)
-    out = runs.start_run(args.out, config.raw, overwrite=args.overwrite, resume=args.resume)
+    out = runs.start_run(args.out, config.raw, overwrite=args.overwrite, resume=args.resume,
+                         command="personalize")
     results = personalize(pipe, photos, config, out)
     results.pop("params", None)
     return results

@@ -280,7 +280,7 @@ def pretrain(out: str | Path, settings: runs.Config, *, overwrite: bool = False,
     context_length = settings.models["text_encoder"].get("max_position_embeddings", 77)
     tokenizer = world.tokenizer(cfg.vocab_size, max_length=context_length)
     pipe = build_pipeline(settings, tokenizer)
-    runs.start_run(out, settings.raw, overwrite=overwrite, resume=resume)
+    runs.start_run(out, settings.raw, overwrite=overwrite, resume=resume, command="pretrain")
     print(f"pre-training the world model into {out} on {jax.device_count()} {jax.default_backend()} device(s)")
 
     images, captions = render_dataset(world, cfg.dataset_size, class_fraction=cfg.class_fraction,

@@ -90,7 +90,8 @@ def run(args: argparse.Namespace, config: runs.Config) -> dict:
         load_image(cfg.target_image, db.resolution)  # a bad target fails here, named
     pipe = load_pipeline(args.model, attention=config.step.attention)
     check_resolution(pipe, db.resolution)
-    out = runs.start_run(args.out, config.raw, overwrite=args.overwrite, resume=args.resume)
+    out = runs.start_run(args.out, config.raw, overwrite=args.overwrite, resume=args.resume,
+                         command="protect")
     print(f"protect: {cfg.method} on {len(photos)} photos of {args.images}, budget {cfg.budget:g}/255, prompt "
           f"{db.instance_prompt!r}; writing to {out}")
 
@@ -101,7 +102,7 @@ def run(args: argparse.Namespace, config: runs.Config) -> dict:
     if cfg.method == "fsmg":
         from persguard_jax.dreambooth.recipe import personalize
         folder = out / "surrogate"
-        runs.start_run(folder, config.raw, overwrite=False, resume=folder.exists())
+        runs.start_run(folder, config.raw, overwrite=False, resume=folder.exists(), command="personalize")
         print(f"protect: FSMG's surrogate, {db.steps} DreamBooth steps on the clean photos, in {folder}")
         trained = personalize(pipe, photos, config, folder, class_dir=Path(db.class_dir or out / "class_images"))
         if trained.get("preempted"):

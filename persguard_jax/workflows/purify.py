@@ -65,7 +65,8 @@ def check_out(out: str | Path, *, overwrite: bool, inputs=()) -> None:
         if not (out / runs.RUN_FILE).is_file():
             raise RunError(f"{out}: not a run's folder (no {runs.RUN_FILE}); --overwrite replaces only a folder a "
                            f"run wrote, so pick a new --out")
-    runs.check_output(out, overwrite=overwrite, resume=False, sections=sections(), inputs=inputs)
+    runs.check_output(out, overwrite=overwrite, resume=False, sections=sections(), inputs=inputs,
+                      command="purify")
 
 
 def lpips_clip(cfg: PurifyConfig) -> Path | None:
@@ -118,7 +119,7 @@ def run(args: argparse.Namespace, config: runs.Config) -> dict:
     if clip is not None:
         from persguard_jax.metrics import CLIPEvaluator
         evaluator = CLIPEvaluator.from_folder(clip)
-    out = runs.start_run(args.out, config.raw, overwrite=args.overwrite, resume=False)
+    out = runs.start_run(args.out, config.raw, overwrite=args.overwrite, resume=False, command="purify")
     print(f"purify: {len(paths)} images ({photos.shape[2]}x{photos.shape[1]}) through {config.purify.chain}; "
           f"writing to {out}")
     inputs = uint8_to_unit(photos)

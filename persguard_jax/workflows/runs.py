@@ -102,6 +102,9 @@ def parse_config(raw: dict, sections: Mapping[str, SectionParser]) -> Config:
 
 
 RUN_FILE = "config.yaml"  # a run's resolved config: what makes a folder a run that --resume may continue
+# Which command wrote a run ({"command": "personalize"}), written after RUN_FILE: --resume and --overwrite act only
+# on the same command's runs. Runs from before it carry none; for those the config's sections decide.
+RUN_MARKER = "run.json"
 # What a resumed run may change (fnmatch patterns over dotted keys): the learning rate (the way on after a
 # diverged run), logging and checkpoint cadence, the evaluation samples. Anything else would make the checkpoint
 # and the data order belong to another run.
@@ -148,13 +151,15 @@ def _within(path: Path, folder: Path) -> bool:
 
 
 def check_output(out: str | Path, *, overwrite: bool, resume: bool, raw_config: Mapping[str, Any] | None = None,
-                 sections: Iterable[str] | None = None, inputs: Iterable[str | Path] = ()) -> None:
+                 sections: Iterable[str] | None = None, inputs: Iterable[str | Path] = (),
+                 command: str | None = None) -> None:
     """Every rule of a run's output folder, checked without touching anything (so a command can refuse before
     any work): a new or empty folder whose parent can be created; an existing run only with ``resume`` (and then
     with the config it was started with, when ``raw_config`` is given) or ``overwrite``; never someone else's
     folder. A missing or empty folder with ``resume`` simply starts the run (re-running a preempted launch line
-    works from the first launch on). ``sections``: the config sections of the command asking; a run whose
-    config has others was written by another command, and is neither resumed nor replaced by this one.
+    works from the first launch on). ``command``: the command asking; a run whose ``RUN_MARKER`` names another
+    was written by another command, and is neither resumed nor replaced by this one. ``sections``: the command's
+    config sections, the same rule for runs with no marker (a config with other sections is another command's).
     ``inputs``: paths the command reads, which ``overwrite`` must not delete."""
     from persguard_jax.errors import RunError
     out = Path(out)
@@ -173,7 +178,11 @@ def check_output(out: str | Path, *, overwrite: bool, resume: bool, raw_config: 
     if not is_run:
         raise RunError(f"{out}: not a run's folder (no {RUN_FILE}); --resume and --overwrite act only on a folder "
                        f"a run wrote, so pick a new --out")
-    if sections is not None:
+    owner = run_command(out)
+    if command is not None and owner is not None and owner != command:
+        raise RunError(f"{out}: a run of `persguard {owner}` ({RUN_MARKER}), not of `persguard {command}`; --resume "
+                       f"and --overwrite act only on this command's runs, so pick a new --out")
+    if sections is not None and owner is None:
         foreign = sorted(set(cfglib.read_yaml(out / RUN_FILE)) - set(sections))
         if foreign:
             raise RunError(f"{out}: a run of another command (its {RUN_FILE} has sections {foreign}, which this "
@@ -187,6 +196,19 @@ def check_output(out: str | Path, *, overwrite: bool, resume: bool, raw_config: 
         _check_same_config(out / RUN_FILE, raw_config)
     if resume:
         _check_checkpoints(out)
+
+
+def run_command(out: str | Path) -> str | None:
+    """The command that wrote the run in ``out`` (its ``RUN_MARKER``), or None for a run from before markers."""
+    from persguard_jax.errors import RunError
+    from persguard_jax.io import read_json
+    path = Path(out) / RUN_MARKER
+    if not path.exists():
+        return None
+    marker = read_json(path, error=RunError)
+    if not isinstance(marker, dict) or not isinstance(marker.get("command"), str):
+        raise RunError(f"{path}: expected {{\"command\": NAME}}, got {marker!r:.80}")
+    return marker["command"]
 
 
 def _check_checkpoints(out: Path) -> None:
@@ -235,13 +257,13 @@ def check_apart(out: str | Path, inputs: str | Path, flag: str) -> None:
         raise ValueError(f"--out {out}: holds {flag} {inputs}; write to another folder")
 
 
-def prepare_output(out: Path, *, overwrite: bool, resume: bool, raw_config: Mapping[str, Any] | None = None
-                   ) -> None:
+def prepare_output(out: Path, *, overwrite: bool, resume: bool, raw_config: Mapping[str, Any] | None = None,
+                   command: str | None = None) -> None:
     """``check_output``, then process 0 creates the folder (``overwrite``: deletes the earlier run first). Every
     process checks (so all fail alike); only process 0 changes anything."""
     from persguard_jax.train.distributed import barrier, is_writer
     out = Path(out)
-    check_output(out, overwrite=overwrite, resume=resume, raw_config=raw_config)
+    check_output(out, overwrite=overwrite, resume=resume, raw_config=raw_config, command=command)
     if is_writer():
         if out.exists() and overwrite:
             shutil.rmtree(out)
@@ -249,14 +271,19 @@ def prepare_output(out: Path, *, overwrite: bool, resume: bool, raw_config: Mapp
     barrier(f"prepare {out}")
 
 
-def start_run(out: str | Path, raw_config: Mapping[str, Any], *, overwrite: bool, resume: bool) -> Path:
+def start_run(out: str | Path, raw_config: Mapping[str, Any], *, overwrite: bool, resume: bool,
+              command: str | None = None) -> Path:
     """``prepare_output`` then ``out/config.yaml`` (the resolved config, from process 0, written atomically:
-    it is what marks the folder as a run); returns ``out``."""
+    it is what marks the folder as a run) and, given ``command`` (the ``persguard`` command whose run this is),
+    ``RUN_MARKER``; returns ``out``."""
+    from persguard_jax.io import save_json
     from persguard_jax.train.distributed import is_writer
     out = Path(out)
-    prepare_output(out, overwrite=overwrite, resume=resume, raw_config=raw_config)
+    prepare_output(out, overwrite=overwrite, resume=resume, raw_config=raw_config, command=command)
     if is_writer():
         cfglib.dump(dict(raw_config), out / RUN_FILE)
+        if command is not None:  # after RUN_FILE: a kill between the two leaves a run the sections rule covers
+            save_json({"command": command}, out / RUN_MARKER)
     return out
 
 
@@ -354,7 +381,7 @@ class Workflow:
         check_devices(config)
         if self.resumable:  # the output folder's rules, before any input is read or any work done
             check_output(args.out, overwrite=args.overwrite, resume=args.resume, raw_config=config.raw,
-                         sections=self.sections(), inputs=input_paths(args))
+                         sections=self.sections(), inputs=input_paths(args), command=self.name)
         results = self.run(args, config)
         if not is_writer():
             return

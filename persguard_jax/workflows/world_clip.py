@@ -133,7 +133,7 @@ def train_clip(out: str | Path, settings: runs.Config, *, overwrite: bool = Fals
     tokenizer = world.tokenizer(cfg.vocab_size, max_length=settings.model.get("text_config", {}).get(
         "max_position_embeddings", 77))
     model = build_clip(settings, tokenizer.vocab_size)
-    runs.start_run(out, settings.raw, overwrite=overwrite, resume=resume)
+    runs.start_run(out, settings.raw, overwrite=overwrite, resume=resume, command="train-clip")
 
     images, captions = render_dataset(world, cfg.dataset_size, class_fraction=cfg.class_fraction)
     source = ArraySource({"images": images, "input_ids": np.asarray(tokenizer(captions), np.int32)})
