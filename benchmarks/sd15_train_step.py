@@ -12,6 +12,10 @@ Both sides compute in bf16 with fp32 master weights:
   default processor), ``torch.autocast(bfloat16)`` over fp32 weights, ``clip_grad_norm_`` + ``AdamW(fused=True)``;
   ``--torch-compile`` wraps the UNet in ``torch.compile``. One device (``cuda:0``).
 
+Each framework runs in its own child process, one after the other (``--only jax|torch`` runs one in this
+process): JAX preallocates 75% of a GPU's memory and keeps its pool, so a PyTorch step in the same process would
+get the rest, and each side's peak memory is read alone.
+
 Reported: seconds per step (median of ``--steps`` after ``--warmup``), samples per second, ``ratio`` = torch step
 / JAX step (> 1: JAX faster), MFU = samples/s x FLOPs per sample / peak FLOP/s of the devices used (2.41 TFLOP
 per sample forward + backward for SD 1.5 at 64x64 latents, the issue's figure; ``xla_flops_per_sample`` is XLA's
@@ -62,16 +66,21 @@ def parse_args(argv=None):
     p.add_argument("--skip-torch", action="store_true")
     p.add_argument("--threads", type=int, default=2, help="torch threads on a CPU")
     p.add_argument("--peak-tflops", type=float, help="peak TFLOP/s per device for MFU (default: from the device kind)")
+    p.add_argument("--only", choices=("jax", "torch"), help="run one framework in this process (default: each in "
+                                                           "a child process, then both reported)")
     return p.parse_args(argv)
 
 
 def defaults(args):
-    import jax
-    cpu = jax.default_backend() == "cpu"
-    args.arch = args.arch or ("tiny" if cpu else "sd15")
-    args.latent = args.latent or (8 if cpu else 64)
-    args.batch = args.batch or (2 if cpu else 8)
-    args.compute_dtype = args.compute_dtype or ("float32" if cpu else "bfloat16")
+    """Fill the sizes left unset from the backend (importing JAX, which on a GPU takes its memory: a child whose
+    sizes are all given, the PyTorch one, never does)."""
+    if None in (args.arch, args.latent, args.batch, args.compute_dtype):
+        import jax
+        cpu = jax.default_backend() == "cpu"
+        args.arch = args.arch or ("tiny" if cpu else "sd15")
+        args.latent = args.latent or (8 if cpu else 64)
+        args.batch = args.batch or (2 if cpu else 8)
+        args.compute_dtype = args.compute_dtype or ("float32" if cpu else "bfloat16")
     return args
 
 
@@ -210,28 +219,58 @@ def bench_torch(args) -> dict:
             "torch_device": torch.cuda.get_device_name(0) if cuda else "cpu", "torch_compile": args.torch_compile}
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    import jax
+def run_child(framework: str, argv: list[str]) -> dict:
+    """``--only framework`` in a fresh Python process (the device's memory its own); its JSON line."""
+    import subprocess
+    cmd = [sys.executable, os.path.abspath(__file__), *argv, "--json", "--only", framework]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"sd15_train_step: the {framework} step failed (exit {proc.returncode}): {' '.join(cmd)}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def measure(args) -> dict:
+    """This process's part: the JAX step (``--only jax``, with the sizes it resolved) or the PyTorch step."""
     defaults(args)
-    out = {"benchmark": "sd15_train_step", "arch": args.arch, "latent": [args.latent, args.latent, 4],
-           "context": [77, 768 if args.arch == "sd15" else 32], "batch": args.batch, "compute_dtype": args.compute_dtype,
-           "remat": args.remat, "attention": args.attention, "fsdp": args.fsdp, "backend": jax.default_backend()}
+    if args.only == "torch":
+        print("PyTorch step...", file=sys.stderr, flush=True)
+        return bench_torch(args)
+    import jax
     print(f"JAX step: {args.arch} UNet, batch {args.batch}, {args.latent}x{args.latent} latents...", file=sys.stderr,
           flush=True)
     res = bench_jax(args)
     device = res.pop("_device")
+    res["peak_tflops_per_device"] = peak_tflops(args, device) if jax.default_backend() != "cpu" else None
+    return {"arch": args.arch, "latent": args.latent, "batch": args.batch, "compute_dtype": args.compute_dtype,
+            "backend": jax.default_backend(), **res}
+
+
+def main(argv=None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    if args.only:
+        out = measure(args)
+        print(json.dumps(out))
+        return out
+    # this process never imports JAX: the JAX child resolves the sizes, the PyTorch child is given them
+    parent = [a for a in argv if a != "--json"]
+    res = run_child("jax", parent)
+    args.arch, args.latent, args.batch, args.compute_dtype = (res.pop(k) for k in ("arch", "latent", "batch",
+                                                                                   "compute_dtype"))
+    out = {"benchmark": "sd15_train_step", "arch": args.arch, "latent": [args.latent, args.latent, 4],
+           "context": [77, 768 if args.arch == "sd15" else 32], "batch": args.batch, "compute_dtype": args.compute_dtype,
+           "remat": args.remat, "attention": args.attention, "fsdp": args.fsdp, "backend": res.pop("backend")}
     out.update(res)
     out["jax_samples_per_s"] = args.batch / out["jax_step_s"]
     sd15_full = args.arch == "sd15" and args.latent == 64
     flops = SD15_TFLOP_PER_SAMPLE * 1e12 if sd15_full else out["xla_flops_per_sample"]
-    peak = peak_tflops(args, device) if jax.default_backend() != "cpu" else None
+    peak = out["peak_tflops_per_device"]
     out["flops_per_sample"] = flops
-    out["peak_tflops_per_device"] = peak
     out["jax_mfu"] = (out["jax_samples_per_s"] * flops / (peak * 1e12 * out["jax_devices"])) if peak and flops else None
     if not args.skip_torch:
-        print("PyTorch step...", file=sys.stderr, flush=True)
-        out.update(bench_torch(args))
+        sizes = ["--arch", args.arch, "--latent", str(args.latent), "--batch", str(args.batch), "--compute-dtype",
+                 args.compute_dtype]
+        out.update(run_child("torch", parent + sizes))
         out["torch_samples_per_s"] = args.batch / out["torch_step_s"]
         out["torch_mfu"] = (out["torch_samples_per_s"] * flops / (peak * 1e12)) if peak and flops else None
         out["ratio"] = out["torch_step_s"] / out["jax_step_s"]
