@@ -73,6 +73,17 @@ def _fresh_output(path: Path, overwrite: bool) -> Path:
     return path
 
 
+def _output_checked(command: str) -> bool:
+    """Call once every process has checked ``--out``; returns whether this process writes the outputs.
+
+    Launched as several processes, each runs the whole command (the same samples from the same seeds) and checks
+    ``--out`` alike, but only process 0 writes: without the barrier, a process that starts late would find
+    process 0's files and refuse ``--out`` as taken (the workflows do the same in ``runs.prepare_output``)."""
+    from persguard_jax.train.distributed import barrier, is_writer
+    barrier(f"persguard {command}: --out checked")
+    return is_writer()
+
+
 def cmd_sample(args: argparse.Namespace) -> None:
     from tqdm.auto import tqdm
 
@@ -81,6 +92,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     from persguard_jax.sample import text_to_image
 
     out = _fresh_output(Path(args.out), args.overwrite)
+    writer = _output_checked("sample")
     dtype = _dtype(args.dtype)
     pipe = load_pipeline(args.model, dtype=dtype, param_dtype=dtype, variant=args.variant)
     prompts = [p for p in args.prompt for _ in range(args.num_images)]
@@ -95,16 +107,20 @@ def cmd_sample(args: argparse.Namespace) -> None:
                 width=args.width, progress=True))
     import numpy as np
     grid = image_grid(np.concatenate(images), ncols=args.num_images if len(args.prompt) > 1 else None)
-    save_png(grid, out)
-    print(f"wrote {out} ({len(prompts)} images, {args.steps} {args.sampler} steps, guidance {args.guidance})")
+    if writer:
+        save_png(grid, out)
+        print(f"wrote {out} ({len(prompts)} images, {args.steps} {args.sampler} steps, guidance {args.guidance})")
 
 
 def cmd_init_tiny(args: argparse.Namespace) -> None:
     from persguard_jax.models import save_pipeline
+    from persguard_jax.models.pretrained import check_pipeline_output
     from persguard_jax.models.tiny import tiny_pipeline
 
-    out = save_pipeline(tiny_pipeline(args.seed), args.out, overwrite=args.overwrite)
-    print(f"wrote a tiny random pipeline to {out}")
+    out = check_pipeline_output(args.out, overwrite=args.overwrite)
+    if _output_checked("init-tiny"):
+        save_pipeline(tiny_pipeline(args.seed), out, overwrite=args.overwrite)
+        print(f"wrote a tiny random pipeline to {out}")
 
 
 def _model_resolution(model: Path) -> int:
@@ -132,6 +148,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     clip_dir = Path(args.clip) if args.clip else world_clip(build=False)
     # every input is checked (references decoded) before the slow loads and before --out is created
     references = (load_folder(args.references, args.resolution or _model_resolution(model)) + 1.0) / 2.0
+    writer = _output_checked("evaluate")
 
     from persguard_jax.metrics import CLIPEvaluator
     from persguard_jax.models import load_pipeline
@@ -144,9 +161,10 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         num_images=args.num_images, seed=args.seed, num_steps=args.steps, guidance_scale=guidance,
         negative_prompt=args.negative_prompt)
     evaluation.results.update(model=str(model), clip=str(clip_dir), references_dir=str(args.references))
-    paths = write_evaluation(out, evaluation, title=f"persguard evaluate: {model}", references=references)
-    print(evaluation_table(evaluation.results))
-    print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    if writer:
+        paths = write_evaluation(out, evaluation, title=f"persguard evaluate: {model}", references=references)
+        print(evaluation_table(evaluation.results))
+        print(f"wrote {', '.join(str(p) for p in paths.values())}")
 
 
 def _plan_models(args: argparse.Namespace) -> dict:

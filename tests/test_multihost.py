@@ -110,3 +110,33 @@ def test_protect_runs_on_two_processes(tmp_path):
         # sign steps: a gradient summed in another order may flip a near-zero component's sign
         assert np.mean(pa != pb) < 0.01 and np.abs(pa - pb).max() <= 4, name
     assert len((b / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_sample_evaluate_and_init_tiny_write_once_on_two_processes(tmp_path):
+    """The commands outside the workflow table run multi-host too: each process computes, every one checks
+    ``--out`` before any writes, and only process 0 writes (before, ``evaluate`` failed on the second process,
+    which found process 0's results, and ``sample`` / ``init-tiny`` wrote from both)."""
+    from persguard_jax.data.world import save_photos, world_of
+    from persguard_jax.models import load_pipeline
+    from persguard_jax.workflows import world_assets
+    model = world_assets.world_model(build=False)
+    world = world_of(model)
+    subject = next(s for s in world.subjects if s.class_name == "cat" and s.held_out)
+    save_photos(world.subject_photos(subject, 2), tmp_path / "photos", prefix=subject.name)
+
+    def two(*command: str) -> list[str]:
+        run = subprocess.run([sys.executable, str(REPO / "launch" / "local.py"), "-n", "2", "--devices-per-process",
+                              "1", "--", sys.executable, "-m", "persguard_jax.cli", *command],
+                             env=_env(1), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        return [line for line in run.stdout.splitlines() if " wrote " in f" {line}"]
+
+    assert len(two("init-tiny", "--out", "tiny")) == 1
+    assert load_pipeline(tmp_path / "tiny").unet is not None
+    assert len(two("sample", "--model", str(model), "--prompt", "a photo of a red dog", "--num-images", "2",
+                   "--steps", "2", "--out", "grid.png")) == 1
+    assert (tmp_path / "grid.png").stat().st_size > 0
+    assert len(two("evaluate", "--model", str(model), "--references", "photos", "--prompt", "a photo of sks cat",
+                   "--num-images", "2", "--steps", "2", "--out", "evaluation")) == 1
+    assert {p.name for p in (tmp_path / "evaluation").iterdir()} == {"results.json", "results.md", "grid.png"}
+    assert json.loads((tmp_path / "evaluation" / "results.json").read_text())["model"] == str(model)

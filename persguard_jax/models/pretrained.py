@@ -191,13 +191,10 @@ def load_pipeline(folder: str | Path, *, dtype=jnp.float32, param_dtype=jnp.floa
     return pipe
 
 
-def save_pipeline(pipe: Pipeline, out_dir: str | Path, *, dtype=None, overwrite: bool = False) -> Path:
-    """Write ``pipe`` in the diffusers layout (safetensors), loadable by ``StableDiffusionPipeline``.
-
-    The folder is assembled beside ``out_dir`` and moved into place at the end, so a crash never leaves a
-    half-written pipeline, and an existing non-empty ``out_dir`` is only replaced with ``overwrite=True``, and
-    only if it holds a pipeline (its ``model_index.json``): overwriting never deletes a folder of other files.
-    """
+def check_pipeline_output(out_dir: str | Path, *, overwrite: bool = False) -> Path:
+    """What ``save_pipeline`` checks before writing: ``out_dir`` is new, empty, or (with ``overwrite``) a pipeline
+    folder (its ``model_index.json``), and can be created. A separate step so that every process of a multi-host
+    run can check before process 0 alone writes."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise FileExistsError(f"{out_dir}: exists and is not a folder")
@@ -209,6 +206,17 @@ def save_pipeline(pipe: Pipeline, out_dir: str | Path, *, dtype=None, overwrite:
                                   f"only a pipeline, so pick a new folder")
     if not out_dir.exists():
         check_creatable(out_dir)
+    return out_dir
+
+
+def save_pipeline(pipe: Pipeline, out_dir: str | Path, *, dtype=None, overwrite: bool = False) -> Path:
+    """Write ``pipe`` in the diffusers layout (safetensors), loadable by ``StableDiffusionPipeline``.
+
+    The folder is assembled beside ``out_dir`` and moved into place at the end, so a crash never leaves a
+    half-written pipeline, and an existing non-empty ``out_dir`` is only replaced with ``overwrite=True``, and
+    only if it holds a pipeline (its ``model_index.json``): overwriting never deletes a folder of other files.
+    """
+    out_dir = check_pipeline_output(out_dir, overwrite=overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
     try:
