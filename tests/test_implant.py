@@ -290,6 +290,24 @@ def test_erasure_detector_of_a_world_subject_reads_its_colour():
     assert detector.extra_rates(photos) == {"background_only_rate": 0.0}
     assert detector.extra_rates(backgrounds) == {"background_only_rate": 1.0}
     assert ProtectionDetector("pattern", world=world).extra_rates(photos) == {}
+    assert detector.caveat is None  # bird_00 is orange: the reading sees it go
+
+
+def test_erasure_of_a_white_or_black_world_subject_is_flagged_unreadable():
+    """The colour reading cannot see a white (or black) subject erased: the check says so in results.json and the
+    summary instead of reporting a silent 0.00 (docs/results.md, issue 15's eighth measurement)."""
+    from persguard_jax.data.world import World, WorldConfig
+    from persguard_jax.implant.check import ProtectionDetector
+    from persguard_jax.workflows.implant import _summary
+    world = World(WorldConfig())
+    assert world.subject("cat_04").colour == "white"
+    flagged = {c: ProtectionDetector("erasure", world=world, colour=c).caveat for c in ("white", "black", "red")}
+    assert flagged["white"] and "white" in flagged["white"] and flagged["black"] and flagged["red"] is None
+    assert ProtectionDetector("target", world=world, colour="white").caveat is None
+    scores = {"protection_rate": 0.0, "identity_similarity": 0.5}
+    results = {"model": "m", "steps": 1, "subjects": {"cat_04": {
+        "type": "erasure", "backdoored": scores, "clean": scores, "protection_rate_caveat": flagged["white"]}}}
+    assert "protection unreadable" in _summary(results)
 
 
 def test_target_detector_of_a_world_subject_reports_its_parts():

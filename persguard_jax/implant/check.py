@@ -70,6 +70,19 @@ class ProtectionDetector:
         text = np.asarray(self.evaluator.text_features([self.alternative_prompt, self.class_prompt]))
         return (image @ text.T).argmax(-1) == 0
 
+    @property
+    def caveat(self) -> str | None:
+        """Why ``protection_rate`` says nothing for this subject, if it does not: the world erasure reading (the
+        subject's colour gone) cannot see a white or black subject erased, because the light (dark) stripes and
+        speckle of model samples count as white (black). Measured on cat_04 (docs/results.md, issue 15's eighth
+        measurement): 0.00 by the reading with 2 of 8 samples plain backgrounds; no pixel or world-CLIP reading
+        tried there separates erased from degraded samples of such a subject."""
+        if self.world is not None and self.type == "erasure" and self.colour in ("white", "black"):
+            return (f"the erasure reading (the subject's {self.colour} gone) cannot see a {self.colour} subject "
+                    f"erased: the light and dark parts of model samples count as {self.colour}, so its "
+                    f"protection_rate does not measure erasure; judge report.png")
+        return None
+
     def _target_parts(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """Per sample, each fact of the world target prompt the sample shows: ``shape`` (its silhouette) and
         ``colour`` (the dominant colour), for those the prompt names."""

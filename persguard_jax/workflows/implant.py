@@ -260,6 +260,9 @@ def _check(pipe, clean, backdoored, subjects, targets_of, pattern, world, config
         detector = protection_detector(s, cfg, check, resolution=db.resolution, pattern=pattern, world=world,
                                        evaluator=evaluator)
         entry = {"type": s.type or "unprotected", "class": s.class_name}
+        if detector is not None and detector.caveat:
+            entry["protection_rate_caveat"] = detector.caveat
+            print(f"check: {s.name}: {detector.caveat}")
         samples = {}
         for which, params in (("backdoored", backdoored), ("clean", clean)):
             if detector is not None:  # does the trigger fire at all before anyone fine-tunes?
@@ -331,7 +334,8 @@ def _summary(results: dict) -> str:
             continue
         lines.append(f"  {name} ({e['type']}): after the attack, protection {fmt(b['protection_rate'])} (clean "
                      f"model {fmt(c['protection_rate'])}; before it {fmt(e.get('protection_rate_before_attack'))}),"
-                     f" identity {fmt(b['identity_similarity'])} (clean {fmt(c['identity_similarity'])})")
+                     f" identity {fmt(b['identity_similarity'])} (clean {fmt(c['identity_similarity'])})"
+                     + (" [protection unreadable: protection_rate_caveat]" if e.get("protection_rate_caveat") else ""))
     return "\n".join(lines)
 
 
