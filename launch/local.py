@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -39,6 +40,10 @@ def main(argv=None) -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         p.error("give the command after --")
+    if args.num_processes < 1 or (args.devices_per_process is not None and args.devices_per_process < 1):
+        p.error("-n and --devices-per-process must be at least 1")
+    if shutil.which(command[0]) is None:  # before any process starts: one line, not a traceback per process
+        p.error(f"{command[0]}: no such command (not a file, not on PATH; a venv's tools are in its bin/)")
     address = f"127.0.0.1:{free_port()}"
     procs = []
     for i in range(args.num_processes):

@@ -201,6 +201,13 @@ def _abstract(kind, config: dict, source: Path):
     return pretrained.abstract_model(kind.model_cls, kind.config_cls.from_dict(config, source=str(source)))
 
 
+def _say(*args, **kwargs) -> None:
+    """``print`` on process 0 only: a multi-host command's report is the same on every process."""
+    from persguard_jax.train.distributed import is_writer
+    if is_writer():
+        print(*args, **kwargs)
+
+
 def cmd_plan(args: argparse.Namespace) -> None:
     import jax
 
@@ -216,11 +223,11 @@ def cmd_plan(args: argparse.Namespace) -> None:
         shapes = nnx.state(model, nnx.Param).to_pure_dict()
         sh = shd.param_shardings(shd.logical_axes(model), shapes, mesh, mesh_cfg)
         rows += [dict(r, name=f"{name}/{r['name']}") for r in shd.sharding_plan(shapes, sh)]
-    print(f"mesh {dict(mesh.shape)} on {len(jax.devices())} {jax.default_backend()} devices, layout {args.layout!r}")
-    print(shd.format_plan(rows, limit=args.limit))
+    _say(f"mesh {dict(mesh.shape)} on {len(jax.devices())} {jax.default_backend()} devices, layout {args.layout!r}")
+    _say(shd.format_plan(rows, limit=args.limit))
     per_device = sum(r["bytes_per_device"] for r in rows)
     full = sum(int(math.prod(r["shape"])) * 4 for r in rows)
-    print(f"float32 parameters: {full / 2**30:.2f} GiB unsharded, {per_device / 2**30:.3f} GiB per device; "
+    _say(f"float32 parameters: {full / 2**30:.2f} GiB unsharded, {per_device / 2**30:.3f} GiB per device; "
           f"with AdamW state x3: {3 * per_device / 2**30:.3f} GiB per device")
     if args.step:
         _plan_step(args, models, mesh, mesh_cfg)
@@ -241,13 +248,13 @@ def _plan_step(args: argparse.Namespace, models: dict, mesh, mesh_cfg) -> None:
                     compute_dtype=None if args.compute_dtype == "float32" else args.compute_dtype,
                     train_text_encoder=not args.freeze_text_encoder, prior=not args.no_prior,
                     retention_steps=args.k, retention_order=args.order, retention_replay=args.replay)
-    print(f"compiling the {args.step} step ahead of time (nothing is allocated; minutes for SD on a CPU)...",
+    _say(f"compiling the {args.step} step ahead of time (nothing is allocated; minutes for SD on a CPU)...",
           flush=True)
     result = plan_memory(models, plan, mesh, mesh_cfg, read_json(scheduler) if args.model and scheduler.is_file()
                          else None)
-    print(format_memory(result))
+    _say(format_memory(result))
     if args.json:
-        print(json.dumps(result))
+        _say(json.dumps(result))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -169,3 +169,15 @@ def test_resumable_list_matches_the_workflows():
     text = (LAUNCH / "common.sh").read_text()
     listed = text.split("RESUMABLE_WORKFLOWS=(")[1].split(")")[0].split()
     assert sorted(listed) == sorted(w.name for w in WORKFLOWS() if w.resumable)
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["-n", "2", "--", "no-such-persguard-tool", "plan"], "no-such-persguard-tool: no such command"),
+    (["-n", "0", "--", "true"], "must be at least 1"),
+    (["-n", "2"], "give the command after --"),
+])
+def test_local_launcher_refuses_bad_usage_in_one_line(tmp_path, args, expect):
+    """A command that is not there fails once, before any process starts: no traceback from each of them."""
+    r = _run([sys.executable, str(LAUNCH / "local.py"), *args], tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and r.stdout == ""
+    assert expect in r.stderr.strip().splitlines()[-1], r.stderr
