@@ -54,19 +54,9 @@ def resolve(raw: dict, args: argparse.Namespace | None = None) -> dict:
 
 
 def check_out(out: str | Path, *, overwrite: bool, inputs=()) -> None:
-    """``runs.check_output``'s rules for a command with no ``--resume``: a new or empty folder, or with
-    ``--overwrite`` a folder a run wrote (its ``config.yaml``)."""
-    from persguard_jax.errors import RunError
-    out = Path(out)
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{out}: already exists and is not empty (pass --overwrite to replace an earlier "
-                                  f"purify output, or pick a new --out)")
-        if not (out / runs.RUN_FILE).is_file():
-            raise RunError(f"{out}: not a run's folder (no {runs.RUN_FILE}); --overwrite replaces only a folder a "
-                           f"run wrote, so pick a new --out")
+    """``runs.check_output``'s rules for a command with no ``--resume``."""
     runs.check_output(out, overwrite=overwrite, resume=False, sections=sections(), inputs=inputs,
-                      command="purify")
+                      command="purify", resumable=False)
 
 
 def lpips_clip(cfg: PurifyConfig) -> Path | None:

@@ -152,7 +152,7 @@ def _within(path: Path, folder: Path) -> bool:
 
 def check_output(out: str | Path, *, overwrite: bool, resume: bool, raw_config: Mapping[str, Any] | None = None,
                  sections: Iterable[str] | None = None, inputs: Iterable[str | Path] = (),
-                 command: str | None = None) -> None:
+                 command: str | None = None, resumable: bool = True) -> None:
     """Every rule of a run's output folder, checked without touching anything (so a command can refuse before
     any work): a new or empty folder whose parent can be created; an existing run only with ``resume`` (and then
     with the config it was started with, when ``raw_config`` is given) or ``overwrite``; never someone else's
@@ -160,9 +160,11 @@ def check_output(out: str | Path, *, overwrite: bool, resume: bool, raw_config: 
     works from the first launch on). ``command``: the command asking; a run whose ``RUN_MARKER`` names another
     was written by another command, and is neither resumed nor replaced by this one. ``sections``: the command's
     config sections, the same rule for runs with no marker (a config with other sections is another command's).
-    ``inputs``: paths the command reads, which ``overwrite`` must not delete."""
+    ``inputs``: paths the command reads, which ``overwrite`` must not delete. ``resumable=False``: a command
+    with no ``--resume`` (its errors offer ``--overwrite`` only)."""
     from persguard_jax.errors import RunError
     out = Path(out)
+    flags = "--resume and --overwrite act" if resumable else "--overwrite acts"
     if overwrite and resume:
         raise ValueError("--overwrite and --resume: choose one (continue the run, or start it again)")
     if out.exists() and not out.is_dir():
@@ -173,21 +175,21 @@ def check_output(out: str | Path, *, overwrite: bool, resume: bool, raw_config: 
         return
     is_run = (out / RUN_FILE).is_file()
     if not resume and not overwrite:
-        raise FileExistsError(f"{out}: already exists and is not empty (pass --resume to continue the run in it, "
-                              f"or --overwrite to replace it)")
+        raise FileExistsError(f"{out}: already exists and is not empty (pass "
+                              + ("--resume to continue the run in it, or " if resumable else "")
+                              + "--overwrite to replace it, or pick a new --out)")
     if not is_run:
-        raise RunError(f"{out}: not a run's folder (no {RUN_FILE}); --resume and --overwrite act only on a folder "
-                       f"a run wrote, so pick a new --out")
+        raise RunError(f"{out}: not a run's folder (no {RUN_FILE}); {flags} only on a folder a run wrote, so pick "
+                       f"a new --out")
     owner = run_command(out)
     if command is not None and owner is not None and owner != command:
-        raise RunError(f"{out}: a run of `persguard {owner}` ({RUN_MARKER}), not of `persguard {command}`; --resume "
-                       f"and --overwrite act only on this command's runs, so pick a new --out")
+        raise RunError(f"{out}: a run of `persguard {owner}` ({RUN_MARKER}), not of `persguard {command}`; {flags} "
+                       f"only on this command's runs, so pick a new --out")
     if sections is not None and owner is None:
         foreign = sorted(set(cfglib.read_yaml(out / RUN_FILE)) - set(sections))
         if foreign:
             raise RunError(f"{out}: a run of another command (its {RUN_FILE} has sections {foreign}, which this "
-                           f"command does not have); --resume and --overwrite act only on this command's runs, so "
-                           f"pick a new --out")
+                           f"command does not have); {flags} only on this command's runs, so pick a new --out")
     if overwrite:
         for path in map(Path, inputs):
             if _within(path, out):
