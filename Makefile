@@ -11,8 +11,9 @@ PYTHON := python3
 endif
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# two workers: XLA:CPU compiles one program at a time per process, most test time is compilation
-PYTEST_ARGS ?= -n 2
+# two workers: XLA:CPU compiles one program at a time per process, most test time is compilation. loadgroup:
+# tests that share an expensive module fixture (xdist_group marks) run on one worker, so it is built once
+PYTEST_ARGS ?= -n 2 --dist loadgroup
 
 .PHONY: venv test demo bench world-assets test-latest check-install clean
 

@@ -39,6 +39,7 @@ def test_cdl_guidance_is_diffusers_guidance_at_one_plus_w():
     assert CDLConfig().guidance_scale(eval_guidance=7.5) == 7.5  # None: the recipe's own strength
 
 
+@pytest.mark.slow
 def test_personalize_with_cdl_trains_and_samples_under_its_prompts(tmp_path, monkeypatch):
     import persguard_jax.dreambooth as db_pkg
     import persguard_jax.sample as sample_mod

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from persguard_jax.cli import main
@@ -32,6 +33,7 @@ def test_high_frequency_energy_orders_smooth_and_noisy():
     assert S.high_frequency_energy(smooth) < 0.05 * S.high_frequency_energy(noisy)
 
 
+@pytest.mark.slow
 def test_diagnose_command(tmp_path, capsys):
     from persguard_jax.data.world import world_of
     clean_dir, pert_dir = tmp_path / "clean", tmp_path / "perturbed"

@@ -61,6 +61,7 @@ def _torch_step(torch, folder, latents, noise, timesteps, ids):
     return float(loss.detach()), grad_norm, unet, text
 
 
+@pytest.mark.slow
 def test_one_step_matches_diffusers_train_dreambooth(torch, world):
     from persguard_jax import losses
     from persguard_jax.models import functional as F

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 DEMO = ["dreambooth.steps=60", "dreambooth.num_class_images=8", "dreambooth.class_sample_steps=8",
         "dreambooth.eval_num_images=8", "dreambooth.eval_steps=8", "loop.checkpoint_every=1000"]
 
 
+@pytest.mark.slow
 def test_demo_end_to_end_and_prior_preservation(tmp_path):
     from persguard_jax.workflows.demo import run_demo
     with_prior = run_demo(tmp_path / "demo", overrides=DEMO)

@@ -71,6 +71,7 @@ def reference(micro):
     return run_steps(micro, shd.MeshConfig(data=1, fsdp=1), devices=jax.devices()[:1], n_steps=1)
 
 
+@pytest.mark.xdist_group("engine_reference")
 def test_2x4_mesh_equals_one_device(micro, reference):
     # one step: Adam's first update is ~lr * sign(g), which would amplify rounding noise in near-zero gradients
     one, h1 = reference
@@ -83,6 +84,7 @@ def test_2x4_mesh_equals_one_device(micro, reference):
     assert abs(h1[0]["grad_norm"] - h8[0]["grad_norm"]) <= 1e-5 * h1[0]["grad_norm"]
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_equals_full_batch(micro):
     cfg = shd.MeshConfig(data=2, fsdp=1, min_shard_size=64)
     full, hf = run_steps(micro, cfg, devices=jax.devices()[:2], n_steps=1)
@@ -94,6 +96,7 @@ def test_gradient_accumulation_equals_full_batch(micro):
         run_steps(micro, cfg, devices=jax.devices()[:2], n_steps=1, step_cfg=StepConfig(grad_accum=3))
 
 
+@pytest.mark.xdist_group("engine_reference")
 def test_bf16_compute_keeps_fp32_master_weights(micro, reference):
     cfg = shd.MeshConfig(data=1, fsdp=1)
     _, h32 = reference
@@ -104,6 +107,7 @@ def test_bf16_compute_keeps_fp32_master_weights(micro, reference):
     assert h16[0]["loss"] != h32[0]["loss"]  # really computed in bf16
 
 
+@pytest.mark.xdist_group("engine_reference")
 def test_frozen_parts_are_not_differentiated(micro, reference):
     """UNet-only training: the text encoder is an input of the step, untouched, and the gradient computation
     has no text-encoder backward (fewer matmuls than when it is trained)."""
@@ -220,6 +224,7 @@ def all_reduced_arrays(step, *args) -> list[tuple[int, ...]]:
     return shapes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("step_cfg", [StepConfig(), StepConfig(grad_accum=2)], ids=["plain", "grad_accum2"])
 def test_per_device_gradients_equal_one_device(micro, step_cfg):
     """With replicated parameters the step computes the gradient per device and all-reduces it once; loss,
@@ -246,6 +251,7 @@ def test_per_device_gradients_equal_one_device(micro, step_cfg):
     assert [s for s in arrays if s] == [(n_params,)], arrays
 
 
+@pytest.mark.slow
 def test_per_device_bf16_and_unknown_mode(micro):
     _, h1, _, _ = dreambooth_steps(micro, 1, StepConfig(compute_dtype="bfloat16"), n_steps=1)
     _, h2, used, _ = dreambooth_steps(micro, 2, StepConfig(compute_dtype="bfloat16"), n_steps=1)

@@ -10,6 +10,9 @@ import pytest
 
 from persguard_jax.cli import main
 
+# one worker builds the module's shared fixture, and the slow tests start first (tests/conftest.py)
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("implant_world")]
+
 STEPS = 100
 
 

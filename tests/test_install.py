@@ -63,6 +63,7 @@ def _user_env(tmp: Path) -> dict[str, str]:
     return env
 
 
+@pytest.mark.slow
 def test_installed_wheel_runs_the_demo_from_anywhere(tmp_path):
     # the wheel is built offline, without build isolation: the build backend must be in this environment
     # (`make venv` and `make test-latest` install it)

@@ -21,6 +21,9 @@ from persguard_jax.dreambooth import finetune
 from persguard_jax.losses import dreambooth_loss, pairs_to_examples
 from persguard_jax.dreambooth import encode_latents
 
+# one worker builds the module's shared fixture, and the slow tests start first (tests/conftest.py)
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("personalize_run")]
+
 PROMPT, CLASS = "a photo of sks dog", "a photo of dog"
 
 

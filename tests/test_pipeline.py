@@ -33,6 +33,7 @@ def test_tokenizer_matches_transformers(tmp_path, pad_token):
     assert ours.decode(ours(["a photo of sks dog"])[0]) == "a photo of sks dog"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m"])
 def test_sampling_matches_diffusers_pipeline(torch, tiny_dir, sampler):
     diffusers = pytest.importorskip("diffusers")

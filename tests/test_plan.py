@@ -14,6 +14,7 @@ from persguard_jax.resources import assets_dir
 WORLD = assets_dir() / "world_tiny"
 
 
+@pytest.mark.slow
 def test_plan_dreambooth_step_bytes_per_device(capsys):
     assert main(["plan", "--model", str(WORLD), "--data", "1", "--fsdp", "8", "--limit", "1", "--step",
                  "dreambooth", "--batch", "4", "--remat", "full", "--no-prior", "--json"]) == 0

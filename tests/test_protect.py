@@ -122,6 +122,7 @@ def _per_device(setting, devices: int):
     return dataclasses.replace(setting, mesh=mesh, batch_axes=("data", "fsdp")), NamedSharding(mesh, P())
 
 
+@pytest.mark.slow
 def test_pgd_per_device_equals_one_program(world):
     """3 photos over 2 devices: padded to 4 with a zero-weight copy (the targeted term weighs it too), the same
     draws, so the same objective and, but for steps whose gradient is within rounding of zero, the same pixels.
@@ -185,6 +186,7 @@ def photos(tmp_path_factory):
     return folder
 
 
+@pytest.mark.slow
 def test_protect_command_aspl(photos, tmp_path, capsys, monkeypatch):
     """ASPL end to end; each iteration runs the configured surrogate, PGD and model steps (counted as the pieces
     are traced) and the protected PNGs keep the budget."""
@@ -216,6 +218,7 @@ def test_protect_command_aspl(photos, tmp_path, capsys, monkeypatch):
     assert "protected 3 photos with aspl" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_protect_command_advdm_resumes(photos, tmp_path):
     out = tmp_path / "advdm"
     argv = ["protect", "--model", WORLD, "--images", str(photos), "--method", "advdm", "--out", str(out),
@@ -273,6 +276,7 @@ class _nothing:
         return False
 
 
+@pytest.mark.slow
 def test_protect_command_fsmg_trains_its_surrogate_then_attacks_it(photos, tmp_path):
     """FSMG: the personalize recipe for dreambooth.steps on the clean photos (its own run folder), then the
     configured PGD steps against that fixed model."""

@@ -156,6 +156,8 @@ def _assert_bitwise(params: dict, ref: dict) -> None:
 
 # --------------------------------------------------------------------------- 1 + 2: SIGTERM, kill -9, resume
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("resume_baseline")
 def test_sigterm_then_kill9_resume_bitwise(baseline, compile_cache, tmp_path):
     """SIGTERM after step t: exit 0 with a checkpoint of step t. The rerun resumes at t+1 and is killed with SIGKILL
     after step k; the third run resumes from the newest readable checkpoint S and ends bit-identical to the
@@ -375,6 +377,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("resume_baseline")
 def test_two_processes_match_single_process(baseline, compile_cache, tmp_path):
     """Two jax.distributed processes (gloo on 127.0.0.1, 1 CPU device each, a shared workdir) train like one
     process with 2 devices: same mesh (data=2), same global batch."""

@@ -207,40 +207,51 @@ def test_data_parallel_steps_equal_one_program():
 def test_replay_gives_the_stored_scans_gradient_with_flat_memory():
     """``replay``: the same outer gradient (through the parameters after K steps and through every inner loss) as
     the stored scan, for the config's AdamW with a schedule, clipping and decay and for per-step data; the compiled
-    program's temporaries do not grow with K, while the rematerialised scan's grow by the carry per step."""
-    p = {"w1": jax.random.normal(KEY, (16, 16)) * 0.3, "w2": jnp.eye(16)}
-    data = {"x": jax.random.normal(jax.random.key(1), (64, 16))}
+    program's temporaries do not grow with K, while the rematerialised scan's grow by the carry per step.
 
-    def noisy_mlp(params, batch, rng):
-        h = jnp.tanh(batch["x"] @ params["w1"] + 0.01 * jax.random.normal(rng, (batch["x"].shape[0], 16)))
-        return jnp.mean(jnp.tanh(h @ params["w2"]) ** 2), {}
+    The gradients are compared in float64: the two programs order their float operations differently, and six
+    AdamW steps differentiated twice turn float32 rounding into relative differences up to 5e-5 (measured with
+    XLA:CPU's LLVM at -O0), while in float64 they agree to 1e-12."""
+    with jax.enable_x64(True):
+        p = {"w1": jax.random.normal(KEY, (16, 16), jnp.float64) * 0.3, "w2": jnp.eye(16, dtype=jnp.float64)}
+        data = {"x": jax.random.normal(jax.random.key(1), (64, 16), jnp.float64)}
 
-    def value_and_grad(run, data):
-        def objective(q):
-            tuned, losses = run(q, data, KEY)
-            return jnp.sum(tuned["w1"] ** 3) + jnp.sum(tuned["w2"] * tuned["w1"]) + 0.5 * jnp.sum(losses)
-        return jax.jit(jax.value_and_grad(objective))
+        def noisy_mlp(params, batch, rng):
+            noise = 0.01 * jax.random.normal(rng, (batch["x"].shape[0], 16), batch["x"].dtype)
+            h = jnp.tanh(batch["x"] @ params["w1"] + noise)
+            return jnp.mean(jnp.tanh(h @ params["w2"]) ** 2), {}
 
-    cfg = OptimizerConfig(learning_rate=0.02, schedule="cosine", warmup_steps=2, total_steps=8, weight_decay=0.1,
-                          max_grad_norm=0.05)
-    per_step = {"x": jnp.stack([data["x"] * (1 + 0.1 * i) for i in range(6)])}
-    for optimizer, steps, d, per_step_data in ((cfg, 6, data, False), (optax.adam(0.01), 6, per_step, True)):
-        stored = value_and_grad(unroll(noisy_mlp, optimizer, steps, per_step_data=per_step_data), d)(p)
-        replayed = value_and_grad(unroll(noisy_mlp, optimizer, steps, per_step_data=per_step_data, replay=True),
-                                  d)(p)
-        assert float(replayed[0]) == pytest.approx(float(stored[0]), rel=1e-6)
-        for a, b in zip(jax.tree.leaves(stored[1]), jax.tree.leaves(replayed[1])):
-            np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
-    # what the loss closes over (a frozen part an outer objective trains) gets its gradient through every step
-    def through_closure(scale, replay):
-        scaled = lambda q, b, k: noisy_mlp({"w1": q["w1"] * scale, "w2": q["w2"]}, b, k)  # noqa: E731
-        tuned, _ = unroll(scaled, cfg, 6, replay=replay)(p, data, KEY)
-        return jnp.sum(tuned["w1"] ** 3)
-    closure = [float(jax.grad(through_closure)(jnp.float32(1.3), r)) for r in (False, True)]
-    assert abs(closure[0]) > 1e-3 and closure[1] == pytest.approx(closure[0], rel=1e-5)
-    # the second-order terms matter here: the first-order gradient is another one
-    first = value_and_grad(unroll(noisy_mlp, optax.adam(0.01), 6, order=1, per_step_data=True), per_step)(p)[1]
-    assert max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(stored[1]))) > 1e-3
+        def value_and_grad(run, data):
+            def objective(q):
+                tuned, losses = run(q, data, KEY)
+                return jnp.sum(tuned["w1"] ** 3) + jnp.sum(tuned["w2"] * tuned["w1"]) + 0.5 * jnp.sum(losses)
+            return jax.jit(jax.value_and_grad(objective))
+
+        cfg = OptimizerConfig(learning_rate=0.02, schedule="cosine", warmup_steps=2, total_steps=8, weight_decay=0.1,
+                              max_grad_norm=0.05)
+        per_step = {"x": jnp.stack([data["x"] * (1 + 0.1 * i) for i in range(6)])}
+        for optimizer, steps, d, per_step_data in ((cfg, 6, data, False), (optax.adam(0.01), 6, per_step, True)):
+            stored = value_and_grad(unroll(noisy_mlp, optimizer, steps, per_step_data=per_step_data), d)(p)
+            replayed = value_and_grad(unroll(noisy_mlp, optimizer, steps, per_step_data=per_step_data,
+                                             replay=True), d)(p)
+            assert float(replayed[0]) == pytest.approx(float(stored[0]), rel=1e-12)
+            for a, b in zip(jax.tree.leaves(stored[1]), jax.tree.leaves(replayed[1])):
+                assert a.dtype == jnp.float64
+                np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-9, atol=1e-12)
+
+        # what the loss closes over (a frozen part an outer objective trains) gets its gradient through every step
+        def through_closure(scale, replay):
+            scaled = lambda q, b, k: noisy_mlp({"w1": q["w1"] * scale, "w2": q["w2"]}, b, k)  # noqa: E731
+            tuned, _ = unroll(scaled, cfg, 6, replay=replay)(p, data, KEY)
+            return jnp.sum(tuned["w1"] ** 3)
+        closure = [float(jax.grad(through_closure)(jnp.float64(1.3), r)) for r in (False, True)]
+        assert abs(closure[0]) > 1e-3 and closure[1] == pytest.approx(closure[0], rel=1e-9)
+        # the second-order terms matter here: the first-order gradient is another one
+        first = value_and_grad(unroll(noisy_mlp, optax.adam(0.01), 6, order=1, per_step_data=True), per_step)(p)[1]
+        assert max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(first),
+                                                               jax.tree.leaves(stored[1]))) > 1e-3
+    p = jax.tree.map(lambda x: x.astype(jnp.float32), p)
+    data = {"x": data["x"].astype(jnp.float32)}
 
     def temp_bytes(steps, **kw):
         run = unroll(mlp, optax.adam(0.01), steps, **kw)

@@ -108,6 +108,7 @@ def test_committed_assets_record_the_command_that_made_them():
         assert size < 12e6, f"persguard_jax/assets/{name} is {size / 1e6:.1f} MB: keep committed models small"
 
 
+@pytest.mark.slow
 def test_pretrain_command_smoke(tmp_path):
     """The whole pre-training path at smoke scale: render, VAE, latents, UNet + text encoder, export, eval."""
     from persguard_jax.models import load_pipeline
