@@ -71,7 +71,7 @@ PYTHON312 ?= python3.12
 test-latest:
 	$(PYTHON312) -m venv .venv312
 	.venv312/bin/python -m pip install -q --upgrade pip "setuptools>=77"
-	.venv312/bin/python -m pip install -q -e . pytest pytest-xdist
+	.venv312/bin/python -m pip install -q -e . "pytest<9.2" pytest-xdist
 	.venv312/bin/python -m pytest -q $(PYTEST_ARGS)
 
 clean:
