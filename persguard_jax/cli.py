@@ -228,7 +228,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
     per_device = sum(r["bytes_per_device"] for r in rows)
     full = sum(int(math.prod(r["shape"])) * 4 for r in rows)
     _say(f"float32 parameters: {full / 2**30:.2f} GiB unsharded, {per_device / 2**30:.3f} GiB per device; "
-          f"with AdamW state x3: {3 * per_device / 2**30:.3f} GiB per device")
+         f"with AdamW state x3: {3 * per_device / 2**30:.3f} GiB per device")
     if args.step:
         _plan_step(args, models, mesh, mesh_cfg)
 
@@ -249,7 +249,7 @@ def _plan_step(args: argparse.Namespace, models: dict, mesh, mesh_cfg) -> None:
                     train_text_encoder=not args.freeze_text_encoder, prior=not args.no_prior,
                     retention_steps=args.k, retention_order=args.order, retention_replay=args.replay)
     _say(f"compiling the {args.step} step ahead of time (nothing is allocated; minutes for SD on a CPU)...",
-          flush=True)
+         flush=True)
     result = plan_memory(models, plan, mesh, mesh_cfg, read_json(scheduler) if args.model and scheduler.is_file()
                          else None)
     _say(format_memory(result))
