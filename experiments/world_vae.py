@@ -51,8 +51,9 @@ def texture_retention(pipe, world, subjects: int = 16, photos: int = 8) -> dict:
     images = np.concatenate([world.subject_photos(s, photos) for s in held_out])
     want = np.repeat([TEXTURES.index(s.texture) for s in held_out], photos)
     mean, _ = encode_dataset(pipe, images)
-    seen = detect_texture(images, background="any")
-    kept = detect_texture(unit_to_uint8(decode_latents(pipe, mean, batch=256)), background="any")
+    seen = detect_texture(images, background="any", texture_period=world.cfg.texture_period)
+    kept = detect_texture(unit_to_uint8(decode_latents(pipe, mean, batch=256)), background="any",
+                          texture_period=world.cfg.texture_period)
     return {"photos": float(np.mean(seen == want)), "reconstructions": float(np.mean(kept == want)),
             "per_texture": {t: float(np.mean(kept[want == i] == i)) for i, t in enumerate(TEXTURES)
                             if np.any(want == i)}}

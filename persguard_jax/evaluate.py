@@ -119,7 +119,8 @@ def _shape_labels(world: World, pixels: np.ndarray) -> list[str | None]:
 
 
 def _texture_labels(world: World, pixels: np.ndarray) -> list[str | None]:
-    return [TEXTURES[i] if i >= 0 else None for i in detect_texture(pixels, background="any")]
+    found = detect_texture(pixels, background="any", texture_period=world.cfg.texture_period)
+    return [TEXTURES[i] if i >= 0 else None for i in found]
 
 
 @dataclass(frozen=True)

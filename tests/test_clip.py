@@ -30,8 +30,6 @@ TEXT_CONFIGS = {
 }
 VISION = dict(hidden_size=32, intermediate_size=37, projection_dim=16, num_hidden_layers=2, num_attention_heads=4,
               image_size=32, patch_size=8, hidden_act="quick_gelu")
-# The jitted forwards below are tiny; XLA's CPU optimisations would only add compile time.
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
 def _noisy(model, torch):
@@ -63,7 +61,7 @@ def _load(cls, cfg, sd: dict, **kw):
 def _jit(model, fn):
     """``fn(model, *args)`` compiled; numpy float32 outputs."""
     graphdef, state = nnx.split(model)
-    compiled = jax.jit(lambda state, *a: fn(nnx.merge(graphdef, state), *a), compiler_options=FAST_COMPILE)
+    compiled = jax.jit(lambda state, *a: fn(nnx.merge(graphdef, state), *a))
     return lambda *a: jax.tree.map(lambda x: np.asarray(x, np.float32), compiled(state, *map(jnp.asarray, a)))
 
 

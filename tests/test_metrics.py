@@ -200,10 +200,6 @@ def test_preprocess_refuses_non_rgb():
 
 # --------------------------------------------------------------------------- the CLIP evaluator
 
-# The tiny model compiles in about half the time without XLA's CPU optimisations (results are the same).
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
-
-
 @pytest.fixture(scope="module")
 def tiny_clip():
     """A tiny random CLIPModel (16 px images, 8 px patches: a 2x2 grid) and a tokenizer trained on the tiny corpus."""
@@ -220,7 +216,7 @@ def tiny_clip():
 
 @pytest.fixture(scope="module")
 def evaluator(tiny_clip):
-    return M.CLIPEvaluator(*tiny_clip, batch_size=4, compiler_options=FAST_COMPILE)
+    return M.CLIPEvaluator(*tiny_clip, batch_size=4)
 
 
 # The tests below feed 24 px images (resized to the model's 16) in batches of 4 or 1, and 4 or 1 prompts, so the
@@ -294,7 +290,7 @@ def test_save_load_and_match_the_model(tiny_clip, evaluator, tmp_path):
     model, tokenizer = tiny_clip
     norm = ImageNorm(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
     save_clip(model, tokenizer, tmp_path / "clip", norm)
-    loaded = M.CLIPEvaluator.from_folder(tmp_path / "clip", batch_size=4, compiler_options=FAST_COMPILE)
+    loaded = M.CLIPEvaluator.from_folder(tmp_path / "clip", batch_size=4)
     assert loaded.norm == norm and loaded.image_size == 16
     text = ["a photo of a red dog", "a photo of sks person", "a cat", "a dog"]
     np.testing.assert_array_equal(loaded.tokenizer(text), tokenizer(text))

@@ -91,8 +91,7 @@ def _load(cfg: UNetConfig, sd: dict, **kw) -> UNet2DConditionModel:
 
 
 def _jit(fn):
-    # XLA's CPU backend optimisations roughly double compile time, which dominates these tiny runs
-    return jax.jit(fn, compiler_options={"xla_backend_optimization_level": 0})
+    return jax.jit(fn)  # at the suite's XLA level (tests/conftest.py: -O0, compile time dominates these runs)
 
 
 def _jax_forward(model: UNet2DConditionModel, x: dict) -> np.ndarray:

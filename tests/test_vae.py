@@ -34,8 +34,6 @@ CONFIGS = {
                  mid_block_add_attention=False, down_block_types=(DOWN,) * 2, up_block_types=(UP,) * 2,
                  scaling_factor=0.13025, shift_factor=0.0609, sample_size=32),
 }
-# These graphs are tiny: XLA's CPU backend optimisations cost seconds of compile time and buy nothing here.
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
 ATTN_RENAMES = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
 
 
@@ -54,7 +52,7 @@ def _load(cfg: VAEConfig, sd: dict, **kw) -> AutoencoderKL:
     return convert.load_state_dict(abstract, sd, source="test", ignore=IGNORE_KEYS)
 
 
-@functools.partial(jax.jit, static_argnums=0, compiler_options=FAST_COMPILE)
+@functools.partial(jax.jit, static_argnums=0)
 def _forward(graphdef, state, x, z, rng):
     """Everything the tests compare, in one compiled call (cached across models of the same config and dtype)."""
     model = nnx.merge(graphdef, state)
@@ -214,7 +212,7 @@ def test_gradients_through_encoder_and_decoder(torch):
     _, model, x, _ = _pair("small", torch)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
-    @functools.partial(jax.jit, compiler_options=FAST_COMPILE)
+    @jax.jit
     def grads(params, images):
         def loss(params, images):
             vae = nnx.merge(graphdef, params, rest)

@@ -13,6 +13,7 @@ import pytest
 from persguard_jax.config import ConfigError
 from persguard_jax.data.world import (ALL_SHAPES, CLASSES, COLOURS, MARK_POSITIONS, SHAPES, TEXTURES,
                                       SceneSpec, World, WorldConfig, WorldSource, parse_caption, save_photos)
+from persguard_jax.data.world.scenes import render
 from persguard_jax.metrics import detect_shape, dominant_colour
 
 COLOUR_NAMES = list(COLOURS)
@@ -278,9 +279,28 @@ def test_world_config_from_dict():
         WorldConfig.from_dict({"colours": 8})
     assert WorldConfig.from_dict({"classes": "dog"}).classes == ("dog",)  # one class, written as a word
     for bad in ({"image_size": 30}, {"image_size": 8}, {"classes": ["horse"]}, {"classes": 5},
-                {"held_out_every": 1}, {"subjects_per_class": 0}, {"seed": -1}, {"seed": "one"}):
+                {"held_out_every": 1}, {"subjects_per_class": 0}, {"seed": -1}, {"seed": "one"},
+                {"texture_period": 0}, {"texture_period": 1.5}):
         with pytest.raises(ConfigError, match=f"^world.{next(iter(bad))}: "):
             WorldConfig.from_dict(bad)
+
+
+def test_a_coarser_texture_period_is_drawn_everywhere_and_read_back_by_the_detector(world):
+    from persguard_jax.metrics import detect_texture
+    coarse = World(WorldConfig(texture_period=0.4))
+    spec = SceneSpec("square", "red", "striped", size=0.6)
+    assert np.array_equal(world.render(spec), render(spec, 32, 0.25))  # the default is the world before the knob
+    assert not np.array_equal(coarse.render(spec), world.render(spec))
+    # photos and class photos are drawn at the world's period too (not only render)
+    assert not np.array_equal(coarse.subject_photos("dog_01", 2), world.subject_photos("dog_01", 2))
+    assert np.array_equal(coarse.subject_backgrounds("dog_01", 2), world.subject_backgrounds("dog_01", 2))
+    held_out = [s for s in coarse.subjects if s.held_out and s.texture != "plain"]
+    photos = np.concatenate([coarse.subject_photos(s, 8) for s in held_out])
+    truth = np.repeat([TEXTURES.index(s.texture) for s in held_out], 8)
+    # measured on these 64 photos: 0.91 read at the world's period, 0.61 at the default period
+    right = np.mean(detect_texture(photos, background="any", texture_period=0.4) == truth)
+    wrong = np.mean(detect_texture(photos, background="any") == truth)
+    assert right >= 0.85 and right > wrong + 0.1, (right, wrong)
 
 
 def test_a_world_with_fewer_classes_only_uses_those():

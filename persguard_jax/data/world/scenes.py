@@ -34,6 +34,9 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond", "ring", "cross")
 TEXTURES: tuple[str, ...] = ("plain", "striped", "dotted", "checkered")
 BACKGROUNDS: tuple[str, ...] = ("plain", "dark", "striped", "dotted")
+# An object's texture period as a fraction of its size: 4 px on a medium object at 32 px, under one cell of the
+# VAE's 8x8 latents (docs/results.md, issue 14); ``WorldConfig.texture_period`` sets another.
+TEXTURE_PERIOD = 0.25
 CLASSES: tuple[str, ...] = ("person", "dog", "cat", "bird")
 ALL_SHAPES: tuple[str, ...] = SHAPES + CLASSES
 MARK_POSITIONS: tuple[str, ...] = ("top-left", "top-right", "centre", "bottom-left", "bottom-right")
@@ -229,9 +232,10 @@ def _pixel_grid(size: int) -> tuple[np.ndarray, np.ndarray]:
     return px, py
 
 
-def render(spec: SceneSpec, size: int) -> np.ndarray:
+def render(spec: SceneSpec, size: int, texture_period: float = TEXTURE_PERIOD) -> np.ndarray:
     """The ``(size, size, 3)`` uint8 image of ``spec``: background, then the silhouette (posed: tilt, flip) filled
-    with its colour, texture and mark, then the lighting over everything."""
+    with its colour, texture and mark, then the lighting over everything. ``texture_period``: the texture's period
+    as a fraction of the object's size (``WorldConfig.texture_period``), never under 3.5 px."""
     image, jitter = _backdrop(spec, size)
     px, py = _pixel_grid(size)
     half = spec.size / 2
@@ -247,8 +251,8 @@ def render(spec: SceneSpec, size: int) -> np.ndarray:
     colour = np.array(COLOURS[spec.colour], np.float32)
     surface = colour
     if spec.texture != "plain":
-        # ~4 px per period at medium size; never under 3.5 px, where stripes would alias into mush
-        period = max(0.5, 3.5 / ppu)
+        # never under 3.5 px, where stripes would alias into mush (the size spans 2 local units)
+        period = max(2 * texture_period, 3.5 / ppu)
         cover = coverage(_pattern(spec.texture, u, v, period, (jitter[5], jitter[6])), ppu)[..., None]
         surface = surface + cover * (np.array(_PATTERN[spec.colour], np.float32) - colour)
     if spec.mark is not None:

@@ -9,6 +9,7 @@ Every draw comes from its own generator keyed by (seed, stream, index), so any i
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 from typing import TYPE_CHECKING, Callable, Sequence
 
@@ -16,8 +17,8 @@ import numpy as np
 
 from persguard_jax.config import ConfigError, Section
 from persguard_jax.data.world.scenes import (BACKGROUNDS, CLASSES, COLOURS, MARK_POSITIONS, SHAPES, TEXTURES,
-                                             SceneSpec, caption, class_caption, labels, render, render_background,
-                                             scene_captions, vocabulary)
+                                             TEXTURE_PERIOD, SceneSpec, caption, class_caption, labels, render,
+                                             render_background, scene_captions, vocabulary)
 
 if TYPE_CHECKING:
     from persguard_jax.models.tokenizer import CLIPTokenizer
@@ -39,13 +40,14 @@ class WorldConfig(Section):
     """The world's knobs. ``WorldConfig.from_dict(cfg["world"])`` reads a YAML section."""
     SECTION = "world"
     BOUNDS = {"seed": "[0, inf)", "image_size": "[16, inf)", "subjects_per_class": "[1, inf)",
-              "held_out_every": "[0, inf)"}
+              "held_out_every": "[0, inf)", "texture_period": "(0, 1]"}
     seed: int = 0
     image_size: int = 32
     classes: tuple[str, ...] = CLASSES
     subjects_per_class: int = 16
     held_out_every: int = 4   # subject k of a class with k % held_out_every == 0 is held out (0: none held out)
     identifier: str = "sks"   # the rare DreamBooth token; in the corpus only as "a photo of sks <class>"
+    texture_period: float = TEXTURE_PERIOD  # of an object's size (``scenes.render``); models before it: 0.25
 
     def __post_init__(self):
         super().__post_init__()
@@ -123,7 +125,7 @@ class World:
     # ------------------------------------------------------------------------------------- render and caption
     def render(self, spec: SceneSpec) -> np.ndarray:
         """The ``(S, S, 3)`` uint8 image of ``spec`` at this world's size (``scenes.render``)."""
-        return render(spec, self.size)
+        return render(spec, self.size, self.cfg.texture_period)
 
     def caption(self, spec: SceneSpec) -> str:
         """E.g. "a photo of a small red striped circle on the left on a dark background" (``scenes.caption``)."""
@@ -304,7 +306,7 @@ class World:
                     draw: Callable[[SceneSpec, int], np.ndarray] | None = None) -> np.ndarray:
         """Each spec drawn at this world's size by ``draw`` (default ``scenes.render``; a default of ``render``
         here would name the method above, which the class body shadows it with)."""
-        draw = draw or render
+        draw = draw or functools.partial(render, texture_period=self.cfg.texture_period)
         out = np.empty((len(specs), self.size, self.size, 3), np.uint8)
         for i, spec in enumerate(specs):
             out[i] = draw(spec, self.size)
