@@ -99,4 +99,5 @@ def texture_following(pipe, world, per_texture: int, sampling: Sampling = Sampli
     from persguard_jax.data.world import TEXTURES
     from persguard_jax.metrics.detectors import detect_texture
     return following(pipe, world, texture_prompts(world, per_texture), list(TEXTURES),
-                     lambda pixels: detect_texture(pixels, texture_period=world.cfg.texture_period), "texture", sampling)
+                     lambda pixels: detect_texture(pixels, texture_period=world.cfg.texture_period), "texture",
+                     sampling)

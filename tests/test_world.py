@@ -291,7 +291,7 @@ def test_a_coarser_texture_period_is_drawn_everywhere_and_read_back_by_the_detec
     spec = SceneSpec("square", "red", "striped", size=0.6)
     assert np.array_equal(world.render(spec), render(spec, 32, 0.25))  # the default is the world before the knob
     assert not np.array_equal(coarse.render(spec), world.render(spec))
-    # photos and class photos are drawn at the world's period too (not only render)
+    # subject photos are drawn at the world's period too (not only render); backgrounds carry no texture
     assert not np.array_equal(coarse.subject_photos("dog_01", 2), world.subject_photos("dog_01", 2))
     assert np.array_equal(coarse.subject_backgrounds("dog_01", 2), world.subject_backgrounds("dog_01", 2))
     held_out = [s for s in coarse.subjects if s.held_out and s.texture != "plain"]

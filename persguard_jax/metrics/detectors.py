@@ -17,7 +17,7 @@ from typing import Iterator, NamedTuple, Sequence
 import numpy as np
 
 from persguard_jax.data.world.scenes import (_PATTERN, ALL_SHAPES, BACKGROUND_GREYS, BACKGROUNDS, CLASSES, COLOURS,
-                                             TEXTURE_PERIOD, coverage, silhouette)
+                                             MIN_TEXTURE_PX, TEXTURE_PERIOD, coverage, silhouette)
 
 # Every background grey once ("any" background): a pixel nearest one of them is background, whichever it is.
 _ALL_GREYS = list(dict.fromkeys(g for greys in BACKGROUND_GREYS.values() for g in greys))
@@ -257,7 +257,8 @@ def _edges_pass_as_shade(obj: _Object) -> bool:
 def _texture_scores(t: np.ndarray, region: np.ndarray, extent: int, texture_period: float) -> np.ndarray:
     """Striped, dotted, checkered: how much of the shade map's variation inside ``region`` lies at that texture's
     spatial frequencies, each the best over tilts and over periods around the one ``render`` draws (at
-    ``texture_period``) for an object ``extent`` pixels across. A frequency's share is its power over (pixels x energy): 1/2 for a pure sinusoid.
+    ``texture_period``) for an object ``extent`` pixels across. A frequency's share is its power over
+    (pixels x energy): 1/2 for a pure sinusoid.
 
     In the object's own (u, v) axes the stripes run along one diagonal (the flipped pose mirrors it: the other),
     the dots lie on an axis-aligned lattice of the period P, and the checkered squares on a lattice of every
@@ -273,8 +274,8 @@ def _texture_scores(t: np.ndarray, region: np.ndarray, extent: int, texture_peri
         return np.zeros(3)
     pad = 4 * max(t.shape)  # fine enough to sample a peak about 1/extent wide
     power = np.abs(np.fft.fft2(z, s=(pad, pad)))**2 / (region.sum() * energy)
-    # render: a period of texture_period of the object's size, never under 3.5 px; silhouettes span ~0.9 of it
-    period = max(texture_period * extent / 0.9, 3.5) * _PERIOD_SCALES
+    # render: a period of texture_period of the object's size, at least MIN_TEXTURE_PX; silhouettes span ~0.9 of it
+    period = max(texture_period * extent / 0.9, MIN_TEXTURE_PX) * _PERIOD_SCALES
     cos, sin = np.cos(_TILTS)[:, None, None], np.sin(_TILTS)[:, None, None]
     u = np.concatenate([cos, sin], -1) / period[:, None]   # (tilts, periods, 2): cycles per pixel along u
     v = np.concatenate([-sin, cos], -1) / period[:, None]
@@ -320,7 +321,7 @@ def detect_texture(images: np.ndarray, *, background: str | None = "plain",
     that shade map decides, in the object's own axes: stripes put their power on one diagonal (the flipped pose's
     on the other), dots on both axes at the period, checks on both diagonals at period / sqrt 2; each searched
     over tilts to 14 degrees and over periods 0.8-1.25 times the one ``render`` draws for an object as wide as the
-    mask (a quarter of its size, at least 3.5 px), and compared as a fraction of what a clean object scores.
+    mask (``texture_period`` of its size, at least 3.5 px), and compared as a fraction of what a clean object scores.
 
     Measured (on a seed not used to tune it): 800 scenes a cell, the textures equally, any shape and colour,
     sizes small 0.3-0.42, medium 0.42-0.62, large 0.62-0.8 of the side, lighting 0.75-1.2, classes flipped and

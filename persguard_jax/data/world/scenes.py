@@ -37,6 +37,7 @@ BACKGROUNDS: tuple[str, ...] = ("plain", "dark", "striped", "dotted")
 # An object's texture period as a fraction of its size: 4 px on a medium object at 32 px, under one cell of the
 # VAE's 8x8 latents (docs/results.md, issue 14); ``WorldConfig.texture_period`` sets another.
 TEXTURE_PERIOD = 0.25
+MIN_TEXTURE_PX = 3.5  # a finer period aliases stripes into mush; render and detect_texture both hold to it
 CLASSES: tuple[str, ...] = ("person", "dog", "cat", "bird")
 ALL_SHAPES: tuple[str, ...] = SHAPES + CLASSES
 MARK_POSITIONS: tuple[str, ...] = ("top-left", "top-right", "centre", "bottom-left", "bottom-right")
@@ -251,8 +252,7 @@ def render(spec: SceneSpec, size: int, texture_period: float = TEXTURE_PERIOD) -
     colour = np.array(COLOURS[spec.colour], np.float32)
     surface = colour
     if spec.texture != "plain":
-        # never under 3.5 px, where stripes would alias into mush (the size spans 2 local units)
-        period = max(2 * texture_period, 3.5 / ppu)
+        period = max(2 * texture_period, MIN_TEXTURE_PX / ppu)  # the object's size spans 2 local units
         cover = coverage(_pattern(spec.texture, u, v, period, (jitter[5], jitter[6])), ppu)[..., None]
         surface = surface + cover * (np.array(_PATTERN[spec.colour], np.float32) - colour)
     if spec.mark is not None:
