@@ -17,10 +17,12 @@ from persguard_jax.io import unit_to_uint8
 
 @dataclass(frozen=True)
 class Sampling:
-    """How the checks sample: DDIM steps, guidance, seed, and the parameters to sample (None: the pipeline's)."""
+    """How the checks sample: DDIM steps, guidance, seed, DDIM's ``eta`` (0: deterministic; 1: the ancestral
+    DDPM-like sampler) and the parameters to sample (None: the pipeline's)."""
     num_steps: int = 25
     guidance_scale: float = 4.0
     seed: int = 0
+    eta: float = 0.0
     params: Mapping[str, Any] | None = None
 
 
@@ -59,8 +61,8 @@ def sample_pixels(pipe, world, prompts: list[str], sampling: Sampling) -> np.nda
     """uint8 samples of ``prompts`` at the world's image size."""
     from persguard_jax.sample import text_to_image
     images = text_to_image(pipe, prompts, num_steps=sampling.num_steps, guidance_scale=sampling.guidance_scale,
-                           seed=sampling.seed, height=world.cfg.image_size, width=world.cfg.image_size,
-                           params=sampling.params)
+                           seed=sampling.seed, eta=sampling.eta, height=world.cfg.image_size,
+                           width=world.cfg.image_size, params=sampling.params)
     return unit_to_uint8(images)
 
 
