@@ -3,9 +3,9 @@
     python experiments/world_texture.py --out runs/texture [--model DIR] [--per-texture 32] [--seeds 0,1]
         [--settings 25x1,25x2,25x4,25x7.5,25x12,50x4,50x7.5,50x4x1]
 
-Each setting is DDIM steps x guidance [x eta, default 0: eta 1 adds fresh noise at every step]; each cell is ``following.texture_following`` (every texture prompt
-``--per-texture`` times, read by ``detect_texture`` at the model's own ``world.texture_period``), the mean over the
-seeds. Writes ``<out>/runs.jsonl`` and ``<out>/table.md``; docs/results.md quotes the table with this command.
+Each setting is DDIM steps x guidance [x eta: 0 by default; 1 adds fresh noise at every step]; each cell is
+``following.texture_following`` (every texture prompt ``--per-texture`` times, read by ``detect_texture`` at the
+model's own ``world.texture_period``), the mean over the seeds. Writes ``<out>/runs.jsonl`` and ``<out>/table.md``; docs/results.md quotes the table with this command.
 """
 from __future__ import annotations
 
