@@ -5,7 +5,8 @@
 
 Each setting is DDIM steps x guidance [x eta: 0 by default; 1 adds fresh noise at every step]; each cell is
 ``following.texture_following`` (every texture prompt ``--per-texture`` times, read by ``detect_texture`` at the
-model's own ``world.texture_period``), the mean over the seeds. Writes ``<out>/runs.jsonl`` and ``<out>/table.md``; docs/results.md quotes the table with this command.
+model's own ``world.texture_period``), the mean over the seeds. Writes ``<out>/runs.jsonl`` and ``<out>/table.md``;
+docs/results.md quotes the table with this command.
 """
 from __future__ import annotations
 
@@ -14,6 +15,12 @@ from pathlib import Path
 
 import numpy as np
 from _tables import finish, fmt, record
+
+
+def _setting(text: str) -> tuple[int, float, float]:
+    """"25x4" or "50x4x1" -> (DDIM steps, guidance, eta); eta is 0 when not given."""
+    steps, guidance, *eta = text.split("x")
+    return int(steps), float(guidance), float(eta[0]) if eta else 0.0
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -26,9 +33,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default=None, help="world model folder (default: the committed one)")
     parser.add_argument("--per-texture", type=int, default=32)
     parser.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1])
-    parser.add_argument("--settings", type=lambda s: [(x.split("x") + ["0"])[:3] for x in s.split(",")],
-                        default=[("25", g, "0") for g in ("1", "2", "4", "7.5", "12")] + [("50", "4", "0"),
-                                                                                         ("50", "7.5", "0")],
+    parser.add_argument("--settings", type=lambda s: [_setting(x) for x in s.split(",")],
+                        default=[_setting(x) for x in "25x1,25x2,25x4,25x7.5,25x12,50x4,50x7.5".split(",")],
                         help="comma-separated STEPSxGUIDANCE[xETA], e.g. 25x4,50x7.5,50x4x1")
     args = parser.parse_args(argv)
     model = args.model or world_model()
@@ -37,19 +43,18 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for steps, guidance, eta in args.settings:
         runs = [texture_following(pipe, world, args.per_texture,
-                                  Sampling(num_steps=int(steps), guidance_scale=float(guidance), seed=seed,
-                                           eta=float(eta)))[1]
+                                  Sampling(num_steps=steps, guidance_scale=guidance, seed=seed, eta=eta))[1]
                 for seed in args.seeds]
-        row = {"model": str(model), "texture_period": world.cfg.texture_period, "steps": int(steps),
-               "guidance": float(guidance), "eta": float(eta), "seeds": args.seeds,
+        row = {"model": str(model), "texture_period": world.cfg.texture_period, "steps": steps,
+               "guidance": guidance, "eta": eta, "seeds": args.seeds,
                "accuracy": float(np.mean([r["texture_accuracy"] for r in runs])),
                "per_texture": {t: float(np.mean([r["per_texture"][t] for r in runs])) for t in TEXTURES}}
         record(args.out, rows, row)
     head = "| DDIM steps | guidance | eta | texture following | " + " | ".join(TEXTURES) + " |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
-        cells = [str(r["steps"]), f"{r['guidance']:g}", f"{r['eta']:g}", fmt(r["accuracy"])] + [fmt(r["per_texture"][t])
-                                                                           for t in TEXTURES]
+        cells = [str(r["steps"]), f"{r['guidance']:g}", f"{r['eta']:g}", fmt(r["accuracy"])]
+        cells += [fmt(r["per_texture"][t]) for t in TEXTURES]
         lines.append("| " + " | ".join(cells) + " |")
     finish(args.out, "\n".join(lines))
 
