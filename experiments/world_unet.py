@@ -75,7 +75,11 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = world.tokenizer(settings.pretrain.vocab_size,
                                 max_length=settings.models["text_encoder"].get("max_position_embeddings", 77))
     pipe = pretrain.build_pipeline(settings, tokenizer)
-    pipe.vae = load_pipeline(model).vae  # its scaling factor too: the latents are the model's own
+    vae = load_pipeline(model).vae  # its scaling factor too: the latents are the model's own
+    if vae.config.latent_channels != pipe.vae.config.latent_channels:
+        sys.exit(f"world_unet.py: {model}'s VAE has {vae.config.latent_channels} latent channels, the config "
+                 f"{pipe.vae.config.latent_channels}; set models.vae.latent_channels to match")
+    pipe.vae = vae
     args.out.mkdir(parents=True, exist_ok=True)
     mean, logvar, ids = _latents(pipe, world, settings, args.out, model)
     t = time.time()
