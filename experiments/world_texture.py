@@ -23,9 +23,21 @@ def _setting(text: str) -> tuple[int, float, float]:
     return int(steps), float(guidance), float(eta[0]) if eta else 0.0
 
 
+def texture_over_seeds(pipe, world, per_texture: int, seeds: list[int], steps: int = 25, guidance: float = 4.0,
+                       eta: float = 0.0) -> tuple[float, dict[str, float]]:
+    """Texture following (``following.texture_following``, every texture prompt ``per_texture`` times) averaged
+    over the sampling ``seeds``: (overall, per texture). Every texture number in docs/results.md is this one."""
+    from persguard_jax.data.world import TEXTURES
+    from persguard_jax.following import Sampling, texture_following
+    runs = [texture_following(pipe, world, per_texture,
+                              Sampling(num_steps=steps, guidance_scale=guidance, seed=seed, eta=eta))[1]
+            for seed in seeds]
+    return (float(np.mean([r["texture_accuracy"] for r in runs])),
+            {t: float(np.mean([r["per_texture"][t] for r in runs])) for t in TEXTURES})
+
+
 def main(argv: list[str] | None = None) -> None:
     from persguard_jax.data.world import TEXTURES, world_of
-    from persguard_jax.following import Sampling, texture_following
     from persguard_jax.models import load_pipeline
     from persguard_jax.workflows.world_assets import world_model
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -42,13 +54,10 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for steps, guidance, eta in args.settings:
-        runs = [texture_following(pipe, world, args.per_texture,
-                                  Sampling(num_steps=steps, guidance_scale=guidance, seed=seed, eta=eta))[1]
-                for seed in args.seeds]
+        accuracy, per_texture = texture_over_seeds(pipe, world, args.per_texture, args.seeds, steps, guidance, eta)
         row = {"model": str(model), "texture_period": world.cfg.texture_period, "steps": steps,
-               "guidance": guidance, "eta": eta, "seeds": args.seeds,
-               "accuracy": float(np.mean([r["texture_accuracy"] for r in runs])),
-               "per_texture": {t: float(np.mean([r["per_texture"][t] for r in runs])) for t in TEXTURES}}
+               "guidance": guidance, "eta": eta, "seeds": args.seeds, "accuracy": accuracy,
+               "per_texture": per_texture}
         record(args.out, rows, row)
     head = "| DDIM steps | guidance | eta | texture following | " + " | ".join(TEXTURES) + " |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]

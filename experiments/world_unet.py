@@ -25,27 +25,29 @@ from pathlib import Path
 
 import numpy as np
 from _tables import finish, fmt, record
+from world_texture import texture_over_seeds
 
 
 def _latents(pipe, world, settings, cache_dir: Path, model: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The training scenes as (latent mean, latent log-variance, token ids), cached per model and dataset."""
+    """The training scenes as (latent mean, latent log-variance, token ids); the latents and captions are cached
+    per model and dataset (the ids are not: the tokenizer follows the config)."""
     from persguard_jax.data.world import render_dataset
     from persguard_jax.workflows.pretrain import encode_dataset
     cfg = settings.pretrain
     key = json.dumps([str(model.resolve()), cfg.dataset_size, cfg.class_fraction, cfg.simple_fraction,
-                      cfg.vocab_size, world.cfg.to_dict()], sort_keys=True)
+                      world.cfg.to_dict()], sort_keys=True)
     path = cache_dir / f"latents-{hashlib.sha1(key.encode()).hexdigest()[:12]}.npz"
     if path.exists():
         z = np.load(path)
-        return z["mean"], z["logvar"], z["ids"]
-    images, captions = render_dataset(world, cfg.dataset_size, class_fraction=cfg.class_fraction,
-                                      simple_fraction=cfg.simple_fraction)
-    mean, logvar = encode_dataset(pipe, images)
-    ids = np.asarray(pipe.tokenizer(captions), np.int32)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, mean=mean, logvar=logvar, ids=ids)
-    tmp.replace(path)  # a killed run leaves no half-written cache
-    return mean, logvar, ids
+        mean, logvar, captions = z["mean"], z["logvar"], list(z["captions"])
+    else:
+        images, captions = render_dataset(world, cfg.dataset_size, class_fraction=cfg.class_fraction,
+                                          simple_fraction=cfg.simple_fraction)
+        mean, logvar = encode_dataset(pipe, images)
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez(tmp, mean=mean, logvar=logvar, captions=np.asarray(captions))
+        tmp.replace(path)  # a killed run leaves no half-written cache
+    return mean, logvar, np.asarray(pipe.tokenizer([str(c) for c in captions]), np.int32)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -54,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     from persguard_jax import config as cfglib
     from persguard_jax import resources
     from persguard_jax.data.world import TEXTURES, world_of
-    from persguard_jax.following import Sampling, shape_following, texture_following
+    from persguard_jax.following import Sampling, shape_following
     from persguard_jax.models import load_pipeline
     from persguard_jax.workflows import pretrain
     from persguard_jax.workflows.world_assets import world_model
@@ -88,15 +90,13 @@ def main(argv: list[str] | None = None) -> None:
     if result.preempted:
         sys.exit(f"world_unet.py: stopped at step {result.step}; {args.out / args.name} keeps the checkpoint")
     stage = settings.pretrain.unet
-    texture = [texture_following(pipe, world, 32, Sampling(num_steps=25, guidance_scale=4.0, seed=s))[1]
-               for s in (0, 1)]
+    texture, per_texture = texture_over_seeds(pipe, world, 32, [0, 1])
     shape = shape_following(pipe, world, 8, Sampling(num_steps=25, guidance_scale=4.0, seed=0))[1]
     row = {"name": args.name, "model": str(model), "overrides": args.overrides, "steps": stage.steps,
            "batch_size": stage.batch_size, "samples_seen": stage.steps * stage.batch_size,
            "unet_s": round(unet_s, 1), "steps_per_s": result.last_metrics.get("steps_per_s"),
            "final_loss": result.last_metrics.get("loss"),
-           "texture": float(np.mean([r["texture_accuracy"] for r in texture])),
-           "per_texture": {k: float(np.mean([r["per_texture"][k] for r in texture])) for k in TEXTURES},
+           "texture": texture, "per_texture": per_texture,
            "shape": float(shape["shape_accuracy"])}
     rows: list[dict] = []
     if (args.out / "runs.jsonl").exists():
