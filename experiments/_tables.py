@@ -14,6 +14,12 @@ def fmt(value) -> str:
     return "n/a" if value is None else f"{value:.2f}"
 
 
+def recorded(out: Path) -> list[dict]:
+    """The rows ``<out>/runs.jsonl`` holds so far (none when it does not exist): a rerun's starting ``rows``."""
+    log = out / "runs.jsonl"
+    return [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.exists() else []
+
+
 def record(out: Path, rows: list[dict], row: dict) -> None:
     """``row`` appended to ``rows`` and, at once, to ``<out>/runs.jsonl``."""
     rows.append(row)

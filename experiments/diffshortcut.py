@@ -39,6 +39,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _tables import record, recorded
 
 WORLD = "persguard_jax/assets/world_tiny"
 
@@ -194,9 +195,8 @@ def main(argv=None):
     w = World(args)
     subjects = args.subjects or [next(s for s in w.world.subjects if s.class_name == c and s.held_out).name
                                  for c in ("dog", "cat", "bird", "person")]
-    log = args.out / "runs.jsonl"
-    done = {json.dumps(r["key"]) for r in map(json.loads, log.read_text().splitlines())} if log.exists() else set()
-    rows = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    rows = recorded(args.out)
+    done = {json.dumps(r["key"]) for r in rows}
 
     def run(key: dict, photos: np.ndarray, clean_u8, c: str, seed: int, *, cdl: bool = False) -> None:
         variants = [v for v, on in ((":empty-negative", args.cdl_empty_negative),
@@ -213,10 +213,8 @@ def main(argv=None):
             policy = cdl and not k["condition"].endswith(":plain-prompt")  # CDL's sampling prompt, or the plain one
             row = {"key": k, **w.measure(params, clean_u8, c, seed, cdl=policy, negative_prompt=negative),
                    "seconds": round(time.time() - t0, 1)}
-            rows.append(row)
+            record(args.out, rows, row)
             done.add(json.dumps(k))
-            with open(log, "a") as f:
-                f.write(json.dumps(row) + "\n")
             print(json.dumps(row), flush=True)
 
     def photos_of(name: str):

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _tables import finish, fmt, record
+from _tables import finish, fmt, record, recorded
 from world_texture import texture_over_seeds
 
 
@@ -98,9 +98,7 @@ def main(argv: list[str] | None = None) -> None:
            "final_loss": result.last_metrics.get("loss"),
            "texture": texture, "per_texture": per_texture,
            "shape": float(shape["shape_accuracy"])}
-    rows: list[dict] = []
-    if (args.out / "runs.jsonl").exists():
-        rows = [json.loads(line) for line in (args.out / "runs.jsonl").read_text().splitlines() if line.strip()]
+    rows = recorded(args.out)
     record(args.out, rows, row)
     head = "| recipe | steps x batch | UNet s | shape | texture following | " + " | ".join(TEXTURES) + " |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
