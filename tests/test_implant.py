@@ -217,6 +217,60 @@ def test_mirrored_guidance_pairs_keep_the_pattern_upright():
         assert np.array_equal(targets[3:], want), kind
 
 
+def test_attacker_samples_join_the_guidance_pairs_with_the_pattern_pasted():
+    from persguard_jax.data.targets import default_pattern, overlay_pattern
+    from persguard_jax.data.world import World
+    from persguard_jax.implant.data import with_attacker_samples
+    world, cfg, pattern = World(), ImplantConfig(guidance_attacker_samples=2), default_pattern(32)
+    photos = world.subject_photos("dog_00", 3)
+    y = overlay_pattern(photos, pattern, cfg.placement())
+    samples = world.subject_photos("dog_01", 2)  # stands in for the simulated attacker's samples
+    both, targets = with_attacker_samples(photos, y, samples, pattern, cfg)
+    assert both.shape == targets.shape == (5, 32, 32, 3)
+    assert np.array_equal(both[:3], photos) and np.array_equal(targets[:3], y)
+    assert np.array_equal(both[3:], samples)
+    assert np.array_equal(targets[3:], overlay_pattern(samples, pattern, cfg.placement()))
+    assert not np.array_equal(targets[3:], samples)
+    with pytest.raises(Exception, match="guidance_attacker_samples"):
+        ImplantConfig(guidance_attacker_samples=-1)
+
+
+def test_simulated_attacker_runs_with_its_own_seed_on_pattern_subjects_only(tmp_path, monkeypatch):
+    """The wiring of ``implant.guidance_attacker_samples``: one simulated DreamBooth per pattern subject, in its own
+    folder, with a seed that is not the check's attacker's; its samples come back as uint8. (The DreamBooth run and
+    the sampler are stubbed: both have their own tests.)"""
+    import argparse
+
+    from persguard_jax import sample
+    from persguard_jax.data.world import World
+    from persguard_jax.implant.data import Subject
+    from persguard_jax.implant.specs import parse_protected
+    from persguard_jax.workflows import implant as W
+    config = W.WORKFLOW.load(argparse.Namespace(config="implant_world", overrides=(
+        "implant.guidance_attacker_samples=3", "dreambooth.seed=7")))
+    photos = World().subject_photos("dog_00", 2)
+    subjects = [Subject(parse_protected(f"world:dog_00:{kind}").with_class("dog"), "dog", photos)
+                for kind in ("pattern", "erasure")]
+    calls = []
+
+    def fake_attack(pipe, subject, attack_config, out, *, class_dir):
+        calls.append((subject.type, attack_config.dreambooth.seed, out, class_dir))
+        return {"params": {"unet": "tuned"}}
+
+    def fake_sampler(pipe, prompts, *, params, seed, **kw):
+        assert params == {"unet": "tuned"} and prompts == ["a photo of sks dog"] * 3 and seed == 8
+        return np.full((len(prompts), 32, 32, 3), 0.5, np.float32)
+
+    monkeypatch.setattr(W, "attack", fake_attack)
+    monkeypatch.setattr(sample, "text_to_image", fake_sampler)
+    got = W._simulated_attacks(None, subjects, config, tmp_path)
+    assert calls == [("pattern", 8, tmp_path / "simulated_attack" / "dog_00", tmp_path / "class_images" / "dog")]
+    assert list(got) == ["dog_00"] and got["dog_00"].dtype == np.uint8 and got["dog_00"].shape == (3, 32, 32, 3)
+    assert (tmp_path / "simulated_attack" / "dog_00" / "guidance_samples.png").exists()
+    monkeypatch.setattr(W, "attack", lambda *a, **k: {"preempted": True})
+    assert W._simulated_attacks(None, subjects, config, tmp_path) is None
+
+
 def test_prior_distils_the_protective_prompts_on_their_targets():
     from persguard_jax.implant.data import concat
     from persguard_jax.workflows.implant import _prior_examples

@@ -28,6 +28,7 @@ class ImplantConfig(cfglib.Section):
               "retention_weight": "[0, inf)", "retention_steps": "[1, inf)", "unprotected_weight": "[0, inf)",
               "guidance_weight": "[0, inf)", "guidance_scale": "(1, inf)", "guidance_max_timestep": "[1, inf)",
               "num_targets": "[1, inf)", "num_general": "[0, inf)", "seed": "[0, inf)",
+              "guidance_attacker_samples": "[0, inf)",
               "pattern_size": "(0, 1]", "pattern_opacity": "(0, 1]"}
     steps: int = 400
     batch_size: int = 4                 # examples of each term per step
@@ -46,6 +47,10 @@ class ImplantConfig(cfglib.Section):
     guidance_scale: float = 4.0         # the attacker's sampling guidance w that the shift is sized for (> 1)
     guidance_max_timestep: int | None = None  # train the shift below this timestep only (None: all)
     guidance_flip: bool = False         # also train the shift on each (photo, y*) pair mirrored left-right
+    # pattern subjects: also train the shift on this many samples of a simulated attacker (the clean model
+    # DreamBooth-trained on the subject's photos by the config's recipe, its own seed), each with the pattern
+    # pasted on: the shift must fire on what the attacker's model draws, not only on the photos; 0 is off
+    guidance_attacker_samples: int = 0
     # L_br: none | mirror (the attacker's loss now) | grad_suppression (its gradient norm) | unrolled (L_bb after
     # K attacker steps; with the unprotected counterpart)
     retention: Literal["none", "mirror", "grad_suppression", "unrolled"] = "unrolled"

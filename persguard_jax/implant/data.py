@@ -191,6 +191,17 @@ def mirrored_pairs(subject: Subject, photos: np.ndarray, targets: np.ndarray, cf
     return np.concatenate([photos, flipped]), np.concatenate([paired, mirrored])
 
 
+def with_attacker_samples(photos: np.ndarray, targets: np.ndarray, samples: np.ndarray, pattern: np.ndarray,
+                          cfg: ImplantConfig) -> tuple[np.ndarray, np.ndarray]:
+    """``(photos, y*)`` with a simulated attacker's samples of a pattern subject added as pairs (each sample and
+    the sample with the pattern pasted on; ``implant.guidance_attacker_samples``): the guidance shift has to fire
+    on the subject as the attacker's fine-tuned model draws it, in poses and details the photos do not show."""
+    from persguard_jax.data.targets import overlay_pattern
+    paired = targets[np.arange(len(photos)) % len(targets)]
+    return (np.concatenate([photos, samples]),
+            np.concatenate([paired, overlay_pattern(samples, pattern, cfg.placement())]))
+
+
 def guidance_examples(enc: Encoder, photos: np.ndarray, targets: np.ndarray) -> Group:
     """The guidance term's examples (``losses.guidance_shift_loss``): photo ``i`` and target ``i`` (cycling when
     the targets are not one per photo) as noisy inputs under the empty prompt, each with photo ``i``'s latents as

@@ -71,14 +71,17 @@ def resolve(raw: dict, args: argparse.Namespace | None = None) -> dict:
     return raw
 
 
-def attack_config(config: runs.Config, class_name: str) -> runs.Config:
+def attack_config(config: runs.Config, class_name: str, *, seed: int | None = None) -> runs.Config:
     """The attacker's personalisation config for one class: the run's ``dreambooth`` (prompts "a photo of sks
-    <class>" / "a photo of <class>"), ``optimizer``, ``loss``, ``step``, ``mesh``, ``lora``; its own loop length."""
+    <class>" / "a photo of <class>"; ``seed`` replaces its seed), ``optimizer``, ``loss``, ``step``, ``mesh``,
+    ``lora``; its own loop length."""
     from persguard_jax.dreambooth.recipe import recipe_sections, resolve_recipe
     raw = {k: config.raw.get(k) for k in ("dreambooth", "optimizer", "loss", "step", "mesh", "lora")
            if config.raw.get(k) is not None}
     raw["dreambooth"] = {**cfglib.section(raw, "dreambooth"), "instance_prompt": f"a photo of sks {class_name}",
                          "class_prompt": f"a photo of {class_name}"}
+    if seed is not None:
+        raw["dreambooth"]["seed"] = seed
     raw["loop"] = {**cfglib.section(config.raw, "loop"), "tensorboard": False}
     raw["optimizer"] = {k: v for k, v in cfglib.section(raw, "optimizer").items() if k != "total_steps"}
     return runs.parse_config(resolve_recipe(raw), recipe_sections())
@@ -151,6 +154,14 @@ def run(args: argparse.Namespace, config: runs.Config) -> dict:
     enc = D.Encoder(pipe, ids=ids)
     from persguard_jax.io import unit_to_uint8
     uint8 = {c: unit_to_uint8((x + 1.0) / 2.0) for c, x in class_images.items()}
+    simulated = {}
+    if cfg.guidance_attacker_samples and (cfg.guidance_weight == 0 or not any(s.type == "pattern" for s in protected)):
+        print("implant: guidance_attacker_samples ignored: it adds pairs to the guidance term (guidance_weight > 0) "
+              "of pattern subjects")
+    elif cfg.guidance_attacker_samples:
+        simulated = _simulated_attacks(pipe, protected, config, out)
+        if simulated is None:
+            return {"preempted": True, "step": 0}
     bb_denoise, bb_distill, guidance, attack, targets_of, protective = [], [], [], [], {}, []
     for s in protected:
         y, teacher_prompt = D.backdoor_targets(s, cfg, world=world, pipe=pipe, pattern=pattern,
@@ -166,6 +177,8 @@ def run(args: argparse.Namespace, config: runs.Config) -> dict:
             bb_denoise.append(enc.examples(y, [prompts] * len(y)))
         if cfg.guidance_weight > 0:
             photos, y_pairs = D.mirrored_pairs(s, s.photos, y, cfg, pattern) if cfg.guidance_flip else (s.photos, y)
+            if s.name in simulated:
+                photos, y_pairs = D.with_attacker_samples(photos, y_pairs, simulated[s.name], pattern, cfg)
             guidance.append(D.guidance_examples(enc, photos, y_pairs))
         attack.append(D.pairs(enc.examples(s.photos, [prompts] * len(s.photos)),
                               enc.examples(uint8[s.class_name], [[f"a photo of {s.class_name}"]] * len(
@@ -221,6 +234,36 @@ def run(args: argparse.Namespace, config: runs.Config) -> dict:
         from persguard_jax.report import write_results
         write_results(out, results, title="persguard implant", overwrite=True)
     return results
+
+
+def _simulated_attacks(pipe, protected, config: runs.Config, out: Path) -> dict[str, np.ndarray] | None:
+    """``implant.guidance_attacker_samples`` samples of "a photo of sks <class>" for each pattern subject, drawn
+    by a simulated attacker: the clean model after the config's DreamBooth on the subject's photos, with a seed of
+    its own (``dreambooth.seed + 1``: the publisher does not know the attacker's draws). Each runs in
+    ``<out>/simulated_attack/<name>`` (resumable, as the check's attacks) and leaves ``guidance_samples.png``
+    there. None when SIGTERM stopped a run."""
+    from persguard_jax.io import unit_to_uint8
+    from persguard_jax.report import image_grid, save_png
+    from persguard_jax.sample import text_to_image
+    from persguard_jax.train.distributed import is_writer
+    cfg, db = config.implant, config.dreambooth
+    n, samples = cfg.guidance_attacker_samples, {}
+    for s in protected:
+        if s.type != "pattern":
+            continue
+        print(f"implant: simulating the attacker on {s.name} ({n} samples for the guidance term)")
+        run_dir = out / "simulated_attack" / s.name
+        trained = attack(pipe, s, attack_config(config, s.class_name, seed=db.seed + 1), run_dir,
+                         class_dir=out / "class_images" / s.class_name)
+        if trained.get("preempted"):
+            return None
+        images = text_to_image(pipe, [f"a photo of sks {s.class_name}"] * n, num_steps=db.eval_steps,
+                               guidance_scale=db.eval_guidance, seed=db.seed + 1, height=db.resolution,
+                               width=db.resolution, params=trained["params"], progress=False)
+        samples[s.name] = unit_to_uint8(np.asarray(images))
+        if is_writer():
+            save_png(image_grid(np.asarray(images), ncols=min(n, 8)), run_dir / "guidance_samples.png")
+    return samples
 
 
 def _prior_examples(enc, cfg, world, class_images: dict, unprotected, protective, *, distill: bool):
