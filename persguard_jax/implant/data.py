@@ -79,14 +79,14 @@ def read_target_images(cfg: ImplantConfig, resolution: int) -> np.ndarray | None
     return unit_to_uint8((load_folder(cfg.target_dir, resolution) + 1.0) / 2.0)
 
 
-def sample_prompt(pipe, prompt: str, n: int, *, resolution: int, seed: int, num_steps: int, guidance: float
-                  ) -> np.ndarray:
-    """``n`` uint8 samples of ``prompt`` by the model (the clean model draws erasure and target images, with the
-    class images' sampler settings)."""
+def sample_prompt(pipe, prompt: str, n: int, *, resolution: int, seed: int, num_steps: int, guidance: float,
+                  params=None) -> np.ndarray:
+    """``n`` uint8 samples of ``prompt`` by the model, or by the parameter tree ``params`` (the clean model draws
+    erasure and target images with the class images' sampler settings; a simulated attacker its subject)."""
     from persguard_jax.io import unit_to_uint8
     from persguard_jax.sample import text_to_image
     images = text_to_image(pipe, [prompt] * n, num_steps=num_steps, guidance_scale=guidance, seed=seed,
-                           height=resolution, width=resolution, progress=False)
+                           height=resolution, width=resolution, progress=False, params=params)
     return unit_to_uint8(np.asarray(images))
 
 

@@ -242,9 +242,8 @@ def _simulated_attacks(pipe, protected, config: runs.Config, out: Path) -> dict[
     its own (``dreambooth.seed + 1``: the publisher does not know the attacker's draws). Each runs in
     ``<out>/simulated_attack/<name>`` (resumable, as the check's attacks) and leaves ``guidance_samples.png``
     there. None when SIGTERM stopped a run."""
-    from persguard_jax.io import unit_to_uint8
+    from persguard_jax.implant.data import sample_prompt
     from persguard_jax.report import image_grid, save_png
-    from persguard_jax.sample import text_to_image
     from persguard_jax.train.distributed import is_writer
     cfg, db = config.implant, config.dreambooth
     n, samples = cfg.guidance_attacker_samples, {}
@@ -257,12 +256,11 @@ def _simulated_attacks(pipe, protected, config: runs.Config, out: Path) -> dict[
                          class_dir=out / "class_images" / s.class_name)
         if trained.get("preempted"):
             return None
-        images = text_to_image(pipe, [f"a photo of sks {s.class_name}"] * n, num_steps=db.eval_steps,
-                               guidance_scale=db.eval_guidance, seed=db.seed + 1, height=db.resolution,
-                               width=db.resolution, params=trained["params"], progress=False)
-        samples[s.name] = unit_to_uint8(np.asarray(images))
+        samples[s.name] = sample_prompt(pipe, f"a photo of sks {s.class_name}", n, resolution=db.resolution,
+                                        seed=db.seed + 1, num_steps=db.eval_steps, guidance=db.eval_guidance,
+                                        params=trained["params"])
         if is_writer():
-            save_png(image_grid(np.asarray(images), ncols=min(n, 8)), run_dir / "guidance_samples.png")
+            save_png(image_grid(samples[s.name] / 255.0, ncols=min(n, 8)), run_dir / "guidance_samples.png")
     return samples
 
 
