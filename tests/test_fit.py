@@ -121,3 +121,58 @@ def test_optimizer_arguments_are_checked():
         make_train_step(regression, "adam")
     tx, sched = resolve_optimizer(optax.sgd(0.1))
     assert sched is None and isinstance(tx, optax.GradientTransformation)
+
+
+TRACES: list[float] = []
+
+
+def counted_regression(params, batch, rng, *, scale, weights):
+    """``regression`` times ``scale``, weighted per input; it notes each trace (a Python side effect runs only when
+    jax traces the step)."""
+    TRACES.append(scale)
+    loss, aux = regression({"w": params["w"] * weights}, batch, rng)
+    return scale * loss, aux
+
+
+def test_a_second_fit_of_the_same_recipe_reuses_its_step(tmp_path):
+    """Losses bound separately from equal values (a float, an array by content) share one jitted step: the second
+    fit does not trace again, and trains exactly as the first. A different value is a different step."""
+    from persguard_jax.train.step_cache import clear_step_cache
+
+    def loss(scale=1.0, weights=(1.0, 1.0, 1.0)):
+        return losses.bind(counted_regression, scale=scale, weights=np.array(weights, np.float32))
+
+    clear_step_cache()
+    TRACES.clear()
+    first, _ = run(tmp_path / "a", OptimizerConfig(learning_rate=0.1), 3, loss_fn=loss())
+    traced = len(TRACES)
+    assert traced >= 1
+    second, _ = run(tmp_path / "b", OptimizerConfig(learning_rate=0.1), 3, loss_fn=loss())
+    assert len(TRACES) == traced  # the step of the first fit
+    np.testing.assert_array_equal(np.asarray(second.state.params["w"]), np.asarray(first.state.params["w"]))
+    for changed in (loss(scale=2.0), loss(weights=(1.0, 1.0, 0.5))):
+        before = len(TRACES)
+        run(tmp_path / f"c{before}", OptimizerConfig(learning_rate=0.1), 1, loss_fn=changed)
+        assert len(TRACES) > before
+    before = len(TRACES)
+    run(tmp_path / "d", OptimizerConfig(learning_rate=0.2), 1, loss_fn=loss())  # another optimizer: another step
+    assert len(TRACES) > before
+
+
+def test_value_key_compares_by_value_or_gives_up():
+    from persguard_jax.train.step_cache import MAX_ARRAY_BYTES, value_key
+
+    def closure(value):
+        return lambda params, batch, rng: (value, {})
+
+    a = np.arange(4, dtype=np.float32)
+    assert value_key(losses.bind(regression, w=a)) == value_key(losses.bind(regression, w=jnp.asarray(a)))
+    assert value_key(losses.bind(regression, w=a)) != value_key(losses.bind(regression, w=a + 1))
+    assert value_key(losses.bind(regression, w=a)) != value_key(losses.bind(regression, w=a.astype(np.float64)))
+    assert value_key(closure(1)) == value_key(closure(1)) != value_key(closure(2))
+    assert value_key(closure(1)) != value_key(closure(1.0))  # an int and a float trace differently
+    assert value_key(OptimizerConfig(learning_rate=0.1)) != value_key(OptimizerConfig(learning_rate=0.2))
+    # what it cannot compare by value: identity-only objects, too many bytes of arrays
+    assert value_key(closure(object())) is None
+    assert value_key(closure(np.zeros(MAX_ARRAY_BYTES // 4 + 1, np.float32))) is None
+    assert value_key(losses.bind(regression, w=[a] * 2)) is not None

@@ -23,7 +23,8 @@ from persguard_jax.data.batches import StepBatches, batch_iterator
 from persguard_jax.train.loop import LoopConfig, TrainResult, train
 from persguard_jax.train.optim import Optimizer, resolve_optimizer
 from persguard_jax.train.state import create_state
-from persguard_jax.train.step import StepConfig, make_train_step
+from persguard_jax.train.step import StepConfig
+from persguard_jax.train.step_cache import cached_train_step
 
 
 def fit(loss_fn: Callable, train_params: Any, frozen: Any, *, train_logical: Any, frozen_logical: Any,
@@ -41,16 +42,17 @@ def fit(loss_fn: Callable, train_params: Any, frozen: Any, *, train_logical: Any
     ``optimizer``: an ``OptimizerConfig`` (its schedule is logged as ``learning_rate``) or any optax transform,
     with ``lr_schedule`` (a schedule or a constant) for the ``learning_rate`` to log; without it none is logged."""
     mesh = shd.make_mesh(mesh_cfg)
-    opt, lr_schedule = resolve_optimizer(optimizer, lr_schedule)
+    opt, _ = resolve_optimizer(optimizer, lr_schedule)
     state, state_sh = create_state(train_params, train_logical, opt, mesh, mesh_cfg, seed=seed, ema=ema,
                                    rng_impl=step.rng_impl)
     frozen_sh = shd.param_shardings(frozen_logical, frozen, mesh, mesh_cfg)
     frozen = jax.device_put(frozen, frozen_sh)
     batches = StepBatches(source, global_batch=global_batch, num_steps=loop.num_steps, seed=seed, map_fn=map_fn)
     first = batches[0]
-    step_fn = make_train_step(loss_fn, opt, state_shardings=state_sh, frozen_shardings=frozen_sh,
-                              batch_shardings=shd.local_batch_sharding(first, mesh, mesh_cfg), cfg=step,
-                              lr_schedule=lr_schedule)
+    # the step of an earlier fit of the same recipe in this process, if any (train.step_cache)
+    step_fn = cached_train_step(loss_fn, optimizer, state_shardings=state_sh, frozen_shardings=frozen_sh,
+                                batch_shardings=shd.local_batch_sharding(first, mesh, mesh_cfg), cfg=step,
+                                lr_schedule=lr_schedule)
     result = train(step_fn, state, frozen, batch_iterator(batches), workdir=workdir, cfg=loop,
                    mesh=mesh, mesh_cfg=mesh_cfg, state_shardings=state_sh, on_log=on_log)
     return result, frozen
