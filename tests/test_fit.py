@@ -172,6 +172,9 @@ def test_value_key_compares_by_value_or_gives_up():
     assert value_key(closure(1)) == value_key(closure(1)) != value_key(closure(2))
     assert value_key(closure(1)) != value_key(closure(1.0))  # an int and a float trace differently
     assert value_key(OptimizerConfig(learning_rate=0.1)) != value_key(OptimizerConfig(learning_rate=0.2))
+    assert value_key(closure(0.0)) != value_key(closure(-0.0))
+    assert value_key(closure(jax.random.key(0))) == value_key(closure(jax.random.key(0))) != value_key(
+        closure(jax.random.key(1)))  # typed keys have no NumPy form: keyed by their bits
     # what it cannot compare by value: identity-only objects, too many bytes of arrays
     assert value_key(closure(object())) is None
     assert value_key(closure(np.zeros(MAX_ARRAY_BYTES // 4 + 1, np.float32))) is None

@@ -51,7 +51,9 @@ def value_key(obj: Any) -> Hashable | None:
 
 
 def _key(obj: Any, seen: frozenset, budget: list[int]) -> Hashable:
-    if obj is None or isinstance(obj, (bool, int, float, complex, str, bytes, type)):
+    if isinstance(obj, (float, complex)):  # repr keeps -0.0 apart from 0.0 (1 / x differs) and is exact
+        return type(obj).__name__, repr(obj)
+    if obj is None or isinstance(obj, (bool, int, str, bytes, type)):
         return type(obj).__name__, obj  # the type keeps 1, 1.0 and True apart
     if isinstance(obj, enum.Enum):
         return type(obj), obj.name
@@ -61,8 +63,11 @@ def _key(obj: Any, seen: frozenset, budget: list[int]) -> Hashable:
         budget[0] -= obj.nbytes
         if budget[0] < 0:  # hashing a model's weights would cost more than tracing it again
             raise _Unkeyable
+        kind = str(obj.dtype)  # a typed PRNG key (key<fry>) is keyed by its implementation and its bits
+        if jax.dtypes.issubdtype(obj.dtype, jax.dtypes.prng_key):
+            obj = jax.random.key_data(obj)
         a = np.ascontiguousarray(jax.device_get(obj))
-        return "array", a.shape, a.dtype.str, hashlib.sha256(a.tobytes()).hexdigest()
+        return "array", a.shape, kind, hashlib.sha256(a.tobytes()).hexdigest()
     if id(obj) in seen:  # a cycle (a closure that refers to itself)
         raise _Unkeyable
     seen = seen | {id(obj)}
