@@ -11,8 +11,10 @@ implant.num_general=32`` to repeat it). Per variant the command's own check repo
 protected subject, the protection rate before and after the white-box attacker (the config's DreamBooth recipe,
 from the backdoored model) and, for unprotected subjects, identity similarity after the attack on the backdoored
 and on the clean model; general colour/shape following of both models; and the cost: seconds per implantation
-step (median of the logged rates) and the implantation's wall time. Writes ``<out>/<variant>/`` (each a full
-implant run), ``<out>/runs.jsonl`` (a line per variant as it finishes) and ``<out>/table.md``.
+step (median of the logged rates) and the implantation's wall time. The first variant's attack on the clean
+model is lent to the others (``check.clean_from``): it does not depend on the retention. Writes
+``<out>/<variant>/`` (each a full implant run), ``<out>/runs.jsonl`` (a line per variant as it finishes) and
+``<out>/table.md``.
 """
 from __future__ import annotations
 
@@ -84,9 +86,12 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         parser.error(f"--variants: unknown {unknown}; known {list(VARIANTS)}")
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows, lender = [], None
     for variant in args.variants:
         run = args.out / variant
+        # the attack on the clean model is the same in every variant: the first one's is lent to the rest
+        # (check.clean_from; a variant whose attacker or check differs attacks afresh, and says so)
+        lend = [f"check.clean_from={lender}"] if lender is not None else []
         if not (run / "results.json").exists():
             argv = ["implant", "--model", str(args.model or world_model()), "--out", str(run)]
             for spec in args.protect or ["world:dog_00:pattern"]:
@@ -95,10 +100,12 @@ def main(argv: list[str] | None = None) -> None:
                 argv += ["--unprotected", spec]
             if run.exists():
                 argv.append("--resume")
-            code = cli(argv + VARIANTS[variant] + list(args.overrides))
+            code = cli(argv + VARIANTS[variant] + lend + list(args.overrides))
             if code not in (0, None):
                 raise SystemExit(f"{variant}: persguard implant exited {code}")
         record(args.out, rows, summarise(variant, run))
+        if lender is None and (run / "check").is_dir():
+            lender = run
     finish(args.out, table(rows))
 
 

@@ -231,6 +231,7 @@ CASES = [
     (I.replace("SPEC", "world:dog_00:pattern") + " implant.pattern_image={root}/nope.png", "nope.png"),
     (I.replace("SPEC", "world:dog_00:target") + " implant.target_dir={root}/empty", "empty"),
     (I.replace("SPEC", "world:dog_00:pattern") + " implant.retention=forget", "implant.retention"),
+    (I.replace("SPEC", "world:dog_00:pattern") + " check.clean_from={root}/nope", "check.clean_from"),
     (I.replace("SPEC", "world:dog_00:pattern") + " implant.retention=unrolled step.data_parallel=auto",
      "data_parallel"),
     (I.replace("SPEC", "world:dog_00:pattern").replace("{world}", "{model}"), "not a world model"),

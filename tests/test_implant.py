@@ -383,3 +383,65 @@ def test_target_detector_of_a_world_subject_reports_its_parts():
                                             "subject_gone_rate": 0.0}
     assert detector.extra_rates(circles) == {"target_shape_rate": 0.0, "target_colour_rate": 1.0,
                                              "subject_gone_rate": 1.0}
+
+
+def test_clean_half_is_stored_and_lent_only_when_made_the_same_way(tmp_path):
+    """``check.clean_from``: a stored clean half comes back exactly (scores, samples) under the same fingerprint;
+    any other part, or no stored file, gives None and names why."""
+    from persguard_jax.implant import clean_reuse as R
+    rng = np.random.default_rng(0)
+    samples = rng.integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    fp = R.fingerprint(model={"w": np.arange(4.0)}, attacker={"dreambooth": {"steps": 5}})
+    scores = {"protection_rate": 0.25, "identity_similarity": 0.5, "clip_i": None}
+    R.store(tmp_path / "check" / "dog_00", fp, {"protection_rate": 1.0}, scores, samples)
+    (before, got, back), why = R.lookup(tmp_path, "dog_00", fp)
+    assert before == {"protection_rate": 1.0} and got == scores and np.array_equal(back, samples), why
+    other = R.fingerprint(model={"w": np.arange(4.0)}, attacker={"dreambooth": {"steps": 6}})
+    assert other["model"] == fp["model"] and other["attacker"] != fp["attacker"]
+    assert R.lookup(tmp_path, "dog_00", other) == (None, f"{tmp_path}/check/dog_00/clean_result.json was made with "
+                                                         "another attacker")
+    assert R.lookup(tmp_path, "cat_00", fp)[0] is None and "does not exist" in R.lookup(tmp_path, "cat_00", fp)[1]
+    assert R.lookup(None, "dog_00", fp)[0] is None
+    # arrays by content, dtype and shape; -0.0 is not 0.0; a typed PRNG key by its bits
+    assert R.digest(np.zeros(3, np.float32)) != R.digest(np.zeros(3, np.float64)) != R.digest(np.zeros(4))
+    assert R.digest({"a": 0.0}) != R.digest({"a": -0.0}) and R.digest(jax.random.key(1)) != R.digest(
+        jax.random.key(2))
+    R.store_general(tmp_path, fp, {"colour_accuracy": 1.0})
+    assert R.lookup_general(tmp_path, fp)[0] == {"colour_accuracy": 1.0}
+    assert R.lookup_general(tmp_path, other)[0] is None
+
+
+def test_clean_fingerprint_follows_the_attack_not_the_implantation():
+    """The clean half depends on the attacker's recipe, the check's sampling, the subject and the detector's
+    settings; the implantation's own settings (steps, retention, its optimizer) leave it unchanged, so an
+    ablation over them reuses one clean attack."""
+    import argparse
+
+    from persguard_jax.data.world import World
+    from persguard_jax.implant import clean_reuse as R
+    from persguard_jax.implant.data import Subject
+    from persguard_jax.implant.specs import parse_protected
+    from persguard_jax.workflows import implant as W
+    world = World()
+    photos = world.subject_photos("dog_00", 2)
+    subject = Subject(parse_protected("world:dog_00:pattern").with_class("dog"), "dog", photos)
+    params = {"unet": {"w": np.arange(6.0)}}
+    pattern = np.zeros((4, 4, 4), np.uint8)
+
+    def fp(*overrides, photos=photos, params=params, pattern=pattern):
+        config = W.WORKFLOW.load(argparse.Namespace(config="implant_world", overrides=overrides))
+        s = Subject(subject.spec, "dog", photos)
+        return W.clean_fingerprint(R.digest(params), s, config, W.attack_config(config, "dog"), pattern,
+                                   world=world, clip_digest=None)
+
+    base = fp()
+    assert fp("implant.steps=3", "implant.retention=mirror", "implant_optimizer.learning_rate=1e-3") == base
+    assert fp("check.clean_from=/somewhere", "check.per_shape=5", "check.per_colour=0") == base  # general's only
+    for overrides, part in ((("dreambooth.steps=7",), "attacker"), (("optimizer.learning_rate=1e-3",), "attacker"),
+                            (("check.seed=3",), "check"), (("check.num_images=2",), "check"),
+                            (("implant.pattern_opacity=0.5",), "detector")):
+        changed = fp(*overrides)
+        assert [k for k in base if base[k] != changed[k]] == [part], overrides
+    assert fp(photos=photos[::-1])["photos"] != base["photos"]
+    assert fp(params={"unet": {"w": np.arange(6.0) + 1e-7}})["model"] != base["model"]
+    assert fp(pattern=pattern + 1)["detector"] != base["detector"]

@@ -39,6 +39,9 @@ class CheckConfig(cfglib.Section):
     per_shape: int = 2           # general prompts: samples per shape prompt (world models)
     pattern_threshold: float = 0.5
     clip: str | None = None      # a CLIP folder for photo-folder subjects (world models use the world CLIP)
+    # an earlier implant run whose attack on the clean model is reused where it was made the same way
+    # (implant.clean_reuse: same clean model, photos, attacker, sampling, detector and code); None attacks afresh
+    clean_from: str | None = None
 
 
 class ProtectionDetector:

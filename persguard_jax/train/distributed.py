@@ -128,6 +128,17 @@ def barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+def process_zero_says(value: bool) -> bool:
+    """Process 0's ``value`` on every process (itself with one process): a choice that each process makes from
+    files it reads, and that changes which programs run, is made once, so no process waits on a collective the
+    others skip."""
+    if jax.process_count() > 1:
+        import numpy as np
+        from jax.experimental import multihost_utils
+        return bool(multihost_utils.broadcast_one_to_all(np.int32(value)))
+    return value
+
+
 def to_host(tree: Any) -> Any:
     """Numpy copies of a tree of (possibly multi-process, sharded) arrays, the whole arrays on every process."""
     import numpy as np

@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from pathlib import Path
 
@@ -110,6 +111,9 @@ def _read_inputs(args: argparse.Namespace, config: runs.Config):
     check_resolution(pipe, db.resolution)
     if config.check.enabled:
         check_clip(config.check, world)
+        if config.check.clean_from is not None and not Path(config.check.clean_from, "check").is_dir():
+            raise cfglib.ConfigError(f"check.clean_from: {config.check.clean_from} is not an implant run with a "
+                                     "check (no check/ folder in it)")
     return pipe, world, subjects, pattern, targets
 
 
@@ -287,14 +291,17 @@ def _prior_examples(enc, cfg, world, class_images: dict, unprotected, protective
 
 def _check(pipe, clean, backdoored, subjects, targets_of, pattern, world, config, attackers, out: Path) -> dict:
     """The attacker on each subject from both models; protection rates, identity, CLIP-I; general following."""
-    from persguard_jax.implant.check import general_following, measure_subject, protection_detector
+    from persguard_jax.implant import clean_reuse
+    from persguard_jax.implant.check import general_following, protection_detector
     from persguard_jax.metrics import CLIPEvaluator
     from persguard_jax.report import labelled_grid, save_png
-    from persguard_jax.train.distributed import is_writer
+    from persguard_jax.train.distributed import is_writer, process_zero_says
     check, cfg, db = config.check, config.implant, config.dreambooth
     clip = check_clip(check, world)
     evaluator = CLIPEvaluator.from_folder(clip) if clip is not None else None
     report = {"subjects": {}, "general": {}}
+    # once: SD 1.5's weights take seconds to digest
+    clean_digest, clip_digest = clean_reuse.digest(clean), clean_reuse.folder_digest(clip)
     rows, labels = [], []
     n = check.num_images
     for s in subjects:
@@ -305,21 +312,27 @@ def _check(pipe, clean, backdoored, subjects, targets_of, pattern, world, config
             entry["protection_rate_caveat"] = detector.caveat
             print(f"check: {s.name}: {detector.caveat}")
         samples = {}
+        clean_fp = clean_fingerprint(clean_digest, s, config, attackers[s.class_name], pattern, world=world,
+                                     clip_digest=clip_digest)
         for which, params in (("backdoored", backdoored), ("clean", clean)):
-            if detector is not None:  # does the trigger fire at all before anyone fine-tunes?
-                before, _ = measure_subject(pipe, s, params, detector, check=check, evaluator=evaluator,
-                                            world=world if s.spec.is_world else None,
-                                            prompt=f"a photo of sks {s.class_name}")
+            got = None
+            if which == "clean":
+                got, why = clean_reuse.lookup(check.clean_from, s.name, clean_fp)
+                if not process_zero_says(got is not None):
+                    got = None
+                if check.clean_from is not None:
+                    print(f"check: the attack on {s.name} from the clean model: "
+                          + (why if got is not None else f"attacked afresh ({why})"))
+            if got is None:
+                got = _attacked(pipe, s, params, which, detector, check=check, evaluator=evaluator, world=world,
+                                attacker=attackers[s.class_name], out=out)
+                if got is None:
+                    return {"check": "preempted"}
+            if which == "clean" and is_writer():  # this run lends it on, reused or not
+                clean_reuse.store(out / "check" / s.name, clean_fp, *got)
+            before, entry[which], samples[which] = got
+            if before is not None:
                 entry[f"{which}_before_attack"] = before
-            print(f"check: the attacker on {s.name} ({entry['type']}) from the {which} model")
-            trained = attack(pipe.with_params(params), s, attackers[s.class_name],
-                             out / "check" / s.name / which, class_dir=out / "class_images" / s.class_name)
-            if trained.get("preempted"):
-                return {"check": "preempted"}
-            scores, samples[which] = measure_subject(pipe, s, trained["params"], detector, check=check,
-                                                     evaluator=evaluator, world=world if s.spec.is_world else None,
-                                                     prompt=f"a photo of sks {s.class_name}")
-            entry[which] = scores
         entry["protection_rate"] = entry["backdoored"]["protection_rate"]
         entry["protection_rate_before_attack"] = entry.get("backdoored_before_attack", {}).get("protection_rate")
         entry["identity_similarity"] = entry["backdoored"]["identity_similarity"]
@@ -337,12 +350,68 @@ def _check(pipe, clean, backdoored, subjects, targets_of, pattern, world, config
         rows += [samples["clean"], samples["backdoored"]]
         labels += ["  attacked clean model", "  attacked backdoored model"]
     if world is not None:
-        report["general"] = {"clean": general_following(pipe, world, check, clean),
-                             "backdoored": general_following(pipe, world, check, backdoored)}
+        general_fp = clean_reuse.fingerprint(model=clean_digest, world=world.cfg.to_dict(), check=_check_parts(check, general=True))
+        following, why = clean_reuse.lookup_general(check.clean_from, general_fp)
+        if not process_zero_says(following is not None):
+            following = None
+        if check.clean_from is not None:
+            print("check: the clean model's general following: "
+                  + (why if following is not None else f"measured afresh ({why})"))
+        if following is None:
+            following = general_following(pipe, world, check, clean)
+        if is_writer():
+            clean_reuse.store_general(out, general_fp, following)
+        report["general"] = {"clean": following, "backdoored": general_following(pipe, world, check, backdoored)}
     if is_writer():
         grid = np.concatenate(rows).astype(np.float32) / 255.0
         save_png(labelled_grid(grid, row_labels=labels), out / "report.png")
     return report
+
+
+def _attacked(pipe, s, params, which: str, detector, *, check, evaluator, world, attacker, out: Path):
+    """``(before, scores, samples)`` of the attacker on subject ``s`` from ``params`` (``which`` model): the
+    trigger's rate before anyone fine-tunes (protected subjects; else None), then the attack and its samples'
+    scores. None when SIGTERM stopped the attack."""
+    from persguard_jax.implant.check import measure_subject
+    prompt, in_world = f"a photo of sks {s.class_name}", world if s.spec.is_world else None
+    before = None
+    if detector is not None:  # does the trigger fire at all before anyone fine-tunes?
+        before, _ = measure_subject(pipe, s, params, detector, check=check, evaluator=evaluator, world=in_world,
+                                    prompt=prompt)
+    print(f"check: the attacker on {s.name} ({s.type or 'unprotected'}) from the {which} model")
+    trained = attack(pipe.with_params(params), s, attacker, out / "check" / s.name / which,
+                     class_dir=out / "class_images" / s.class_name)
+    if trained.get("preempted"):
+        return None
+    scores, samples = measure_subject(pipe, s, trained["params"], detector, check=check, evaluator=evaluator,
+                                      world=in_world, prompt=prompt)
+    return before, scores, samples
+
+
+def _check_parts(check, *, general: bool = False) -> dict:
+    """The ``check`` settings a subject's clean half (or, ``general``, the clean model's general following)
+    depends on: all but the reuse switch and those only the other one reads (a new setting counts for both)."""
+    other = ("num_images", "pattern_threshold", "clip") if general else ("per_colour", "per_shape")
+    return {k: v for k, v in dataclasses.asdict(check).items() if k not in ("clean_from", "enabled", *other)}
+
+
+def clean_fingerprint(clean_digest: str, s, config: runs.Config, attacker: runs.Config, pattern, *, world,
+                      clip_digest: str | None) -> dict[str, str]:
+    """What the check's attack on the clean model depends on, one digest per part (``implant.clean_reuse``): the
+    clean parameters (``clean_digest``: ``clean_reuse.digest`` of them), the subject's photos and names, its
+    detector's settings (pattern, placement, prompts, the world's shapes), the attacker's recipe, the check's
+    sampling and the CLIP it measures with (``clip_digest``: ``clean_reuse.folder_digest``); not the
+    implantation's own settings."""
+    from persguard_jax.implant import clean_reuse
+    cfg = config.implant
+    detector = {} if s.type is None else {
+        "placement": cfg.placement(), "pattern": pattern if s.type == "pattern" else None,
+        "target_prompt": cfg.target_prompt, "background_prompt": cfg.background_prompt}
+    in_world = world is not None and s.spec.is_world
+    return clean_reuse.fingerprint(model=clean_digest, photos=s.photos, subject=(s.name, s.class_name, s.type),
+                                   world=world.cfg.to_dict() if in_world else None, detector=detector,
+                                   attacker=attacker.raw, check=_check_parts(config.check),
+                                   clip=clip_digest)
 
 
 def attack(pipe, subject, attack_config: runs.Config, out: Path, *, class_dir: Path) -> dict:

@@ -1,0 +1,132 @@
+"""The check's attack on the clean model, stored with a fingerprint and lent to later runs (``check.clean_from``).
+
+The check attacks every subject twice, from the backdoored and from the clean model. The clean half depends on
+the clean model, the subject's photos, the attacker's recipe, the check's sampling and the protective output's
+detector, and on nothing the implantation did, so an ablation that implants one clean model many times
+(experiments/implant_ablation.py, implant_budget.py) repeated it in every run: two DreamBooth runs and their
+samples per subject. Each run now stores its clean half (``check/<subject>/clean_result.json``, the samples beside
+it as a lossless PNG; ``check/general_clean.json`` for the general prompts) with a fingerprint: one digest per
+part it depends on. With ``check.clean_from=RUN`` a later run takes RUN's stored half where every part's digest
+is equal and attacks afresh, naming the parts that differ, where one is not.
+
+The fingerprint's ``code`` part digests this package's source, the jax, jaxlib and flax versions and the devices,
+so numbers made by other code (or summed in another order on other devices) are never lent.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+Fingerprint = dict[str, str]
+
+RESULT_FILE, SAMPLES_FILE, GENERAL_FILE = "clean_result.json", "clean_samples.png", "general_clean.json"
+
+
+def digest(value: Any) -> str:
+    """A sha256 of a pytree: its structure, then each leaf with its path: arrays by dtype, shape and bytes (PRNG
+    keys by their bits), JSON scalars and strings as JSON, anything else (a frozen config dataclass, which prints
+    every field) by ``repr``."""
+    import jax
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(value)
+    h = hashlib.sha256(str(treedef).encode())
+    for path, leaf in leaves:
+        h.update(jax.tree_util.keystr(path).encode() + b"=")
+        if hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
+            if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+                leaf = jax.random.key_data(leaf)
+            a = np.ascontiguousarray(np.asarray(leaf))
+            h.update(f"array{a.dtype.str}{a.shape};".encode() + a.tobytes())
+        elif isinstance(leaf, (str, int, float, bool)):
+            h.update(json.dumps(leaf).encode() + b";")
+        else:
+            h.update(repr(leaf).encode() + b";")
+    return h.hexdigest()
+
+
+def folder_digest(folder: str | Path | None) -> str | None:
+    """Every file under ``folder`` by name and bytes (a CLIP the check measures with); None for None."""
+    if folder is None:
+        return None
+    root, h = Path(folder), hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+@functools.cache
+def code_digest() -> str:
+    """This package's source files, the versions that compute with them and the devices they ran on."""
+    import flax
+    import jax
+    import jaxlib
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    devices = f"{jax.default_backend()}:{jax.device_count()}:{jax.process_count()}"
+    h.update(f"jax {jax.__version__} jaxlib {jaxlib.__version__} flax {flax.__version__} {devices}".encode())
+    return h.hexdigest()
+
+
+def fingerprint(**parts: Any) -> Fingerprint:
+    """One digest per named part, and ``code``."""
+    return {**{name: digest(value) for name, value in parts.items()}, "code": code_digest()}
+
+
+def _differing(stored: Mapping[str, str], wanted: Fingerprint) -> list[str]:
+    return sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
+
+
+def store(folder: Path, fp: Fingerprint, before: dict | None, scores: dict, samples: np.ndarray) -> None:
+    """Write a subject's clean half into ``folder`` (the run's ``check/<subject>``): samples first, so a result
+    file never names samples that are not there (both writes are atomic)."""
+    from persguard_jax.io import save_json, save_png
+    save_png(np.concatenate(list(samples), axis=1), folder / SAMPLES_FILE)
+    save_json({"fingerprint": fp, "before_attack": before, "scores": scores, "num_samples": len(samples)},
+              folder / RESULT_FILE)
+
+
+def lookup(run: str | Path | None, subject: str, fp: Fingerprint) -> tuple[tuple | None, str]:
+    """``((before, scores, samples), why)`` from ``run``'s stored clean half of ``subject``, or ``(None, why)``
+    when there is none or its fingerprint differs (``why`` says which parts)."""
+    if run is None:
+        return None, "check.clean_from is not set"
+    from PIL import Image
+
+    from persguard_jax.io import read_json
+    folder = Path(run) / "check" / subject
+    if not (folder / RESULT_FILE).is_file():
+        return None, f"{folder / RESULT_FILE} does not exist"
+    saved = read_json(folder / RESULT_FILE)
+    differ = _differing(saved.get("fingerprint", {}), fp)
+    if differ:
+        return None, f"{folder / RESULT_FILE} was made with another {', '.join(differ)}"
+    strip = np.asarray(Image.open(folder / SAMPLES_FILE).convert("RGB"))
+    n = saved["num_samples"]
+    samples = np.stack(np.split(strip, n, axis=1))
+    return (saved["before_attack"], saved["scores"], samples), f"reused from {folder}"
+
+
+def store_general(run: Path, fp: Fingerprint, following: dict) -> None:
+    from persguard_jax.io import save_json
+    save_json({"fingerprint": fp, "following": following}, run / "check" / GENERAL_FILE)
+
+
+def lookup_general(run: str | Path | None, fp: Fingerprint) -> tuple[dict | None, str]:
+    """The clean model's general following stored in ``run``, if its fingerprint is ``fp``."""
+    if run is None:
+        return None, "check.clean_from is not set"
+    from persguard_jax.io import read_json
+    path = Path(run) / "check" / GENERAL_FILE
+    if not path.is_file():
+        return None, f"{path} does not exist"
+    saved = read_json(path)
+    differ = _differing(saved.get("fingerprint", {}), fp)
+    if differ:
+        return None, f"{path} was made with another {', '.join(differ)}"
+    return saved["following"], f"reused from {path}"
