@@ -431,8 +431,8 @@ def test_clean_fingerprint_follows_the_attack_not_the_implantation():
     def fp(*overrides, photos=photos, params=params, pattern=pattern):
         config = W.WORKFLOW.load(argparse.Namespace(config="implant_world", overrides=overrides))
         s = Subject(subject.spec, "dog", photos)
-        return W.clean_fingerprint(R.digest(params), s, config, W.attack_config(config, "dog"), pattern,
-                                   world=world, clip_digest=None)
+        return R.subject_fingerprint(R.digest(params), s, config.implant, config.check,
+                                     W.attack_config(config, "dog").raw, pattern, world=world, clip_digest=None)
 
     base = fp()
     assert fp("implant.steps=3", "implant.retention=mirror", "implant_optimizer.learning_rate=1e-3") == base

@@ -14,6 +14,7 @@ so numbers made by other code (or summed in another order on other devices) are 
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -76,6 +77,35 @@ def code_digest() -> str:
 def fingerprint(**parts: Any) -> Fingerprint:
     """One digest per named part, and ``code``."""
     return {**{name: digest(value) for name, value in parts.items()}, "code": code_digest()}
+
+
+def _check_parts(check, *, general: bool = False) -> dict:
+    """The ``check`` settings a subject's clean half (or, ``general``, the clean model's general following)
+    depends on: all but the reuse switch and those only the other one reads (a new setting counts for both)."""
+    other = ("num_images", "pattern_threshold", "clip") if general else ("per_colour", "per_shape")
+    return {k: v for k, v in dataclasses.asdict(check).items() if k not in ("clean_from", "enabled", *other)}
+
+
+def subject_fingerprint(clean_digest: str, subject, implant, check, attacker_raw: Mapping, pattern, *, world,
+                        clip_digest: str | None) -> Fingerprint:
+    """What the check's attack on the clean model depends on for one subject: the clean parameters
+    (``clean_digest``: ``digest`` of them), the subject's photos and names, its detector's settings (pattern,
+    placement, prompts, the world's shapes), the attacker's recipe (its config's raw sections), the ``check``
+    settings and the CLIP it measures with (``clip_digest``: ``folder_digest``); not the implantation's own
+    settings (``implant``: the ``ImplantConfig``, read for the detector only)."""
+    detector = {} if subject.type is None else {
+        "placement": implant.placement(), "pattern": pattern if subject.type == "pattern" else None,
+        "target_prompt": implant.target_prompt, "background_prompt": implant.background_prompt}
+    in_world = world is not None and subject.spec.is_world
+    return fingerprint(model=clean_digest, photos=subject.photos,
+                       subject=(subject.name, subject.class_name, subject.type),
+                       world=world.cfg.to_dict() if in_world else None, detector=detector, attacker=attacker_raw,
+                       check=_check_parts(check), clip=clip_digest)
+
+
+def general_fingerprint(clean_digest: str, world, check) -> Fingerprint:
+    """What the clean model's general following depends on: its parameters, the world and the sampling."""
+    return fingerprint(model=clean_digest, world=world.cfg.to_dict(), check=_check_parts(check, general=True))
 
 
 def _differing(stored: Mapping[str, str], wanted: Fingerprint) -> list[str]:

@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import time
 from pathlib import Path
 
@@ -312,8 +311,8 @@ def _check(pipe, clean, backdoored, subjects, targets_of, pattern, world, config
             entry["protection_rate_caveat"] = detector.caveat
             print(f"check: {s.name}: {detector.caveat}")
         samples = {}
-        clean_fp = clean_fingerprint(clean_digest, s, config, attackers[s.class_name], pattern, world=world,
-                                     clip_digest=clip_digest)
+        clean_fp = clean_reuse.subject_fingerprint(clean_digest, s, cfg, check, attackers[s.class_name].raw, pattern,
+                                                   world=world, clip_digest=clip_digest)
         for which, params in (("backdoored", backdoored), ("clean", clean)):
             got = None
             if which == "clean":
@@ -350,7 +349,7 @@ def _check(pipe, clean, backdoored, subjects, targets_of, pattern, world, config
         rows += [samples["clean"], samples["backdoored"]]
         labels += ["  attacked clean model", "  attacked backdoored model"]
     if world is not None:
-        general_fp = clean_reuse.fingerprint(model=clean_digest, world=world.cfg.to_dict(), check=_check_parts(check, general=True))
+        general_fp = clean_reuse.general_fingerprint(clean_digest, world, check)
         following, why = clean_reuse.lookup_general(check.clean_from, general_fp)
         if not process_zero_says(following is not None):
             following = None
@@ -386,32 +385,6 @@ def _attacked(pipe, s, params, which: str, detector, *, check, evaluator, world,
     scores, samples = measure_subject(pipe, s, trained["params"], detector, check=check, evaluator=evaluator,
                                       world=in_world, prompt=prompt)
     return before, scores, samples
-
-
-def _check_parts(check, *, general: bool = False) -> dict:
-    """The ``check`` settings a subject's clean half (or, ``general``, the clean model's general following)
-    depends on: all but the reuse switch and those only the other one reads (a new setting counts for both)."""
-    other = ("num_images", "pattern_threshold", "clip") if general else ("per_colour", "per_shape")
-    return {k: v for k, v in dataclasses.asdict(check).items() if k not in ("clean_from", "enabled", *other)}
-
-
-def clean_fingerprint(clean_digest: str, s, config: runs.Config, attacker: runs.Config, pattern, *, world,
-                      clip_digest: str | None) -> dict[str, str]:
-    """What the check's attack on the clean model depends on, one digest per part (``implant.clean_reuse``): the
-    clean parameters (``clean_digest``: ``clean_reuse.digest`` of them), the subject's photos and names, its
-    detector's settings (pattern, placement, prompts, the world's shapes), the attacker's recipe, the check's
-    sampling and the CLIP it measures with (``clip_digest``: ``clean_reuse.folder_digest``); not the
-    implantation's own settings."""
-    from persguard_jax.implant import clean_reuse
-    cfg = config.implant
-    detector = {} if s.type is None else {
-        "placement": cfg.placement(), "pattern": pattern if s.type == "pattern" else None,
-        "target_prompt": cfg.target_prompt, "background_prompt": cfg.background_prompt}
-    in_world = world is not None and s.spec.is_world
-    return clean_reuse.fingerprint(model=clean_digest, photos=s.photos, subject=(s.name, s.class_name, s.type),
-                                   world=world.cfg.to_dict() if in_world else None, detector=detector,
-                                   attacker=attacker.raw, check=_check_parts(config.check),
-                                   clip=clip_digest)
 
 
 def attack(pipe, subject, attack_config: runs.Config, out: Path, *, class_dir: Path) -> dict:
