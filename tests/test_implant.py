@@ -445,3 +445,17 @@ def test_clean_fingerprint_follows_the_attack_not_the_implantation():
     assert fp(photos=photos[::-1])["photos"] != base["photos"]
     assert fp(params={"unet": {"w": np.arange(6.0) + 1e-7}})["model"] != base["model"]
     assert fp(pattern=pattern + 1)["detector"] != base["detector"]
+
+
+def test_every_process_follows_process_zero_on_reuse(monkeypatch):
+    """Several processes: process 0's choice (reuse or attack) is everyone's, so all run the same programs; a
+    process that cannot read what process 0 reuses stops with one line instead of attacking alone."""
+    from persguard_jax.errors import RunError
+    from persguard_jax.train import distributed
+    from persguard_jax.workflows import implant as W
+    monkeypatch.setattr(distributed, "process_zero_says", lambda value: True)
+    assert W._as_process_zero(("stored",), "reused") == ("stored",)
+    with pytest.raises(RunError, match="cannot .*does not exist.*every process reads"):
+        W._as_process_zero(None, "RUN/check/dog_00/clean_result.json does not exist")
+    monkeypatch.setattr(distributed, "process_zero_says", lambda value: False)
+    assert W._as_process_zero(("stored",), "reused") is None

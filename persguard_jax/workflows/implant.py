@@ -294,7 +294,7 @@ def _check(pipe, clean, backdoored, subjects, targets_of, pattern, world, config
     from persguard_jax.implant.check import general_following, protection_detector
     from persguard_jax.metrics import CLIPEvaluator
     from persguard_jax.report import labelled_grid, save_png
-    from persguard_jax.train.distributed import is_writer, process_zero_says
+    from persguard_jax.train.distributed import is_writer
     check, cfg, db = config.check, config.implant, config.dreambooth
     clip = check_clip(check, world)
     evaluator = CLIPEvaluator.from_folder(clip) if clip is not None else None
@@ -317,8 +317,7 @@ def _check(pipe, clean, backdoored, subjects, targets_of, pattern, world, config
             got = None
             if which == "clean":
                 got, why = clean_reuse.lookup(check.clean_from, s.name, clean_fp)
-                if not process_zero_says(got is not None):
-                    got = None
+                got = _as_process_zero(got, why)
                 if check.clean_from is not None:
                     print(f"check: the attack on {s.name} from the clean model: "
                           + (why if got is not None else f"attacked afresh ({why})"))
@@ -351,8 +350,7 @@ def _check(pipe, clean, backdoored, subjects, targets_of, pattern, world, config
     if world is not None:
         general_fp = clean_reuse.general_fingerprint(clean_digest, world, check)
         following, why = clean_reuse.lookup_general(check.clean_from, general_fp)
-        if not process_zero_says(following is not None):
-            following = None
+        following = _as_process_zero(following, why)
         if check.clean_from is not None:
             print("check: the clean model's general following: "
                   + (why if following is not None else f"measured afresh ({why})"))
@@ -365,6 +363,19 @@ def _check(pipe, clean, backdoored, subjects, targets_of, pattern, world, config
         grid = np.concatenate(rows).astype(np.float32) / 255.0
         save_png(labelled_grid(grid, row_labels=labels), out / "report.png")
     return report
+
+
+def _as_process_zero(stored, why: str):
+    """``stored`` where process 0 found its stored half too, else None: every process then runs the same
+    programs. A process that cannot read what process 0 reuses stops with one line."""
+    from persguard_jax.train.distributed import process_zero_says
+    if not process_zero_says(stored is not None):
+        return None
+    if stored is None:
+        from persguard_jax.errors import RunError
+        raise RunError(f"check.clean_from: process 0 reuses a stored clean-model attack that this process "
+                       f"cannot ({why}); the folder must be on a file system every process reads")
+    return stored
 
 
 def _attacked(pipe, s, params, which: str, detector, *, check, evaluator, world, attacker, out: Path):
