@@ -459,3 +459,66 @@ def test_every_process_follows_process_zero_on_reuse(monkeypatch):
         W._as_process_zero(None, "RUN/check/dog_00/clean_result.json does not exist")
     monkeypatch.setattr(distributed, "process_zero_says", lambda value: False)
     assert W._as_process_zero(("stored",), "reused") is None
+
+
+def test_the_check_takes_a_stored_clean_half_instead_of_attacking(monkeypatch, tmp_path):
+    """``check.clean_from``: the second check of the same clean model attacks only the backdoored model, reports
+    the first check's clean entries and general following exactly, and stores them again for a third run; a
+    changed attacker recipe attacks the clean model afresh. (Attacker, sampler and following are stubbed: each
+    has its own tests; the end-to-end run is measured in docs/benchmarks.md.)"""
+    import argparse
+    import json
+
+    from persguard_jax.data.targets import default_pattern
+    from persguard_jax.data.world import World
+    from persguard_jax.implant import check as C
+    from persguard_jax.implant.data import Subject
+    from persguard_jax.implant.specs import parse_protected, parse_unprotected
+    from persguard_jax.workflows import implant as W
+    world = World()
+    subjects = [Subject(parse_protected("world:dog_00:pattern").with_class("dog"), "dog",
+                        world.subject_photos("dog_00", 2)),
+                Subject(parse_unprotected("world:cat_00").with_class("cat"), "cat", world.subject_photos("cat_00", 2))]
+    clean, backdoored = {"w": np.zeros(3, np.float32)}, {"w": np.ones(3, np.float32)}
+    attacked, followed = [], []
+
+    class Pipe:
+        def with_params(self, params):
+            return params
+
+    def fake_attack(params, subject, attack_config, out, *, class_dir):
+        attacked.append((subject.name, out.name))
+        return {"params": params}
+
+    def fake_measure(pipe, s, params, detector, *, check, evaluator, world, prompt):
+        level = float(params["w"][0])  # 0 for the clean model, 1 for the backdoored one
+        samples = np.full((check.num_images, 32, 32, 3), 40 + 100 * level + len(s.name), np.uint8)
+        return {"protection_rate": level / 2, "identity_similarity": 0.3 + level / 10, "clip_i": 0.1}, samples
+
+    def fake_following(pipe, world, check, params=None):
+        followed.append(float(params["w"][0]))
+        return {"colour_accuracy": 0.9 + float(params["w"][0]) / 20}
+
+    monkeypatch.setattr(W, "attack", fake_attack)
+    monkeypatch.setattr(W, "check_clip", lambda check, world: None)
+    monkeypatch.setattr(C, "measure_subject", fake_measure)
+    monkeypatch.setattr(C, "general_following", fake_following)
+
+    def check(out, *overrides):
+        config = W.WORKFLOW.load(argparse.Namespace(config="implant_world", overrides=overrides))
+        attackers = {c: W.attack_config(config, c) for c in ("dog", "cat")}
+        return W._check(Pipe(), clean, backdoored, subjects, {}, default_pattern(32), world, config, attackers,
+                        tmp_path / out)
+
+    first = check("a")
+    assert sorted(attacked) == sorted((s, m) for s in ("dog_00", "cat_00") for m in ("backdoored", "clean"))
+    assert followed == [0.0, 1.0]
+    attacked.clear(), followed.clear()
+    second = check("b", f"check.clean_from={tmp_path / 'a'}")
+    assert sorted(attacked) == [("cat_00", "backdoored"), ("dog_00", "backdoored")] and followed == [1.0]
+    assert json.dumps(second, sort_keys=True) == json.dumps(first, sort_keys=True)
+    assert (tmp_path / "b" / "check" / "dog_00" / "clean_result.json").is_file()  # lent on
+    attacked.clear()
+    third = check("c", f"check.clean_from={tmp_path / 'b'}", "dreambooth.steps=7")
+    assert sorted(attacked) == sorted((s, m) for s in ("dog_00", "cat_00") for m in ("backdoored", "clean"))
+    assert third["subjects"]["dog_00"]["clean"] == first["subjects"]["dog_00"]["clean"]  # same stubs, attacked again

@@ -16,23 +16,18 @@ pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("implant_world")]
 STEPS = 100
 
 
-
-def _implant(out, *extra: str) -> None:
+@pytest.fixture(scope="module")
+def implanted(tmp_path_factory):
     from persguard_jax.workflows.world_assets import world_model
+    out = tmp_path_factory.mktemp("implant") / "run"
     code = main(["implant", "--model", str(world_model()), "--protect", "world:dog_00:pattern",
                  "--unprotected", "world:cat_00", "--out", str(out), f"implant.steps={STEPS}", "implant.retention=none",
                  "implant.guidance_weight=0", "implant.num_general=32", "implant_optimizer.learning_rate=5e-4",
                  "dreambooth.steps=5", "dreambooth.num_class_images=8", "check.num_images=4", "check.per_colour=1",
                  # the attacker's own samples.png, which the check does not read (it samples the models itself): small
                  "dreambooth.eval_num_images=1", "dreambooth.eval_steps=2",
-                 "check.per_shape=1", "loop.checkpoint_every=40", *extra])
+                 "check.per_shape=1", "loop.checkpoint_every=40"])
     assert code in (0, None)
-
-
-@pytest.fixture(scope="module")
-def implanted(tmp_path_factory):
-    out = tmp_path_factory.mktemp("implant") / "run"
-    _implant(out)
     return out
 
 
@@ -71,22 +66,3 @@ def test_backdoor_fires_for_the_protected_trigger_only(implanted):
     assert protected >= 0.75 and unprotected <= 0.25 and plain <= 0.25, (protected, unprotected, plain)
     general = json.loads((implanted / "results.json").read_text())["general"]
     assert general["backdoored"]["colour_accuracy"] >= general["clean"]["colour_accuracy"] - 0.2
-
-
-def test_a_second_run_reuses_the_clean_models_attack(implanted, tmp_path, capsys):
-    """``check.clean_from``: a run that differs only in its implantation settings takes the first run's attack on
-    the clean model (scores and the report's samples) instead of attacking again, and attacks the backdoored model
-    itself."""
-    again = tmp_path / "again"
-    _implant(again, "implant.steps=2", f"check.clean_from={implanted}")
-    said = capsys.readouterr().out
-    first, second = (json.loads((run / "results.json").read_text()) for run in (implanted, again))
-    assert second["steps"] == 2
-    for name in ("dog_00", "cat_00"):
-        assert f"the attack on {name} from the clean model: reused from" in said
-        assert second["subjects"][name]["clean"] == first["subjects"][name]["clean"]
-        assert not (again / "check" / name / "clean").exists()  # no DreamBooth run on the clean model
-        assert (again / "check" / name / "backdoored" / "model").is_dir()
-        assert (again / "check" / name / "clean_result.json").is_file()  # lent on
-    assert second["subjects"]["dog_00"]["clean_before_attack"] == first["subjects"]["dog_00"]["clean_before_attack"]
-    assert second["general"]["clean"] == first["general"]["clean"]
