@@ -3,7 +3,7 @@
 The check attacks every subject twice, from the backdoored and from the clean model. The clean half depends on
 the clean model, the subject's photos, the attacker's recipe, the check's sampling and the protective output's
 detector, and on nothing the implantation did, so an ablation that implants one clean model many times
-(experiments/implant_ablation.py, implant_budget.py) repeated it in every run: two DreamBooth runs and their
+(experiments/implant_ablation.py) repeated it in every run: two DreamBooth runs and their
 samples per subject. Each run now stores its clean half (``check/<subject>/clean_result.json``, the samples beside
 it as a lossless PNG; ``check/general_clean.json`` for the general prompts) with a fingerprint: one digest per
 part it depends on. With ``check.clean_from=RUN`` a later run takes RUN's stored half where every part's digest
@@ -121,42 +121,42 @@ def store(folder: Path, fp: Fingerprint, before: dict | None, scores: dict, samp
               folder / RESULT_FILE)
 
 
-def lookup(run: str | Path | None, subject: str, fp: Fingerprint) -> tuple[tuple | None, str]:
-    """``((before, scores, samples), why)`` from ``run``'s stored clean half of ``subject``, or ``(None, why)``
-    when there is none or its fingerprint differs (``why`` says which parts)."""
-    if run is None:
-        return None, "check.clean_from is not set"
-    from PIL import Image
-
+def _stored(path: Path, fp: Fingerprint) -> tuple[dict | None, str]:
+    """The stored record at ``path`` if its fingerprint is ``fp``, and why (or why not)."""
     from persguard_jax.io import read_json
-    folder = Path(run) / "check" / subject
-    if not (folder / RESULT_FILE).is_file():
-        return None, f"{folder / RESULT_FILE} does not exist"
-    saved = read_json(folder / RESULT_FILE)
-    differ = _differing(saved.get("fingerprint", {}), fp)
-    if differ:
-        return None, f"{folder / RESULT_FILE} was made with another {', '.join(differ)}"
-    strip = np.asarray(Image.open(folder / SAMPLES_FILE).convert("RGB"))
-    n = saved["num_samples"]
-    samples = np.stack(np.split(strip, n, axis=1))
-    return (saved["before_attack"], saved["scores"], samples), f"reused from {folder}"
-
-
-def store_general(run: Path, fp: Fingerprint, following: dict) -> None:
-    from persguard_jax.io import save_json
-    save_json({"fingerprint": fp, "following": following}, run / "check" / GENERAL_FILE)
-
-
-def lookup_general(run: str | Path | None, fp: Fingerprint) -> tuple[dict | None, str]:
-    """The clean model's general following stored in ``run``, if its fingerprint is ``fp``."""
-    if run is None:
-        return None, "check.clean_from is not set"
-    from persguard_jax.io import read_json
-    path = Path(run) / "check" / GENERAL_FILE
     if not path.is_file():
         return None, f"{path} does not exist"
     saved = read_json(path)
     differ = _differing(saved.get("fingerprint", {}), fp)
     if differ:
         return None, f"{path} was made with another {', '.join(differ)}"
-    return saved["following"], f"reused from {path}"
+    return saved, f"reused from {path}"
+
+
+def lookup(run: str | Path | None, subject: str, fp: Fingerprint) -> tuple[tuple | None, str]:
+    """``((before, scores, samples), why)`` from ``run``'s stored clean half of ``subject``, or ``(None, why)``
+    when there is none or its fingerprint differs (``why`` says which parts)."""
+    if run is None:
+        return None, "check.clean_from is not set"
+    from PIL import Image
+    folder = Path(run) / "check" / subject
+    saved, why = _stored(folder / RESULT_FILE, fp)
+    if saved is None:
+        return None, why
+    strip = np.asarray(Image.open(folder / SAMPLES_FILE).convert("RGB"))
+    samples = np.stack(np.split(strip, saved["num_samples"], axis=1))
+    return (saved["before_attack"], saved["scores"], samples), why
+
+
+def store_general(run: Path, fp: Fingerprint, following: dict) -> None:
+    """Write the clean model's general following into ``run``'s ``check/`` folder (atomically)."""
+    from persguard_jax.io import save_json
+    save_json({"fingerprint": fp, "following": following}, run / "check" / GENERAL_FILE)
+
+
+def lookup_general(run: str | Path | None, fp: Fingerprint) -> tuple[dict | None, str]:
+    """The clean model's general following stored in ``run``, if its fingerprint is ``fp``, and why (or why not)."""
+    if run is None:
+        return None, "check.clean_from is not set"
+    saved, why = _stored(Path(run) / "check" / GENERAL_FILE, fp)
+    return (None if saved is None else saved["following"]), why
