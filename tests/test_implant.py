@@ -464,12 +464,13 @@ def test_every_process_follows_process_zero_on_reuse(monkeypatch):
 def test_the_check_takes_a_stored_clean_half_instead_of_attacking(monkeypatch, tmp_path):
     """``check.clean_from``: the second check of the same clean model attacks only the backdoored model, reports
     the first check's clean entries and general following exactly, and stores them again for a third run; a
-    changed attacker recipe attacks the clean model afresh. (Attacker, sampler and following are stubbed: each
+    changed attacker recipe attacks the clean model afresh; the unprotected subject's false-fire rate is read from
+    the samples, lent or not. (Attacker, sampler and following are stubbed: each
     has its own tests; the end-to-end run is measured in docs/benchmarks.md.)"""
     import argparse
     import json
 
-    from persguard_jax.data.targets import default_pattern
+    from persguard_jax.data.targets import default_pattern, overlay_pattern
     from persguard_jax.data.world import World
     from persguard_jax.implant import check as C
     from persguard_jax.implant.data import Subject
@@ -493,12 +494,15 @@ def test_the_check_takes_a_stored_clean_half_instead_of_attacking(monkeypatch, t
     def fake_measure(pipe, s, params, detector, *, check, evaluator, world, prompt):
         level = float(params["w"][0])  # 0 for the clean model, 1 for the backdoored one
         samples = np.full((check.num_images, 32, 32, 3), 40 + 100 * level + len(s.name), np.uint8)
+        if level:  # the backdoored model's samples carry the pattern, the unprotected cat's too (a leak)
+            samples = overlay_pattern(samples, default_pattern(32), placement)
         return {"protection_rate": level / 2, "identity_similarity": 0.3 + level / 10, "clip_i": 0.1}, samples
 
     def fake_following(pipe, world, check, params=None):
         followed.append(float(params["w"][0]))
         return {"colour_accuracy": 0.9 + float(params["w"][0]) / 20}
 
+    placement = W.WORKFLOW.load(argparse.Namespace(config="implant_world", overrides=())).implant.placement()
     monkeypatch.setattr(W, "attack", fake_attack)
     monkeypatch.setattr(W, "check_clip", lambda check, world: None)
     monkeypatch.setattr(C, "measure_subject", fake_measure)
@@ -513,6 +517,10 @@ def test_the_check_takes_a_stored_clean_half_instead_of_attacking(monkeypatch, t
     first = check("a")
     assert sorted(attacked) == sorted((s, m) for s in ("dog_00", "cat_00") for m in ("backdoored", "clean"))
     assert followed == [0.0, 1.0]
+    cat = first["subjects"]["cat_00"]
+    assert cat["backdoored"]["false_fire_rate"] == {"pattern": 1.0} and cat["clean"]["false_fire_rate"] == {
+        "pattern": 0.0}
+    assert "false_fire_rate" not in first["subjects"]["dog_00"]["backdoored"]
     attacked.clear(), followed.clear()
     second = check("b", f"check.clean_from={tmp_path / 'a'}")
     assert sorted(attacked) == [("cat_00", "backdoored"), ("dog_00", "backdoored")] and followed == [1.0]
@@ -522,3 +530,31 @@ def test_the_check_takes_a_stored_clean_half_instead_of_attacking(monkeypatch, t
     third = check("c", f"check.clean_from={tmp_path / 'b'}", "dreambooth.steps=7")
     assert sorted(attacked) == sorted((s, m) for s in ("dog_00", "cat_00") for m in ("backdoored", "clean"))
     assert third["subjects"]["dog_00"]["clean"] == first["subjects"]["dog_00"]["clean"]  # same stubs, attacked again
+
+
+def test_false_fire_rates_read_each_planted_type_on_an_unprotected_subject():
+    """An unprotected subject's samples read by each planted type's detector: the pattern pasted on them and their
+    backgrounds fire, the plain photos do not; a type whose reading cannot see the subject (erasure of a white
+    one) is left out rather than reported as 0."""
+    import argparse
+
+    from persguard_jax.data.targets import default_pattern, overlay_pattern
+    from persguard_jax.data.world import World
+    from persguard_jax.implant.check import false_fire_rates
+    from persguard_jax.implant.data import Subject
+    from persguard_jax.implant.specs import parse_unprotected
+    from persguard_jax.workflows import implant as W
+    config = W.WORKFLOW.load(argparse.Namespace(config="implant_world", overrides=()))
+    world, pattern = World(), default_pattern(32)
+
+    def rates(name, images, types=("pattern", "erasure", "pattern")):
+        subject = Subject(parse_unprotected(f"world:{name}").with_class("cat"), "cat", world.subject_photos(name, 4))
+        return false_fire_rates(subject, types, images, config.implant, config.check, resolution=32,
+                                pattern=pattern, world=world)
+
+    photos = world.subject_photos("cat_00", 4)  # a red cat
+    assert rates("cat_00", photos) == {"erasure": 0.0, "pattern": 0.0}
+    assert rates("cat_00", world.subject_backgrounds("cat_00", 4))["erasure"] == 1.0
+    assert rates("cat_00", overlay_pattern(photos, pattern, config.implant.placement()))["pattern"] == 1.0
+    assert rates("cat_04", world.subject_photos("cat_04", 4)) == {"pattern": 0.0}  # white: erasure unreadable
+    assert rates("cat_00", photos, types=()) == {}

@@ -432,3 +432,18 @@ def test_psnr():
     got = np.asarray(M.psnr(b, a))
     assert got[0] == pytest.approx(20.0, abs=1e-4) and np.isinf(got[1])
     assert float(M.psnr(b[:1] * 255, a[:1], peak=255.0)[0]) == pytest.approx(20.0, abs=1e-3)
+
+
+def test_rate_interval():
+    z2 = 1.96 ** 2
+    # closed forms at the ends: 0 of n reaches z^2 / (n + z^2), n of n starts at n / (n + z^2)
+    assert M.rate_interval(0, 8) == pytest.approx((0.0, z2 / (8 + z2)))
+    assert M.rate_interval(8, 8) == pytest.approx((8 / (8 + z2), 1.0))
+    lo8, hi8 = M.rate_interval(7, 8)
+    lo32, hi32 = M.rate_interval(28, 32)
+    assert lo8 < 7 / 8 < hi8 and lo32 < 28 / 32 < hi32
+    assert hi32 - lo32 < hi8 - lo8  # four times the samples, a narrower interval about the same rate
+    assert M.rate_interval(1, 8) == pytest.approx((1 - hi8, 1 - lo8))  # symmetric in hits and misses
+    for hits, n in ((1, 0), (-1, 4), (5, 4)):
+        with pytest.raises(ValueError, match="rate_interval"):
+            M.rate_interval(hits, n)

@@ -11,7 +11,12 @@ sections, identifier ``sks``) fine-tunes the model on the subject's photos; then
   colour: ``detect_shape``, ``dominant_colour``; ``target_shape_rate``, ``target_colour_rate`` and
   ``subject_gone_rate`` beside it: the parts apart).
   Other photos: CLIP zero-shot, the target or background prompt against the class prompt (needs ``check.clip``).
+  ``protection_rate_interval`` beside it: the rate's 95% Wilson interval over the ``check.num_images`` samples
+  (``metrics.scores.rate_interval``), since a goal such as ">= 0.9" is not readable from 8 samples (7 of 8 spans
+  0.53-0.98).
 - ``identity_similarity`` and ``clip_i`` to the subject's photos (the world CLIP, or ``check.clip``).
+- unprotected subjects: ``false_fire_rate``, per type planted in the run, the fraction of their samples in which
+  that type's detector fires (``false_fire_rates``): the backdoor that must not fire.
 General prompts (world models): colour and shape following (``persguard_jax.following``) of both models.
 """
 from __future__ import annotations
@@ -117,22 +122,40 @@ class ProtectionDetector:
 
 
 def protection_detector(subject, cfg, check: CheckConfig, *, resolution: int, pattern: np.ndarray | None, world,
-                        evaluator=None) -> ProtectionDetector | None:
+                        evaluator=None, type_: str | None = None) -> ProtectionDetector | None:
     """The detector of ``subject``'s protective output (None for an unprotected subject): the pattern at the
-    implant config's placement, the world's erasure and target detectors, or CLIP for photo folders."""
-    if subject.type is None:
+    implant config's placement, the world's erasure and target detectors, or CLIP for photo folders. ``type_``
+    reads another type's output on the subject (``false_fire_rates``)."""
+    type_ = type_ or subject.type
+    if type_ is None:
         return None
     template = mask = None
-    if subject.type == "pattern":
+    if type_ == "pattern":
         from persguard_jax.data.targets import pattern_template
         template, mask = pattern_template(resolution, pattern, cfg.placement())
-    alternative = {"erasure": cfg.background_prompt, "target": cfg.target_prompt}.get(subject.type)
+    alternative = {"erasure": cfg.background_prompt, "target": cfg.target_prompt}.get(type_)
     in_world = world is not None and subject.spec.is_world
-    return ProtectionDetector(subject.type, world=world if in_world else None, template=template,
+    return ProtectionDetector(type_, world=world if in_world else None, template=template,
                               mask=mask, threshold=check.pattern_threshold, target_prompt=cfg.target_prompt,
                               evaluator=evaluator, class_prompt=f"a photo of {subject.class_name}",
                               alternative_prompt=alternative,
                               colour=world.subject(subject.name).colour if in_world else None)
+
+
+def false_fire_rates(subject, types, samples: np.ndarray, cfg, check: CheckConfig, *, resolution: int,
+                     pattern: np.ndarray | None, world, evaluator=None) -> dict[str, float]:
+    """For an unprotected subject's attacked samples, per backdoor type planted in the run, the fraction in which
+    that type's detector fires (the pattern pasted, the subject's colour gone, the target drawn): a backdoor that
+    leaks to other photos shows here, where identity similarity alone may not. Types whose reading cannot see the
+    subject (``ProtectionDetector.caveat``) or has no detector are left out."""
+    out = {}
+    for type_ in sorted(set(types)):
+        detector = protection_detector(subject, cfg, check, resolution=resolution, pattern=pattern, world=world,
+                                       evaluator=evaluator, type_=type_)
+        hits = None if detector is None or detector.caveat else detector(samples)
+        if hits is not None:
+            out[type_] = float(np.mean(hits))
+    return out
 
 
 def measure_subject(pipe, subject, trained_params, detector: ProtectionDetector | None, *, check: CheckConfig,
@@ -140,6 +163,7 @@ def measure_subject(pipe, subject, trained_params, detector: ProtectionDetector 
     """Protection rate, identity similarity and CLIP-I of the attacked model's samples of ``prompt``."""
     from persguard_jax.evaluate import evaluate_pipeline
     from persguard_jax.io import unit_to_uint8
+    from persguard_jax.metrics.scores import rate_interval
     ev = evaluate_pipeline(pipe, [prompt], references=subject.photos, evaluator=evaluator, world=world,
                            num_images=check.num_images, seed=check.seed + 100, num_steps=check.eval_steps,
                            guidance_scale=check.eval_guidance, params=trained_params)
@@ -147,7 +171,9 @@ def measure_subject(pipe, subject, trained_params, detector: ProtectionDetector 
     samples = unit_to_uint8(ev.images[0])
     hits = None if detector is None else detector(samples)
     extra = {} if detector is None else detector.extra_rates(samples)
-    return {"protection_rate": None if hits is None else float(np.mean(hits)), **extra,
+    interval = None if hits is None else list(rate_interval(int(np.sum(hits)), len(hits)))
+    return {"protection_rate": None if hits is None else float(np.mean(hits)), "protection_rate_interval": interval,
+            **extra,
             "identity_similarity": row.get("identity_similarity"), "clip_i": row.get("clip_i"),
             "colour_match": row.get("colour_match"), "shape_match": row.get("shape_match")}, samples
 

@@ -291,7 +291,7 @@ def _prior_examples(enc, cfg, world, class_images: dict, unprotected, protective
 def _check(pipe, clean, backdoored, subjects, targets_of, pattern, world, config, attackers, out: Path) -> dict:
     """The attacker on each subject from both models; protection rates, identity, CLIP-I; general following."""
     from persguard_jax.implant import clean_reuse
-    from persguard_jax.implant.check import general_following, protection_detector
+    from persguard_jax.implant.check import false_fire_rates, general_following, protection_detector
     from persguard_jax.metrics import CLIPEvaluator
     from persguard_jax.report import labelled_grid, save_png
     from persguard_jax.train.distributed import is_writer
@@ -303,6 +303,7 @@ def _check(pipe, clean, backdoored, subjects, targets_of, pattern, world, config
     clean_digest, clip_digest = clean_reuse.digest(clean), clean_reuse.folder_digest(clip)
     rows, labels = [], []
     n = check.num_images
+    planted = [s.type for s in subjects if s.type is not None]
     for s in subjects:
         detector = protection_detector(s, cfg, check, resolution=db.resolution, pattern=pattern, world=world,
                                        evaluator=evaluator)
@@ -331,6 +332,11 @@ def _check(pipe, clean, backdoored, subjects, targets_of, pattern, world, config
             before, entry[which], samples[which] = got
             if before is not None:
                 entry[f"{which}_before_attack"] = before
+        if s.type is None:
+            for which in samples:
+                entry[which]["false_fire_rate"] = false_fire_rates(
+                    s, planted, samples[which], cfg, check, resolution=db.resolution, pattern=pattern, world=world,
+                    evaluator=evaluator)
         entry["protection_rate"] = entry["backdoored"]["protection_rate"]
         entry["protection_rate_before_attack"] = entry.get("backdoored_before_attack", {}).get("protection_rate")
         entry["identity_similarity"] = entry["backdoored"]["identity_similarity"]
@@ -423,10 +429,14 @@ def _summary(results: dict) -> str:
     for name, e in results.get("subjects", {}).items():
         b, c = e["backdoored"], e["clean"]
         if e["type"] == "unprotected":
+            fires = "".join(f", {t} fires in {fmt(r)} (clean {fmt(c.get('false_fire_rate', {}).get(t))})"
+                            for t, r in b.get("false_fire_rate", {}).items())
             lines.append(f"  {name} (unprotected): after the attack, identity {fmt(b['identity_similarity'])} "
-                         f"(clean model {fmt(c['identity_similarity'])})")
+                         f"(clean model {fmt(c['identity_similarity'])}){fires}")
             continue
-        lines.append(f"  {name} ({e['type']}): after the attack, protection {fmt(b['protection_rate'])} (clean "
+        span = b.get("protection_rate_interval")
+        span = f" [95%: {span[0]:.2f}-{span[1]:.2f}]" if span else ""
+        lines.append(f"  {name} ({e['type']}): after the attack, protection {fmt(b['protection_rate'])}{span} (clean "
                      f"model {fmt(c['protection_rate'])}; before it {fmt(e.get('protection_rate_before_attack'))}),"
                      f" identity {fmt(b['identity_similarity'])} (clean {fmt(c['identity_similarity'])})"
                      + (" [protection unreadable: protection_rate_caveat]" if e.get("protection_rate_caveat") else ""))
