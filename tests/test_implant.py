@@ -521,6 +521,8 @@ def test_the_check_takes_a_stored_clean_half_instead_of_attacking(monkeypatch, t
     assert cat["backdoored"]["false_fire_rate"] == {"pattern": 1.0} and cat["clean"]["false_fire_rate"] == {
         "pattern": 0.0}
     assert "false_fire_rate" not in first["subjects"]["dog_00"]["backdoored"]
+    assert "cat_00 (unprotected): after the attack, identity 0.40 (clean model 0.30), pattern fires in 1.00 (clean " \
+           "0.00)" in W._summary({"model": "m", "steps": 1, **first})
     attacked.clear(), followed.clear()
     second = check("b", f"check.clean_from={tmp_path / 'a'}")
     assert sorted(attacked) == [("cat_00", "backdoored"), ("dog_00", "backdoored")] and followed == [1.0]

@@ -43,6 +43,10 @@ def test_writes_what_the_interface_promises(implanted):
         for model in ("backdoored", "clean"):
             assert {"protection_rate", "identity_similarity", "clip_i"} <= set(entry[model])
     assert results["subjects"]["dog_00"]["protection_rate"] is not None
+    lo, hi = results["subjects"]["dog_00"]["backdoored"]["protection_rate_interval"]
+    assert 0 <= lo <= results["subjects"]["dog_00"]["protection_rate"] <= hi <= 1
+    for model in ("backdoored", "clean"):  # the planted type read on the unprotected subject
+        assert set(results["subjects"]["cat_00"][model]["false_fire_rate"]) == {"pattern"}
     assert set(results["general"]) == {"clean", "backdoored"}
     logged = [json.loads(line) for line in (implanted / "metrics.jsonl").read_text().splitlines()]
     assert {"bb/loss", "pp/loss", "loss"} <= set(logged[-1])
