@@ -171,9 +171,10 @@ def measure_subject(pipe, subject, trained_params, detector: ProtectionDetector 
     samples = unit_to_uint8(ev.images[0])
     hits = None if detector is None else detector(samples)
     extra = {} if detector is None else detector.extra_rates(samples)
-    interval = None if hits is None else list(rate_interval(int(np.sum(hits)), len(hits)))
-    return {"protection_rate": None if hits is None else float(np.mean(hits)), "protection_rate_interval": interval,
-            **extra,
+    rate = interval = None
+    if hits is not None:
+        rate, interval = float(np.mean(hits)), list(rate_interval(int(np.sum(hits)), len(hits)))
+    return {"protection_rate": rate, "protection_rate_interval": interval, **extra,
             "identity_similarity": row.get("identity_similarity"), "clip_i": row.get("clip_i"),
             "colour_match": row.get("colour_match"), "shape_match": row.get("shape_match")}, samples
 
