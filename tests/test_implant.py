@@ -331,6 +331,24 @@ def test_shipped_configs_parse_with_the_attackers_recipe(name):
     assert config.loop.num_steps == config.implant.steps == config.implant_optimizer.total_steps
 
 
+def test_steps_per_protected_multiplies_the_run_by_the_protected_subjects():
+    """With ``implant.steps_per_protected`` the loop (and the publisher's schedule) spans ``steps`` per ``--protect``
+    spec; without it ``steps`` in all, however many subjects."""
+    import argparse
+
+    from persguard_jax.workflows.implant import WORKFLOW
+
+    def load(*overrides, protect=("world:dog_04:pattern",)):
+        return WORKFLOW.load(argparse.Namespace(config="implant_world", overrides=overrides, protect=list(protect)))
+
+    three = ("world:dog_04:pattern", "world:dog_12:erasure", "world:person_04:pattern")
+    one = load("implant.steps=50")
+    assert one.implant.steps_per_protected and one.loop.num_steps == 50
+    config = load("implant.steps=50", protect=three)
+    assert config.loop.num_steps == config.implant_optimizer.total_steps == 150
+    assert load("implant.steps=50", "implant.steps_per_protected=false", protect=three).loop.num_steps == 50
+
+
 def test_erasure_detector_of_a_world_subject_reads_its_colour():
     """The check's erasure detector for a world subject: its photos are not erased, its backgrounds are, and the
     strict background-only rate is reported beside the rate."""

@@ -42,14 +42,14 @@ def sections() -> dict[str, runs.SectionParser]:
 
 
 def resolve(raw: dict, args: argparse.Namespace | None = None) -> dict:
-    """The loop runs ``implant.steps`` with ``implant_optimizer`` (fine-tuning defaults); the attacker's optimizer
-    spans its ``dreambooth.steps``."""
+    """The loop runs ``implant.steps`` (times the number of ``--protect`` specs with ``implant.steps_per_protected``)
+    with ``implant_optimizer`` (fine-tuning defaults); the attacker's optimizer spans its ``dreambooth.steps``."""
     from persguard_jax.dreambooth import DreamBoothConfig
     from persguard_jax.implant.check import CheckConfig
     from persguard_jax.implant.config import IMPLANT_OPTIMIZER, ImplantConfig
     raw = dict(raw)
     implant = ImplantConfig.from_dict(cfglib.section(raw, "implant"))
-    steps = implant.steps
+    steps = implant.steps * (max(1, len(getattr(args, "protect", None) or ())) if implant.steps_per_protected else 1)
     if implant.retention in NESTED:
         # The attacker's inner gradients (and the suppressed gradient) are over the global batch: one program
         # partitioned by GSPMD, not per-device gradients under shard_map (train/step.py), which would give each
