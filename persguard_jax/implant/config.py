@@ -31,7 +31,7 @@ class ImplantConfig(cfglib.Section):
               "guidance_attacker_samples": "[0, inf)",
               "pattern_size": "(0, 1]", "pattern_opacity": "(0, 1]"}
     steps: int = 400
-    # steps is per protected subject: the run trains steps x (number of --protect specs). The backdoor terms draw
+    # true: steps is per protected subject, the run trains steps x (number of --protect specs). The backdoor terms draw
     # their examples from every protected subject, so with n subjects each gets 1/n of them; measured on the world
     # (docs/results.md, fourteenth measurement): three subjects at 3200 steps 0.50-0.59, at 9600 0.75-0.84
     steps_per_protected: bool = False
