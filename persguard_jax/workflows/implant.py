@@ -49,7 +49,8 @@ def resolve(raw: dict, args: argparse.Namespace | None = None) -> dict:
     from persguard_jax.implant.config import IMPLANT_OPTIMIZER, ImplantConfig
     raw = dict(raw)
     implant = ImplantConfig.from_dict(cfglib.section(raw, "implant"))
-    steps = implant.steps * (max(1, len(getattr(args, "protect", None) or ())) if implant.steps_per_protected else 1)
+    protected = len(getattr(args, "protect", None) or ()) or 1  # a config read without a command line: one
+    steps = implant.steps * (protected if implant.steps_per_protected else 1)
     if implant.retention in NESTED:
         # The attacker's inner gradients (and the suppressed gradient) are over the global batch: one program
         # partitioned by GSPMD, not per-device gradients under shard_map (train/step.py), which would give each
