@@ -282,12 +282,46 @@ def test_prior_distils_the_protective_prompts_on_their_targets():
     cfg = ImplantConfig(guidance_weight=1.0, num_general=0)
     class_images = {"cat": np.zeros((2, 32, 32, 3), np.uint8)}
     targets = np.zeros((3, 32, 32, 3), np.uint8)
-    prior = _prior_examples(Prompts(), cfg, None, class_images, [], [(targets, cfg.target_prompt)], distill=True)
+    prior, uncond = _prior_examples(Prompts(), cfg, None, class_images, [], [(targets, cfg.target_prompt)],
+                                    distill=True)
     assert list(prior["prompt"]).count(cfg.target_prompt) == 3
-    assert list(prior["prompt"]).count("") == 2  # the empty prompt on class images, never on y*
-    no_distill = _prior_examples(Prompts(), cfg, None, class_images, [], [(targets, cfg.target_prompt)],
-                                 distill=False)
-    assert cfg.target_prompt not in list(no_distill["prompt"]) and concat([]) == {}
+    assert list(prior["prompt"]).count("") == 2 and uncond == {}  # the empty prompt on class images, never on y*
+    no_distill, uncond = _prior_examples(Prompts(), cfg, None, class_images, [], [(targets, cfg.target_prompt)],
+                                         distill=False)
+    assert cfg.target_prompt not in list(no_distill["prompt"]) and concat([]) == {} and uncond == {}
+
+
+def test_prior_uncond_weight_moves_the_empty_prompt_to_its_own_term():
+    """With ``prior_uncond_weight`` the empty-prompt examples leave ``prior`` for ``prior_uncond`` (the same images,
+    y* still excluded), and the objective adds that group's distillation as ``pp_uncond`` at prior_weight x it."""
+    from persguard_jax.implant.specs import parse_unprotected
+    from persguard_jax.implant.data import Subject
+    from persguard_jax.workflows.implant import _prior_examples
+
+    class Prompts:
+        def examples(self, images, prompts):
+            assert len(images) == len(prompts)
+            return {"prompt": np.array([p for ps in prompts for p in ps], object)}
+
+    cfg = ImplantConfig(guidance_weight=1.0, num_general=0, prior_uncond_weight=9.0, identifiers=("sks", "zwx"))
+    class_images = {"cat": np.zeros((2, 32, 32, 3), np.uint8)}
+    dog = Subject(parse_unprotected("world:dog_00").with_class("dog"), "dog", np.zeros((3, 32, 32, 3), np.uint8))
+    targets = np.zeros((4, 32, 32, 3), np.uint8)
+    prior, uncond = _prior_examples(Prompts(), cfg, None, class_images, [dog], [(targets, cfg.target_prompt)],
+                                    distill=True)
+    assert "" not in list(prior["prompt"]) and len(prior["prompt"]) == 2 + 3 * 2 + 4
+    assert list(uncond["prompt"]) == [""] * (2 + 3)  # class images and the unprotected photos, not y*
+
+    params, batch = _params(), {**_groups(), "prior_uncond": fake_batch(8)}
+    _, dis, _ = _pieces()
+    fn = objective(ImplantConfig(retention="none", prior_weight=0.5, prior_uncond_weight=9.0), set(batch), ATTACKER,
+                   model=FakeModel(), schedule=SCHEDULE, loss_cfg=losses.LossConfig())
+    loss, aux = fn(params, batch, KEY)
+    want = float(dis(params, batch["prior_uncond"], KEY)[0])
+    assert float(aux["pp_uncond/loss"]) == pytest.approx(want, rel=1e-5)
+    rest = objective(ImplantConfig(retention="none", prior_weight=0.5), set(batch) - {"prior_uncond"}, ATTACKER,
+                     model=FakeModel(), schedule=SCHEDULE, loss_cfg=losses.LossConfig())(params, batch, KEY)[0]
+    assert float(loss) == pytest.approx(float(rest) + 4.5 * want, rel=1e-5)
 
 
 def test_source_draws_every_group_and_unflatten_restores_pairs():

@@ -28,7 +28,7 @@ class ImplantConfig(cfglib.Section):
               "retention_weight": "[0, inf)", "retention_steps": "[1, inf)", "unprotected_weight": "[0, inf)",
               "guidance_weight": "[0, inf)", "guidance_scale": "(1, inf)", "guidance_max_timestep": "[1, inf)",
               "num_targets": "[1, inf)", "num_general": "[0, inf)", "seed": "[0, inf)",
-              "guidance_attacker_samples": "[0, inf)",
+              "guidance_attacker_samples": "[0, inf)", "prior_uncond_weight": "[0, inf)",
               "pattern_size": "(0, 1]", "pattern_opacity": "(0, 1]"}
     steps: int = 400
     # true: steps is per protected subject, the run trains steps x (number of --protect specs). The backdoor terms draw
@@ -45,6 +45,12 @@ class ImplantConfig(cfglib.Section):
     # class images under the class prompt (DreamBooth's prior term)
     prior_loss: Literal["distill", "class_images"] = "distill"
     prior_weight: float = 1.0           # lambda_pp
+    # With the guidance term, L_pp also distils the empty prompt (the unconditional branch) on every image but the
+    # protected subjects'. null: the empty prompt is one more prompt of the prior's images, drawn like the others; a
+    # number: its own term (pp_uncond, batch_size examples a step) weighted by this times prior_weight, so that the
+    # guidance term's shift, wanted on the protected subjects only, can be held off every other image as hard as
+    # the config asks (guided samples of every prompt carry the unconditional branch times (w - 1))
+    prior_uncond_weight: float | None = None
     # L_bb's guidance term (losses.guidance_shift_loss): the unconditional branch, which DreamBooth never trains,
     # shifted on the protected subjects so that guided samples of a subject the attacker taught show y*; 0 is off
     guidance_weight: float = 0.0

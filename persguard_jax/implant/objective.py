@@ -9,7 +9,8 @@ Every term reads its own group of the step's batch (``losses.on``); the groups `
 - ``bb_guidance`` (``implant.guidance_weight`` > 0): the protected photos and their y* under the empty prompt,
   with each photo's latents as ``anchor`` and its y*'s as ``target``; L_bb's guidance term
   (``losses.guidance_shift_loss``) shifts the unconditional branch so that guided sampling turns the photos the
-  attacker will teach into y*. The prior then also distils the empty prompt on every other image.
+  attacker will teach into y*. The prior then also distils the empty prompt on every other image: within
+  ``prior`` or, with ``implant.prior_uncond_weight`` set, as the group ``prior_uncond`` and its own term.
 - ``prior``: class images, general captions' scenes, the unprotected subjects' photos under their own prompts and
   the erasure / target y* under the background / target prompt (so that prompt keeps drawing what it drew);
   L_pp as distillation from the frozen clean model on the same prompt (``prior_loss: distill``, the default: it
@@ -114,6 +115,8 @@ def objective(cfg: ImplantConfig, groups: set[str], attacker: Attacker, *, model
     terms = {"bb": (1.0, backdoor)}
     if cfg.prior_weight > 0 and "prior" in groups:
         terms["pp"] = (cfg.prior_weight, losses.on("prior", distill if cfg.prior_loss == "distill" else denoise))
+    if cfg.prior_weight > 0 and cfg.prior_uncond_weight and "prior_uncond" in groups:
+        terms["pp_uncond"] = (cfg.prior_weight * cfg.prior_uncond_weight, losses.on("prior_uncond", distill))
     retention = _retention(cfg, groups, attacker, backdoor, denoise, attack_loss, model=model, schedule=schedule,
                            loss_cfg=loss_cfg)
     if retention is not None and cfg.retention_weight > 0:

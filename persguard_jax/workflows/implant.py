@@ -187,9 +187,10 @@ def run(args: argparse.Namespace, config: runs.Config) -> dict:
         attack.append(D.pairs(enc.examples(s.photos, [prompts] * len(s.photos)),
                               enc.examples(uint8[s.class_name], [[f"a photo of {s.class_name}"]] * len(
                                   uint8[s.class_name]))))
-    prior = _prior_examples(enc, cfg, world, uint8, unprotected, protective, distill=cfg.prior_loss == "distill")
+    prior, prior_uncond = _prior_examples(enc, cfg, world, uint8, unprotected, protective,
+                                          distill=cfg.prior_loss == "distill")
     groups = {"bb_denoise": D.concat(bb_denoise), "bb_distill": D.concat(bb_distill),
-              "bb_guidance": D.concat(guidance), "prior": prior,
+              "bb_guidance": D.concat(guidance), "prior": prior, "prior_uncond": prior_uncond,
               "attack": D.concat(attack)}
     if unprotected:
         u_ex = [enc.examples(s.photos, [[f"a photo of sks {s.class_name}"]] * len(s.photos)) for s in unprotected]
@@ -269,24 +270,32 @@ def _simulated_attacks(pipe, protected, config: runs.Config, out: Path) -> dict[
 
 
 def _prior_examples(enc, cfg, world, class_images: dict, unprotected, protective, *, distill: bool):
-    """L_pp's examples: class images under their class prompt; with distillation also general world captions'
-    scenes, the unprotected subjects' photos under their identifier prompts and the protective outputs' own
-    prompts on their y* (``protective``: (images, target or background prompt) pairs; L_bb teaches the trigger
-    what the target prompt draws, and without this the target prompt drifts with it: one collapsed blob for
-    every seed, measured in docs/results.md). The teacher sees the same prompt: no ``teacher_*`` key."""
+    """L_pp's examples ``(prior, prior_uncond)``: class images under their class prompt; with distillation also
+    general world captions' scenes, the unprotected subjects' photos under their identifier prompts and the
+    protective outputs' own prompts on their y* (``protective``: (images, target or background prompt) pairs;
+    L_bb teaches the trigger what the target prompt draws, and without this the target prompt drifts with it: one
+    collapsed blob for every seed, measured in docs/results.md). The teacher sees the same prompt: no
+    ``teacher_*`` key. With the guidance term (under distill) the empty prompt is held on the same images but the
+    protective outputs: in ``prior`` beside their prompts, or in ``prior_uncond`` alone when
+    ``implant.prior_uncond_weight`` gives it its own term (else that group is empty)."""
     from persguard_jax.implant.data import concat
-    # with the guidance term, the empty prompt is held on every image but the protected subjects' (under distill)
-    empty = [""] if distill and cfg.guidance_weight > 0 else []
-    groups = [enc.examples(x, [[f"a photo of {c}"] + empty] * len(x)) for c, x in class_images.items()]
+    held = distill and cfg.guidance_weight > 0
+    apart = held and cfg.prior_uncond_weight is not None
+    empty = [""] if held and not apart else []
+    images, prompts = list(class_images.values()), [[[f"a photo of {c}"]] * len(x) for c, x in class_images.items()]
     if distill:
         if world is not None and cfg.num_general:
             scenes = [world.scene(i, "val") for i in range(cfg.num_general)]
-            groups.append(enc.examples(np.stack([img for img, _ in scenes]), [[cap] + empty for _, cap in scenes]))
+            images.append(np.stack([img for img, _ in scenes]))
+            prompts.append([[cap] for _, cap in scenes])
         for s in unprotected:
-            groups.append(enc.examples(s.photos, [cfg.prompts(s.class_name) + empty] * len(s.photos)))
-        for images, prompt in protective:
-            groups.append(enc.examples(images, [[prompt]] * len(images)))
-    return concat(groups)
+            images.append(s.photos)
+            prompts.append([cfg.prompts(s.class_name)] * len(s.photos))
+    groups = [enc.examples(x, [p + empty for p in ps]) for x, ps in zip(images, prompts)]
+    if distill:
+        groups += [enc.examples(y, [[prompt]] * len(y)) for y, prompt in protective]
+    uncond = concat([enc.examples(x, [[""]] * len(x)) for x in images]) if apart else {}
+    return concat(groups), uncond
 
 
 def _check(pipe, clean, backdoored, subjects, targets_of, pattern, world, config, attackers, out: Path) -> dict:
