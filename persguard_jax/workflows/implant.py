@@ -28,6 +28,7 @@ from persguard_jax.workflows import runs
 
 
 NESTED = ("unrolled", "grad_suppression")  # retentions that differentiate through a gradient
+REPORT_COLUMNS = 16  # samples shown per row of report.png (32 made a 4,400 px wide sheet)
 
 
 def sections() -> dict[str, runs.SectionParser]:
@@ -312,7 +313,7 @@ def _check(pipe, clean, backdoored, subjects, targets_of, pattern, world, config
     # once: SD 1.5's weights take seconds to digest
     clean_digest, clip_digest = clean_reuse.digest(clean), clean_reuse.folder_digest(clip)
     rows, labels = [], []
-    n = check.num_images
+    n = min(check.num_images, REPORT_COLUMNS)  # report.png's columns; the rates read all num_images samples
     planted = [s.type for s in subjects if s.type is not None]
     for s in subjects:
         detector = protection_detector(s, cfg, check, resolution=db.resolution, pattern=pattern, world=world,
@@ -361,7 +362,7 @@ def _check(pipe, clean, backdoored, subjects, targets_of, pattern, world, config
             t[:min(n, len(targets_of[s.name]))] = targets_of[s.name][:n]
             rows.append(t)
             labels.append("  backdoor targets y*")
-        rows += [samples["clean"], samples["backdoored"]]
+        rows += [samples["clean"][:n], samples["backdoored"][:n]]
         labels += ["  attacked clean model", "  attacked backdoored model"]
     if world is not None:
         general_fp = clean_reuse.general_fingerprint(clean_digest, world, check)
