@@ -311,6 +311,9 @@ def test_prior_uncond_weight_moves_the_empty_prompt_to_its_own_term():
                                     distill=True)
     assert "" not in list(prior["prompt"]) and len(prior["prompt"]) == 2 + 3 * 2 + 4
     assert list(uncond["prompt"]) == [""] * (2 + 3)  # class images and the unprotected photos, not y*
+    off = ImplantConfig(guidance_weight=1.0, num_general=0, prior_uncond_weight=0.0)
+    prior, uncond = _prior_examples(Prompts(), off, None, class_images, [dog], [], distill=True)
+    assert "" not in list(prior["prompt"]) and uncond == {}  # weight 0: the empty prompt is not held at all
 
     params, batch = _params(), {**_groups(), "prior_uncond": fake_batch(8)}
     _, dis, _ = _pieces()

@@ -278,7 +278,7 @@ def _prior_examples(enc, cfg, world, class_images: dict, unprotected, protective
     collapsed blob for every seed, measured in docs/results.md). The teacher sees the same prompt: no
     ``teacher_*`` key. With the guidance term (under distill) the empty prompt is held on the same images but the
     protective outputs: in ``prior`` beside their prompts, or in ``prior_uncond`` alone when
-    ``implant.prior_uncond_weight`` gives it its own term (else that group is empty)."""
+    ``implant.prior_uncond_weight`` gives it its own term (else, and at weight 0, that group is empty)."""
     from persguard_jax.implant.data import concat
     held = distill and cfg.guidance_weight > 0
     apart = held and cfg.prior_uncond_weight is not None
@@ -295,7 +295,7 @@ def _prior_examples(enc, cfg, world, class_images: dict, unprotected, protective
     groups = [enc.examples(x, [p + empty for p in ps]) for x, ps in zip(images, prompts)]
     if distill:
         groups += [enc.examples(y, [[prompt]] * len(y)) for y, prompt in protective]
-    uncond = concat([enc.examples(x, [[""]] * len(x)) for x in images]) if apart else {}
+    uncond = concat([enc.examples(x, [[""]] * len(x)) for x in images]) if apart and cfg.prior_uncond_weight else {}
     return concat(groups), uncond
 
 
