@@ -271,13 +271,17 @@ def test_simulated_attacker_runs_with_its_own_seed_on_pattern_subjects_only(tmp_
     assert W._simulated_attacks(None, subjects, config, tmp_path) is None
 
 
+class Prompts:
+    """An encoder that records which prompt each example carries (one list of prompts per image)."""
+
+    def examples(self, images, prompts):
+        assert len(images) == len(prompts)
+        return {"prompt": np.array([p for ps in prompts for p in ps], object)}
+
+
 def test_prior_distils_the_protective_prompts_on_their_targets():
     from persguard_jax.implant.data import concat
     from persguard_jax.workflows.implant import _prior_examples
-
-    class Prompts:  # an encoder that records which prompt each example carries
-        def examples(self, images, prompts):
-            return {"prompt": np.array([p for ps in prompts for p in ps], object)}
 
     cfg = ImplantConfig(guidance_weight=1.0, num_general=0)
     class_images = {"cat": np.zeros((2, 32, 32, 3), np.uint8)}
@@ -297,11 +301,6 @@ def test_prior_uncond_weight_moves_the_empty_prompt_to_its_own_term():
     from persguard_jax.implant.specs import parse_unprotected
     from persguard_jax.implant.data import Subject
     from persguard_jax.workflows.implant import _prior_examples
-
-    class Prompts:
-        def examples(self, images, prompts):
-            assert len(images) == len(prompts)
-            return {"prompt": np.array([p for ps in prompts for p in ps], object)}
 
     cfg = ImplantConfig(guidance_weight=1.0, num_general=0, prior_uncond_weight=9.0, identifiers=("sks", "zwx"))
     class_images = {"cat": np.zeros((2, 32, 32, 3), np.uint8)}

@@ -282,7 +282,6 @@ def _prior_examples(enc, cfg, world, class_images: dict, unprotected, protective
     from persguard_jax.implant.data import concat
     held = distill and cfg.guidance_weight > 0
     apart = held and cfg.prior_uncond_weight is not None
-    empty = [""] if held and not apart else []
     images, prompts = list(class_images.values()), [[[f"a photo of {c}"]] * len(x) for c, x in class_images.items()]
     if distill:
         if world is not None and cfg.num_general:
@@ -292,11 +291,20 @@ def _prior_examples(enc, cfg, world, class_images: dict, unprotected, protective
         for s in unprotected:
             images.append(s.photos)
             prompts.append([cfg.prompts(s.class_name)] * len(s.photos))
-    groups = [enc.examples(x, [p + empty for p in ps]) for x, ps in zip(images, prompts)]
+    groups, uncond = [], []
+    for x, ps in zip(images, prompts):
+        rows = [p + [""] for p in ps] if held else ps
+        examples = enc.examples(x, rows)  # each image encoded once, whichever group its rows go to
+        if not apart:
+            groups.append(examples)
+            continue
+        empty = np.array([q == "" for r in rows for q in r])
+        groups.append({k: v[~empty] for k, v in examples.items()})
+        if cfg.prior_uncond_weight:
+            uncond.append({k: v[empty] for k, v in examples.items()})
     if distill:
         groups += [enc.examples(y, [[prompt]] * len(y)) for y, prompt in protective]
-    uncond = concat([enc.examples(x, [[""]] * len(x)) for x in images]) if apart and cfg.prior_uncond_weight else {}
-    return concat(groups), uncond
+    return concat(groups), concat(uncond)
 
 
 def _check(pipe, clean, backdoored, subjects, targets_of, pattern, world, config, attackers, out: Path) -> dict:
