@@ -140,39 +140,6 @@ def test_guidance_term_joins_the_backdoor_loss():
     assert float(off(params, batch, KEY)[1]["bb/loss"]) == pytest.approx(base, rel=1e-5)
 
 
-def test_guidance_hold_is_the_unshifted_guidance_term_on_its_own_group():
-    """``guidance_hold_weight``: the ``bb_guidance_hold`` group (unprotected photos paired with themselves) under the
-    same guidance-shift loss, outside L_bb, at guidance_weight x that weight; with y* = the photo the shifted
-    target is the photo's own denoising target (no shift); without the weight the group is ignored."""
-    params, batch = _params(), _groups()
-    rng = np.random.default_rng(8)
-    shape = batch["bb_denoise"]["latents"].shape
-    photo = jnp.asarray(rng.normal(size=shape), jnp.float32)
-    guide = {**fake_batch(9), "anchor": jnp.asarray(rng.normal(size=shape), jnp.float32),
-             "target": jnp.asarray(rng.normal(size=shape), jnp.float32)}
-    hold = {**fake_batch(10), "anchor": photo, "target": photo}
-    batch = {**batch, "bb_guidance": guide, "bb_guidance_hold": hold}
-    shift = losses.bind(losses.guidance_shift_loss, model=FakeModel(), schedule=SCHEDULE, guidance=4.0)
-    den, dis, _ = _pieces()
-    base = float(den(params, batch["bb_denoise"], KEY)[0] + dis(params, batch["bb_distill"], KEY)[0])
-    kw = dict(retention="none", prior_weight=0.0, guidance_weight=0.4, guidance_scale=4.0)
-    loss, aux = objective(ImplantConfig(**kw, guidance_hold_weight=2.5), set(batch), ATTACKER, model=FakeModel(),
-                          schedule=SCHEDULE, loss_cfg=losses.LossConfig())(params, batch, KEY)
-    held = float(shift(params, hold, KEY)[0])
-    assert float(aux["hold/loss"]) == pytest.approx(held, rel=1e-5)
-    assert float(aux["bb/loss"]) == pytest.approx(base + 0.4 * float(shift(params, guide, KEY)[0]), rel=1e-5)
-    assert float(loss) == pytest.approx(float(aux["bb/loss"]) + 0.4 * 2.5 * held, rel=1e-5)
-    # no shift: the target is what the photo's own noising gives at x_t
-    x_t, t = jnp.asarray(rng.normal(size=shape), jnp.float32), jnp.array([10, 500, 900, 40][:shape[0]])
-    a = SCHEDULE.alphas_cumprod[t].reshape((-1,) + (1,) * (x_t.ndim - 1))
-    want = losses.guidance_shift_target(SCHEDULE, x_t, t, photo, photo, 4.0, "epsilon")
-    np.testing.assert_allclose(np.asarray(want), np.asarray((x_t - jnp.sqrt(a) * photo) / jnp.sqrt(1 - a)),
-                               rtol=1e-5, atol=1e-5)
-    _, off = objective(ImplantConfig(**kw), set(batch), ATTACKER, model=FakeModel(), schedule=SCHEDULE,
-                       loss_cfg=losses.LossConfig())(params, batch, KEY)
-    assert not any(k.startswith("hold/") for k in off)
-
-
 # --------------------------------------------------------------------------- targets
 
 def test_backdoor_targets_of_each_type(tmp_path):

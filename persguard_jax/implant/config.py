@@ -29,7 +29,6 @@ class ImplantConfig(cfglib.Section):
               "guidance_weight": "[0, inf)", "guidance_scale": "(1, inf)", "guidance_max_timestep": "[1, inf)",
               "num_targets": "[1, inf)", "num_general": "[0, inf)", "seed": "[0, inf)",
               "guidance_attacker_samples": "[0, inf)", "prior_uncond_weight": "[0, inf)",
-              "guidance_hold_weight": "[0, inf)",
               "pattern_size": "(0, 1]", "pattern_opacity": "(0, 1]"}
     steps: int = 400
     # true: steps is per protected subject, the run trains steps x (number of --protect specs). The backdoor terms draw
@@ -62,11 +61,6 @@ class ImplantConfig(cfglib.Section):
     # DreamBooth-trained on the subject's photos by the config's recipe, its own seed), each with the pattern
     # pasted on: the shift must fire on what the attacker's model draws, not only on the photos; 0 is off
     guidance_attacker_samples: int = 0
-    # the unprotected subjects' photos in the guidance term with themselves as y* (no shift), this times
-    # guidance_weight: a fine-tuned model that draws an unprotected subject must meet an unconditional branch
-    # that draws it too, where the prior holds that branch only to the clean model's (which draws no subject);
-    # 0 is off. Mirrored with guidance_flip, as the protected pairs are
-    guidance_hold_weight: float = 0.0
     # L_br: none | mirror (the attacker's loss now) | grad_suppression (its gradient norm) | unrolled (L_bb after
     # K attacker steps; with the unprotected counterpart)
     retention: Literal["none", "mirror", "grad_suppression", "unrolled"] = "unrolled"

@@ -9,9 +9,7 @@ Every term reads its own group of the step's batch (``losses.on``); the groups `
 - ``bb_guidance`` (``implant.guidance_weight`` > 0): the protected photos and their y* under the empty prompt,
   with each photo's latents as ``anchor`` and its y*'s as ``target``; L_bb's guidance term
   (``losses.guidance_shift_loss``) shifts the unconditional branch so that guided sampling turns the photos the
-  attacker will teach into y*. ``bb_guidance_hold`` (``implant.guidance_hold_weight`` > 0): the unprotected
-  subjects' photos paired with themselves, the same term with no shift (term ``hold``, outside L_bb, so that
-  retention does not carry it). The prior then also distils the empty prompt on every other image: within
+  attacker will teach into y*. The prior then also distils the empty prompt on every other image: within
   ``prior`` or, with ``implant.prior_uncond_weight`` set, as the group ``prior_uncond`` and its own term.
 - ``prior``: class images, general captions' scenes, the unprotected subjects' photos under their own prompts and
   the erasure / target y* under the background / target prompt (so that prompt keeps drawing what it drew);
@@ -106,17 +104,15 @@ def objective(cfg: ImplantConfig, groups: set[str], attacker: Attacker, *, model
         bb_terms["denoise"] = (1.0, losses.on("bb_denoise", denoise))
     if "bb_distill" in groups:
         bb_terms["distill"] = (1.0, losses.on("bb_distill", distill))
-    shift = losses.bind(losses.guidance_shift_loss, model=model, schedule=schedule, cfg=loss_cfg,
-                        guidance=cfg.guidance_scale, max_timestep=cfg.guidance_max_timestep)
     if "bb_guidance" in groups and cfg.guidance_weight > 0:
+        shift = losses.bind(losses.guidance_shift_loss, model=model, schedule=schedule, cfg=loss_cfg,
+                            guidance=cfg.guidance_scale, max_timestep=cfg.guidance_max_timestep)
         bb_terms["guidance"] = (cfg.guidance_weight, losses.on("bb_guidance", shift))
     if not bb_terms:
         raise ValueError("implant objective: no backdoor examples (bb_denoise / bb_distill groups)")
     backdoor = losses.weighted_sum(bb_terms)
 
     terms = {"bb": (1.0, backdoor)}
-    if "bb_guidance_hold" in groups and cfg.guidance_weight > 0 and cfg.guidance_hold_weight > 0:
-        terms["hold"] = (cfg.guidance_weight * cfg.guidance_hold_weight, losses.on("bb_guidance_hold", shift))
     if cfg.prior_weight > 0 and "prior" in groups:
         terms["pp"] = (cfg.prior_weight, losses.on("prior", distill if cfg.prior_loss == "distill" else denoise))
     if cfg.prior_weight > 0 and cfg.prior_uncond_weight and "prior_uncond" in groups:

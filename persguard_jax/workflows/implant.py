@@ -193,10 +193,6 @@ def run(args: argparse.Namespace, config: runs.Config) -> dict:
     groups = {"bb_denoise": D.concat(bb_denoise), "bb_distill": D.concat(bb_distill),
               "bb_guidance": D.concat(guidance), "prior": prior, "prior_uncond": prior_uncond,
               "attack": D.concat(attack)}
-    if unprotected and cfg.guidance_weight > 0 and cfg.guidance_hold_weight > 0:
-        held = [D.mirrored_pairs(s, s.photos, s.photos, cfg, pattern) if cfg.guidance_flip else (s.photos, s.photos)
-                for s in unprotected]
-        groups["bb_guidance_hold"] = D.concat([D.guidance_examples(enc, x, y) for x, y in held])
     if unprotected:
         u_ex = [enc.examples(s.photos, [[f"a photo of sks {s.class_name}"]] * len(s.photos)) for s in unprotected]
         groups["unprotected"] = D.concat(u_ex)
