@@ -47,6 +47,11 @@ def test_writes_what_the_interface_promises(implanted):
     assert 0 <= lo <= results["subjects"]["dog_00"]["protection_rate"] <= hi <= 1
     for model in ("backdoored", "clean"):  # the planted type read on the unprotected subject
         assert set(results["subjects"]["cat_00"][model]["false_fire_rate"]) == {"pattern"}
+    cat = results["subjects"]["cat_00"]  # its identity over the clean model's, with the ratio's interval
+    lo, hi = cat["identity_ratio_interval"]
+    assert lo <= cat["identity_ratio"] <= hi
+    want = cat["backdoored"]["identity_similarity"] / cat["clean"]["identity_similarity"]
+    assert cat["identity_ratio"] == pytest.approx(want, rel=0.02)  # the same samples, read back from uint8
     assert set(results["general"]) == {"clean", "backdoored"}
     logged = [json.loads(line) for line in (implanted / "metrics.jsonl").read_text().splitlines()]
     assert {"bb/loss", "pp/loss", "loss"} <= set(logged[-1])

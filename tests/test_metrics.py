@@ -434,6 +434,25 @@ def test_psnr():
     assert float(M.psnr(b[:1] * 255, a[:1], peak=255.0)[0]) == pytest.approx(20.0, abs=1e-3)
 
 
+def test_mean_ratio_interval():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(0.8, 0.1, 32), rng.normal(0.85, 0.1, 32)
+    ratio, (lo, hi) = M.mean_ratio_interval(a, b)
+    assert ratio == pytest.approx(a.mean() / b.mean()) and lo < ratio < hi
+    assert M.mean_ratio_interval(a, b) == (ratio, (lo, hi))  # a fixed seed: the same interval every time
+    # the delta method's width for large independent samples: z sqrt(var_a / (n mb^2) + ma^2 var_b / (n mb^4))
+    a, b = rng.normal(1.0, 0.1, 2000), rng.normal(1.0, 0.1, 2000)
+    _, (lo, hi) = M.mean_ratio_interval(a, b)
+    assert (hi - lo) / 2 == pytest.approx(1.96 * np.sqrt(2 * 0.01 / 2000), rel=0.15)
+    _, (lo8, hi8) = M.mean_ratio_interval(a[:8], b[:8])
+    assert hi8 - lo8 > 4 * (hi - lo)  # 8 samples a side: far wider than 2000
+    assert M.mean_ratio_interval([0.5, 0.6], [-0.1, 0.05]) is None  # no ratio of a non-positive mean
+    with pytest.raises(ValueError, match="mean_ratio_interval"):
+        M.mean_ratio_interval([], [1.0])
+    with pytest.raises(ValueError, match="mean_ratio_interval"):
+        M.mean_ratio_interval([1.0], [1.0], level=1.0)
+
+
 def test_rate_interval():
     z2 = 1.96 ** 2
     # closed forms at the ends: 0 of n reaches z^2 / (n + z^2), n of n starts at n / (n + z^2)

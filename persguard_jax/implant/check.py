@@ -16,7 +16,9 @@ sections, identifier ``sks``) fine-tunes the model on the subject's photos; then
   0.53-0.98).
 - ``identity_similarity`` and ``clip_i`` to the subject's photos (the world CLIP, or ``check.clip``).
 - unprotected subjects: ``false_fire_rate``, per type planted in the run, the fraction of their samples in which
-  that type's detector fires (``false_fire_rates``): the backdoor that must not fire.
+  that type's detector fires (``false_fire_rates``): the backdoor that must not fire; ``identity_ratio``, the
+  backdoored model's identity over the clean model's, and ``identity_ratio_interval``, its 95% bootstrap interval
+  over both models' samples (``identity_ratio``): "within 5% of the clean model" read with its uncertainty.
 General prompts (world models): colour and shape following (``persguard_jax.following``) of both models.
 """
 from __future__ import annotations
@@ -156,6 +158,19 @@ def false_fire_rates(subject, types, samples: np.ndarray, cfg, check: CheckConfi
         if hits is not None:
             out[type_] = float(np.mean(hits))
     return out
+
+
+def identity_ratio(evaluator, photos: np.ndarray, backdoored: np.ndarray, clean: np.ndarray) -> dict[str, Any]:
+    """``identity_ratio`` (mean identity similarity of the ``backdoored`` model's samples to ``photos`` over the
+    ``clean`` model's; uint8 images) and ``identity_ratio_interval`` (``metrics.scores.mean_ratio_interval``: each
+    model's samples resampled on their own); both None when the clean model's mean is <= 0."""
+    from persguard_jax.metrics.scores import identity_similarity, mean_ratio_interval
+    refs = evaluator.image_features(np.asarray(photos, np.float32) / 255.0)
+    per_sample = [np.asarray(identity_similarity(evaluator.image_features(np.asarray(x, np.float32) / 255.0), refs))
+                  for x in (backdoored, clean)]
+    got = mean_ratio_interval(*per_sample)
+    ratio, interval = (None, None) if got is None else (got[0], list(got[1]))
+    return {"identity_ratio": ratio, "identity_ratio_interval": interval}
 
 
 def measure_subject(pipe, subject, trained_params, detector: ProtectionDetector | None, *, check: CheckConfig,

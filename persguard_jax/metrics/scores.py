@@ -2,8 +2,8 @@
 
 ``cosine_matrix``, ``clip_i``, ``clip_t``, ``identity_similarity``, ``frechet_distance``, ``pattern_score`` and
 ``feature_distance``: batched, ``jax.jit``-able, computed in float32 or wider (``rate_interval``, a rate's
-confidence interval from counts, is plain Python). Similarities are plain cosines in
-[-1, 1] (DreamBooth's CLIP-I / CLIP-T convention), not CLIPScore's ``2.5 * max(cos, 0)``. Matmuls run at
+confidence interval from counts, is plain Python; ``mean_ratio_interval``, a ratio of two means with its
+bootstrap interval, plain numpy). Similarities are plain cosines in [-1, 1] (DreamBooth's CLIP-I / CLIP-T convention), not CLIPScore's ``2.5 * max(cos, 0)``. Matmuls run at
 ``Precision.HIGHEST``: GPUs otherwise use TF32 for float32 products, and the Fréchet distance subtracts large,
 nearly equal traces.
 """
@@ -14,6 +14,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 _HI = jax.lax.Precision.HIGHEST
 _EPS = 1e-12
@@ -160,3 +161,24 @@ def rate_interval(hits: int, n: int, *, z: float = 1.96) -> tuple[float, float]:
     centre = (p + z2 / (2 * n)) / (1 + z2 / n)
     half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def mean_ratio_interval(a, b, *, level: float = 0.95, resamples: int = 2000, seed: int = 0
+                        ) -> tuple[float, tuple[float, float]] | None:
+    """``mean(a) / mean(b)`` of two independent samples and its percentile bootstrap interval (each sample
+    resampled with replacement on its own, ``resamples`` times, a fixed ``seed``): how far a ratio such as a
+    backdoored model's identity over the clean model's may lie from the models' own when each mean is read from
+    a few dozen samples. None when ``mean(b) <= 0`` (no ratio to speak of). Plain numpy and floats."""
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    if len(a) < 1 or len(b) < 1 or resamples < 1 or not 0 < level < 1:
+        raise ValueError(f"mean_ratio_interval: need non-empty samples, resamples >= 1 and 0 < level < 1, got "
+                         f"{len(a)} and {len(b)} values, resamples={resamples}, level={level}")
+    if b.mean() <= 0:
+        return None
+    rng = np.random.default_rng(seed)
+    ma = a[rng.integers(len(a), size=(resamples, len(a)))].mean(axis=1)
+    mb = b[rng.integers(len(b), size=(resamples, len(b)))].mean(axis=1)
+    ratios = ma[mb > 0] / mb[mb > 0]
+    tail = 100 * (1 - level) / 2
+    lo, hi = np.percentile(ratios, [tail, 100 - tail])
+    return float(a.mean() / b.mean()), (float(lo), float(hi))

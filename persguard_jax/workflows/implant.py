@@ -310,7 +310,8 @@ def _prior_examples(enc, cfg, world, class_images: dict, unprotected, protective
 def _check(pipe, clean, backdoored, subjects, targets_of, pattern, world, config, attackers, out: Path) -> dict:
     """The attacker on each subject from both models; protection rates, identity, CLIP-I; general following."""
     from persguard_jax.implant import clean_reuse
-    from persguard_jax.implant.check import false_fire_rates, general_following, protection_detector
+    from persguard_jax.implant.check import (false_fire_rates, general_following, identity_ratio,
+                                             protection_detector)
     from persguard_jax.metrics import CLIPEvaluator
     from persguard_jax.report import labelled_grid, save_png
     from persguard_jax.train.distributed import is_writer
@@ -356,6 +357,8 @@ def _check(pipe, clean, backdoored, subjects, targets_of, pattern, world, config
                 entry[which]["false_fire_rate"] = false_fire_rates(
                     s, planted, samples[which], cfg, check, resolution=db.resolution, pattern=pattern, world=world,
                     evaluator=evaluator)
+            if evaluator is not None:
+                entry.update(identity_ratio(evaluator, s.photos, samples["backdoored"], samples["clean"]))
         entry["protection_rate"] = entry["backdoored"]["protection_rate"]
         entry["protection_rate_before_attack"] = entry.get("backdoored_before_attack", {}).get("protection_rate")
         entry["identity_similarity"] = entry["backdoored"]["identity_similarity"]
@@ -450,8 +453,11 @@ def _summary(results: dict) -> str:
         if e["type"] == "unprotected":
             fires = "".join(f", {t} fires in {fmt(r)} (clean {fmt(c.get('false_fire_rate', {}).get(t))})"
                             for t, r in b.get("false_fire_rate", {}).items())
+            span = e.get("identity_ratio_interval")
+            ratio = (f", ratio {fmt(e['identity_ratio'])} [95%: {span[0]:.2f}-{span[1]:.2f}]"
+                     if span and e.get("identity_ratio") is not None else "")
             lines.append(f"  {name} (unprotected): after the attack, identity {fmt(b['identity_similarity'])} "
-                         f"(clean model {fmt(c['identity_similarity'])}){fires}")
+                         f"(clean model {fmt(c['identity_similarity'])}){ratio}{fires}")
             continue
         span = b.get("protection_rate_interval")
         span = f" [95%: {span[0]:.2f}-{span[1]:.2f}]" if span else ""
