@@ -1,0 +1,66 @@
+"""Re-read finished world implant runs' unprotected subjects with the identity ratio's interval.
+
+    python experiments/identity_ratio.py RUN [RUN ...]
+
+Runs made before the check reported ``identity_ratio`` (0168dbe) have each unprotected subject's mean identity,
+not its samples. This re-samples the attacked backdoored model that the run kept (``check/<subject>/backdoored/
+model``) exactly as the check did (the check's seed, sampler and 32 images: the mean it prints must equal the
+recorded one), reads the clean model's samples from their lossless strip (``check/<subject>/clean_samples.png``),
+and prints ``implant.check.identity_ratio`` of the two: backdoored over clean, with its 95% bootstrap interval
+over both models' samples. The check section is read from the run's own ``config.yaml``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import yaml
+from PIL import Image
+
+
+def clean_samples(folder: Path) -> np.ndarray:
+    """The clean model's samples, stored side by side as one lossless strip of square images."""
+    strip = np.asarray(Image.open(folder / "clean_samples.png").convert("RGB"))
+    return np.stack(np.split(strip, strip.shape[1] // strip.shape[0], axis=1))
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("runs", nargs="+", type=Path, help="finished `persguard implant` output folders (world subjects)")
+    args = p.parse_args(argv)
+    from persguard_jax.data.world.sources import world_of
+    from persguard_jax.evaluate import evaluate_pipeline
+    from persguard_jax.implant.check import CheckConfig, identity_ratio
+    from persguard_jax.io import unit_to_uint8
+    from persguard_jax.metrics import CLIPEvaluator, metrics_clip_folder
+    from persguard_jax.models import load_pipeline
+    for run in args.runs:
+        results = json.loads((run / "results.json").read_text())
+        config = yaml.safe_load((run / "config.yaml").read_text())
+        check = CheckConfig.from_dict(config.get("check") or {})
+        clean_model = Path(results["clean_model"])
+        world = world_of(clean_model)
+        evaluator = CLIPEvaluator.from_folder(metrics_clip_folder(check.clip, key="check.clip"))
+        num_photos = int((config.get("implant") or {}).get("num_photos", 5))
+        for name, entry in results["subjects"].items():
+            if entry["type"] != "unprotected":
+                continue
+            folder = run / "check" / name
+            subject = world.subject(name)
+            photos = world.subject_photos(subject, num_photos)
+            got = evaluate_pipeline(load_pipeline(folder / "backdoored" / "model"),
+                                    [f"a photo of sks {subject.class_name}"], references=photos, evaluator=evaluator,
+                                    world=world, num_images=check.num_images, seed=check.seed + 100,
+                                    num_steps=check.eval_steps, guidance_scale=check.eval_guidance)
+            resampled = got.results["prompts"][0]["identity_similarity"]
+            ratio = identity_ratio(evaluator, photos, unit_to_uint8(got.images[0]), clean_samples(folder))
+            b, c = entry["backdoored"]["identity_similarity"], entry["clean"]["identity_similarity"]
+            span = ratio["identity_ratio_interval"]
+            print(f"{run.name} {name}: identity {b:.3f} / {c:.3f} (re-sampled {resampled:.3f}); ratio "
+                  f"{ratio['identity_ratio']:.3f} [95%: {span[0]:.3f}-{span[1]:.3f}]", flush=True)
+
+
+if __name__ == "__main__":
+    main()
