@@ -447,6 +447,7 @@ def test_mean_ratio_interval():
     _, (lo8, hi8) = M.mean_ratio_interval(a[:8], b[:8])
     assert hi8 - lo8 > 4 * (hi - lo)  # 8 samples a side: far wider than 2000
     assert M.mean_ratio_interval([0.5, 0.6], [-0.1, 0.05]) is None  # no ratio of a non-positive mean
+    assert M.mean_ratio_interval([0.5, 0.6], [-0.1, 0.3]) is None  # nor of one whose resamples reach 0
     with pytest.raises(ValueError, match="mean_ratio_interval"):
         M.mean_ratio_interval([], [1.0])
     with pytest.raises(ValueError, match="mean_ratio_interval"):

@@ -22,5 +22,5 @@ from persguard_jax.models.pretrained import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, I
 __all__ = ["CLIPEvaluator", "ImageNorm", "OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD", "clip_i", "clip_t", "cosine_matrix",
            "colour_fraction", "detect_erasure", "detect_mark", "detect_pattern", "detect_shape", "detect_texture",
            "dominant_colour", "feature_distance", "frechet_distance", "identity_similarity", "load_clip",
-           "mean_ratio_interval", "metrics_clip_folder", "object_fraction", "pattern_presence", "pattern_score", "preprocess", "psnr",
-           "rate_interval"]
+           "mean_ratio_interval", "metrics_clip_folder", "object_fraction", "pattern_presence", "pattern_score",
+           "preprocess", "psnr", "rate_interval"]

@@ -3,9 +3,9 @@
 ``cosine_matrix``, ``clip_i``, ``clip_t``, ``identity_similarity``, ``frechet_distance``, ``pattern_score`` and
 ``feature_distance``: batched, ``jax.jit``-able, computed in float32 or wider (``rate_interval``, a rate's
 confidence interval from counts, is plain Python; ``mean_ratio_interval``, a ratio of two means with its
-bootstrap interval, plain numpy). Similarities are plain cosines in [-1, 1] (DreamBooth's CLIP-I / CLIP-T convention), not CLIPScore's ``2.5 * max(cos, 0)``. Matmuls run at
-``Precision.HIGHEST``: GPUs otherwise use TF32 for float32 products, and the Fréchet distance subtracts large,
-nearly equal traces.
+bootstrap interval, plain numpy). Similarities are plain cosines in [-1, 1] (DreamBooth's CLIP-I / CLIP-T
+convention), not CLIPScore's ``2.5 * max(cos, 0)``. Matmuls run at ``Precision.HIGHEST``: GPUs otherwise use
+TF32 for float32 products, and the Fréchet distance subtracts large, nearly equal traces.
 """
 from __future__ import annotations
 
@@ -168,7 +168,8 @@ def mean_ratio_interval(a, b, *, level: float = 0.95, resamples: int = 2000, see
     """``mean(a) / mean(b)`` of two independent samples and its percentile bootstrap interval (each sample
     resampled with replacement on its own, ``resamples`` times, a fixed ``seed``): how far a ratio such as a
     backdoored model's identity over the clean model's may lie from the models' own when each mean is read from
-    a few dozen samples. None when ``mean(b) <= 0`` (no ratio to speak of). Plain numpy and floats."""
+    a few dozen samples. None when ``b``'s mean, or any resampled one, is <= 0 (no ratio to speak of, or an
+    interval without bounds). Plain numpy and floats."""
     a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
     if len(a) < 1 or len(b) < 1 or resamples < 1 or not 0 < level < 1:
         raise ValueError(f"mean_ratio_interval: need non-empty samples, resamples >= 1 and 0 < level < 1, got "
@@ -178,7 +179,9 @@ def mean_ratio_interval(a, b, *, level: float = 0.95, resamples: int = 2000, see
     rng = np.random.default_rng(seed)
     ma = a[rng.integers(len(a), size=(resamples, len(a)))].mean(axis=1)
     mb = b[rng.integers(len(b), size=(resamples, len(b)))].mean(axis=1)
-    ratios = ma[mb > 0] / mb[mb > 0]
+    if np.any(mb <= 0):
+        return None
+    ratios = ma / mb
     tail = 100 * (1 - level) / 2
     lo, hi = np.percentile(ratios, [tail, 100 - tail])
     return float(a.mean() / b.mean()), (float(lo), float(hi))
