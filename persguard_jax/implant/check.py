@@ -18,7 +18,9 @@ sections, identifier ``sks``) fine-tunes the model on the subject's photos; then
 - unprotected subjects: ``false_fire_rate``, per type planted in the run, the fraction of their samples in which
   that type's detector fires (``false_fire_rates``): the backdoor that must not fire; ``identity_ratio``, the
   backdoored model's identity over the clean model's, and ``identity_ratio_interval``, its 95% bootstrap interval
-  over both models' samples (``identity_ratio``): "within 5% of the clean model" read with its uncertainty.
+  over both models' samples (``identity_ratio``): "within 5% of the clean model" read with its sampling
+  uncertainty. The attacker's seed moves the ratio more than the samples do (the clean model against itself at
+  five attacker seeds: 0.90-1.12, docs/results.md), which this interval does not contain.
 General prompts (world models): colour and shape following (``persguard_jax.following``) of both models.
 """
 from __future__ import annotations
