@@ -15,15 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
 import yaml
-from PIL import Image
-
-
-def clean_samples(folder: Path) -> np.ndarray:
-    """The clean model's samples, stored side by side as one lossless strip of square images."""
-    strip = np.asarray(Image.open(folder / "clean_samples.png").convert("RGB"))
-    return np.stack(np.split(strip, strip.shape[1] // strip.shape[0], axis=1))
 
 
 def main(argv=None) -> None:
@@ -32,6 +24,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     from persguard_jax.data.world.sources import world_of
     from persguard_jax.evaluate import evaluate_pipeline
+    from persguard_jax.implant.clean_reuse import stored_samples
     from persguard_jax.implant.check import CheckConfig, identity_ratio
     from persguard_jax.io import unit_to_uint8
     from persguard_jax.metrics import CLIPEvaluator, metrics_clip_folder
@@ -55,7 +48,7 @@ def main(argv=None) -> None:
                                     world=world, num_images=check.num_images, seed=check.seed + 100,
                                     num_steps=check.eval_steps, guidance_scale=check.eval_guidance)
             resampled = got.results["prompts"][0]["identity_similarity"]
-            ratio = identity_ratio(evaluator, photos, unit_to_uint8(got.images[0]), clean_samples(folder))
+            ratio = identity_ratio(evaluator, photos, unit_to_uint8(got.images[0]), stored_samples(folder))
             b, c = entry["backdoored"]["identity_similarity"], entry["clean"]["identity_similarity"]
             span = ratio["identity_ratio_interval"]
             print(f"{run.name} {name}: identity {b:.3f} / {c:.3f} (re-sampled {resampled:.3f}); ratio "

@@ -165,7 +165,8 @@ def false_fire_rates(subject, types, samples: np.ndarray, cfg, check: CheckConfi
 def identity_ratio(evaluator, photos: np.ndarray, backdoored: np.ndarray, clean: np.ndarray) -> dict[str, Any]:
     """``identity_ratio`` (mean identity similarity of the ``backdoored`` model's samples to ``photos`` over the
     ``clean`` model's; uint8 images) and ``identity_ratio_interval`` (``metrics.scores.mean_ratio_interval``: each
-    model's samples resampled on their own); both None when the clean model's mean is <= 0."""
+    model's samples resampled on their own); both None when the clean model's mean (or a resampled one) is
+    <= 0."""
     from persguard_jax.metrics.scores import identity_similarity, mean_ratio_interval
     refs = evaluator.image_features(np.asarray(photos, np.float32) / 255.0)
     per_sample = [np.asarray(identity_similarity(evaluator.image_features(np.asarray(x, np.float32) / 255.0), refs))

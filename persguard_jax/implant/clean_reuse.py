@@ -138,14 +138,24 @@ def lookup(run: str | Path | None, subject: str, fp: Fingerprint) -> tuple[tuple
     when there is none or its fingerprint differs (``why`` says which parts)."""
     if run is None:
         return None, "check.clean_from is not set"
-    from PIL import Image
     folder = Path(run) / "check" / subject
     saved, why = _stored(folder / RESULT_FILE, fp)
     if saved is None:
         return None, why
+    return (saved["before_attack"], saved["scores"], stored_samples(folder, saved["num_samples"])), why
+
+
+def stored_samples(folder: str | Path, num_samples: int | None = None) -> np.ndarray:
+    """The clean half's samples stored in ``folder`` (``check/<subject>``), uint8 ``(N, S, S, 3)``: ``num_samples``
+    side by side in one lossless strip (None: as many as the record beside it names)."""
+    from PIL import Image
+
+    from persguard_jax.io import read_json
+    folder = Path(folder)
+    if num_samples is None:
+        num_samples = read_json(folder / RESULT_FILE)["num_samples"]
     strip = np.asarray(Image.open(folder / SAMPLES_FILE).convert("RGB"))
-    samples = np.stack(np.split(strip, saved["num_samples"], axis=1))
-    return (saved["before_attack"], saved["scores"], samples), why
+    return np.stack(np.split(strip, num_samples, axis=1))
 
 
 def store_general(run: Path, fp: Fingerprint, following: dict) -> None:
