@@ -8,6 +8,12 @@ model``) exactly as the check did (the check's seed, sampler and 32 images: the 
 recorded one), reads the clean model's samples from their lossless strip (``check/<subject>/clean_samples.png``),
 and prints ``implant.check.identity_ratio`` of the two: backdoored over clean, with its 95% bootstrap interval
 over both models' samples. The check section is read from the run's own ``config.yaml``.
+
+    python experiments/identity_ratio.py --clean-pairs SUBJECT RUN [RUN ...]
+
+compares the clean model with itself instead: for runs that attacked the same clean model on ``SUBJECT`` at
+different attacker seeds, the ratio of each later run's stored clean samples over each earlier run's (how far the
+attacker's seed alone moves the identity).
 """
 from __future__ import annotations
 
@@ -21,7 +27,11 @@ import yaml
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("runs", nargs="+", type=Path, help="finished `persguard implant` output folders (world subjects)")
+    p.add_argument("--clean-pairs", metavar="SUBJECT", help="compare the runs' stored clean samples of SUBJECT "
+                                                            "pairwise instead")
     args = p.parse_args(argv)
+    if args.clean_pairs:
+        return clean_pairs(args.clean_pairs, args.runs)
     from persguard_jax.data.world.sources import world_of
     from persguard_jax.evaluate import evaluate_pipeline
     from persguard_jax.implant.clean_reuse import stored_samples
@@ -53,6 +63,27 @@ def main(argv=None) -> None:
             span = ratio["identity_ratio_interval"]
             print(f"{run.name} {name}: identity {b:.3f} / {c:.3f} (re-sampled {resampled:.3f}); ratio "
                   f"{ratio['identity_ratio']:.3f} [95%: {span[0]:.3f}-{span[1]:.3f}]", flush=True)
+
+
+def clean_pairs(name: str, runs: list[Path]) -> None:
+    import itertools
+
+    from persguard_jax.data.world.sources import world_of
+    from persguard_jax.implant.check import CheckConfig, identity_ratio
+    from persguard_jax.implant.clean_reuse import stored_samples
+    from persguard_jax.metrics import CLIPEvaluator, metrics_clip_folder
+    first = json.loads((runs[0] / "results.json").read_text())
+    config = yaml.safe_load((runs[0] / "config.yaml").read_text())
+    check = CheckConfig.from_dict(config.get("check") or {})
+    world = world_of(Path(first["clean_model"]))
+    evaluator = CLIPEvaluator.from_folder(metrics_clip_folder(check.clip, key="check.clip"))
+    photos = world.subject_photos(world.subject(name), int((config.get("implant") or {}).get("num_photos", 5)))
+    samples = {run.name: stored_samples(run / "check" / name) for run in runs}
+    for a, b in itertools.combinations(samples, 2):
+        got = identity_ratio(evaluator, photos, samples[b], samples[a])
+        span = got["identity_ratio_interval"]
+        print(f"{name}, clean model: {b} over {a}: {got['identity_ratio']:.3f} [95%: {span[0]:.3f}-{span[1]:.3f}]",
+              flush=True)
 
 
 if __name__ == "__main__":
