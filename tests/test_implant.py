@@ -2,6 +2,8 @@
 and the command's checks of its inputs (the end-to-end run is ``test_implant_world.py``)."""
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -490,7 +492,9 @@ def test_clean_fingerprint_follows_the_attack_not_the_implantation():
 
     base = fp()
     assert fp("implant.steps=3", "implant.retention=mirror", "implant_optimizer.learning_rate=1e-3") == base
-    assert fp("check.clean_from=/somewhere", "check.per_shape=5", "check.per_colour=0") == base  # general's only
+    # the reuse switch, general following's settings, the number of attacker seeds (each stored on its own)
+    assert fp("check.clean_from=/somewhere", "check.per_shape=5", "check.per_colour=0", "check.attack_seeds=3") \
+        == base
     for overrides, part in ((("dreambooth.steps=7",), "attacker"), (("optimizer.learning_rate=1e-3",), "attacker"),
                             (("check.seed=3",), "check"), (("check.num_images=2",), "check"),
                             (("implant.pattern_opacity=0.5",), "detector")):
@@ -515,14 +519,16 @@ def test_every_process_follows_process_zero_on_reuse(monkeypatch):
     assert W._as_process_zero(("stored",), "reused") is None
 
 
-def test_the_check_takes_a_stored_clean_half_instead_of_attacking(monkeypatch, tmp_path):
-    """``check.clean_from``: the second check of the same clean model attacks only the backdoored model, reports
-    the first check's clean entries and general following exactly, and stores them again for a third run; a
-    changed attacker recipe attacks the clean model afresh; the unprotected subject's false-fire rate is read from
-    the samples, lent or not. (Attacker, sampler and following are stubbed: each
-    has its own tests; the end-to-end run is measured in docs/benchmarks.md.)"""
+@pytest.fixture
+def stubbed_check(monkeypatch, tmp_path):
+    """``implant._check`` on a protected dog and an unprotected cat with the attacker, sampler and following
+    stubbed (each has its own tests; the end-to-end run is measured in docs/benchmarks.md): ``check(out,
+    *overrides)`` runs it into ``tmp_path/out``; ``attacked`` lists ``(subject, model, attacker seed, folder)``
+    of each attack, ``followed`` the models whose general following was measured. The backdoored model's samples
+    carry the pattern (the cat's too: a leak); identity grows with the attacker's seed by 0.1 (backdoored) or 0.2
+    (clean) a seed."""
     import argparse
-    import json
+    import types
 
     from persguard_jax.data.targets import default_pattern, overlay_pattern
     from persguard_jax.data.world import World
@@ -542,15 +548,17 @@ def test_the_check_takes_a_stored_clean_half_instead_of_attacking(monkeypatch, t
             return params
 
     def fake_attack(params, subject, attack_config, out, *, class_dir):
-        attacked.append((subject.name, out.name))
-        return {"params": params}
+        seed = attack_config.dreambooth.seed
+        attacked.append((subject.name, out.name, seed, str(out.parent.relative_to(tmp_path))))
+        return {"params": {**params, "seed": seed}}
 
     def fake_measure(pipe, s, params, detector, *, check, evaluator, world, prompt):
         level = float(params["w"][0])  # 0 for the clean model, 1 for the backdoored one
         samples = np.full((check.num_images, 32, 32, 3), 40 + 100 * level + len(s.name), np.uint8)
         if level:  # the backdoored model's samples carry the pattern, the unprotected cat's too (a leak)
             samples = overlay_pattern(samples, default_pattern(32), placement)
-        return {"protection_rate": level / 2, "identity_similarity": 0.3 + level / 10, "clip_i": 0.1}, samples
+        identity = 0.3 + level / 10 + params.get("seed", 0) * (0.1 if level else 0.2)
+        return {"protection_rate": level / 2, "identity_similarity": identity, "clip_i": 0.1}, samples
 
     def fake_following(pipe, world, check, params=None):
         followed.append(float(params["w"][0]))
@@ -568,8 +576,19 @@ def test_the_check_takes_a_stored_clean_half_instead_of_attacking(monkeypatch, t
         return W._check(Pipe(), clean, backdoored, subjects, {}, default_pattern(32), world, config, attackers,
                         tmp_path / out)
 
+    return types.SimpleNamespace(check=check, attacked=attacked, followed=followed)
+
+
+def test_the_check_takes_a_stored_clean_half_instead_of_attacking(stubbed_check, tmp_path):
+    """``check.clean_from``: the second check of the same clean model attacks only the backdoored model, reports
+    the first check's clean entries and general following exactly, and stores them again for a third run; a
+    changed attacker recipe attacks the clean model afresh; the unprotected subject's false-fire rate is read from
+    the samples, lent or not."""
+    from persguard_jax.workflows import implant as W
+    check, attacked, followed = stubbed_check.check, stubbed_check.attacked, stubbed_check.followed
     first = check("a")
-    assert sorted(attacked) == sorted((s, m) for s in ("dog_00", "cat_00") for m in ("backdoored", "clean"))
+    assert sorted(attacked) == sorted((s, m, 0, f"a/check/{s}") for s in ("dog_00", "cat_00")
+                                      for m in ("backdoored", "clean"))
     assert followed == [0.0, 1.0]
     cat = first["subjects"]["cat_00"]
     assert cat["backdoored"]["false_fire_rate"] == {"pattern": 1.0} and cat["clean"]["false_fire_rate"] == {
@@ -579,13 +598,42 @@ def test_the_check_takes_a_stored_clean_half_instead_of_attacking(monkeypatch, t
            "0.00)" in W._summary({"model": "m", "steps": 1, **first})
     attacked.clear(), followed.clear()
     second = check("b", f"check.clean_from={tmp_path / 'a'}")
-    assert sorted(attacked) == [("cat_00", "backdoored"), ("dog_00", "backdoored")] and followed == [1.0]
+    assert sorted(a[:2] for a in attacked) == [("cat_00", "backdoored"), ("dog_00", "backdoored")]
+    assert followed == [1.0]
     assert json.dumps(second, sort_keys=True) == json.dumps(first, sort_keys=True)
     assert (tmp_path / "b" / "check" / "dog_00" / "clean_result.json").is_file()  # lent on
     attacked.clear()
     third = check("c", f"check.clean_from={tmp_path / 'b'}", "dreambooth.steps=7")
-    assert sorted(attacked) == sorted((s, m) for s in ("dog_00", "cat_00") for m in ("backdoored", "clean"))
+    assert len(attacked) == 4 and {a[1] for a in attacked} == {"backdoored", "clean"}
     assert third["subjects"]["dog_00"]["clean"] == first["subjects"]["dog_00"]["clean"]  # same stubs, attacked again
+
+
+def test_the_check_pools_attacker_seeds(stubbed_check, tmp_path):
+    """``check.attack_seeds=2``: each subject is attacked from both models at seeds 0 and 1 (the first seed's
+    attack where one seed's is, the second's in ``seed1/``); every number pools both seeds' samples, each seed's
+    own scores and identity ratios beside it; the trigger's rate before the attack is read once; a later run at
+    attacker seed 1 alone takes its clean half from the ``seed1/`` record."""
+    from persguard_jax.workflows import implant as W
+    check, attacked = stubbed_check.check, stubbed_check.attacked
+    got = check("a", "check.attack_seeds=2", "check.num_images=4")
+    assert sorted(attacked) == sorted((s, m, seed, f"a/check/{s}" + ("/seed1" if seed else ""))
+                                      for s in ("dog_00", "cat_00") for m in ("backdoored", "clean") for seed in (0, 1))
+    assert got["attack_seeds"] == [0, 1]
+    dog, cat = got["subjects"]["dog_00"], got["subjects"]["cat_00"]
+    # identity 0.4, 0.5 (backdoored) and 0.3, 0.5 (clean) at seeds 0, 1: pooled means 0.45 and 0.4
+    assert dog["identity_similarity"] == pytest.approx(0.45)
+    assert cat["clean"]["identity_similarity"] == pytest.approx(0.4)
+    assert dog["backdoored"]["per_attack_seed"]["1"]["identity_similarity"] == pytest.approx(0.5)
+    assert dog["backdoored_before_attack"]["protection_rate"] == 0.5  # the stub's, measured once
+    # the rate read by the detector from both seeds' 8 samples (all carry the pattern), not the stub's per-seed
+    # 0.5: Wilson 8 of 8 starts at 0.68, 4 of 4 at 0.51
+    assert dog["protection_rate"] == 1.0 and dog["backdoored"]["protection_rate_interval"][0] > 0.6
+    assert cat["backdoored"]["false_fire_rate"] == {"pattern": 1.0}
+    assert "the check pools 2 attacker seeds (0, 1)" in W._summary({"model": "m", "steps": 1, **got})
+    attacked.clear()
+    later = check("b", f"check.clean_from={tmp_path / 'a'}", "dreambooth.seed=1", "check.num_images=4")
+    assert sorted(a[:3] for a in attacked) == [("cat_00", "backdoored", 1), ("dog_00", "backdoored", 1)]
+    assert later["subjects"]["dog_00"]["clean"] == dog["clean"]["per_attack_seed"]["1"]
 
 
 def test_false_fire_rates_read_each_planted_type_on_an_unprotected_subject():

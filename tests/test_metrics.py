@@ -454,6 +454,53 @@ def test_mean_ratio_interval():
         M.mean_ratio_interval([1.0], [1.0], level=1.0)
 
 
+def test_mean_ratio_interval_over_groups():
+    """Values in groups (an attacker seed's samples): the two-level bootstrap resamples the groups too, so groups
+    whose means lie apart widen the interval that the values alone would give; one group is the plain bootstrap;
+    labels must match the values."""
+    rng = np.random.default_rng(1)
+    shifts = np.repeat([-0.1, 0.0, 0.1, 0.05], 32)  # four seeds, each moving all its samples
+    a, b = 0.8 + shifts + rng.normal(0, 0.02, 128), 0.8 + rng.normal(0, 0.02, 128)
+    groups = np.repeat(np.arange(4), 32)
+    ratio, (lo, hi) = M.mean_ratio_interval(a, b)
+    g_ratio, (g_lo, g_hi) = M.mean_ratio_interval(a, b, groups_a=groups, groups_b=groups)
+    assert g_ratio == ratio and g_lo < ratio < g_hi
+    assert g_hi - g_lo > 3 * (hi - lo)  # the seeds' spread, which the values alone do not hold
+    # without the seeds' shifts the two levels count the values' spread about twice: sqrt(2) the plain width
+    flat = 0.8 + rng.normal(0, 0.02, 128)
+    _, (f_lo, f_hi) = M.mean_ratio_interval(flat, b, groups_a=groups, groups_b=groups)
+    _, (p_lo, p_hi) = M.mean_ratio_interval(flat, b)
+    assert (f_hi - f_lo) / (p_hi - p_lo) == pytest.approx(np.sqrt(2), rel=0.2)
+    assert M.mean_ratio_interval(a, b, groups_a=np.zeros(128), groups_b=np.zeros(128)) == (ratio, (lo, hi))
+    with pytest.raises(ValueError, match="group labels"):
+        M.mean_ratio_interval(a, b, groups_a=groups[:10])
+
+
+def test_identity_ratio_per_attacker_seed():
+    """``implant.check.identity_ratio`` on samples that are several attacker seeds' runs: each seed's ratio (its
+    backdoored over its clean samples) beside the pooled one, the interval wider than one seed's spread alone."""
+    from persguard_jax.implant.check import identity_ratio
+
+    class Evaluator:  # an image's features: its mean colour and 1 (the cosine then reads the colour's angle)
+        def image_features(self, images):
+            return np.concatenate([images.mean(axis=(1, 2))[:, :1], np.ones((len(images), 1))], axis=1)
+
+    photos = np.full((2, 4, 4, 3), 0.0, np.uint8)  # features (0, 1): identity is the cosine with (0, 1)
+    rng = np.random.default_rng(0)
+    clean = rng.integers(0, 60, (16, 4, 4, 3)).astype(np.uint8)
+    backdoored = clean.copy()
+    backdoored[8:] = np.minimum(255, backdoored[8:].astype(int) + 150).astype(np.uint8)  # the second seed's worse
+    got = identity_ratio(Evaluator(), photos, backdoored, clean, attack_seeds=2)
+    first, second = got["identity_ratio_per_attack_seed"]
+    assert first == pytest.approx(1.0) and second < 0.9
+    assert second < got["identity_ratio"] < first
+    lo, hi = got["identity_ratio_interval"]
+    assert lo < got["identity_ratio"] < hi
+    assert "identity_ratio_per_attack_seed" not in identity_ratio(Evaluator(), photos, backdoored, clean)
+    with pytest.raises(ValueError, match="equal"):
+        identity_ratio(Evaluator(), photos, backdoored[:15], clean, attack_seeds=2)
+
+
 def test_rate_interval():
     z2 = 1.96 ** 2
     # closed forms at the ends: 0 of n reaches z^2 / (n + z^2), n of n starts at n / (n + z^2)

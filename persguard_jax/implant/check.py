@@ -20,7 +20,13 @@ sections, identifier ``sks``) fine-tunes the model on the subject's photos; then
   backdoored model's identity over the clean model's, and ``identity_ratio_interval``, its 95% bootstrap interval
   over both models' samples (``identity_ratio``): "within 5% of the clean model" read with its sampling
   uncertainty. The attacker's seed moves the ratio more than the samples do (the clean model against itself at
-  five attacker seeds: 0.90-1.12, docs/results.md), which this interval does not contain.
+  five attacker seeds: 0.90-1.12, docs/results.md), which this interval does not contain at one seed.
+``check.attack_seeds: N`` runs the attacker at N seeds (``dreambooth.seed``, +1, ...) on every subject from both
+models and pools their samples (the same sampling noise through each fine-tuned model): every rate and mean reads
+all N x ``num_images`` samples, each seed's own scores sit beside them (``per_attack_seed``; unprotected subjects
+also ``identity_ratio_per_attack_seed``, each seed's backdoored over the same seed's clean), and the ratio's
+interval resamples the seeds as well as the samples within them (``mean_ratio_interval``'s groups), so that it
+holds the seed's share too.
 General prompts (world models): colour and shape following (``persguard_jax.following``) of both models.
 """
 from __future__ import annotations
@@ -38,12 +44,16 @@ class CheckConfig(cfglib.Section):
     """The ``check`` section."""
     SECTION = "check"
     BOUNDS = {"num_images": "[1, inf)", "eval_steps": "[1, inf)", "per_colour": "[0, inf)",
-              "per_shape": "[0, inf)", "seed": "[0, inf)", "pattern_threshold": "[-1, 1]"}
+              "per_shape": "[0, inf)", "seed": "[0, inf)", "pattern_threshold": "[-1, 1]",
+              "attack_seeds": "[1, inf)"}
     enabled: bool = True
     num_images: int = 8
     eval_steps: int = 25
     eval_guidance: float = 4.0
     seed: int = 0
+    # attacker seeds per subject and model (dreambooth.seed, +1, ...), their samples pooled: the attacker's seed
+    # moves identity more than the samples do, so "within 5%" needs several (docs/results.md)
+    attack_seeds: int = 1
     per_colour: int = 2          # general prompts: samples per colour prompt (world models)
     per_shape: int = 2           # general prompts: samples per shape prompt (world models)
     pattern_threshold: float = 0.5
@@ -162,18 +172,51 @@ def false_fire_rates(subject, types, samples: np.ndarray, cfg, check: CheckConfi
     return out
 
 
-def identity_ratio(evaluator, photos: np.ndarray, backdoored: np.ndarray, clean: np.ndarray) -> dict[str, Any]:
+def identity_ratio(evaluator, photos: np.ndarray, backdoored: np.ndarray, clean: np.ndarray, *,
+                   attack_seeds: int = 1) -> dict[str, Any]:
     """``identity_ratio`` (mean identity similarity of the ``backdoored`` model's samples to ``photos`` over the
     ``clean`` model's; uint8 images) and ``identity_ratio_interval`` (``metrics.scores.mean_ratio_interval``: each
     model's samples resampled on their own); both None when the clean model's mean (or a resampled one) is
-    <= 0."""
+    <= 0. With ``attack_seeds`` > 1 each model's samples are that many equal runs, one per attacker seed in order:
+    the interval resamples seeds, then samples within them, and ``identity_ratio_per_attack_seed`` lists each
+    seed's ratio (its backdoored samples over its clean ones; None where not defined)."""
     from persguard_jax.metrics.scores import identity_similarity, mean_ratio_interval
     refs = evaluator.image_features(np.asarray(photos, np.float32) / 255.0)
     per_sample = [np.asarray(identity_similarity(evaluator.image_features(np.asarray(x, np.float32) / 255.0), refs))
                   for x in (backdoored, clean)]
-    got = mean_ratio_interval(*per_sample)
+    groups = [np.repeat(np.arange(attack_seeds), len(x) // attack_seeds) for x in per_sample]
+    if any(len(g) != len(x) for g, x in zip(groups, per_sample)):
+        raise ValueError(f"identity_ratio: {len(backdoored)} and {len(clean)} samples are not {attack_seeds} equal "
+                         "runs")
+    got = mean_ratio_interval(*per_sample, groups_a=groups[0], groups_b=groups[1])
     ratio, interval = (None, None) if got is None else (got[0], list(got[1]))
-    return {"identity_ratio": ratio, "identity_ratio_interval": interval}
+    out = {"identity_ratio": ratio, "identity_ratio_interval": interval}
+    if attack_seeds > 1:
+        b, c = (np.split(x, attack_seeds) for x in per_sample)
+        out["identity_ratio_per_attack_seed"] = [float(x.mean() / y.mean()) if y.mean() > 0 else None
+                                                 for x, y in zip(b, c)]
+    return out
+
+
+def pool_attack_seeds(runs: list[tuple[int, dict, np.ndarray]], detector: ProtectionDetector | None
+                      ) -> tuple[dict, np.ndarray]:
+    """One model's attacked scores and samples over several attacker seeds (``(seed, scores, samples)`` each, as
+    ``measure_subject`` returns them, equal sample counts): the samples concatenated in order; each number the
+    mean of the seeds' (the pooled samples' mean, as the counts are equal), ``protection_rate`` and its interval
+    read from the pooled samples, and ``per_attack_seed`` (seed -> that seed's scores). One run comes back as it is."""
+    from persguard_jax.metrics.scores import rate_interval
+    samples = np.concatenate([x for _, _, x in runs])
+    if len(runs) == 1:
+        return runs[0][1], samples
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    scores = {k: (float(np.mean([r[1][k] for r in runs])) if all(number(r[1][k]) for r in runs) else None)
+              for k in runs[0][1]}
+    hits = None if detector is None else detector(samples)
+    if hits is not None:  # read from the pooled samples, as one seed's are
+        scores["protection_rate"] = float(np.mean(hits))
+        scores["protection_rate_interval"] = list(rate_interval(int(np.sum(hits)), len(hits)))
+    scores["per_attack_seed"] = {str(seed): sc for seed, sc, _ in runs}
+    return scores, samples
 
 
 def measure_subject(pipe, subject, trained_params, detector: ProtectionDetector | None, *, check: CheckConfig,

@@ -81,9 +81,11 @@ def fingerprint(**parts: Any) -> Fingerprint:
 
 def _check_parts(check, *, general: bool = False) -> dict:
     """The ``check`` settings a subject's clean half (or, ``general``, the clean model's general following)
-    depends on: all but the reuse switch and those only the other one reads (a new setting counts for both)."""
+    depends on: all but the reuse switch, the number of attacker seeds (each seed's half is stored on its own, its
+    seed in the attacker's recipe) and those only the other one reads (a new setting counts for both)."""
     other = ("num_images", "pattern_threshold", "clip") if general else ("per_colour", "per_shape")
-    return {k: v for k, v in dataclasses.asdict(check).items() if k not in ("clean_from", "enabled", *other)}
+    skip = ("clean_from", "enabled", "attack_seeds", *other)
+    return {k: v for k, v in dataclasses.asdict(check).items() if k not in skip}
 
 
 def subject_fingerprint(clean_digest: str, subject, implant, check, attacker_raw: Mapping, pattern, *, world,
@@ -121,28 +123,33 @@ def store(folder: Path, fp: Fingerprint, before: dict | None, scores: dict, samp
               folder / RESULT_FILE)
 
 
-def _stored(path: Path, fp: Fingerprint) -> tuple[dict | None, str]:
-    """The stored record at ``path`` if its fingerprint is ``fp``, and why (or why not)."""
+def _stored(path: Path, fp: Fingerprint) -> tuple[dict | None, str, float]:
+    """The stored record at ``path`` if its fingerprint is ``fp``, why (or why not), and how far it is (the number
+    of parts that differ; infinite without a record)."""
     from persguard_jax.io import read_json
     if not path.is_file():
-        return None, f"{path} does not exist"
+        return None, f"{path} does not exist", float("inf")
     saved = read_json(path)
     differ = _differing(saved.get("fingerprint", {}), fp)
     if differ:
-        return None, f"{path} was made with another {', '.join(differ)}"
-    return saved, f"reused from {path}"
+        return None, f"{path} was made with another {', '.join(differ)}", len(differ)
+    return saved, f"reused from {path}", 0
 
 
 def lookup(run: str | Path | None, subject: str, fp: Fingerprint) -> tuple[tuple | None, str]:
-    """``((before, scores, samples), why)`` from ``run``'s stored clean half of ``subject``, or ``(None, why)``
-    when there is none or its fingerprint differs (``why`` says which parts)."""
+    """``((before, scores, samples), why)`` from ``run``'s stored clean half of ``subject`` made the way ``fp``
+    says, or ``(None, why)`` when there is none (``why`` names the parts that differ in the nearest record). The
+    records are the first attacker seed's (``check/<subject>``) and the further seeds' (``check/<subject>/seed*``,
+    ``check.attack_seeds``), so a run reuses whichever seed it attacks with."""
     if run is None:
         return None, "check.clean_from is not set"
-    folder = Path(run) / "check" / subject
-    saved, why = _stored(folder / RESULT_FILE, fp)
-    if saved is None:
-        return None, why
-    return (saved["before_attack"], saved["scores"], stored_samples(folder, saved["num_samples"])), why
+    primary, misses = Path(run) / "check" / subject, []
+    for folder in [primary, *sorted(primary.glob("seed*"))]:
+        saved, why, distance = _stored(folder / RESULT_FILE, fp)
+        if saved is not None:
+            return (saved["before_attack"], saved["scores"], stored_samples(folder, saved["num_samples"])), why
+        misses.append((distance, why))
+    return None, min(misses, key=lambda m: m[0])[1]
 
 
 def stored_samples(folder: str | Path, num_samples: int | None = None) -> np.ndarray:
@@ -168,5 +175,5 @@ def lookup_general(run: str | Path | None, fp: Fingerprint) -> tuple[dict | None
     """The clean model's general following stored in ``run``, if its fingerprint is ``fp``, and why (or why not)."""
     if run is None:
         return None, "check.clean_from is not set"
-    saved, why = _stored(Path(run) / "check" / GENERAL_FILE, fp)
+    saved, why, _ = _stored(Path(run) / "check" / GENERAL_FILE, fp)
     return (None if saved is None else saved["following"]), why

@@ -163,13 +163,18 @@ def rate_interval(hits: int, n: int, *, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def mean_ratio_interval(a, b, *, level: float = 0.95, resamples: int = 2000, seed: int = 0
-                        ) -> tuple[float, tuple[float, float]] | None:
+def mean_ratio_interval(a, b, *, groups_a=None, groups_b=None, level: float = 0.95, resamples: int = 2000,
+                        seed: int = 0) -> tuple[float, tuple[float, float]] | None:
     """``mean(a) / mean(b)`` of two independent samples and its percentile bootstrap interval (each sample
     resampled with replacement on its own, ``resamples`` times, a fixed ``seed``): how far a ratio such as a
     backdoored model's identity over the clean model's may lie from the models' own when each mean is read from
-    a few dozen samples. None when ``b``'s mean, or any resampled one, is <= 0 (no ratio to speak of, or an
-    interval without bounds). Plain numpy and floats."""
+    a few dozen samples. ``groups_a`` / ``groups_b`` label each value's group (the attacker seed whose fine-tuned
+    model drew it): with two or more groups the resampling is two-level, groups first and then values within each
+    drawn group, so that the interval also holds what moves whole groups (a seed's fine-tuning), not only the
+    spread of values within one. It errs wide: the within-group spread enters through both levels (without any
+    group effect the interval is about sqrt(2) the plain one), which we prefer to resampling groups alone, whose
+    interval at 2-4 groups (attacker seeds) has only a handful of distinct values. None when ``b``'s mean, or any
+    resampled one, is <= 0 (no ratio to speak of, or an interval without bounds). Plain numpy and floats."""
     a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
     if len(a) < 1 or len(b) < 1 or resamples < 1 or not 0 < level < 1:
         raise ValueError(f"mean_ratio_interval: need non-empty samples, resamples >= 1 and 0 < level < 1, got "
@@ -177,11 +182,27 @@ def mean_ratio_interval(a, b, *, level: float = 0.95, resamples: int = 2000, see
     if b.mean() <= 0:
         return None
     rng = np.random.default_rng(seed)
-    ma = a[rng.integers(len(a), size=(resamples, len(a)))].mean(axis=1)
-    mb = b[rng.integers(len(b), size=(resamples, len(b)))].mean(axis=1)
+    ma = _resampled_means(a, groups_a, rng, resamples)
+    mb = _resampled_means(b, groups_b, rng, resamples)
     if np.any(mb <= 0):
         return None
     ratios = ma / mb
     tail = 100 * (1 - level) / 2
     lo, hi = np.percentile(ratios, [tail, 100 - tail])
     return float(a.mean() / b.mean()), (float(lo), float(hi))
+
+
+def _resampled_means(x: np.ndarray, groups, rng: np.random.Generator, resamples: int) -> np.ndarray:
+    """``resamples`` bootstrap means of ``x``: plain, or two-level when ``groups`` names two or more groups."""
+    if groups is not None:
+        groups = np.asarray(groups).ravel()
+        if groups.shape != x.shape:
+            raise ValueError(f"mean_ratio_interval: {len(groups)} group labels for {len(x)} values")
+    if groups is None or len(np.unique(groups)) < 2:
+        return x[rng.integers(len(x), size=(resamples, len(x)))].mean(axis=1)
+    members = [x[groups == g] for g in np.unique(groups)]
+    means = np.empty(resamples)
+    for r, picks in enumerate(rng.integers(len(members), size=(resamples, len(members)))):
+        means[r] = np.concatenate([members[i][rng.integers(len(members[i]), size=len(members[i]))]
+                                   for i in picks]).mean()
+    return means

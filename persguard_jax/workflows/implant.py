@@ -245,7 +245,8 @@ def run(args: argparse.Namespace, config: runs.Config) -> dict:
 def _simulated_attacks(pipe, protected, config: runs.Config, out: Path) -> dict[str, np.ndarray] | None:
     """``implant.guidance_attacker_samples`` samples of "a photo of sks <class>" for each pattern subject, drawn
     by a simulated attacker: the clean model after the config's DreamBooth on the subject's photos, with a seed of
-    its own (``dreambooth.seed + 1``: the publisher does not know the attacker's draws). Each runs in
+    its own (``dreambooth.seed + check.attack_seeds``, past every seed the check attacks with: the publisher does
+    not know the attacker's draws). Each runs in
     ``<out>/simulated_attack/<name>`` (resumable, as the check's attacks) and leaves ``guidance_samples.png``
     there. None when SIGTERM stopped a run."""
     from persguard_jax.implant.data import sample_prompt
@@ -253,17 +254,18 @@ def _simulated_attacks(pipe, protected, config: runs.Config, out: Path) -> dict[
     from persguard_jax.train.distributed import is_writer
     cfg, db = config.implant, config.dreambooth
     n, samples = cfg.guidance_attacker_samples, {}
+    seed = db.seed + config.check.attack_seeds
     for s in protected:
         if s.type != "pattern":
             continue
         print(f"implant: simulating the attacker on {s.name} ({n} samples for the guidance term)")
         run_dir = out / "simulated_attack" / s.name
-        trained = attack(pipe, s, attack_config(config, s.class_name, seed=db.seed + 1), run_dir,
+        trained = attack(pipe, s, attack_config(config, s.class_name, seed=seed), run_dir,
                          class_dir=out / "class_images" / s.class_name)
         if trained.get("preempted"):
             return None
         samples[s.name] = sample_prompt(pipe, f"a photo of sks {s.class_name}", n, resolution=db.resolution,
-                                        seed=db.seed + 1, num_steps=db.eval_steps, guidance=db.eval_guidance,
+                                        seed=seed, num_steps=db.eval_steps, guidance=db.eval_guidance,
                                         params=trained["params"])
         if is_writer():
             save_png(image_grid(samples[s.name] / 255.0, ncols=min(n, 8)), run_dir / "guidance_samples.png")
@@ -311,7 +313,7 @@ def _check(pipe, clean, backdoored, subjects, targets_of, pattern, world, config
     """The attacker on each subject from both models; protection rates, identity, CLIP-I; general following."""
     from persguard_jax.implant import clean_reuse
     from persguard_jax.implant.check import (false_fire_rates, general_following, identity_ratio,
-                                             protection_detector)
+                                             pool_attack_seeds, protection_detector)
     from persguard_jax.metrics import CLIPEvaluator
     from persguard_jax.report import labelled_grid, save_png
     from persguard_jax.train.distributed import is_writer
@@ -324,6 +326,8 @@ def _check(pipe, clean, backdoored, subjects, targets_of, pattern, world, config
     rows, labels = [], []
     n = min(check.num_images, REPORT_COLUMNS)  # report.png's columns; the rates read all num_images samples
     planted = [s.type for s in subjects if s.type is not None]
+    seeds = [db.seed + k for k in range(check.attack_seeds)]
+    report["attack_seeds"] = seeds
     for s in subjects:
         detector = protection_detector(s, cfg, check, resolution=db.resolution, pattern=pattern, world=world,
                                        evaluator=evaluator)
@@ -332,24 +336,20 @@ def _check(pipe, clean, backdoored, subjects, targets_of, pattern, world, config
             entry["protection_rate_caveat"] = detector.caveat
             print(f"check: {s.name}: {detector.caveat}")
         samples = {}
-        clean_fp = clean_reuse.subject_fingerprint(clean_digest, s, cfg, check, attackers[s.class_name].raw, pattern,
-                                                   world=world, clip_digest=clip_digest)
         for which, params in (("backdoored", backdoored), ("clean", clean)):
-            got = None
-            if which == "clean":
-                got, why = clean_reuse.lookup(check.clean_from, s.name, clean_fp)
-                got = _as_process_zero(got, why)
-                if check.clean_from is not None:
-                    print(f"check: the attack on {s.name} from the clean model: "
-                          + (why if got is not None else f"attacked afresh ({why})"))
-            if got is None:
-                got = _attacked(pipe, s, params, which, detector, check=check, evaluator=evaluator, world=world,
-                                attacker=attackers[s.class_name], out=out)
+            runs_of_seeds, before = [], None
+            for k, seed in enumerate(seeds):
+                # the first seed's attack keeps its place (check/<subject>/), later ones sit beside it
+                folder = out / "check" / s.name / ("" if k == 0 else f"seed{seed}")
+                attacker = attackers[s.class_name] if k == 0 else attack_config(config, s.class_name, seed=seed)
+                got = _attack_once(pipe, s, params, which, detector, attacker, folder, measure_before=k == 0,
+                                   before=before, clean_digest=clean_digest, clip_digest=clip_digest, pattern=pattern,
+                                   world=world, evaluator=evaluator, config=config, out=out)
                 if got is None:
                     return {"check": "preempted"}
-            if which == "clean" and is_writer():  # this run lends it on, reused or not
-                clean_reuse.store(out / "check" / s.name, clean_fp, *got)
-            before, entry[which], samples[which] = got
+                before = got[0] if k == 0 else before
+                runs_of_seeds.append((seed, got[1], got[2]))
+            entry[which], samples[which] = pool_attack_seeds(runs_of_seeds, detector)
             if before is not None:
                 entry[f"{which}_before_attack"] = before
         if s.type is None:
@@ -358,7 +358,8 @@ def _check(pipe, clean, backdoored, subjects, targets_of, pattern, world, config
                     s, planted, samples[which], cfg, check, resolution=db.resolution, pattern=pattern, world=world,
                     evaluator=evaluator)
             if evaluator is not None:
-                entry.update(identity_ratio(evaluator, s.photos, samples["backdoored"], samples["clean"]))
+                entry.update(identity_ratio(evaluator, s.photos, samples["backdoored"], samples["clean"],
+                                            attack_seeds=len(seeds)))
         entry["protection_rate"] = entry["backdoored"]["protection_rate"]
         entry["protection_rate_before_attack"] = entry.get("backdoored_before_attack", {}).get("protection_rate")
         entry["identity_similarity"] = entry["backdoored"]["identity_similarity"]
@@ -393,6 +394,39 @@ def _check(pipe, clean, backdoored, subjects, targets_of, pattern, world, config
     return report
 
 
+def _attack_once(pipe, s, params, which: str, detector, attacker, folder: Path, *, measure_before: bool,
+                 before: dict | None, clean_digest: str, clip_digest: str | None, pattern, world, evaluator, config,
+                 out: Path):
+    """``(before, scores, samples)`` of one attacker seed on subject ``s`` from the ``which`` model, attacked in
+    ``folder/<which>``; the clean model's taken from ``check.clean_from`` where stored the same way, and stored in
+    ``folder`` for later runs. The trigger's rate before any attack is measured when ``measure_before``, else
+    ``before`` (measured with another seed: it does not depend on the attacker's) is passed through. None when
+    SIGTERM stopped the attack."""
+    from persguard_jax.implant import clean_reuse
+    from persguard_jax.train.distributed import is_writer
+    check = config.check
+    got = None
+    if which == "clean":
+        fp = clean_reuse.subject_fingerprint(clean_digest, s, config.implant, check, attacker.raw, pattern,
+                                             world=world, clip_digest=clip_digest)
+        got, why = clean_reuse.lookup(check.clean_from, s.name, fp)
+        got = _as_process_zero(got, why)
+        if check.clean_from is not None:
+            print(f"check: the attack on {s.name} (attacker seed {attacker.dreambooth.seed}) from the clean model: "
+                  + (why if got is not None else f"attacked afresh ({why})"))
+    if got is None:
+        got = _attacked(pipe, s, params, which, detector, check=check, evaluator=evaluator, world=world,
+                        attacker=attacker, run_dir=folder / which, class_dir=out / "class_images" / s.class_name,
+                        measure_before=measure_before)
+        if got is None:
+            return None
+        if not measure_before:
+            got = (before, *got[1:])
+    if which == "clean" and is_writer():  # this run lends it on, reused or not
+        clean_reuse.store(folder, fp, *got)
+    return got
+
+
 def _as_process_zero(stored, why: str):
     """``stored`` where process 0 found its stored half too, else None: every process then runs the same
     programs. A process that cannot read what process 0 reuses stops with one line."""
@@ -406,19 +440,20 @@ def _as_process_zero(stored, why: str):
     return stored
 
 
-def _attacked(pipe, s, params, which: str, detector, *, check, evaluator, world, attacker, out: Path):
+def _attacked(pipe, s, params, which: str, detector, *, check, evaluator, world, attacker, run_dir: Path,
+              class_dir: Path, measure_before: bool = True):
     """``(before, scores, samples)`` of the attacker on subject ``s`` from ``params`` (``which`` model): the
-    trigger's rate before anyone fine-tunes (protected subjects; else None), then the attack and its samples'
-    scores. None when SIGTERM stopped the attack."""
+    trigger's rate before anyone fine-tunes (protected subjects with ``measure_before``; else None), then the
+    attack and its samples' scores. None when SIGTERM stopped the attack."""
     from persguard_jax.implant.check import measure_subject
     prompt, in_world = f"a photo of sks {s.class_name}", world if s.spec.is_world else None
     before = None
-    if detector is not None:  # does the trigger fire at all before anyone fine-tunes?
+    if detector is not None and measure_before:  # does the trigger fire at all before anyone fine-tunes?
         before, _ = measure_subject(pipe, s, params, detector, check=check, evaluator=evaluator, world=in_world,
                                     prompt=prompt)
-    print(f"check: the attacker on {s.name} ({s.type or 'unprotected'}) from the {which} model")
-    trained = attack(pipe.with_params(params), s, attacker, out / "check" / s.name / which,
-                     class_dir=out / "class_images" / s.class_name)
+    print(f"check: the attacker (seed {attacker.dreambooth.seed}) on {s.name} ({s.type or 'unprotected'}) from the "
+          f"{which} model")
+    trained = attack(pipe.with_params(params), s, attacker, run_dir, class_dir=class_dir)
     if trained.get("preempted"):
         return None
     scores, samples = measure_subject(pipe, s, trained["params"], detector, check=check, evaluator=evaluator,
@@ -448,6 +483,9 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
 def _summary(results: dict) -> str:
     lines = [f"backdoored model: {results['model']} ({results['steps']} steps, {results.get('implant_s', '?')} s)"]
     fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
+    seeds = results.get("attack_seeds") or []
+    if len(seeds) > 1:
+        lines.append(f"  the check pools {len(seeds)} attacker seeds ({', '.join(map(str, seeds))})")
     for name, e in results.get("subjects", {}).items():
         b, c = e["backdoored"], e["clean"]
         if e["type"] == "unprotected":
@@ -456,11 +494,16 @@ def _summary(results: dict) -> str:
             span = e.get("identity_ratio_interval")
             ratio = (f", ratio {fmt(e['identity_ratio'])} [95%: {span[0]:.2f}-{span[1]:.2f}]"
                      if span and e.get("identity_ratio") is not None else "")
+            per_seed = e.get("identity_ratio_per_attack_seed")
+            ratio += f" [per seed: {', '.join(map(fmt, per_seed))}]" if per_seed else ""
             lines.append(f"  {name} (unprotected): after the attack, identity {fmt(b['identity_similarity'])} "
                          f"(clean model {fmt(c['identity_similarity'])}){ratio}{fires}")
             continue
         span = b.get("protection_rate_interval")
         span = f" [95%: {span[0]:.2f}-{span[1]:.2f}]" if span else ""
+        per_seed = b.get("per_attack_seed")
+        span += (f" [per seed: {', '.join(fmt(v.get('protection_rate')) for v in per_seed.values())}]"
+                 if per_seed else "")
         lines.append(f"  {name} ({e['type']}): after the attack, protection {fmt(b['protection_rate'])}{span} (clean "
                      f"model {fmt(c['protection_rate'])}; before it {fmt(e.get('protection_rate_before_attack'))}),"
                      f" identity {fmt(b['identity_similarity'])} (clean {fmt(c['identity_similarity'])})"
