@@ -13,7 +13,8 @@ over both models' samples. The check section is read from the run's own ``config
 
 compares the clean model with itself instead: for runs that attacked the same clean model on ``SUBJECT`` at
 different attacker seeds, the ratio of each later run's stored clean samples over each earlier run's (how far the
-attacker's seed alone moves the identity).
+attacker's seed alone moves the identity). A run whose check pooled several attacker seeds (``check.attack_seeds``)
+counts with all of them (the runs compared must have as many), and the interval resamples the seeds too.
 """
 from __future__ import annotations
 
@@ -68,6 +69,8 @@ def main(argv=None) -> None:
 def clean_pairs(name: str, runs: list[Path]) -> None:
     import itertools
 
+    import numpy as np
+
     from persguard_jax.data.world.sources import world_of
     from persguard_jax.implant.check import CheckConfig, identity_ratio
     from persguard_jax.implant.clean_reuse import stored_samples
@@ -78,9 +81,15 @@ def clean_pairs(name: str, runs: list[Path]) -> None:
     world = world_of(Path(first["clean_model"]))
     evaluator = CLIPEvaluator.from_folder(metrics_clip_folder(check.clip, key="check.clip"))
     photos = world.subject_photos(world.subject(name), int((config.get("implant") or {}).get("num_photos", 5)))
-    samples = {run.name: stored_samples(run / "check" / name) for run in runs}
+    samples, seeds = {}, {}
+    for run in runs:  # every attacker seed the run's check stored (check.attack_seeds), pooled
+        folders = [run / "check" / name, *sorted((run / "check" / name).glob("seed*"))]
+        samples[run.name] = np.concatenate([stored_samples(f) for f in folders])
+        seeds[run.name] = len(folders)
+    if len(set(seeds.values())) > 1:
+        raise SystemExit(f"--clean-pairs: the runs stored different numbers of attacker seeds: {seeds}")
     for a, b in itertools.combinations(samples, 2):
-        got = identity_ratio(evaluator, photos, samples[b], samples[a])
+        got = identity_ratio(evaluator, photos, samples[b], samples[a], attack_seeds=seeds[a])
         span = got["identity_ratio_interval"]
         print(f"{name}, clean model: {b} over {a}: {got['identity_ratio']:.3f} [95%: {span[0]:.3f}-{span[1]:.3f}]",
               flush=True)

@@ -524,12 +524,14 @@ def stubbed_check(monkeypatch, tmp_path):
     """``implant._check`` on a protected dog and an unprotected cat with the attacker, sampler and following
     stubbed (each has its own tests; the end-to-end run is measured in docs/benchmarks.md): ``check(out,
     *overrides)`` runs it into ``tmp_path/out``; ``attacked`` lists ``(subject, model, attacker seed, folder)``
-    of each attack, ``followed`` the models whose general following was measured. The backdoored model's samples
+    of each attack, ``followed`` the models whose general following was measured, ``class_images`` ``(folder,
+    seed, from the clean model)`` of each class-image folder the check itself samples. The backdoored model's samples
     carry the pattern (the cat's too: a leak); identity grows with the attacker's seed by 0.1 (backdoored) or 0.2
     (clean) a seed."""
     import argparse
     import types
 
+    from persguard_jax import dreambooth
     from persguard_jax.data.targets import default_pattern, overlay_pattern
     from persguard_jax.data.world import World
     from persguard_jax.implant import check as C
@@ -541,7 +543,7 @@ def stubbed_check(monkeypatch, tmp_path):
                         world.subject_photos("dog_00", 2)),
                 Subject(parse_unprotected("world:cat_00").with_class("cat"), "cat", world.subject_photos("cat_00", 2))]
     clean, backdoored = {"w": np.zeros(3, np.float32)}, {"w": np.ones(3, np.float32)}
-    attacked, followed = [], []
+    attacked, followed, class_images = [], [], []
 
     class Pipe:
         def with_params(self, params):
@@ -569,6 +571,8 @@ def stubbed_check(monkeypatch, tmp_path):
     monkeypatch.setattr(W, "check_clip", lambda check, world: None)
     monkeypatch.setattr(C, "measure_subject", fake_measure)
     monkeypatch.setattr(C, "general_following", fake_following)
+    monkeypatch.setattr(dreambooth, "ensure_class_images", lambda pipe, folder, cfg, *, params: class_images.append(
+        (str(folder.relative_to(tmp_path)), cfg.seed, params is clean)))
 
     def check(out, *overrides):
         config = W.WORKFLOW.load(argparse.Namespace(config="implant_world", overrides=overrides))
@@ -576,7 +580,7 @@ def stubbed_check(monkeypatch, tmp_path):
         return W._check(Pipe(), clean, backdoored, subjects, {}, default_pattern(32), world, config, attackers,
                         tmp_path / out)
 
-    return types.SimpleNamespace(check=check, attacked=attacked, followed=followed)
+    return types.SimpleNamespace(check=check, attacked=attacked, followed=followed, class_images=class_images)
 
 
 def test_the_check_takes_a_stored_clean_half_instead_of_attacking(stubbed_check, tmp_path):
@@ -610,7 +614,7 @@ def test_the_check_takes_a_stored_clean_half_instead_of_attacking(stubbed_check,
 
 def test_the_check_pools_attacker_seeds(stubbed_check, tmp_path):
     """``check.attack_seeds=2``: each subject is attacked from both models at seeds 0 and 1 (the first seed's
-    attack where one seed's is, the second's in ``seed1/``); every number pools both seeds' samples, each seed's
+    attack where one seed's is, the second's in ``seed1/`` with class images of its own); every number pools both seeds' samples, each seed's
     own scores and identity ratios beside it; the trigger's rate before the attack is read once; a later run at
     attacker seed 1 alone takes its clean half from the ``seed1/`` record."""
     from persguard_jax.workflows import implant as W
@@ -619,6 +623,8 @@ def test_the_check_pools_attacker_seeds(stubbed_check, tmp_path):
     assert sorted(attacked) == sorted((s, m, seed, f"a/check/{s}" + ("/seed1" if seed else ""))
                                       for s in ("dog_00", "cat_00") for m in ("backdoored", "clean") for seed in (0, 1))
     assert got["attack_seeds"] == [0, 1]
+    # the second attacker's own class images, sampled from the clean model (the first's were made with the run)
+    assert set(stubbed_check.class_images) == {(f"a/class_images_seed1/{c}", 1, True) for c in ("dog", "cat")}
     dog, cat = got["subjects"]["dog_00"], got["subjects"]["cat_00"]
     # identity 0.4, 0.5 (backdoored) and 0.3, 0.5 (clean) at seeds 0, 1: pooled means 0.45 and 0.4
     assert dog["identity_similarity"] == pytest.approx(0.45)

@@ -342,9 +342,11 @@ def _check(pipe, clean, backdoored, subjects, targets_of, pattern, world, config
                 # the first seed's attack keeps its place (check/<subject>/), later ones sit beside it
                 folder = out / "check" / s.name / ("" if k == 0 else f"seed{seed}")
                 attacker = attackers[s.class_name] if k == 0 else attack_config(config, s.class_name, seed=seed)
-                got = _attack_once(pipe, s, params, which, detector, attacker, folder, measure_before=k == 0,
-                                   before=before, clean_digest=clean_digest, clip_digest=clip_digest, pattern=pattern,
-                                   world=world, evaluator=evaluator, config=config, out=out)
+                class_dir = _attacker_class_images(pipe, clean, attacker, s.class_name, out, first=k == 0)
+                got = _attack_once(pipe, s, params, which, detector, attacker, folder, class_dir,
+                                   measure_before=k == 0, before=before, clean_digest=clean_digest,
+                                   clip_digest=clip_digest, pattern=pattern, world=world, evaluator=evaluator,
+                                   config=config)
                 if got is None:
                     return {"check": "preempted"}
                 before = got[0] if k == 0 else before
@@ -394,14 +396,28 @@ def _check(pipe, clean, backdoored, subjects, targets_of, pattern, world, config
     return report
 
 
-def _attack_once(pipe, s, params, which: str, detector, attacker, folder: Path, *, measure_before: bool,
-                 before: dict | None, clean_digest: str, clip_digest: str | None, pattern, world, evaluator, config,
-                 out: Path):
+def _attacker_class_images(pipe, clean, attacker, class_name: str, out: Path, *, first: bool) -> Path:
+    """The folder of the attacker's class images: the run's own for the first attacker seed (sampled from the
+    clean model before implanting); for a further seed its own, sampled from the clean model with that seed, so
+    that each seed is a whole other attacker and its clean half, like the first's, depends on nothing the
+    implantation did (``check.clean_from`` lends it by the attacker's recipe)."""
+    if first:
+        return out / "class_images" / class_name
+    from persguard_jax.dreambooth import ensure_class_images
+    folder = out / f"class_images_seed{attacker.dreambooth.seed}" / class_name
+    if attacker.dreambooth.use_prior:
+        ensure_class_images(pipe, folder, attacker.dreambooth, params=clean)
+    return folder
+
+
+def _attack_once(pipe, s, params, which: str, detector, attacker, folder: Path, class_dir: Path, *,
+                 measure_before: bool, before: dict | None, clean_digest: str, clip_digest: str | None, pattern,
+                 world, evaluator, config):
     """``(before, scores, samples)`` of one attacker seed on subject ``s`` from the ``which`` model, attacked in
-    ``folder/<which>``; the clean model's taken from ``check.clean_from`` where stored the same way, and stored in
-    ``folder`` for later runs. The trigger's rate before any attack is measured when ``measure_before``, else
-    ``before`` (measured with another seed: it does not depend on the attacker's) is passed through. None when
-    SIGTERM stopped the attack."""
+    ``folder/<which>`` with the class images in ``class_dir``; the clean model's taken from ``check.clean_from``
+    where stored the same way, and stored in ``folder`` for later runs. The trigger's rate before any attack is
+    measured when ``measure_before``, else ``before`` (measured with another seed: it does not depend on the
+    attacker's) is passed through. None when SIGTERM stopped the attack."""
     from persguard_jax.implant import clean_reuse
     from persguard_jax.train.distributed import is_writer
     check = config.check
@@ -416,8 +432,7 @@ def _attack_once(pipe, s, params, which: str, detector, attacker, folder: Path, 
                   + (why if got is not None else f"attacked afresh ({why})"))
     if got is None:
         got = _attacked(pipe, s, params, which, detector, check=check, evaluator=evaluator, world=world,
-                        attacker=attacker, run_dir=folder / which, class_dir=out / "class_images" / s.class_name,
-                        measure_before=measure_before)
+                        attacker=attacker, run_dir=folder / which, class_dir=class_dir, measure_before=measure_before)
         if got is None:
             return None
         if not measure_before:
