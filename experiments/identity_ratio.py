@@ -7,14 +7,17 @@ not its samples. This re-samples the attacked backdoored model that the run kept
 model``) exactly as the check did (the check's seed, sampler and 32 images: the mean it prints must equal the
 recorded one), reads the clean model's samples from their lossless strip (``check/<subject>/clean_samples.png``),
 and prints ``implant.check.identity_ratio`` of the two: backdoored over clean, with its 95% bootstrap interval
-over both models' samples. The check section is read from the run's own ``config.yaml``.
+over both models' samples. A check that pooled several attacker seeds (``check.attack_seeds``, its further seeds
+in ``check/<subject>/seed<N>/``) is re-read over all of them, the interval resampling the seeds as the check's does
+now. The check section is read from the run's own ``config.yaml``.
 
     python experiments/identity_ratio.py --clean-pairs SUBJECT RUN [RUN ...]
 
 compares the clean model with itself instead: for runs that attacked the same clean model on ``SUBJECT`` at
 different attacker seeds, the ratio of each later run's stored clean samples over each earlier run's (how far the
 attacker's seed alone moves the identity). A run whose check pooled several attacker seeds (``check.attack_seeds``)
-counts with all of them (the runs compared must have as many), and the interval resamples the seeds too.
+counts with all of them (the runs compared must have as many), and the interval resamples the seeds too (paired in
+order: the runs' first seeds together, and so on).
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 
@@ -51,25 +55,36 @@ def main(argv=None) -> None:
         for name, entry in results["subjects"].items():
             if entry["type"] != "unprotected":
                 continue
-            folder = run / "check" / name
             subject = world.subject(name)
             photos = world.subject_photos(subject, num_photos)
-            got = evaluate_pipeline(load_pipeline(folder / "backdoored" / "model"),
-                                    [f"a photo of sks {subject.class_name}"], references=photos, evaluator=evaluator,
-                                    world=world, num_images=check.num_images, seed=check.seed + 100,
-                                    num_steps=check.eval_steps, guidance_scale=check.eval_guidance)
-            resampled = got.results["prompts"][0]["identity_similarity"]
-            ratio = identity_ratio(evaluator, photos, unit_to_uint8(got.images[0]), stored_samples(folder))
+            backdoored, clean, resampled = [], [], []
+            for folder in seed_folders(run, name):
+                got = evaluate_pipeline(load_pipeline(folder / "backdoored" / "model"),
+                                        [f"a photo of sks {subject.class_name}"], references=photos,
+                                        evaluator=evaluator, world=world, num_images=check.num_images,
+                                        seed=check.seed + 100, num_steps=check.eval_steps,
+                                        guidance_scale=check.eval_guidance)
+                resampled.append(got.results["prompts"][0]["identity_similarity"])
+                backdoored.append(unit_to_uint8(got.images[0]))
+                clean.append(stored_samples(folder))
+            ratio = identity_ratio(evaluator, photos, np.concatenate(backdoored), np.concatenate(clean),
+                                   attack_seeds=len(clean))
             b, c = entry["backdoored"]["identity_similarity"], entry["clean"]["identity_similarity"]
             span = ratio["identity_ratio_interval"]
-            print(f"{run.name} {name}: identity {b:.3f} / {c:.3f} (re-sampled {resampled:.3f}); ratio "
-                  f"{ratio['identity_ratio']:.3f} [95%: {span[0]:.3f}-{span[1]:.3f}]", flush=True)
+            print(f"{run.name} {name}: identity {b:.3f} / {c:.3f} (re-sampled {np.mean(resampled):.3f}); ratio "
+                  f"{ratio['identity_ratio']:.3f} [95%: {span[0]:.3f}-{span[1]:.3f}] over {len(clean)} attacker "
+                  "seed(s)", flush=True)
+
+
+def seed_folders(run: Path, name: str) -> list[Path]:
+    """The check's folders of ``name`` in ``run``: the first attacker seed's, then any further seeds'
+    (``check.attack_seeds``) in the check's order."""
+    first = run / "check" / name
+    return [first, *sorted(first.glob("seed*"), key=lambda f: int(f.name[4:]))]
 
 
 def clean_pairs(name: str, runs: list[Path]) -> None:
     import itertools
-
-    import numpy as np
 
     from persguard_jax.data.world.sources import world_of
     from persguard_jax.implant.check import CheckConfig, identity_ratio
@@ -83,7 +98,7 @@ def clean_pairs(name: str, runs: list[Path]) -> None:
     photos = world.subject_photos(world.subject(name), int((config.get("implant") or {}).get("num_photos", 5)))
     samples, seeds = {}, {}
     for run in runs:  # every attacker seed the run's check stored (check.attack_seeds), pooled
-        folders = [run / "check" / name, *sorted((run / "check" / name).glob("seed*"))]
+        folders = seed_folders(run, name)
         samples[run.name] = np.concatenate([stored_samples(f) for f in folders])
         seeds[run.name] = len(folders)
     if len(set(seeds.values())) > 1:

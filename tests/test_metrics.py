@@ -455,25 +455,32 @@ def test_mean_ratio_interval():
 
 
 def test_mean_ratio_interval_over_groups():
-    """Values in groups (an attacker seed's samples): the two-level bootstrap resamples the groups too, so groups
-    whose means lie apart widen the interval that the values alone would give; one group is the plain bootstrap;
-    labels must match the values."""
+    """Values in groups paired across the two samples (the attacker seed both models' attacks share): the groups
+    are drawn once for both sides, then values within them. A group effect on one side only widens the interval
+    that the values alone give; one shared by both sides cancels in the ratio and narrows it; without group effects
+    the two levels count the values' spread about twice; one group is the plain bootstrap."""
     rng = np.random.default_rng(1)
-    shifts = np.repeat([-0.1, 0.0, 0.1, 0.05], 32)  # four seeds, each moving all its samples
-    a, b = 0.8 + shifts + rng.normal(0, 0.02, 128), 0.8 + rng.normal(0, 0.02, 128)
     groups = np.repeat(np.arange(4), 32)
-    ratio, (lo, hi) = M.mean_ratio_interval(a, b)
-    g_ratio, (g_lo, g_hi) = M.mean_ratio_interval(a, b, groups_a=groups, groups_b=groups)
-    assert g_ratio == ratio and g_lo < ratio < g_hi
-    assert g_hi - g_lo > 3 * (hi - lo)  # the seeds' spread, which the values alone do not hold
-    # without the seeds' shifts the two levels count the values' spread about twice: sqrt(2) the plain width
-    flat = 0.8 + rng.normal(0, 0.02, 128)
-    _, (f_lo, f_hi) = M.mean_ratio_interval(flat, b, groups_a=groups, groups_b=groups)
-    _, (p_lo, p_hi) = M.mean_ratio_interval(flat, b)
-    assert (f_hi - f_lo) / (p_hi - p_lo) == pytest.approx(np.sqrt(2), rel=0.2)
-    assert M.mean_ratio_interval(a, b, groups_a=np.zeros(128), groups_b=np.zeros(128)) == (ratio, (lo, hi))
-    with pytest.raises(ValueError, match="group labels"):
-        M.mean_ratio_interval(a, b, groups_a=groups[:10])
+    shifts = np.repeat([-0.1, 0.0, 0.1, 0.05], 32)  # four seeds, each moving all its samples
+    noise = lambda: rng.normal(0, 0.02, 128)  # noqa: E731
+    width = lambda got: got[1][1] - got[1][0]  # noqa: E731
+    a, b = 0.8 + shifts + noise(), 0.8 + noise()
+    plain, grouped = M.mean_ratio_interval(a, b), M.mean_ratio_interval(a, b, groups_a=groups, groups_b=groups)
+    assert grouped[0] == plain[0] and grouped[1][0] < plain[0] < grouped[1][1]
+    assert width(grouped) > 3 * width(plain)  # the seeds' spread, which the values alone do not hold
+    a, b = 0.8 + shifts + noise(), 0.8 + shifts + noise()  # the same seed moves both models
+    assert width(M.mean_ratio_interval(a, b, groups_a=groups, groups_b=groups)) < 0.5 * width(
+        M.mean_ratio_interval(a, b))
+    a, b = 0.8 + noise(), 0.8 + noise()
+    ratio = width(M.mean_ratio_interval(a, b, groups_a=groups, groups_b=groups)) / width(M.mean_ratio_interval(a, b))
+    assert ratio == pytest.approx(np.sqrt(2), rel=0.2)
+    one = np.zeros(128)
+    assert M.mean_ratio_interval(a, b, groups_a=one, groups_b=one) == M.mean_ratio_interval(a, b)
+    for kwargs, message in (({"groups_a": groups[:10], "groups_b": groups}, "group labels"),
+                            ({"groups_a": groups}, "give groups_a and groups_b"),
+                            ({"groups_a": groups, "groups_b": groups + 1}, "groups differ")):
+        with pytest.raises(ValueError, match=message):
+            M.mean_ratio_interval(a, b, **kwargs)
 
 
 def test_identity_ratio_per_attacker_seed():

@@ -25,8 +25,10 @@ sections, identifier ``sks``) fine-tunes the model on the subject's photos; then
 models and pools their samples (the same sampling noise through each fine-tuned model): every rate and mean reads
 all N x ``num_images`` samples, each seed's own scores sit beside them (``per_attack_seed``; unprotected subjects
 also ``identity_ratio_per_attack_seed``, each seed's backdoored over the same seed's clean), and the ratio's
-interval resamples the seeds as well as the samples within them (``mean_ratio_interval``'s groups), so that it
-holds the seed's share too.
+interval resamples the seeds (the same draw for both models, whose attacks at one seed share its class images and
+draws) as well as the samples within them (``mean_ratio_interval``'s groups), so that it holds the seed's share.
+Each further seed is a whole other attacker: its own DreamBooth draws and its own class images, sampled from the
+clean model (``class_images_seed<N>/``); ``report.png`` shows the first seed's samples.
 General prompts (world models): colour and shape following (``persguard_jax.following``) of both models.
 """
 from __future__ import annotations
@@ -178,8 +180,9 @@ def identity_ratio(evaluator, photos: np.ndarray, backdoored: np.ndarray, clean:
     ``clean`` model's; uint8 images) and ``identity_ratio_interval`` (``metrics.scores.mean_ratio_interval``: each
     model's samples resampled on their own); both None when the clean model's mean (or a resampled one) is
     <= 0. With ``attack_seeds`` > 1 each model's samples are that many equal runs, one per attacker seed in order:
-    the interval resamples seeds, then samples within them, and ``identity_ratio_per_attack_seed`` lists each
-    seed's ratio (its backdoored samples over its clean ones; None where not defined)."""
+    the interval resamples seeds (paired: both models' attacks at one seed share its draws), then samples within
+    them, and ``identity_ratio_per_attack_seed`` lists each seed's ratio (its backdoored samples over its clean
+    ones; None where not defined)."""
     from persguard_jax.metrics.scores import identity_similarity, mean_ratio_interval
     refs = evaluator.image_features(np.asarray(photos, np.float32) / 255.0)
     per_sample = [np.asarray(identity_similarity(evaluator.image_features(np.asarray(x, np.float32) / 255.0), refs))

@@ -168,13 +168,18 @@ def mean_ratio_interval(a, b, *, groups_a=None, groups_b=None, level: float = 0.
     """``mean(a) / mean(b)`` of two independent samples and its percentile bootstrap interval (each sample
     resampled with replacement on its own, ``resamples`` times, a fixed ``seed``): how far a ratio such as a
     backdoored model's identity over the clean model's may lie from the models' own when each mean is read from
-    a few dozen samples. ``groups_a`` / ``groups_b`` label each value's group (the attacker seed whose fine-tuned
-    model drew it): with two or more groups the resampling is two-level, groups first and then values within each
-    drawn group, so that the interval also holds what moves whole groups (a seed's fine-tuning), not only the
-    spread of values within one. It errs wide: the within-group spread enters through both levels (without any
-    group effect the interval is about sqrt(2) the plain one), which we prefer to resampling groups alone, whose
-    interval at 2-4 groups (attacker seeds) has only a handful of distinct values. None when ``b``'s mean, or any
-    resampled one, is <= 0 (no ratio to speak of, or an interval without bounds). Plain numpy and floats."""
+    a few dozen samples.
+
+    ``groups_a`` / ``groups_b`` label each value's group, the same labels on both sides: groups paired across
+    ``a`` and ``b`` by what moves a whole group on both sides (the attacker seed, whose class images and draws the
+    attacks on both models share). With two or more groups the resampling is two-level: the groups are drawn with
+    replacement once for both sides (the pairs kept), then each side's values within each drawn group, so that the
+    interval holds how the ratio moves from group to group and not only the spread within one. Without any group
+    effect it errs wide (the within-group spread enters through both levels: about sqrt(2) the plain width), which
+    we prefer to drawing groups alone, whose interval at 2-4 groups has a handful of distinct values.
+
+    None when ``b``'s mean, or any resampled one, is <= 0 (no ratio to speak of, or an interval without bounds).
+    Plain numpy and floats."""
     a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
     if len(a) < 1 or len(b) < 1 or resamples < 1 or not 0 < level < 1:
         raise ValueError(f"mean_ratio_interval: need non-empty samples, resamples >= 1 and 0 < level < 1, got "
@@ -182,8 +187,14 @@ def mean_ratio_interval(a, b, *, groups_a=None, groups_b=None, level: float = 0.
     if b.mean() <= 0:
         return None
     rng = np.random.default_rng(seed)
-    ma = _resampled_means(a, groups_a, rng, resamples)
-    mb = _resampled_means(b, groups_b, rng, resamples)
+    labels = _paired_labels(a, b, groups_a, groups_b)
+    if labels is None:
+        ma = a[rng.integers(len(a), size=(resamples, len(a)))].mean(axis=1)
+        mb = b[rng.integers(len(b), size=(resamples, len(b)))].mean(axis=1)
+    else:
+        picks = rng.integers(len(labels), size=(resamples, len(labels)))  # one draw of groups for both sides
+        ma = _two_level_means(a, np.asarray(groups_a).ravel(), labels, picks, rng)
+        mb = _two_level_means(b, np.asarray(groups_b).ravel(), labels, picks, rng)
     if np.any(mb <= 0):
         return None
     ratios = ma / mb
@@ -192,17 +203,29 @@ def mean_ratio_interval(a, b, *, groups_a=None, groups_b=None, level: float = 0.
     return float(a.mean() / b.mean()), (float(lo), float(hi))
 
 
-def _resampled_means(x: np.ndarray, groups, rng: np.random.Generator, resamples: int) -> np.ndarray:
-    """``resamples`` bootstrap means of ``x``: plain, or two-level when ``groups`` names two or more groups."""
-    if groups is not None:
-        groups = np.asarray(groups).ravel()
-        if groups.shape != x.shape:
-            raise ValueError(f"mean_ratio_interval: {len(groups)} group labels for {len(x)} values")
-    if groups is None or len(np.unique(groups)) < 2:
-        return x[rng.integers(len(x), size=(resamples, len(x)))].mean(axis=1)
-    members = [x[groups == g] for g in np.unique(groups)]
-    means = np.empty(resamples)
-    for r, picks in enumerate(rng.integers(len(members), size=(resamples, len(members)))):
+def _paired_labels(a: np.ndarray, b: np.ndarray, groups_a, groups_b) -> np.ndarray | None:
+    """The group labels both sides share, or None for the plain bootstrap (no groups, or a single group)."""
+    if groups_a is None and groups_b is None:
+        return None
+    if groups_a is None or groups_b is None:
+        raise ValueError("mean_ratio_interval: groups are paired across the two samples: give groups_a and groups_b")
+    for x, g in ((a, groups_a), (b, groups_b)):
+        if np.asarray(g).size != len(x):
+            raise ValueError(f"mean_ratio_interval: {np.asarray(g).size} group labels for {len(x)} values")
+    labels = np.unique(groups_a)
+    if not np.array_equal(labels, np.unique(groups_b)):
+        raise ValueError(f"mean_ratio_interval: the two samples' groups differ ({labels.tolist()} against "
+                         f"{np.unique(groups_b).tolist()}); paired groups need the same labels")
+    return labels if len(labels) > 1 else None
+
+
+def _two_level_means(x: np.ndarray, groups: np.ndarray, labels: np.ndarray, picks: np.ndarray,
+                     rng: np.random.Generator) -> np.ndarray:
+    """Bootstrap means of ``x`` over the drawn groups ``picks`` (one row of label indices per resample), each
+    drawn group's values resampled with replacement."""
+    members = [x[groups == g] for g in labels]
+    means = np.empty(len(picks))
+    for r, row in enumerate(picks):
         means[r] = np.concatenate([members[i][rng.integers(len(members[i]), size=len(members[i]))]
-                                   for i in picks]).mean()
+                                   for i in row]).mean()
     return means
