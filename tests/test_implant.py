@@ -524,14 +524,13 @@ def stubbed_check(monkeypatch, tmp_path):
     """``implant._check`` on a protected dog and an unprotected cat with the attacker, sampler and following
     stubbed (each has its own tests; the end-to-end run is measured in docs/benchmarks.md): ``check(out,
     *overrides)`` runs it into ``tmp_path/out``; ``attacked`` lists ``(subject, model, attacker seed, folder)``
-    of each attack, ``followed`` the models whose general following was measured, ``class_images`` ``(folder,
-    seed, from the clean model)`` of each class-image folder the check itself samples. The backdoored model's samples
+    of each attack, ``class_dirs`` its class-image folder, ``followed`` the models whose general following was
+    measured. The backdoored model's samples
     carry the pattern (the cat's too: a leak); identity grows with the attacker's seed by 0.1 (backdoored) or 0.2
     (clean) a seed."""
     import argparse
     import types
 
-    from persguard_jax import dreambooth
     from persguard_jax.data.targets import default_pattern, overlay_pattern
     from persguard_jax.data.world import World
     from persguard_jax.implant import check as C
@@ -543,7 +542,7 @@ def stubbed_check(monkeypatch, tmp_path):
                         world.subject_photos("dog_00", 2)),
                 Subject(parse_unprotected("world:cat_00").with_class("cat"), "cat", world.subject_photos("cat_00", 2))]
     clean, backdoored = {"w": np.zeros(3, np.float32)}, {"w": np.ones(3, np.float32)}
-    attacked, followed, class_images = [], [], []
+    attacked, followed, class_dirs = [], [], []
 
     class Pipe:
         def with_params(self, params):
@@ -552,6 +551,7 @@ def stubbed_check(monkeypatch, tmp_path):
     def fake_attack(params, subject, attack_config, out, *, class_dir):
         seed = attack_config.dreambooth.seed
         attacked.append((subject.name, out.name, seed, str(out.parent.relative_to(tmp_path))))
+        class_dirs.append(str(class_dir.relative_to(tmp_path)))
         return {"params": {**params, "seed": seed}}
 
     def fake_measure(pipe, s, params, detector, *, check, evaluator, world, prompt):
@@ -571,8 +571,6 @@ def stubbed_check(monkeypatch, tmp_path):
     monkeypatch.setattr(W, "check_clip", lambda check, world: None)
     monkeypatch.setattr(C, "measure_subject", fake_measure)
     monkeypatch.setattr(C, "general_following", fake_following)
-    monkeypatch.setattr(dreambooth, "ensure_class_images", lambda pipe, folder, cfg, *, params: class_images.append(
-        (str(folder.relative_to(tmp_path)), cfg.seed, params is clean)))
 
     def check(out, *overrides):
         config = W.WORKFLOW.load(argparse.Namespace(config="implant_world", overrides=overrides))
@@ -580,7 +578,7 @@ def stubbed_check(monkeypatch, tmp_path):
         return W._check(Pipe(), clean, backdoored, subjects, {}, default_pattern(32), world, config, attackers,
                         tmp_path / out)
 
-    return types.SimpleNamespace(check=check, attacked=attacked, followed=followed, class_images=class_images)
+    return types.SimpleNamespace(check=check, attacked=attacked, followed=followed, class_dirs=class_dirs)
 
 
 def test_the_check_takes_a_stored_clean_half_instead_of_attacking(stubbed_check, tmp_path):
@@ -609,22 +607,26 @@ def test_the_check_takes_a_stored_clean_half_instead_of_attacking(stubbed_check,
     attacked.clear()
     third = check("c", f"check.clean_from={tmp_path / 'b'}", "dreambooth.steps=7")
     assert len(attacked) == 4 and {a[1] for a in attacked} == {"backdoored", "clean"}
+    stubbed_check.class_dirs.clear()
+    check("d", "check.attacker_class_images=publisher")  # every attack handed the run's class images
+    assert sorted(stubbed_check.class_dirs) == sorted(f"d/class_images/{c}" for c in ("dog", "dog", "cat", "cat"))
     assert third["subjects"]["dog_00"]["clean"] == first["subjects"]["dog_00"]["clean"]  # same stubs, attacked again
 
 
 def test_the_check_pools_attacker_seeds(stubbed_check, tmp_path):
-    """``check.attack_seeds=2``: each subject is attacked from both models at seeds 0 and 1 (the first seed's
-    attack where one seed's is, the second's in ``seed1/`` with class images of its own); every number pools both seeds' samples, each seed's
-    own scores and identity ratios beside it; the trigger's rate before the attack is read once; a later run at
-    attacker seed 1 alone takes its clean half from the ``seed1/`` record."""
+    """``check.attack_seeds=2``: each subject is attacked from both models at seeds 0 and 1 (the first seed's attack
+    where one seed's is, the second's in ``seed1/``, each with class images of its own); every number pools both
+    seeds' samples, each seed's own scores and identity ratios beside it; the trigger's rate before the attack is
+    read once; a later run at attacker seed 1 alone takes its clean half from the ``seed1/`` record."""
     from persguard_jax.workflows import implant as W
     check, attacked = stubbed_check.check, stubbed_check.attacked
     got = check("a", "check.attack_seeds=2", "check.num_images=4")
     assert sorted(attacked) == sorted((s, m, seed, f"a/check/{s}" + ("/seed1" if seed else ""))
                                       for s in ("dog_00", "cat_00") for m in ("backdoored", "clean") for seed in (0, 1))
     assert got["attack_seeds"] == [0, 1]
-    # the second attacker's own class images, sampled from the clean model (the first's were made with the run)
-    assert set(stubbed_check.class_images) == {(f"a/class_images_seed1/{c}", 1, True) for c in ("dog", "cat")}
+    # each attack's own class images (personalize samples them from the model it attacks), none the publisher's
+    assert sorted(stubbed_check.class_dirs) == sorted(f"a/check/{s}/{d}{m}/class_images" for s in ("dog_00", "cat_00")
+                                                      for m in ("backdoored", "clean") for d in ("", "seed1/"))
     dog, cat = got["subjects"]["dog_00"], got["subjects"]["cat_00"]
     # identity 0.4, 0.5 (backdoored) and 0.3, 0.5 (clean) at seeds 0, 1: pooled means 0.45 and 0.4
     assert dog["identity_similarity"] == pytest.approx(0.45)

@@ -342,7 +342,7 @@ def _check(pipe, clean, backdoored, subjects, targets_of, pattern, world, config
                 # the first seed's attack keeps its place (check/<subject>/), later ones sit beside it
                 folder = out / "check" / s.name / ("" if k == 0 else f"seed{seed}")
                 attacker = attackers[s.class_name] if k == 0 else attack_config(config, s.class_name, seed=seed)
-                class_dir = _attacker_class_images(pipe, clean, attacker, s.class_name, out, first=k == 0)
+                class_dir = _attacker_class_images(s.class_name, out, folder / which, check)
                 got = _attack_once(pipe, s, params, which, detector, attacker, folder, class_dir,
                                    measure_before=k == 0, before=before, clean_digest=clean_digest,
                                    clip_digest=clip_digest, pattern=pattern, world=world, evaluator=evaluator,
@@ -396,18 +396,15 @@ def _check(pipe, clean, backdoored, subjects, targets_of, pattern, world, config
     return report
 
 
-def _attacker_class_images(pipe, clean, attacker, class_name: str, out: Path, *, first: bool) -> Path:
-    """The folder of the attacker's class images: the run's own for the first attacker seed (sampled from the
-    clean model before implanting); for a further seed its own, sampled from the clean model with that seed, so
-    that each seed is a whole other attacker and its clean half, like the first's, depends on nothing the
-    implantation did (``check.clean_from`` lends it by the attacker's recipe)."""
-    if first:
+def _attacker_class_images(class_name: str, out: Path, run_dir: Path, check) -> Path:
+    """The folder of the attacker's class images: with ``check.attacker_class_images: own`` the attack's own
+    (``<run_dir>/class_images``, which ``personalize`` fills from the model it fine-tunes, seeded by the
+    attacker's seed); with ``publisher`` the run's, sampled from the clean model before implanting and trained on
+    by the prior. Either way a clean-model attack's images depend on nothing the implantation did, so its clean
+    half is lent by the attacker's recipe alone (``check.clean_from``)."""
+    if check.attacker_class_images == "publisher":
         return out / "class_images" / class_name
-    from persguard_jax.dreambooth import ensure_class_images
-    folder = out / f"class_images_seed{attacker.dreambooth.seed}" / class_name
-    if attacker.dreambooth.use_prior:
-        ensure_class_images(pipe, folder, attacker.dreambooth, params=clean)
-    return folder
+    return run_dir / "class_images"
 
 
 def _attack_once(pipe, s, params, which: str, detector, attacker, folder: Path, class_dir: Path, *,
