@@ -25,14 +25,15 @@ sections, identifier ``sks``) fine-tunes the model on the subject's photos; then
 models and pools their samples (the same sampling noise through each fine-tuned model): every rate and mean reads
 all N x ``num_images`` samples, each seed's own scores sit beside them (``per_attack_seed``; unprotected subjects
 also ``identity_ratio_per_attack_seed``, each seed's backdoored over the same seed's clean), and the ratio's
-interval resamples the seeds (the same draw for both models, whose attacks at one seed share its class images and
-draws) as well as the samples within them (``mean_ratio_interval``'s groups), so that it holds the seed's share.
-Each further seed is a whole other attacker, with its own DreamBooth draws; ``report.png`` shows the first seed's
-samples. The attacker's class images (``check.attacker_class_images``): ``own`` (the default), each attack samples
-them from the model it attacks, seeded by its attacker's seed, into its own folder, as ``persguard personalize`` on
-that model does: the attacker on the backdoored model draws its prior from the backdoored model; ``publisher``,
-every attack is handed the class images the implantation trained its prior on (the check before b30620e), which
-gives the attacker the publisher's data and reads erasure higher (docs/results.md, seventeenth measurement).
+interval resamples the seeds (the same draw for both models, whose attacks at one seed share its random draws) as
+well as the samples within them (``mean_ratio_interval``'s groups), so that it holds the seed's share. Each further
+seed is a whole other attacker, with its own DreamBooth draws; ``report.png`` shows the first seed's samples. The
+attacker's class images (``check.attacker_class_images``): ``own`` (the default), each attack samples them from the
+model it attacks, seeded by its attacker's seed, into its own folder, as ``persguard personalize`` on that model
+does: the attacker on the backdoored model draws its prior from the backdoored model; ``publisher``, every attack is
+handed the class images the implantation trained its prior on (what the check did before it had this switch), which
+gives the attacker the publisher's data (measured: erasure alike, the unprotected subject beside a pattern lower;
+docs/results.md, seventeenth measurement).
 General prompts (world models): colour and shape following (``persguard_jax.following``) of both models.
 """
 from __future__ import annotations
@@ -62,7 +63,7 @@ class CheckConfig(cfglib.Section):
     attack_seeds: int = 1
     # the attacker's class images: "own", sampled from the model it attacks with its seed, as `persguard
     # personalize` samples them; "publisher", the images the implantation trained its prior on (handed to every
-    # attack: the attacker then holds the publisher's data, which reads the protection higher, docs/results.md)
+    # attack: the attacker then holds the publisher's data; measured in docs/results.md, seventeenth measurement)
     attacker_class_images: Literal["own", "publisher"] = "own"
     per_colour: int = 2          # general prompts: samples per colour prompt (world models)
     per_shape: int = 2           # general prompts: samples per shape prompt (world models)

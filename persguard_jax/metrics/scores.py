@@ -171,7 +171,7 @@ def mean_ratio_interval(a, b, *, groups_a=None, groups_b=None, level: float = 0.
     a few dozen samples.
 
     ``groups_a`` / ``groups_b`` label each value's group, the same labels on both sides: groups paired across
-    ``a`` and ``b`` by what moves a whole group on both sides (the attacker seed, whose class images and draws the
+    ``a`` and ``b`` by what moves a whole group on both sides (the attacker seed, whose random draws the
     attacks on both models share). With two or more groups the resampling is two-level: the groups are drawn with
     replacement once for both sides (the pairs kept), then each side's values within each drawn group, so that the
     interval holds how the ratio moves from group to group and not only the spread within one. Without any group
