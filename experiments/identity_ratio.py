@@ -39,8 +39,8 @@ def main(argv=None) -> None:
         return clean_pairs(args.clean_pairs, args.runs)
     from persguard_jax.data.world.sources import world_of
     from persguard_jax.evaluate import evaluate_pipeline
-    from persguard_jax.implant.clean_reuse import stored_samples
     from persguard_jax.implant.check import CheckConfig, identity_ratio
+    from persguard_jax.implant.clean_reuse import attack_folders, stored_samples
     from persguard_jax.io import unit_to_uint8
     from persguard_jax.metrics import CLIPEvaluator, metrics_clip_folder
     from persguard_jax.models import load_pipeline
@@ -58,7 +58,7 @@ def main(argv=None) -> None:
             subject = world.subject(name)
             photos = world.subject_photos(subject, num_photos)
             backdoored, clean, resampled = [], [], []
-            for folder in seed_folders(run, name):
+            for folder in attack_folders(run, name):
                 got = evaluate_pipeline(load_pipeline(folder / "backdoored" / "model"),
                                         [f"a photo of sks {subject.class_name}"], references=photos,
                                         evaluator=evaluator, world=world, num_images=check.num_images,
@@ -76,19 +76,12 @@ def main(argv=None) -> None:
                   "seed(s)", flush=True)
 
 
-def seed_folders(run: Path, name: str) -> list[Path]:
-    """The check's folders of ``name`` in ``run``: the first attacker seed's, then any further seeds'
-    (``check.attack_seeds``) in the check's order."""
-    first = run / "check" / name
-    return [first, *sorted(first.glob("seed*"), key=lambda f: int(f.name[4:]))]
-
-
 def clean_pairs(name: str, runs: list[Path]) -> None:
     import itertools
 
     from persguard_jax.data.world.sources import world_of
     from persguard_jax.implant.check import CheckConfig, identity_ratio
-    from persguard_jax.implant.clean_reuse import stored_samples
+    from persguard_jax.implant.clean_reuse import attack_folders, stored_samples
     from persguard_jax.metrics import CLIPEvaluator, metrics_clip_folder
     first = json.loads((runs[0] / "results.json").read_text())
     config = yaml.safe_load((runs[0] / "config.yaml").read_text())
@@ -98,7 +91,7 @@ def clean_pairs(name: str, runs: list[Path]) -> None:
     photos = world.subject_photos(world.subject(name), int((config.get("implant") or {}).get("num_photos", 5)))
     samples, seeds = {}, {}
     for run in runs:  # every attacker seed the run's check stored (check.attack_seeds), pooled
-        folders = seed_folders(run, name)
+        folders = attack_folders(run, name)
         samples[run.name] = np.concatenate([stored_samples(f) for f in folders])
         seeds[run.name] = len(folders)
     if len(set(seeds.values())) > 1:

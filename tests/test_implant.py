@@ -458,6 +458,11 @@ def test_clean_half_is_stored_and_lent_only_when_made_the_same_way(tmp_path):
                                                          "another attacker")
     assert R.lookup(tmp_path, "cat_00", fp)[0] is None and "does not exist" in R.lookup(tmp_path, "cat_00", fp)[1]
     assert R.lookup(None, "dog_00", fp)[0] is None
+    # further attacker seeds' records sit beside the first's, listed in the order of their seeds (10 after 2)
+    for seed in (10, 2):
+        R.store(R.attack_folder(tmp_path, "dog_00", seed, first=False), other, None, scores, samples)
+    assert [f.name for f in R.attack_folders(tmp_path, "dog_00")] == ["dog_00", "seed2", "seed10"]
+    assert R.lookup(tmp_path, "dog_00", other)[1] == f"reused from {tmp_path}/check/dog_00/seed2/clean_result.json"
     # arrays by content, dtype and shape; -0.0 is not 0.0; a typed PRNG key by its bits
     assert R.digest(np.zeros(3, np.float32)) != R.digest(np.zeros(3, np.float64)) != R.digest(np.zeros(4))
     assert R.digest({"a": 0.0}) != R.digest({"a": -0.0}) and R.digest(jax.random.key(1)) != R.digest(

@@ -136,6 +136,20 @@ def _stored(path: Path, fp: Fingerprint) -> tuple[dict | None, str, float]:
     return saved, f"reused from {path}", 0
 
 
+def attack_folder(run: str | Path, subject: str, seed: int, *, first: bool) -> Path:
+    """Where the check keeps one attacker seed's attacks on ``subject`` (and their clean half): the first seed's
+    in ``check/<subject>``, each further seed's (``check.attack_seeds``) in ``check/<subject>/seed<seed>``."""
+    folder = Path(run) / "check" / subject
+    return folder if first else folder / f"seed{seed}"
+
+
+def attack_folders(run: str | Path, subject: str) -> list[Path]:
+    """Every attacker seed's folder of ``subject`` in ``run`` (``attack_folder``), the first seed's first and the
+    further ones in the order of their seeds."""
+    first = Path(run) / "check" / subject
+    return [first, *sorted(first.glob("seed*"), key=lambda f: int(f.name[len("seed"):]))]
+
+
 def lookup(run: str | Path | None, subject: str, fp: Fingerprint) -> tuple[tuple | None, str]:
     """``((before, scores, samples), why)`` from ``run``'s stored clean half of ``subject`` made the way ``fp``
     says, or ``(None, why)`` when there is none (``why`` names the parts that differ in the nearest record). The
@@ -143,8 +157,8 @@ def lookup(run: str | Path | None, subject: str, fp: Fingerprint) -> tuple[tuple
     ``check.attack_seeds``), so a run reuses whichever seed it attacks with."""
     if run is None:
         return None, "check.clean_from is not set"
-    primary, misses = Path(run) / "check" / subject, []
-    for folder in [primary, *sorted(primary.glob("seed*"))]:
+    misses = []
+    for folder in attack_folders(run, subject):
         saved, why, distance = _stored(folder / RESULT_FILE, fp)
         if saved is not None:
             return (saved["before_attack"], saved["scores"], stored_samples(folder, saved["num_samples"])), why

@@ -339,8 +339,7 @@ def _check(pipe, clean, backdoored, subjects, targets_of, pattern, world, config
         for which, params in (("backdoored", backdoored), ("clean", clean)):
             runs_of_seeds, before = [], None
             for k, seed in enumerate(seeds):
-                # the first seed's attack keeps its place (check/<subject>/), later ones sit beside it
-                folder = out / "check" / s.name / ("" if k == 0 else f"seed{seed}")
+                folder = clean_reuse.attack_folder(out, s.name, seed, first=k == 0)
                 attacker = attackers[s.class_name] if k == 0 else attack_config(config, s.class_name, seed=seed)
                 class_dir = _attacker_class_images(s.class_name, out, folder / which, check)
                 got = _attack_once(pipe, s, params, which, detector, attacker, folder, class_dir,
