@@ -237,10 +237,11 @@ def test_attacker_samples_join_the_guidance_pairs_with_the_pattern_pasted():
         ImplantConfig(guidance_attacker_samples=-1)
 
 
-def test_simulated_attacker_runs_with_its_own_seed_on_pattern_subjects_only(tmp_path, monkeypatch):
-    """The wiring of ``implant.guidance_attacker_samples``: one simulated DreamBooth per pattern subject, in its own
-    folder, with a seed that is not the check's attacker's; its samples come back as uint8. (The DreamBooth run and
-    the sampler are stubbed: both have their own tests.)"""
+def test_simulated_attacker_runs_with_its_own_seed_on_the_subjects_the_guidance_term_needs(tmp_path, monkeypatch):
+    """The wiring of the simulated attacker: one DreamBooth per pattern subject for
+    ``implant.guidance_attacker_samples``, per protected subject for ``implant.guidance_anchor=attacker``, each in
+    its own folder with a seed that is not the check's attacker's; the samples come back as uint8. (The DreamBooth
+    run and the sampler are stubbed: both have their own tests.)"""
     import argparse
 
     from persguard_jax import sample
@@ -248,11 +249,12 @@ def test_simulated_attacker_runs_with_its_own_seed_on_pattern_subjects_only(tmp_
     from persguard_jax.implant.data import Subject
     from persguard_jax.implant.specs import parse_protected
     from persguard_jax.workflows import implant as W
-    config = W.WORKFLOW.load(argparse.Namespace(config="implant_world", overrides=(
-        "implant.guidance_attacker_samples=3", "dreambooth.seed=7")))
+
+    def load(*overrides):
+        return W.WORKFLOW.load(argparse.Namespace(config="implant_world", overrides=("dreambooth.seed=7",) + overrides))
     photos = World().subject_photos("dog_00", 2)
-    subjects = [Subject(parse_protected(f"world:dog_00:{kind}").with_class("dog"), "dog", photos)
-                for kind in ("pattern", "erasure")]
+    subjects = [Subject(parse_protected(f"world:dog_{i:02d}:{kind}").with_class("dog"), "dog", photos)
+                for i, kind in ((0, "pattern"), (12, "erasure"))]
     calls = []
 
     def fake_attack(pipe, subject, attack_config, out, *, class_dir):
@@ -265,12 +267,73 @@ def test_simulated_attacker_runs_with_its_own_seed_on_pattern_subjects_only(tmp_
 
     monkeypatch.setattr(W, "attack", fake_attack)
     monkeypatch.setattr(sample, "text_to_image", fake_sampler)
-    got = W._simulated_attacks(None, subjects, config, tmp_path)
+    config = load("implant.guidance_attacker_samples=3")
+    got = W._simulated_attackers(None, subjects, config, tmp_path)
     assert calls == [("pattern", 8, tmp_path / "simulated_attack" / "dog_00", tmp_path / "class_images" / "dog")]
-    assert list(got) == ["dog_00"] and got["dog_00"].dtype == np.uint8 and got["dog_00"].shape == (3, 32, 32, 3)
+    assert list(got) == ["dog_00"] and got["dog_00"][1] == {"unet": "tuned"}
+    images = W._attacker_samples(None, subjects[0], got["dog_00"][1], config, tmp_path)
+    assert images.dtype == np.uint8 and images.shape == (3, 32, 32, 3)
     assert (tmp_path / "simulated_attack" / "dog_00" / "guidance_samples.png").exists()
+
+    calls.clear()
+    got = W._simulated_attackers(None, subjects, load("implant.guidance_anchor=attacker"), tmp_path)
+    assert [c[:3] for c in calls] == [("pattern", 8, tmp_path / "simulated_attack" / "dog_00"),
+                                      ("erasure", 8, tmp_path / "simulated_attack" / "dog_12")]
+    assert list(got) == ["dog_00", "dog_12"]
+    calls.clear()
+    assert W._simulated_attackers(None, subjects, load("implant.guidance_anchor=attacker",
+                                                       "implant.guidance_weight=0"), tmp_path) == {}
+    assert W._simulated_attackers(None, subjects, load(), tmp_path) == {} and calls == []
     monkeypatch.setattr(W, "attack", lambda *a, **k: {"preempted": True})
-    assert W._simulated_attacks(None, subjects, config, tmp_path) is None
+    assert W._simulated_attackers(None, subjects, load("implant.guidance_anchor=attacker"), tmp_path) is None
+
+
+def test_anchored_guidance_examples_hold_the_attackers_prediction_at_the_draw_the_loss_replays():
+    """``implant.guidance_anchor=attacker``: each example's anchor is the simulated attacker's x0 at exactly the
+    noisy latents the guidance loss rebuilds from the example (fixed latents, noise, timesteps), drawn from the
+    photos and the y* alike, below ``guidance_max_timestep``; the target is the paired y*'s latent mean."""
+    import jax
+
+    from persguard_jax import losses
+    from persguard_jax.implant.data import anchored_guidance_examples
+    from persguard_jax.schedulers import SchedulerConfig, make_schedule
+    schedule, sf = make_schedule(SchedulerConfig()), 0.5
+    photos = np.arange(3 * 8 * 8 * 3, dtype=np.uint8).reshape(3, 8, 8, 3)
+    targets = 255 - photos[:2]
+
+    class Enc:  # "latents" of an image: its first 4 channels' mean over 2x2 blocks, a fixed log-variance
+        key = "context"
+
+        def images(self, x):
+            lat = x.astype(np.float32).reshape(len(x), 4, 2, 4, 2, 3).mean((2, 4))[..., :2].repeat(2, -1) / 255
+            return {"latent_mean": lat, "latent_logvar": np.full_like(lat, -12.0)}
+
+        def prompt(self, p):
+            assert p == ""
+            return np.zeros((5, 6), np.float32)
+
+    seen = []
+
+    def predict_x0(x_t, t):  # the "attacker" predicts x_t itself: the anchor is the noisy input, visible in a test
+        seen.append(np.asarray(t))
+        return np.asarray(x_t) * 2.0
+
+    out = anchored_guidance_examples(Enc(), photos, targets, predict_x0, schedule=schedule, scaling_factor=sf,
+                                     draws=5, max_timestep=300, seed=3, chunk=7)
+    n = 2 * len(photos) * 5
+    assert {k: v.shape[0] for k, v in out.items()} == dict.fromkeys(
+        ("latents", "noise", "timesteps", "anchor", "target", "context"), n)
+    assert out["timesteps"].max() < 300 and len(np.unique(out["timesteps"])) > 10
+    assert sum(len(t) for t in seen) == n
+    z = losses.noised_latents(out, jax.random.key(0), schedule, losses.LossConfig(scaling_factor=sf))
+    np.testing.assert_allclose(out["anchor"] * sf, 2.0 * np.asarray(z.x_t), rtol=1e-5, atol=1e-6)
+    means = Enc().images(np.concatenate([photos, targets[[0, 1, 0]]]))["latent_mean"]
+    np.testing.assert_array_equal(out["target"][:5], np.repeat(means[3:4], 5, 0))      # photo 0 pairs with y* 0
+    np.testing.assert_array_equal(out["target"][-5:], np.repeat(means[5:6], 5, 0))     # y* of photo 2 (cycled)
+    assert np.abs(out["latents"][:5] / sf - means[0]).max() < 0.02                      # a draw of photo 0's latent
+    again = anchored_guidance_examples(Enc(), photos, targets, predict_x0, schedule=schedule, scaling_factor=sf,
+                                       draws=5, max_timestep=300, seed=3)
+    np.testing.assert_array_equal(again["noise"], out["noise"])                          # fixed by the seed
 
 
 class Prompts:

@@ -28,8 +28,8 @@ class ImplantConfig(cfglib.Section):
               "retention_weight": "[0, inf)", "retention_steps": "[1, inf)", "unprotected_weight": "[0, inf)",
               "guidance_weight": "[0, inf)", "guidance_scale": "(1, inf)", "guidance_max_timestep": "[1, inf)",
               "num_targets": "[1, inf)", "num_general": "[0, inf)", "seed": "[0, inf)",
-              "guidance_attacker_samples": "[0, inf)", "prior_uncond_weight": "[0, inf)",
-              "pattern_size": "(0, 1]", "pattern_opacity": "(0, 1]"}
+              "guidance_attacker_samples": "[0, inf)", "guidance_anchor_draws": "[1, inf)",
+              "prior_uncond_weight": "[0, inf)", "pattern_size": "(0, 1]", "pattern_opacity": "(0, 1]"}
     steps: int = 400
     # true: steps is per protected subject, the run trains steps x (number of --protect specs). The backdoor terms draw
     # their examples from every protected subject, so with n subjects each gets 1/n of them; measured on the world
@@ -61,6 +61,11 @@ class ImplantConfig(cfglib.Section):
     # DreamBooth-trained on the subject's photos by the config's recipe, its own seed), each with the pattern
     # pasted on: the shift must fire on what the attacker's model draws, not only on the photos; 0 is off
     guidance_attacker_samples: int = 0
+    # what the shift takes the attacker's conditional branch to draw at a noisy input: the subject's photo (photo),
+    # or what a simulated attacker (the clean model DreamBooth-trained on the photos, its own seed) predicts there
+    # (attacker: implant.data.anchored_guidance_examples, guidance_anchor_draws fixed noisy draws per image)
+    guidance_anchor: Literal["photo", "attacker"] = "photo"
+    guidance_anchor_draws: int = 64
     # L_br: none | mirror (the attacker's loss now) | grad_suppression (its gradient norm) | unrolled (L_bb after
     # K attacker steps; with the unprotected counterpart)
     retention: Literal["none", "mirror", "grad_suppression", "unrolled"] = "unrolled"

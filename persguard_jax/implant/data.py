@@ -214,6 +214,54 @@ def guidance_examples(enc: Encoder, photos: np.ndarray, targets: np.ndarray) -> 
     return out
 
 
+def attacker_x0(pipe, params: Mapping[str, Any], prompt: str, *, schedule, prediction_type: str):
+    """``(x_t, t) -> x0``: the clean sample a fine-tuned model (``params``: a simulated attacker's ``unet`` and
+    ``text_encoder``) predicts at the noisy latents ``x_t`` under ``prompt``, unguided (the conditional branch)."""
+    import jax
+    from persguard_jax import sample, schedulers
+    cond = sample.encode_text(pipe, [prompt], params=params)
+    denoise, args = sample.pipeline_denoise(pipe, cond, cond, 1, params=params)
+
+    @jax.jit
+    def x0(x_t, t, args):
+        return schedulers.predict_x0_eps(schedule, denoise(x_t, t, *args), x_t, t, prediction_type)[0]
+    return lambda x_t, t: np.asarray(x0(x_t, t, args))
+
+
+def anchored_guidance_examples(enc: Encoder, photos: np.ndarray, targets: np.ndarray, predict_x0, *,
+                               schedule, scaling_factor: float, draws: int, max_timestep: int | None, seed: int,
+                               chunk: int = 64) -> Group:
+    """The guidance term's examples with the anchor read off a simulated attacker (``implant.guidance_anchor:
+    attacker``): ``draws`` fixed noisy draws of each photo and each y* (as ``guidance_examples``' inputs), each
+    with ``anchor`` = what the attacker's conditional branch predicts there (``predict_x0``: ``attacker_x0``).
+
+    Why: with the photo as anchor, guidance at the attacker's scale w draws y* + w (x0_c - photo) where the
+    attacker's branch predicts x0_c; at high noise x0_c is a blurred, re-posed photo, and w times that difference
+    is what the shift leaves behind (colour carries, an outline does not). Anchored on x0_c itself, the shift asks
+    the unconditional branch for x0_c - (y* - x0_c) / (w - 1) wherever the attacker's sampling passes, which guided
+    sampling turns into y* exactly when the real attacker predicts what the simulated one does. The draws are fixed
+    (latents, noise, timesteps below ``max_timestep``) because the anchor is a function of them."""
+    import jax.numpy as jnp
+    from persguard_jax import schedulers
+    n = len(photos)
+    targets = targets[np.arange(n) % len(targets)]
+    lat = enc.images(np.concatenate([photos, targets]))
+    mean, std = lat["latent_mean"].astype(np.float32), np.exp(0.5 * lat["latent_logvar"].astype(np.float32))
+    rng = np.random.default_rng(seed)
+    src = np.repeat(np.arange(2 * n), draws)
+    x0 = (mean[src] + std[src] * rng.standard_normal(mean[src].shape, dtype=np.float32)) * scaling_factor
+    noise = rng.standard_normal(x0.shape, dtype=np.float32)
+    high = schedule.alphas_cumprod.shape[0] if max_timestep is None else min(max_timestep,
+                                                                             schedule.alphas_cumprod.shape[0])
+    t = rng.integers(0, high, len(src)).astype(np.int32)
+    anchor = np.concatenate([
+        predict_x0(schedulers.add_noise(schedule, jnp.asarray(x0[i:i + chunk]), jnp.asarray(noise[i:i + chunk]),
+                                        jnp.asarray(t[i:i + chunk])), jnp.asarray(t[i:i + chunk]))
+        for i in range(0, len(src), chunk)])
+    return {"latents": x0, "noise": noise, "timesteps": t, "anchor": anchor / scaling_factor,
+            "target": mean[n + src % n], enc.key: np.stack([enc.prompt("")] * len(src))}
+
+
 def concat(groups: list[Group]) -> Group:
     groups = [g for g in groups if g]
     return {k: np.concatenate([g[k] for g in groups]) for k in groups[0]} if groups else {}

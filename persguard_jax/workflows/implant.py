@@ -159,14 +159,18 @@ def run(args: argparse.Namespace, config: runs.Config) -> dict:
     enc = D.Encoder(pipe, ids=ids)
     from persguard_jax.io import unit_to_uint8
     uint8 = {c: unit_to_uint8((x + 1.0) / 2.0) for c, x in class_images.items()}
-    simulated = {}
+    schedule = make_schedule(SchedulerConfig.from_dict(pipe.scheduler_config))
+    loss_cfg = losses.pipeline_loss_config(pipe, config.loss)
     if cfg.guidance_attacker_samples and (cfg.guidance_weight == 0 or not any(s.type == "pattern" for s in protected)):
         print("implant: guidance_attacker_samples ignored: it adds pairs to the guidance term (guidance_weight > 0) "
               "of pattern subjects")
-    elif cfg.guidance_attacker_samples:
-        simulated = _simulated_attacks(pipe, protected, config, out)
-        if simulated is None:
-            return {"preempted": True, "step": 0}
+    if cfg.guidance_anchor == "attacker" and cfg.guidance_weight == 0:
+        print("implant: guidance_anchor=attacker ignored: it anchors the guidance term (guidance_weight > 0)")
+    simulated = _simulated_attackers(pipe, protected, config, out)
+    if simulated is None:
+        return {"preempted": True, "step": 0}
+    samples = {name: _attacker_samples(pipe, s, tuned, config, out) for name, (s, tuned) in simulated.items()
+               if cfg.guidance_attacker_samples and s.type == "pattern"}
     bb_denoise, bb_distill, guidance, attack, targets_of, protective = [], [], [], [], {}, []
     for s in protected:
         y, teacher_prompt = D.backdoor_targets(s, cfg, world=world, pipe=pipe, pattern=pattern,
@@ -182,9 +186,16 @@ def run(args: argparse.Namespace, config: runs.Config) -> dict:
             bb_denoise.append(enc.examples(y, [prompts] * len(y)))
         if cfg.guidance_weight > 0:
             photos, y_pairs = D.mirrored_pairs(s, s.photos, y, cfg, pattern) if cfg.guidance_flip else (s.photos, y)
-            if s.name in simulated:
-                photos, y_pairs = D.with_attacker_samples(photos, y_pairs, simulated[s.name], pattern, cfg)
-            guidance.append(D.guidance_examples(enc, photos, y_pairs))
+            if s.name in samples:
+                photos, y_pairs = D.with_attacker_samples(photos, y_pairs, samples[s.name], pattern, cfg)
+            if cfg.guidance_anchor == "attacker":
+                predict_x0 = D.attacker_x0(pipe, simulated[s.name][1], f"a photo of sks {s.class_name}",
+                                           schedule=schedule, prediction_type=loss_cfg.prediction_type)
+                guidance.append(D.anchored_guidance_examples(
+                    enc, photos, y_pairs, predict_x0, schedule=schedule, scaling_factor=loss_cfg.scaling_factor,
+                    draws=cfg.guidance_anchor_draws, max_timestep=cfg.guidance_max_timestep, seed=cfg.seed + 17))
+            else:
+                guidance.append(D.guidance_examples(enc, photos, y_pairs))
         attack.append(D.pairs(enc.examples(s.photos, [prompts] * len(s.photos)),
                               enc.examples(uint8[s.class_name], [[f"a photo of {s.class_name}"]] * len(
                                   uint8[s.class_name]))))
@@ -209,9 +220,7 @@ def run(args: argparse.Namespace, config: runs.Config) -> dict:
     split = split_trainable(params, logical, "unet+text_encoder" if cfg.train_text_encoder else "unet")
     frozen = {**split.frozen, "teacher": params}
     frozen_logical = {**split.frozen_logical, "teacher": logical}
-    scheduler_cfg = SchedulerConfig.from_dict(pipe.scheduler_config)
-    loss_cfg = losses.pipeline_loss_config(pipe, config.loss)
-    loss_fn = objective(cfg, present, attacker, model=model, schedule=make_schedule(scheduler_cfg), loss_cfg=loss_cfg)
+    loss_fn = objective(cfg, present, attacker, model=model, schedule=schedule, loss_cfg=loss_cfg)
     pair_groups = tuple(g for g in PAIR_GROUPS if g in present)
     result, frozen = fit(loss_fn, split.params, frozen, train_logical=split.params_logical,
                          frozen_logical=frozen_logical, source=source, global_batch=cfg.batch_size, workdir=out,
@@ -242,34 +251,41 @@ def run(args: argparse.Namespace, config: runs.Config) -> dict:
     return results
 
 
-def _simulated_attacks(pipe, protected, config: runs.Config, out: Path) -> dict[str, np.ndarray] | None:
-    """``implant.guidance_attacker_samples`` samples of "a photo of sks <class>" for each pattern subject, drawn
-    by a simulated attacker: the clean model after the config's DreamBooth on the subject's photos, with a seed of
-    its own (``dreambooth.seed + check.attack_seeds``, past every seed the check attacks with: the publisher does
-    not know the attacker's draws). Each runs in
-    ``<out>/simulated_attack/<name>`` (resumable, as the check's attacks) and leaves ``guidance_samples.png``
-    there. None when SIGTERM stopped a run."""
-    from persguard_jax.implant.data import sample_prompt
-    from persguard_jax.report import image_grid, save_png
-    from persguard_jax.train.distributed import is_writer
-    cfg, db = config.implant, config.dreambooth
-    n, samples = cfg.guidance_attacker_samples, {}
-    seed = db.seed + config.check.attack_seeds
-    for s in protected:
-        if s.type != "pattern":
-            continue
-        print(f"implant: simulating the attacker on {s.name} ({n} samples for the guidance term)")
-        run_dir = out / "simulated_attack" / s.name
-        trained = attack(pipe, s, attack_config(config, s.class_name, seed=seed), run_dir,
+def _simulated_attackers(pipe, protected, config: runs.Config, out: Path) -> dict[str, tuple] | None:
+    """``name -> (subject, parameters)`` of a simulated attacker for each protected subject the guidance term needs
+    one for (``implant.guidance_attacker_samples``: pattern subjects; ``implant.guidance_anchor: attacker``: every
+    protected subject): the clean model after the config's DreamBooth on the subject's photos, with a seed of its
+    own (``dreambooth.seed + check.attack_seeds``, past every seed the check attacks with: the publisher does not
+    know the attacker's draws). Each runs in ``<out>/simulated_attack/<name>`` (resumable, as the check's attacks).
+    None when SIGTERM stopped a run."""
+    cfg = config.implant
+    wanted = [s for s in protected if cfg.guidance_weight > 0 and (
+        cfg.guidance_anchor == "attacker" or (cfg.guidance_attacker_samples and s.type == "pattern"))]
+    seed, tuned = config.dreambooth.seed + config.check.attack_seeds, {}
+    for s in wanted:
+        print(f"implant: simulating the attacker on {s.name} (for the guidance term)")
+        trained = attack(pipe, s, attack_config(config, s.class_name, seed=seed), out / "simulated_attack" / s.name,
                          class_dir=out / "class_images" / s.class_name)
         if trained.get("preempted"):
             return None
-        samples[s.name] = sample_prompt(pipe, f"a photo of sks {s.class_name}", n, resolution=db.resolution,
-                                        seed=seed, num_steps=db.eval_steps, guidance=db.eval_guidance,
-                                        params=trained["params"])
-        if is_writer():
-            save_png(image_grid(samples[s.name] / 255.0, ncols=min(n, 8)), run_dir / "guidance_samples.png")
-    return samples
+        tuned[s.name] = (s, trained["params"])
+    return tuned
+
+
+def _attacker_samples(pipe, subject, params, config: runs.Config, out: Path) -> np.ndarray:
+    """``implant.guidance_attacker_samples`` samples of "a photo of sks <class>" by a simulated attacker
+    (``_simulated_attackers``), with ``guidance_samples.png`` left in its run folder."""
+    from persguard_jax.implant.data import sample_prompt
+    from persguard_jax.report import image_grid, save_png
+    from persguard_jax.train.distributed import is_writer
+    n, db = config.implant.guidance_attacker_samples, config.dreambooth
+    images = sample_prompt(pipe, f"a photo of sks {subject.class_name}", n, resolution=db.resolution,
+                           seed=db.seed + config.check.attack_seeds, num_steps=db.eval_steps,
+                           guidance=db.eval_guidance, params=params)
+    if is_writer():
+        save_png(image_grid(images / 255.0, ncols=min(n, 8)), out / "simulated_attack" / subject.name /
+                 "guidance_samples.png")
+    return images
 
 
 def _prior_examples(enc, cfg, world, class_images: dict, unprotected, protective, *, distill: bool):
