@@ -270,8 +270,8 @@ def test_simulated_attacker_runs_with_its_own_seed_on_the_subjects_the_guidance_
     config = load("implant.guidance_attacker_samples=3")
     got = W._simulated_attackers(None, subjects, config, tmp_path)
     assert calls == [("pattern", 8, tmp_path / "simulated_attack" / "dog_00", tmp_path / "class_images" / "dog")]
-    assert list(got) == ["dog_00"] and got["dog_00"][1] == {"unet": "tuned"}
-    images = W._attacker_samples(None, subjects[0], got["dog_00"][1], config, tmp_path)
+    assert list(got) == ["dog_00"] and got["dog_00"][1] == [{"unet": "tuned"}]
+    images = W._attacker_samples(None, subjects[0], got["dog_00"][1][0], config, tmp_path)
     assert images.dtype == np.uint8 and images.shape == (3, 32, 32, 3)
     assert (tmp_path / "simulated_attack" / "dog_00" / "guidance_samples.png").exists()
 
@@ -280,6 +280,11 @@ def test_simulated_attacker_runs_with_its_own_seed_on_the_subjects_the_guidance_
     assert [c[:3] for c in calls] == [("pattern", 8, tmp_path / "simulated_attack" / "dog_00"),
                                       ("erasure", 8, tmp_path / "simulated_attack" / "dog_12")]
     assert list(got) == ["dog_00", "dog_12"]
+    calls.clear()
+    got = W._simulated_attackers(None, subjects[1:], load("implant.guidance_anchor=attacker",
+                                                          "implant.guidance_anchor_attackers=2"), tmp_path)
+    run = tmp_path / "simulated_attack" / "dog_12"
+    assert [c[1:3] for c in calls] == [(8, run), (9, run / "seed9")] and len(got["dog_12"][1]) == 2
     calls.clear()
     assert W._simulated_attackers(None, subjects, load("implant.guidance_anchor=attacker",
                                                        "implant.guidance_weight=0"), tmp_path) == {}
@@ -318,7 +323,7 @@ def test_anchored_guidance_examples_hold_the_attackers_prediction_at_the_draw_th
         seen.append(np.asarray(t))
         return np.asarray(x_t) * 2.0
 
-    out = anchored_guidance_examples(Enc(), photos, targets, predict_x0, schedule=schedule, scaling_factor=sf,
+    out = anchored_guidance_examples(Enc(), photos, targets, [predict_x0], schedule=schedule, scaling_factor=sf,
                                      draws=5, max_timestep=300, seed=3, chunk=7)
     n = 2 * len(photos) * 5
     assert {k: v.shape[0] for k, v in out.items()} == dict.fromkeys(
@@ -331,9 +336,13 @@ def test_anchored_guidance_examples_hold_the_attackers_prediction_at_the_draw_th
     np.testing.assert_array_equal(out["target"][:5], np.repeat(means[3:4], 5, 0))      # photo 0 pairs with y* 0
     np.testing.assert_array_equal(out["target"][-5:], np.repeat(means[5:6], 5, 0))     # y* of photo 2 (cycled)
     assert np.abs(out["latents"][:5] / sf - means[0]).max() < 0.02                      # a draw of photo 0's latent
-    again = anchored_guidance_examples(Enc(), photos, targets, predict_x0, schedule=schedule, scaling_factor=sf,
-                                       draws=5, max_timestep=300, seed=3)
-    np.testing.assert_array_equal(again["noise"], out["noise"])                          # fixed by the seed
+    # two attackers take each image's draws in turn (draw k: attacker k mod 2), on the same draws
+    two = anchored_guidance_examples(Enc(), photos, targets, [predict_x0, lambda x_t, t: np.asarray(x_t) * -1.0],
+                                     schedule=schedule, scaling_factor=sf, draws=5, max_timestep=300, seed=3)
+    np.testing.assert_array_equal(two["noise"], out["noise"])                            # fixed by the seed
+    first = np.tile(np.arange(5) % 2 == 0, 2 * len(photos))
+    np.testing.assert_allclose(two["anchor"][first], out["anchor"][first], rtol=1e-6)
+    np.testing.assert_allclose(two["anchor"][~first], -0.5 * out["anchor"][~first], rtol=1e-5, atol=1e-7)
 
 
 class Prompts:

@@ -29,6 +29,7 @@ class ImplantConfig(cfglib.Section):
               "guidance_weight": "[0, inf)", "guidance_scale": "(1, inf)", "guidance_max_timestep": "[1, inf)",
               "num_targets": "[1, inf)", "num_general": "[0, inf)", "seed": "[0, inf)",
               "guidance_attacker_samples": "[0, inf)", "guidance_anchor_draws": "[1, inf)",
+              "guidance_anchor_attackers": "[1, inf)",
               "prior_uncond_weight": "[0, inf)", "pattern_size": "(0, 1]", "pattern_opacity": "(0, 1]"}
     steps: int = 400
     # true: steps is per protected subject, the run trains steps x (number of --protect specs). The backdoor terms draw
@@ -66,6 +67,7 @@ class ImplantConfig(cfglib.Section):
     # (attacker: implant.data.anchored_guidance_examples, guidance_anchor_draws fixed noisy draws per image)
     guidance_anchor: Literal["photo", "attacker"] = "photo"
     guidance_anchor_draws: int = 64
+    guidance_anchor_attackers: int = 1  # simulated attackers (seeds of their own) that take the draws in turn
     # L_br: none | mirror (the attacker's loss now) | grad_suppression (its gradient norm) | unrolled (L_bb after
     # K attacker steps; with the unprotected counterpart)
     retention: Literal["none", "mirror", "grad_suppression", "unrolled"] = "unrolled"

@@ -228,18 +228,19 @@ def attacker_x0(pipe, params: Mapping[str, Any], prompt: str, *, schedule, predi
     return lambda x_t, t: np.asarray(x0(x_t, t, args))
 
 
-def anchored_guidance_examples(enc: Encoder, photos: np.ndarray, targets: np.ndarray, predict_x0, *,
+def anchored_guidance_examples(enc: Encoder, photos: np.ndarray, targets: np.ndarray, predictors, *,
                                schedule, scaling_factor: float, draws: int, max_timestep: int | None, seed: int,
                                chunk: int = 64) -> Group:
-    """The guidance term's examples with the anchor read off a simulated attacker (``implant.guidance_anchor:
+    """The guidance term's examples with the anchor read off simulated attackers (``implant.guidance_anchor:
     attacker``): ``draws`` fixed noisy draws of each photo and each y* (as ``guidance_examples``' inputs), each
-    with ``anchor`` = what the attacker's conditional branch predicts there (``predict_x0``: ``attacker_x0``).
+    with ``anchor`` = what an attacker's conditional branch predicts there (``predictors``: ``attacker_x0`` of
+    each simulated attacker, taking the draws of every image in turn).
 
     Why: with the photo as anchor, guidance at the attacker's scale w draws y* + w (x0_c - photo) where the
-    attacker's branch predicts x0_c; at high noise x0_c is a blurred, re-posed photo, and w times that difference
+    attacker's branch predicts x0_c; at high noise x0_c is a blurred, re-posed photo, and w times the difference
     is what the shift leaves behind (colour carries, an outline does not). Anchored on x0_c itself, the shift asks
     the unconditional branch for x0_c - (y* - x0_c) / (w - 1) wherever the attacker's sampling passes, which guided
-    sampling turns into y* exactly when the real attacker predicts what the simulated one does. The draws are fixed
+    sampling turns into y* exactly when the real attacker predicts what a simulated one does. The draws are fixed
     (latents, noise, timesteps below ``max_timestep``) because the anchor is a function of them."""
     import jax.numpy as jnp
     from persguard_jax import schedulers
@@ -254,10 +255,13 @@ def anchored_guidance_examples(enc: Encoder, photos: np.ndarray, targets: np.nda
     high = schedule.alphas_cumprod.shape[0] if max_timestep is None else min(max_timestep,
                                                                              schedule.alphas_cumprod.shape[0])
     t = rng.integers(0, high, len(src)).astype(np.int32)
-    anchor = np.concatenate([
-        predict_x0(schedulers.add_noise(schedule, jnp.asarray(x0[i:i + chunk]), jnp.asarray(noise[i:i + chunk]),
-                                        jnp.asarray(t[i:i + chunk])), jnp.asarray(t[i:i + chunk]))
-        for i in range(0, len(src), chunk)])
+    x_t = np.asarray(schedulers.add_noise(schedule, jnp.asarray(x0), jnp.asarray(noise), jnp.asarray(t)))
+    anchor, by = np.empty_like(x0), np.tile(np.arange(draws), 2 * n) % len(predictors)
+    for k, predict_x0 in enumerate(predictors):
+        rows = np.flatnonzero(by == k)
+        for i in range(0, len(rows), chunk):
+            r = rows[i:i + chunk]
+            anchor[r] = predict_x0(jnp.asarray(x_t[r]), jnp.asarray(t[r]))
     return {"latents": x0, "noise": noise, "timesteps": t, "anchor": anchor / scaling_factor,
             "target": mean[n + src % n], enc.key: np.stack([enc.prompt("")] * len(src))}
 

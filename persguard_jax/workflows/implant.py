@@ -169,7 +169,7 @@ def run(args: argparse.Namespace, config: runs.Config) -> dict:
     simulated = _simulated_attackers(pipe, protected, config, out)
     if simulated is None:
         return {"preempted": True, "step": 0}
-    samples = {name: _attacker_samples(pipe, s, tuned, config, out) for name, (s, tuned) in simulated.items()
+    samples = {name: _attacker_samples(pipe, s, tuned[0], config, out) for name, (s, tuned) in simulated.items()
                if cfg.guidance_attacker_samples and s.type == "pattern"}
     bb_denoise, bb_distill, guidance, attack, targets_of, protective = [], [], [], [], {}, []
     for s in protected:
@@ -189,10 +189,10 @@ def run(args: argparse.Namespace, config: runs.Config) -> dict:
             if s.name in samples:
                 photos, y_pairs = D.with_attacker_samples(photos, y_pairs, samples[s.name], pattern, cfg)
             if cfg.guidance_anchor == "attacker":
-                predict_x0 = D.attacker_x0(pipe, simulated[s.name][1], f"a photo of sks {s.class_name}",
-                                           schedule=schedule, prediction_type=loss_cfg.prediction_type)
+                predictors = [D.attacker_x0(pipe, tuned, f"a photo of sks {s.class_name}", schedule=schedule,
+                                            prediction_type=loss_cfg.prediction_type) for tuned in simulated[s.name][1]]
                 guidance.append(D.anchored_guidance_examples(
-                    enc, photos, y_pairs, predict_x0, schedule=schedule, scaling_factor=loss_cfg.scaling_factor,
+                    enc, photos, y_pairs, predictors, schedule=schedule, scaling_factor=loss_cfg.scaling_factor,
                     draws=cfg.guidance_anchor_draws, max_timestep=cfg.guidance_max_timestep, seed=cfg.seed + 17))
             else:
                 guidance.append(D.guidance_examples(enc, photos, y_pairs))
@@ -252,23 +252,28 @@ def run(args: argparse.Namespace, config: runs.Config) -> dict:
 
 
 def _simulated_attackers(pipe, protected, config: runs.Config, out: Path) -> dict[str, tuple] | None:
-    """``name -> (subject, parameters)`` of a simulated attacker for each protected subject the guidance term needs
-    one for (``implant.guidance_attacker_samples``: pattern subjects; ``implant.guidance_anchor: attacker``: every
-    protected subject): the clean model after the config's DreamBooth on the subject's photos, with a seed of its
-    own (``dreambooth.seed + check.attack_seeds``, past every seed the check attacks with: the publisher does not
-    know the attacker's draws). Each runs in ``<out>/simulated_attack/<name>`` (resumable, as the check's attacks).
-    None when SIGTERM stopped a run."""
+    """``name -> (subject, [parameters, ...])`` of the simulated attackers of each protected subject the guidance
+    term needs them for (``implant.guidance_attacker_samples``: pattern subjects, one attacker;
+    ``implant.guidance_anchor: attacker``: every protected subject, ``guidance_anchor_attackers`` of them): the
+    clean model after the config's DreamBooth on the subject's photos, with seeds of their own
+    (``dreambooth.seed + check.attack_seeds`` on, past every seed the check attacks with: the publisher does not
+    know the attacker's draws). Each runs in ``<out>/simulated_attack/<name>`` (``.../<name>/seed<N>`` for the
+    further ones; resumable, as the check's attacks). None when SIGTERM stopped a run."""
     cfg = config.implant
-    wanted = [s for s in protected if cfg.guidance_weight > 0 and (
-        cfg.guidance_anchor == "attacker" or (cfg.guidance_attacker_samples and s.type == "pattern"))]
-    seed, tuned = config.dreambooth.seed + config.check.attack_seeds, {}
-    for s in wanted:
-        print(f"implant: simulating the attacker on {s.name} (for the guidance term)")
-        trained = attack(pipe, s, attack_config(config, s.class_name, seed=seed), out / "simulated_attack" / s.name,
-                         class_dir=out / "class_images" / s.class_name)
-        if trained.get("preempted"):
-            return None
-        tuned[s.name] = (s, trained["params"])
+    anchored = cfg.guidance_weight > 0 and cfg.guidance_anchor == "attacker"
+    first, tuned = config.dreambooth.seed + config.check.attack_seeds, {}
+    for s in protected:
+        count = cfg.guidance_anchor_attackers if anchored else int(
+            cfg.guidance_weight > 0 and bool(cfg.guidance_attacker_samples) and s.type == "pattern")
+        for k in range(count):
+            seed = first + k
+            print(f"implant: simulating the attacker on {s.name} (seed {seed}, for the guidance term)")
+            run_dir = out / "simulated_attack" / s.name
+            trained = attack(pipe, s, attack_config(config, s.class_name, seed=seed),
+                             run_dir / f"seed{seed}" if k else run_dir, class_dir=out / "class_images" / s.class_name)
+            if trained.get("preempted"):
+                return None
+            tuned.setdefault(s.name, (s, []))[1].append(trained["params"])
     return tuned
 
 
