@@ -7,7 +7,8 @@ Every term reads its own group of the step's batch (``losses.on``); the groups `
   teacher's (target or background) prompt; L_bb as BadT2I's distillation from the frozen clean model (no target
   images; not for the pattern type, which has no prompt to distil).
 - ``bb_guidance`` (``implant.guidance_weight`` > 0): the protected photos and their y* under the empty prompt,
-  with each photo's latents as ``anchor`` and its y*'s as ``target``; L_bb's guidance term
+  with each photo's latents as ``anchor`` (or, ``implant.guidance_anchor: attacker``, a simulated attacker's
+  prediction at fixed noisy draws of them) and its y*'s as ``target``; L_bb's guidance term
   (``losses.guidance_shift_loss``) shifts the unconditional branch so that guided sampling turns the photos the
   attacker will teach into y*. The prior then also distils the empty prompt on every other image: within
   ``prior`` or, with ``implant.prior_uncond_weight`` set, as the group ``prior_uncond`` and its own term.
