@@ -303,6 +303,7 @@ def test_anchored_guidance_examples_hold_the_attackers_prediction_at_the_draw_th
     from persguard_jax.implant.data import anchored_guidance_examples
     from persguard_jax.schedulers import SchedulerConfig, make_schedule
     schedule, sf = make_schedule(SchedulerConfig()), 0.5
+    cfg = losses.LossConfig(scaling_factor=sf)
     photos = np.arange(3 * 8 * 8 * 3, dtype=np.uint8).reshape(3, 8, 8, 3)
     targets = 255 - photos[:2]
 
@@ -323,14 +324,14 @@ def test_anchored_guidance_examples_hold_the_attackers_prediction_at_the_draw_th
         seen.append(np.asarray(t))
         return np.asarray(x_t) * 2.0
 
-    out = anchored_guidance_examples(Enc(), photos, targets, [predict_x0], schedule=schedule, scaling_factor=sf,
+    out = anchored_guidance_examples(Enc(), photos, targets, [predict_x0], schedule=schedule, loss_cfg=cfg,
                                      draws=5, max_timestep=300, seed=3, chunk=7)
     n = 2 * len(photos) * 5
     assert {k: v.shape[0] for k, v in out.items()} == dict.fromkeys(
         ("latents", "noise", "timesteps", "anchor", "target", "context"), n)
     assert out["timesteps"].max() < 300 and len(np.unique(out["timesteps"])) > 10
     assert sum(len(t) for t in seen) == n
-    z = losses.noised_latents(out, jax.random.key(0), schedule, losses.LossConfig(scaling_factor=sf))
+    z = losses.noised_latents(out, jax.random.key(0), schedule, cfg)
     np.testing.assert_allclose(out["anchor"] * sf, 2.0 * np.asarray(z.x_t), rtol=1e-5, atol=1e-6)
     means = Enc().images(np.concatenate([photos, targets[[0, 1, 0]]]))["latent_mean"]
     np.testing.assert_array_equal(out["target"][:5], np.repeat(means[3:4], 5, 0))      # photo 0 pairs with y* 0
@@ -338,7 +339,7 @@ def test_anchored_guidance_examples_hold_the_attackers_prediction_at_the_draw_th
     assert np.abs(out["latents"][:5] / sf - means[0]).max() < 0.02                      # a draw of photo 0's latent
     # two attackers take each image's draws in turn (draw k: attacker k mod 2), on the same draws
     two = anchored_guidance_examples(Enc(), photos, targets, [predict_x0, lambda x_t, t: np.asarray(x_t) * -1.0],
-                                     schedule=schedule, scaling_factor=sf, draws=5, max_timestep=300, seed=3)
+                                     schedule=schedule, loss_cfg=cfg, draws=5, max_timestep=300, seed=3)
     np.testing.assert_array_equal(two["noise"], out["noise"])                            # fixed by the seed
     first = np.tile(np.arange(5) % 2 == 0, 2 * len(photos))
     np.testing.assert_allclose(two["anchor"][first], out["anchor"][first], rtol=1e-6)

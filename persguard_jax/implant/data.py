@@ -16,6 +16,7 @@ the step's ``map_fn``): each group is what one loss term reads (see ``implant.ob
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -217,19 +218,25 @@ def guidance_examples(enc: Encoder, photos: np.ndarray, targets: np.ndarray) -> 
 def attacker_x0(pipe, params: Mapping[str, Any], prompt: str, *, schedule, prediction_type: str):
     """``(x_t, t) -> x0``: the clean sample a fine-tuned model (``params``: a simulated attacker's ``unet`` and
     ``text_encoder``) predicts at the noisy latents ``x_t`` under ``prompt``, unguided (the conditional branch)."""
-    import jax
-    from persguard_jax import sample, schedulers
+    from persguard_jax import sample
     cond = sample.encode_text(pipe, [prompt], params=params)
     denoise, args = sample.pipeline_denoise(pipe, cond, cond, 1, params=params)
+    program = _x0_program(denoise, prediction_type)
+    return lambda x_t, t: np.asarray(program(x_t, t, args, schedule))
 
-    @jax.jit
-    def x0(x_t, t, args):
-        return schedulers.predict_x0_eps(schedule, denoise(x_t, t, *args), x_t, t, prediction_type)[0]
-    return lambda x_t, t: np.asarray(x0(x_t, t, args))
+
+@functools.lru_cache(maxsize=8)
+def _x0_program(denoise, prediction_type: str):
+    """One jitted x0 prediction per UNet graph (``denoise`` is ``sample.pipeline_denoise``'s per-graph object, the
+    weights travel in ``args``): every simulated attacker of a run shares the compiled program."""
+    import jax
+    from persguard_jax import schedulers
+    return jax.jit(lambda x_t, t, args, schedule: schedulers.predict_x0_eps(
+        schedule, denoise(x_t, t, *args), x_t, t, prediction_type)[0])
 
 
 def anchored_guidance_examples(enc: Encoder, photos: np.ndarray, targets: np.ndarray, predictors, *,
-                               schedule, scaling_factor: float, draws: int, max_timestep: int | None, seed: int,
+                               schedule, loss_cfg, draws: int, max_timestep: int | None, seed: int,
                                chunk: int = 64) -> Group:
     """The guidance term's examples with the anchor read off simulated attackers (``implant.guidance_anchor:
     attacker``): ``draws`` fixed noisy draws of each photo and each y* (as ``guidance_examples``' inputs), each
@@ -241,29 +248,28 @@ def anchored_guidance_examples(enc: Encoder, photos: np.ndarray, targets: np.nda
     is what the shift leaves behind (colour carries, an outline does not). Anchored on x0_c itself, the shift asks
     the unconditional branch for x0_c - (y* - x0_c) / (w - 1) wherever the attacker's sampling passes, which guided
     sampling turns into y* exactly when the real attacker predicts what a simulated one does. The draws are fixed
-    (latents, noise, timesteps below ``max_timestep``) because the anchor is a function of them."""
+    (latents, noise, timesteps below ``max_timestep``; ``loss_cfg`` the guidance loss's) because the anchor is a
+    function of them."""
+    import jax
     import jax.numpy as jnp
-    from persguard_jax import schedulers
+    from persguard_jax import losses
     n = len(photos)
     targets = targets[np.arange(n) % len(targets)]
     lat = enc.images(np.concatenate([photos, targets]))
-    mean, std = lat["latent_mean"].astype(np.float32), np.exp(0.5 * lat["latent_logvar"].astype(np.float32))
-    rng = np.random.default_rng(seed)
     src = np.repeat(np.arange(2 * n), draws)
-    x0 = (mean[src] + std[src] * rng.standard_normal(mean[src].shape, dtype=np.float32)) * scaling_factor
-    noise = rng.standard_normal(x0.shape, dtype=np.float32)
-    high = schedule.alphas_cumprod.shape[0] if max_timestep is None else min(max_timestep,
-                                                                             schedule.alphas_cumprod.shape[0])
-    t = rng.integers(0, high, len(src)).astype(np.int32)
-    x_t = np.asarray(schedulers.add_noise(schedule, jnp.asarray(x0), jnp.asarray(noise), jnp.asarray(t)))
+    k_t, k_z = jax.random.split(jax.random.key(seed))
+    batch = {k: lat[k][src] for k in ("latent_mean", "latent_logvar")}
+    batch["timesteps"] = losses.sample_timesteps(k_t, len(src), schedule, max_timestep)
+    # the loss's own forward-diffusion draw, kept: the loss rebuilds exactly these x_t from the stored fields
+    x0, noise, t, x_t = (np.asarray(v) for v in losses.noised_latents(batch, k_z, schedule, loss_cfg))
     anchor, by = np.empty_like(x0), np.tile(np.arange(draws), 2 * n) % len(predictors)
     for k, predict_x0 in enumerate(predictors):
         rows = np.flatnonzero(by == k)
         for i in range(0, len(rows), chunk):
             r = rows[i:i + chunk]
             anchor[r] = predict_x0(jnp.asarray(x_t[r]), jnp.asarray(t[r]))
-    return {"latents": x0, "noise": noise, "timesteps": t, "anchor": anchor / scaling_factor,
-            "target": mean[n + src % n], enc.key: np.stack([enc.prompt("")] * len(src))}
+    return {"latents": x0, "noise": noise, "timesteps": t, "anchor": anchor / loss_cfg.scaling_factor,
+            "target": lat["latent_mean"][n + src % n], enc.key: np.stack([enc.prompt("")] * len(src))}
 
 
 def concat(groups: list[Group]) -> Group:

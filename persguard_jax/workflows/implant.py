@@ -192,7 +192,7 @@ def run(args: argparse.Namespace, config: runs.Config) -> dict:
                 predictors = [D.attacker_x0(pipe, tuned, f"a photo of sks {s.class_name}", schedule=schedule,
                                             prediction_type=loss_cfg.prediction_type) for tuned in simulated[s.name][1]]
                 guidance.append(D.anchored_guidance_examples(
-                    enc, photos, y_pairs, predictors, schedule=schedule, scaling_factor=loss_cfg.scaling_factor,
+                    enc, photos, y_pairs, predictors, schedule=schedule, loss_cfg=loss_cfg,
                     draws=cfg.guidance_anchor_draws, max_timestep=cfg.guidance_max_timestep, seed=cfg.seed + 17))
             else:
                 guidance.append(D.guidance_examples(enc, photos, y_pairs))
@@ -255,18 +255,17 @@ def _simulated_attackers(pipe, protected, config: runs.Config, out: Path) -> dic
     """``name -> (subject, [parameters, ...])`` of the simulated attackers of each protected subject the guidance
     term needs them for (``implant.guidance_attacker_samples``: pattern subjects, one attacker;
     ``implant.guidance_anchor: attacker``: every protected subject, ``guidance_anchor_attackers`` of them): the
-    clean model after the config's DreamBooth on the subject's photos, with seeds of their own
-    (``dreambooth.seed + check.attack_seeds`` on, past every seed the check attacks with: the publisher does not
-    know the attacker's draws). Each runs in ``<out>/simulated_attack/<name>`` (``.../<name>/seed<N>`` for the
+    clean model after the config's DreamBooth on the subject's photos, with seeds of their own (from
+    ``_simulated_seed`` on). Each runs in ``<out>/simulated_attack/<name>`` (``.../<name>/seed<N>`` for the
     further ones; resumable, as the check's attacks). None when SIGTERM stopped a run."""
-    cfg = config.implant
-    anchored = cfg.guidance_weight > 0 and cfg.guidance_anchor == "attacker"
-    first, tuned = config.dreambooth.seed + config.check.attack_seeds, {}
+    cfg, tuned = config.implant, {}
+    if cfg.guidance_weight == 0:
+        return tuned
     for s in protected:
-        count = cfg.guidance_anchor_attackers if anchored else int(
-            cfg.guidance_weight > 0 and bool(cfg.guidance_attacker_samples) and s.type == "pattern")
+        count = cfg.guidance_anchor_attackers if cfg.guidance_anchor == "attacker" else int(
+            bool(cfg.guidance_attacker_samples) and s.type == "pattern")
         for k in range(count):
-            seed = first + k
+            seed = _simulated_seed(config) + k
             print(f"implant: simulating the attacker on {s.name} (seed {seed}, for the guidance term)")
             run_dir = out / "simulated_attack" / s.name
             trained = attack(pipe, s, attack_config(config, s.class_name, seed=seed),
@@ -277,6 +276,12 @@ def _simulated_attackers(pipe, protected, config: runs.Config, out: Path) -> dic
     return tuned
 
 
+def _simulated_seed(config: runs.Config) -> int:
+    """The first simulated attacker's seed: past every seed the check attacks with (``check.attack_seeds`` from
+    ``dreambooth.seed``), since the publisher does not know the attacker's draws."""
+    return config.dreambooth.seed + config.check.attack_seeds
+
+
 def _attacker_samples(pipe, subject, params, config: runs.Config, out: Path) -> np.ndarray:
     """``implant.guidance_attacker_samples`` samples of "a photo of sks <class>" by a simulated attacker
     (``_simulated_attackers``), with ``guidance_samples.png`` left in its run folder."""
@@ -285,7 +290,7 @@ def _attacker_samples(pipe, subject, params, config: runs.Config, out: Path) -> 
     from persguard_jax.train.distributed import is_writer
     n, db = config.implant.guidance_attacker_samples, config.dreambooth
     images = sample_prompt(pipe, f"a photo of sks {subject.class_name}", n, resolution=db.resolution,
-                           seed=db.seed + config.check.attack_seeds, num_steps=db.eval_steps,
+                           seed=_simulated_seed(config), num_steps=db.eval_steps,
                            guidance=db.eval_guidance, params=params)
     if is_writer():
         save_png(image_grid(images / 255.0, ncols=min(n, 8)), out / "simulated_attack" / subject.name /
