@@ -77,3 +77,39 @@ def test_max_timestep_limits_the_drawn_timesteps():
     drawn, _ = fn(params, batch, KEY)
     assert float(limited) == pytest.approx(float(at_zero), rel=1e-6)
     assert float(drawn) != pytest.approx(float(at_zero), rel=1e-3)
+
+
+def test_per_example_guidance_sizes_each_example_for_its_own_scale():
+    """``batch["guidance"]`` (``implant.guidance_scale_by_type``): each example's shift is the one the scalar
+    scale of that example gives, whatever the loss was bound with."""
+    params, batch = fake_params(), fake_batch()
+    rng = np.random.default_rng(4)
+    anchor, target = (jnp.asarray(rng.normal(size=batch["latents"].shape), jnp.float32) for _ in range(2))
+    batch = {**batch, "anchor": anchor, "target": target}
+    n = anchor.shape[0]
+    scales = np.where(np.arange(n) % 2 == 0, 1.25, 4.0).astype(np.float32)
+    fn = losses.bind(losses.guidance_shift_loss, model=FakeModel(), schedule=SCHEDULE, guidance=7.5)
+    _, mixed = fn(params, {**batch, "guidance": jnp.asarray(scales)}, KEY)
+    for w in (1.25, 4.0):
+        _, alone = fn(params, batch, KEY, guidance=w)
+        rows = scales == w
+        np.testing.assert_allclose(np.asarray(mixed["per_example"])[rows], np.asarray(alone["per_example"])[rows],
+                                   rtol=1e-5)
+    _, bound = fn(params, batch, KEY)  # and without the field, the bound scale
+    assert not np.allclose(np.asarray(bound["per_example"]), np.asarray(mixed["per_example"]))
+
+
+@pytest.mark.parametrize("by_type, error", [({"target": 1.25}, None), ({"erasure": 2, "pattern": 1.5}, None),
+                                            ({"targets": 1.25}, "'targets' is not one of"),
+                                            ({"target": 1.0}, "guidance_scale_by_type.target: 1.0 is not a number > 1"),
+                                            ({"target": "big"}, "is not a number > 1")])
+def test_guidance_scale_by_type(by_type, error):
+    from persguard_jax.config import ConfigError
+    from persguard_jax.implant.config import ImplantConfig
+    if error:
+        with pytest.raises(ConfigError, match=error):
+            ImplantConfig.from_dict({"guidance_scale": 1.5, "guidance_scale_by_type": by_type})
+        return
+    cfg = ImplantConfig.from_dict({"guidance_scale": 1.5, "guidance_scale_by_type": by_type})
+    for kind in ("pattern", "erasure", "target"):
+        assert cfg.guidance_scale_of(kind) == float(by_type.get(kind, 1.5))

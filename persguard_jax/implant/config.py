@@ -6,10 +6,12 @@ publisher's own optimizer is the ``implant_optimizer`` section (the keys of an `
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from typing import Literal
 
 from persguard_jax import config as cfglib
+from persguard_jax.implant.specs import TYPES
 
 # The publisher's optimizer (section ``implant_optimizer``) unless the config says otherwise: fine-tuning rates.
 IMPLANT_OPTIMIZER = {"learning_rate": 1e-4, "schedule": "constant", "weight_decay": 0.0, "max_grad_norm": 1.0}
@@ -56,6 +58,9 @@ class ImplantConfig(cfglib.Section):
     # shifted on the protected subjects so that guided samples of a subject the attacker taught show y*; 0 is off
     guidance_weight: float = 0.0
     guidance_scale: float = 4.0         # the attacker's sampling guidance w that the shift is sized for (> 1)
+    # a backdoor type's own w, overriding guidance_scale for its subjects (e.g. {target: 1.25}): the types want
+    # different sizes of shift (docs/results.md, eighteenth and nineteenth measurements)
+    guidance_scale_by_type: dict[str, float] = field(default_factory=dict)
     guidance_max_timestep: int | None = None  # train the shift below this timestep only (None: all)
     guidance_flip: bool = False         # also train the shift on each (photo, y*) pair mirrored left-right
     # pattern subjects: also train the shift on this many samples of a simulated attacker (the clean model
@@ -100,6 +105,11 @@ class ImplantConfig(cfglib.Section):
                              ("retention", RETENTIONS), ("target_source", TARGET_SOURCES)):
             if getattr(self, key) not in choices:
                 raise cfglib.ConfigError(f"implant.{key}: {getattr(self, key)!r} is not one of {list(choices)}")
+        for kind, w in self.guidance_scale_by_type.items():
+            if kind not in TYPES:
+                raise cfglib.ConfigError(f"implant.guidance_scale_by_type: {kind!r} is not one of {list(TYPES)}")
+            if not isinstance(w, (int, float)) or isinstance(w, bool) or not math.isfinite(w) or w <= 1:
+                raise cfglib.ConfigError(f"implant.guidance_scale_by_type.{kind}: {w!r} is not a number > 1")
         if self.retention_order not in (1, 2):
             raise cfglib.ConfigError(f"implant.retention_order: {self.retention_order!r} is not 1 or 2")
         if self.retention_replay and self.retention_order != 2:
@@ -114,6 +124,10 @@ class ImplantConfig(cfglib.Section):
             self.placement()
         except ValueError as e:  # "PatternPlacement.size: ..." -> "implant.pattern_size: ..."
             raise cfglib.ConfigError(str(e).replace("PatternPlacement.", "implant.pattern_")) from None
+
+    def guidance_scale_of(self, kind: str) -> float:
+        """The guidance scale the shift of a subject of backdoor type ``kind`` is sized for."""
+        return float(self.guidance_scale_by_type.get(kind, self.guidance_scale))
 
     def placement(self):
         from persguard_jax.data.targets import PatternPlacement

@@ -16,14 +16,17 @@ from persguard_jax.losses._base import (Aux, LossConfig, min_snr_weights, noised
 
 
 def guidance_shift_target(schedule: schedulers.Schedule, x_t: jax.Array, t: jax.Array, anchor: jax.Array,
-                          target: jax.Array, guidance: float, prediction_type: str) -> jax.Array:
+                          target: jax.Array, guidance: float | jax.Array, prediction_type: str) -> jax.Array:
     """The unconditional output at ``x_t`` with which guidance at scale ``guidance`` draws ``target`` (scaled
     latents) where the conditional branch draws ``anchor``: x0_c + (w - 1)(x0_c - x0_u) = target at x0_c = anchor
-    gives x0_u = anchor - (target - anchor) / (w - 1), expressed in the model's output space at ``x_t``."""
-    if guidance <= 1.0:
+    gives x0_u = anchor - (target - anchor) / (w - 1), expressed in the model's output space at ``x_t``.
+    ``guidance``: one scale, or one per example (each > 1; only a Python number is checked here)."""
+    if isinstance(guidance, (int, float)) and guidance <= 1.0:
         raise ValueError(f"guidance must be > 1 (at 1 the unconditional branch cancels), got {guidance}")
-    x0_u = anchor - (target - anchor) / (guidance - 1.0)
-    a = schedule.alphas_cumprod[t].reshape((-1,) + (1,) * (x_t.ndim - 1))
+    per_example = (-1,) + (1,) * (x_t.ndim - 1)
+    w = jnp.reshape(jnp.asarray(guidance, jnp.float32), per_example if jnp.ndim(guidance) else ())
+    x0_u = anchor - (target - anchor) / (w - 1.0)
+    a = schedule.alphas_cumprod[t].reshape(per_example)
     noise_u = (x_t - jnp.sqrt(a) * x0_u) / jnp.sqrt(1.0 - a)
     return schedulers.training_target(schedule, x0_u, noise_u, t, prediction_type)
 
@@ -39,14 +42,16 @@ def guidance_shift_loss(params, batch, rng, *, model, schedule: schedulers.Sched
     ``batch["target"]`` are unscaled VAE latent means. Weighted by Min-SNR with gamma 1 whatever ``cfg`` says: an
     x0 shift costs 1/snr more in epsilon at low noise, where it would otherwise dominate the loss, and the
     composition that guidance shifts is set at high noise. ``max_timestep``: train at timesteps below it only
-    (where the noisy input still shows which subject it is) unless the batch fixes them."""
+    (where the noisy input still shows which subject it is) unless the batch fixes them. ``batch["guidance"]``, when
+    present, is each example's own scale and overrides ``guidance`` (subjects sized for different scales)."""
     if max_timestep is not None and "timesteps" not in batch:
         n = batch["anchor"].shape[0]
         batch = {**batch, "timesteps": sample_timesteps(jax.random.fold_in(rng, 1), n, schedule, max_timestep)}
     z = noised_latents(batch, rng, schedule, cfg)
     anchor = batch["anchor"].astype(jnp.float32) * cfg.scaling_factor
     target = batch["target"].astype(jnp.float32) * cfg.scaling_factor
-    want = guidance_shift_target(schedule, z.x_t, z.t, anchor, target, guidance, cfg.prediction_type)
+    scale = batch["guidance"].astype(jnp.float32) if "guidance" in batch else guidance
+    want = guidance_shift_target(schedule, z.x_t, z.t, anchor, target, scale, cfg.prediction_type)
     pred = predict(params, z.x_t, z.t, text_context(params, batch, model, cfg), model, cfg)
     per_example = squared_error(pred, want) * min_snr_weights(schedule, z.t, 1.0, cfg.prediction_type)
     loss = weighted_mean(per_example, batch.get("weight"))

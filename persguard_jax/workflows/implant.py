@@ -196,6 +196,9 @@ def run(args: argparse.Namespace, config: runs.Config) -> dict:
                     draws=cfg.guidance_anchor_draws, max_timestep=cfg.guidance_max_timestep, seed=cfg.seed + 17))
             else:
                 guidance.append(D.guidance_examples(enc, photos, y_pairs))
+            if cfg.guidance_scale_by_type:  # each example carries its subject's scale (losses.guidance_shift_loss)
+                guidance[-1]["guidance"] = np.full(len(guidance[-1]["target"]), cfg.guidance_scale_of(s.type),
+                                                   np.float32)
         attack.append(D.pairs(enc.examples(s.photos, [prompts] * len(s.photos)),
                               enc.examples(uint8[s.class_name], [[f"a photo of {s.class_name}"]] * len(
                                   uint8[s.class_name]))))
