@@ -53,6 +53,9 @@ def test_writes_what_the_interface_promises(implanted):
     want = cat["backdoored"]["identity_similarity"] / cat["clean"]["identity_similarity"]
     assert cat["identity_ratio"] == pytest.approx(want, rel=0.02)  # the same samples, read back from uint8
     assert set(results["general"]) == {"clean", "backdoored"}
+    for following in results["general"].values():  # each shape's own rate beside the accuracy (one prompt each)
+        assert following["shape_accuracy"] == pytest.approx(np.mean(list(following["per_shape"].values())))
+        assert len(following["per_shape"]) == 10 and set(following["per_colour"]) >= {"red", "green"}
     logged = [json.loads(line) for line in (implanted / "metrics.jsonl").read_text().splitlines()]
     assert {"bb/loss", "pp/loss", "loss"} <= set(logged[-1])
     assert logged[-1]["bb/loss"] < logged[0]["bb/loss"]  # the backdoor term is learned

@@ -253,7 +253,8 @@ def measure_subject(pipe, subject, trained_params, detector: ProtectionDetector 
 
 
 def general_following(pipe, world, check: CheckConfig, params=None) -> dict[str, Any]:
-    """Colour and shape following on general prompts (world models)."""
+    """Colour and shape following on general prompts (world models): the accuracies and each colour's and shape's
+    own (``per_colour``, ``per_shape``: a backdoor's cost falls on a few of them, the protected class first)."""
     from persguard_jax import following as F
     sampling = F.Sampling(num_steps=check.eval_steps, guidance_scale=check.eval_guidance, seed=check.seed,
                           params=params)
@@ -262,4 +263,4 @@ def general_following(pipe, world, check: CheckConfig, params=None) -> dict[str,
         out.update(F.colour_following(pipe, world, check.per_colour, sampling)[1])
     if check.per_shape:
         out.update(F.shape_following(pipe, world, check.per_shape, sampling)[1])
-    return {k: v for k, v in out.items() if k.endswith("_accuracy")}
+    return {k: v for k, v in out.items() if k.endswith("_accuracy") or k.startswith("per_")}
