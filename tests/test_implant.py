@@ -169,6 +169,29 @@ def test_backdoor_targets_of_each_type(tmp_path):
     assert teacher == cfg.target_prompt and np.array_equal(y, world.subject_photos("cat_00", 2))
 
 
+def test_lookalike_scenes_share_the_class_or_the_colour_and_nothing_else_fixed():
+    """``implant.prior_lookalikes``: the subject's class in every other colour, other shapes in its colour; the
+    captions say so and the pixels show it (the world's detectors)."""
+    from persguard_jax.data.world import COLOURS, World, parse_caption
+    from persguard_jax.implant.data import Subject, lookalike_scenes
+    from persguard_jax.implant.specs import parse_protected
+    from persguard_jax.metrics.detectors import dominant_colour
+    world = World()
+    subject = Subject(parse_protected("world:cat_04:target").with_class("cat"), "cat", world.subject_photos("cat_04", 1))
+    look = world.subject("cat_04")
+    images, captions = lookalike_scenes(world, subject, 40)
+    assert images.shape == (40, 32, 32, 3) and images.dtype == np.uint8 and len(set(captions)) > 30
+    facts = [parse_caption(c) for c in captions]
+    same_class, same_colour = facts[0::2], facts[1::2]
+    assert all(f["shape"] == "cat" and f["colour"] != look.colour for f in same_class)
+    assert all(f["shape"] != "cat" and f["colour"] == look.colour for f in same_colour)
+    assert len({f["colour"] for f in same_class}) >= 5 and len({f["shape"] for f in same_colour}) >= 5
+    drawn = dominant_colour(images[1::2])  # the colour shows (white on light backgrounds included, mostly)
+    assert np.mean(drawn == list(COLOURS).index(look.colour)) >= 0.7
+    again, _ = lookalike_scenes(world, subject, 40, start=40)  # other scenes past ``start``
+    assert not np.array_equal(again, images)
+
+
 def test_world_target_replaces_the_subject_and_keeps_the_scene():
     from persguard_jax.data.world import COLOURS, World
     from persguard_jax.implant.data import Subject, backdoor_targets

@@ -109,6 +109,33 @@ def world_target(cfg: ImplantConfig, subject: Subject, world) -> dict[str, str] 
     return {k: facts[k] for k in ("shape", "colour", "texture") if k in facts}
 
 
+def lookalike_scenes(world, subject: Subject, n: int, *, start: int = 0) -> tuple[np.ndarray, list[str]]:
+    """``n`` captioned world scenes that share one thing with a protected world subject: its class in another
+    colour (even ``i``) or another of the world's shapes in its colour (odd ``i``); the rest (texture,
+    background, size, place, light) as the world's generic validation scenes ``start + i`` draw it.
+
+    Why (docs/results.md, nineteenth measurement): the guidance shift acts wherever the noisy input looks like
+    the subject, and the unconditional branch serves every prompt, so a backdoor's cost to general prompts falls
+    on the subject's class and colour (cat 0.00-0.17 of the shape prompts, green 0.00 of the colour prompts after
+    a white cat's target backdoor). Distilled in L_pp, they hold the branch where the shift must not act."""
+    import dataclasses
+    from persguard_jax.data.world import COLOURS
+    look = world.subject(subject.name)
+    colours = [c for c in COLOURS if c != look.colour]
+    shapes = [x for x in world.shapes if x != look.class_name]
+    images, captions = [], []
+    for i in range(n):
+        spec = world.random_spec(start + i, "val")
+        r = np.random.default_rng([start + i, len(subject.name)]).integers(1 << 16)
+        if i % 2 == 0:
+            spec = dataclasses.replace(spec, shape=look.class_name, colour=colours[r % len(colours)])
+        else:
+            spec = dataclasses.replace(spec, shape=shapes[r % len(shapes)], colour=look.colour)
+        images.append(world.render(spec))
+        captions.append(world.caption(spec))
+    return np.stack(images), captions
+
+
 def backdoor_targets(subject: Subject, cfg: ImplantConfig, *, world, pipe, pattern: np.ndarray,
                      target_images: np.ndarray | None, resolution: int, num_steps: int = 25, guidance: float = 4.0
                      ) -> tuple[np.ndarray, str | None]:

@@ -202,7 +202,7 @@ def run(args: argparse.Namespace, config: runs.Config) -> dict:
         attack.append(D.pairs(enc.examples(s.photos, [prompts] * len(s.photos)),
                               enc.examples(uint8[s.class_name], [[f"a photo of {s.class_name}"]] * len(
                                   uint8[s.class_name]))))
-    prior, prior_uncond = _prior_examples(enc, cfg, world, uint8, unprotected, protective,
+    prior, prior_uncond = _prior_examples(enc, cfg, world, uint8, unprotected, protective, protected=protected,
                                           distill=cfg.prior_loss == "distill")
     groups = {"bb_denoise": D.concat(bb_denoise), "bb_distill": D.concat(bb_distill),
               "bb_guidance": D.concat(guidance), "prior": prior, "prior_uncond": prior_uncond,
@@ -301,9 +301,11 @@ def _attacker_samples(pipe, subject, params, config: runs.Config, out: Path) -> 
     return images
 
 
-def _prior_examples(enc, cfg, world, class_images: dict, unprotected, protective, *, distill: bool):
+def _prior_examples(enc, cfg, world, class_images: dict, unprotected, protective, *, distill: bool,
+                    protected=()):
     """L_pp's examples ``(prior, prior_uncond)``: class images under their class prompt; with distillation also
-    general world captions' scenes, the unprotected subjects' photos under their identifier prompts and the
+    general world captions' scenes (and ``implant.prior_lookalikes`` look-alikes of each protected world subject,
+    ``implant.data.lookalike_scenes``), the unprotected subjects' photos under their identifier prompts and the
     protective outputs' own prompts on their y* (``protective``: (images, target or background prompt) pairs;
     L_bb teaches the trigger what the target prompt draws, and without this the target prompt drifts with it: one
     collapsed blob for every seed, measured in docs/results.md). The teacher sees the same prompt: no
@@ -319,6 +321,12 @@ def _prior_examples(enc, cfg, world, class_images: dict, unprotected, protective
             scenes = [world.scene(i, "val") for i in range(cfg.num_general)]
             images.append(np.stack([img for img, _ in scenes]))
             prompts.append([[cap] for _, cap in scenes])
+        if world is not None and cfg.prior_lookalikes:
+            from persguard_jax.implant.data import lookalike_scenes
+            for k, s in enumerate(x for x in protected if x.spec.is_world):
+                looks, captions = lookalike_scenes(world, s, cfg.prior_lookalikes, start=k * cfg.prior_lookalikes)
+                images.append(looks)
+                prompts.append([[cap] for cap in captions])
         for s in unprotected:
             images.append(s.photos)
             prompts.append([cfg.prompts(s.class_name)] * len(s.photos))
