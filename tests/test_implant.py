@@ -391,6 +391,15 @@ def test_prior_distils_the_protective_prompts_on_their_targets():
     no_distill, uncond = _prior_examples(Prompts(), cfg, None, class_images, [], [(targets, cfg.target_prompt)],
                                          distill=False)
     assert cfg.target_prompt not in list(no_distill["prompt"]) and concat([]) == {} and uncond == {}
+    # prior_lookalikes: each protected world subject's look-alikes under their captions, the empty prompt held too
+    from persguard_jax.data.world import World
+    from persguard_jax.implant.data import Subject, lookalike_scenes
+    from persguard_jax.implant.specs import parse_protected
+    world, looks = World(), ImplantConfig(guidance_weight=1.0, num_general=0, prior_lookalikes=3)
+    cat = Subject(parse_protected("world:cat_04:target").with_class("cat"), "cat", world.subject_photos("cat_04", 1))
+    prior, _ = _prior_examples(Prompts(), looks, world, class_images, [], [], distill=True, protected=[cat])
+    _, captions = lookalike_scenes(world, cat, 3)
+    assert list(prior["prompt"]) == [p for c in ["a photo of cat"] * 2 + captions for p in (c, "")]
 
 
 def test_prior_uncond_weight_moves_the_empty_prompt_to_its_own_term():
