@@ -177,7 +177,8 @@ def test_lookalike_scenes_share_the_class_or_the_colour_and_nothing_else_fixed()
     from persguard_jax.implant.specs import parse_protected
     from persguard_jax.metrics.detectors import dominant_colour
     world = World()
-    subject = Subject(parse_protected("world:cat_04:target").with_class("cat"), "cat", world.subject_photos("cat_04", 1))
+    photos = world.subject_photos("cat_04", 1)
+    subject = Subject(parse_protected("world:cat_04:target").with_class("cat"), "cat", photos)
     look = world.subject("cat_04")
     images, captions = lookalike_scenes(world, subject, 40)
     assert images.shape == (40, 32, 32, 3) and images.dtype == np.uint8 and len(set(captions)) > 30

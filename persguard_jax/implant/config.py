@@ -29,7 +29,8 @@ class ImplantConfig(cfglib.Section):
     BOUNDS = {"steps": "[1, inf)", "batch_size": "[1, inf)", "num_photos": "[1, inf)", "prior_weight": "[0, inf)",
               "retention_weight": "[0, inf)", "retention_steps": "[1, inf)", "unprotected_weight": "[0, inf)",
               "guidance_weight": "[0, inf)", "guidance_scale": "(1, inf)", "guidance_max_timestep": "[1, inf)",
-              "num_targets": "[1, inf)", "num_general": "[0, inf)", "prior_lookalikes": "[0, inf)", "seed": "[0, inf)",
+              "num_targets": "[1, inf)", "num_general": "[0, inf)", "prior_lookalikes": "[0, inf)",
+              "seed": "[0, inf)",
               "guidance_attacker_samples": "[0, inf)", "guidance_anchor_draws": "[1, inf)",
               "guidance_anchor_attackers": "[1, inf)",
               "prior_uncond_weight": "[0, inf)", "pattern_size": "(0, 1]", "pattern_opacity": "(0, 1]"}
@@ -93,7 +94,8 @@ class ImplantConfig(cfglib.Section):
     num_targets: int = 8                # samples of target_prompt / background_prompt drawn by the clean model
     num_general: int = 32               # general captions distilled by L_pp (world captions; class prompts else)
     # world subjects: this many scenes per protected subject of its class in other colours and of other shapes in
-    # its colour (implant.data.lookalike_scenes), distilled by L_pp: where a backdoor's cost to general prompts falls
+    # its colour (implant.data.lookalike_scenes), distilled by L_pp, where a backdoor's cost to general prompts
+    # falls; measured not to give it back (docs/results.md, nineteenth measurement)
     prior_lookalikes: int = 0
     pattern_image: str | None = None    # pattern type: an image file; default the built-in pattern
     pattern_position: str = "center"

@@ -114,10 +114,10 @@ def lookalike_scenes(world, subject: Subject, n: int, *, start: int = 0) -> tupl
     colour (even ``i``) or another of the world's shapes in its colour (odd ``i``); the rest (texture,
     background, size, place, light) as the world's generic validation scenes ``start + i`` draw it.
 
-    Why (docs/results.md, nineteenth measurement): the guidance shift acts wherever the noisy input looks like
-    the subject, and the unconditional branch serves every prompt, so a backdoor's cost to general prompts falls
-    on the subject's class and colour (cat 0.00-0.17 of the shape prompts, green 0.00 of the colour prompts after
-    a white cat's target backdoor). Distilled in L_pp, they hold the branch where the shift must not act."""
+    Why: a backdoor's cost to general prompts falls on the subject's class and colours (after a white cat's
+    target backdoor the cat prompts lose their ears, 0.00-0.17 by the shape detector, and green prompts draw the
+    target), and L_pp held neither in particular. Measured (docs/results.md, nineteenth measurement): 256 of them
+    did not give the class back (cat 0.00) and thinned the target (0.66 -> 0.12); off in the shipped configs."""
     import dataclasses
     from persguard_jax.data.world import COLOURS
     look = world.subject(subject.name)
@@ -125,12 +125,11 @@ def lookalike_scenes(world, subject: Subject, n: int, *, start: int = 0) -> tupl
     shapes = [x for x in world.shapes if x != look.class_name]
     images, captions = [], []
     for i in range(n):
-        spec = world.random_spec(start + i, "val")
-        r = np.random.default_rng([start + i, len(subject.name)]).integers(1 << 16)
+        spec, k = world.random_spec(start + i, "val"), (start + i) // 2  # each colour / shape in turn
         if i % 2 == 0:
-            spec = dataclasses.replace(spec, shape=look.class_name, colour=colours[r % len(colours)])
+            spec = dataclasses.replace(spec, shape=look.class_name, colour=colours[k % len(colours)])
         else:
-            spec = dataclasses.replace(spec, shape=shapes[r % len(shapes)], colour=look.colour)
+            spec = dataclasses.replace(spec, shape=shapes[k % len(shapes)], colour=look.colour)
         images.append(world.render(spec))
         captions.append(world.caption(spec))
     return np.stack(images), captions

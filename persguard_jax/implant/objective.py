@@ -11,8 +11,9 @@ Every term reads its own group of the step's batch (``losses.on``); the groups `
   prediction at fixed noisy draws of them) and its y*'s as ``target``; L_bb's guidance term
   (``losses.guidance_shift_loss``) shifts the unconditional branch so that guided sampling turns the photos the
   attacker will teach into y*, sized for ``implant.guidance_scale`` (``guidance_scale_by_type``: each example
-  carries its subject's scale as ``guidance``). The prior then also distils the empty prompt on every other image: within
-  ``prior`` or, with ``implant.prior_uncond_weight`` set, as the group ``prior_uncond`` and its own term.
+  carries its subject's scale as ``guidance``). The prior then also distils the empty prompt on every other
+  image: within ``prior`` or, with ``implant.prior_uncond_weight`` set, as the group ``prior_uncond`` and its own
+  term.
 - ``prior``: class images, general captions' scenes, the unprotected subjects' photos under their own prompts and
   the erasure / target y* under the background / target prompt (so that prompt keeps drawing what it drew);
   L_pp as distillation from the frozen clean model on the same prompt (``prior_loss: distill``, the default: it
