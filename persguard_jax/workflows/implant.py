@@ -166,6 +166,12 @@ def run(args: argparse.Namespace, config: runs.Config) -> dict:
               "of pattern subjects")
     if cfg.guidance_anchor == "attacker" and cfg.guidance_weight == 0:
         print("implant: guidance_anchor=attacker ignored: it anchors the guidance term (guidance_weight > 0)")
+    if cfg.guidance_scale_by_type and cfg.guidance_weight == 0:
+        print("implant: guidance_scale_by_type ignored: it sizes the guidance term (guidance_weight > 0)")
+    if cfg.prior_lookalikes and (world is None or cfg.prior_loss != "distill"
+                                 or not any(s.spec.is_world for s in protected)):
+        print("implant: prior_lookalikes ignored: it adds world scenes to the distilled prior (prior_loss: distill) "
+              "of world subjects")
     simulated = _simulated_attackers(pipe, protected, config, out)
     if simulated is None:
         return {"preempted": True, "step": 0}
