@@ -97,6 +97,15 @@ def test_per_example_guidance_sizes_each_example_for_its_own_scale():
                                    rtol=1e-5)
     _, bound = fn(params, batch, KEY)  # and without the field, the bound scale
     assert not np.allclose(np.asarray(bound["per_example"]), np.asarray(mixed["per_example"]))
+    # error_space="guided": each example weighed by (w - 1)^2, the weights normalised; with one scale, no change
+    guided, _ = fn(params, {**batch, "guidance": jnp.asarray(scales)}, KEY, error_space="guided")
+    per, size = np.asarray(mixed["per_example"]), (scales - 1.0) ** 2
+    np.testing.assert_allclose(float(guided), np.sum(size * per) / np.sum(size), rtol=1e-5)
+    assert not np.isclose(float(guided), per.mean(), rtol=1e-3)
+    np.testing.assert_allclose(float(fn(params, batch, KEY, error_space="guided")[0]), float(fn(params, batch, KEY)[0]),
+                               rtol=1e-6)
+    with pytest.raises(ValueError, match="error_space"):
+        fn(params, batch, KEY, error_space="guidedd")
 
 
 @pytest.mark.parametrize("by_type, error", [({"target": 1.25}, None), ({"erasure": 2, "pattern": 1.5}, None),

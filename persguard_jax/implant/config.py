@@ -62,6 +62,10 @@ class ImplantConfig(cfglib.Section):
     # a backdoor type's own w, overriding guidance_scale for its subjects (e.g. {target: 1.25}): the types want
     # different sizes of shift (docs/results.md, eighteenth and nineteenth measurements)
     guidance_scale_by_type: dict[str, float] = field(default_factory=dict)
+    # where each guidance example's error is measured: in the unconditional branch's output, or in the guided
+    # output (times (w - 1)^2), so that with guidance_scale_by_type a type sized for a smaller w, whose shift of
+    # the branch is larger, does not outweigh the others (one w for all: the same loss)
+    guidance_error_space: Literal["unconditional", "guided"] = "unconditional"
     guidance_max_timestep: int | None = None  # train the shift below this timestep only (None: all)
     guidance_flip: bool = False         # also train the shift on each (photo, y*) pair mirrored left-right
     # pattern subjects: also train the shift on this many samples of a simulated attacker (the clean model

@@ -109,7 +109,8 @@ def objective(cfg: ImplantConfig, groups: set[str], attacker: Attacker, *, model
         bb_terms["distill"] = (1.0, losses.on("bb_distill", distill))
     if "bb_guidance" in groups and cfg.guidance_weight > 0:
         shift = losses.bind(losses.guidance_shift_loss, model=model, schedule=schedule, cfg=loss_cfg,
-                            guidance=cfg.guidance_scale, max_timestep=cfg.guidance_max_timestep)
+                            guidance=cfg.guidance_scale, max_timestep=cfg.guidance_max_timestep,
+                            error_space=cfg.guidance_error_space)
         bb_terms["guidance"] = (cfg.guidance_weight, losses.on("bb_guidance", shift))
     if not bb_terms:
         raise ValueError("implant objective: no backdoor examples (bb_denoise / bb_distill groups)")

@@ -32,7 +32,8 @@ def guidance_shift_target(schedule: schedulers.Schedule, x_t: jax.Array, t: jax.
 
 
 def guidance_shift_loss(params, batch, rng, *, model, schedule: schedulers.Schedule, cfg: LossConfig = LossConfig(),
-                        guidance: float, max_timestep: int | None = None) -> tuple[jax.Array, Aux]:
+                        guidance: float, max_timestep: int | None = None, error_space: str = "unconditional"
+                        ) -> tuple[jax.Array, Aux]:
     """Train the branch of ``batch``'s prompt (the empty prompt: guidance's unconditional branch) so that guidance
     at scale ``guidance`` turns a conditional branch that draws ``anchor`` into a sample of ``target``
     (``guidance_shift_target``).
@@ -43,7 +44,14 @@ def guidance_shift_loss(params, batch, rng, *, model, schedule: schedulers.Sched
     x0 shift costs 1/snr more in epsilon at low noise, where it would otherwise dominate the loss, and the
     composition that guidance shifts is set at high noise. ``max_timestep``: train at timesteps below it only
     (where the noisy input still shows which subject it is) unless the batch fixes them. ``batch["guidance"]``, when
-    present, is each example's own scale and overrides ``guidance`` (subjects sized for different scales)."""
+    present, is each example's own scale and overrides ``guidance`` (subjects sized for different scales).
+
+    ``error_space``: ``unconditional`` weighs each example's error in the unconditional branch's output;
+    ``guided`` weighs it by (w - 1)^2, its size in the guided output (w c - (w - 1) u), so that examples sized for
+    a smaller scale, which ask for a larger shift of the branch, do not outweigh the others in a batch (with one
+    scale for all the two are the same loss: the weights are normalised)."""
+    if error_space not in ("unconditional", "guided"):
+        raise ValueError(f"error_space must be 'unconditional' or 'guided', got {error_space!r}")
     if max_timestep is not None and "timesteps" not in batch:
         n = batch["anchor"].shape[0]
         batch = {**batch, "timesteps": sample_timesteps(jax.random.fold_in(rng, 1), n, schedule, max_timestep)}
@@ -54,5 +62,9 @@ def guidance_shift_loss(params, batch, rng, *, model, schedule: schedulers.Sched
     want = guidance_shift_target(schedule, z.x_t, z.t, anchor, target, scale, cfg.prediction_type)
     pred = predict(params, z.x_t, z.t, text_context(params, batch, model, cfg), model, cfg)
     per_example = squared_error(pred, want) * min_snr_weights(schedule, z.t, 1.0, cfg.prediction_type)
-    loss = weighted_mean(per_example, batch.get("weight"))
+    weights = batch.get("weight")
+    if error_space == "guided":
+        size = jnp.broadcast_to((jnp.asarray(scale, jnp.float32) - 1.0) ** 2, per_example.shape)
+        weights = size if weights is None else weights.astype(jnp.float32) * size
+    loss = weighted_mean(per_example, weights)
     return loss, {"loss": loss, "per_example": per_example}
