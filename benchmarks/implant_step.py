@@ -13,19 +13,23 @@ Variants, each the engine's step (``train.make_train_step``, jitted, state donat
 - ``implant_o1``: one step of the implantation objective (``implant.objective``: L_bb on ``bb_denoise`` +
   ``retention: unrolled``, K inner attacker steps on ``attack``, L_bb after them), first-order; the UNet trained,
   the attacker training UNet and text encoder inside.
+- ``implant_o1_dispatched``: the same objective with ``implant.retention_dispatch``: the K inner steps run as
+  separate programs ahead of the step (``train.dispatch.InnerSteps``), the step reads the tuned parameters
+  (``losses.at_tuned``); what is timed is the inner steps and the step together.
 - ``implant_o2`` / ``implant_o2_remat`` / ``implant_o2_replay``: the same, exact second order: the steps stored
   (their activations too, or only their carry with rematerialisation), or replayed from the inputs in the backward
   pass (``unroll(..., replay=True)``: only the inputs kept, K (K - 1) / 2 extra gradients).
 ``ratio_o1`` = implant_o1 / dreambooth_k (the target is <= 1.2: an unrolled step should cost about the K steps
-it simulates); ``floor_o1`` = (dreambooth_k + 2 implant_none) / dreambooth_k, the work it cannot skip (the K steps
-and L_bb's gradient before and after them). Memory: ``memory.<variant>.K<k>`` is the compiled step's
-``memory_analysis()`` (``temp_size_in_bytes``: activations and residuals kept for the backward pass) for K = 2, 4,
-8 (``--memory-only`` skips the timing).
+it simulates), ``ratio_o1_dispatched`` likewise; ``floor_o1`` = (dreambooth_k + 2 implant_none) / dreambooth_k,
+the work it cannot skip (the K steps and L_bb's gradient before and after them). Memory:
+``memory.<variant>.K<k>`` is the compiled step's ``memory_analysis()`` (``temp_size_in_bytes``: activations and
+residuals kept for the backward pass) for K = 2, 4, 8 (``--memory-only`` skips the timing).
 
 Run::
 
     .venv/bin/python benchmarks/implant_step.py --json               # K = 2, first order: a few minutes
     .venv/bin/python benchmarks/implant_step.py --json --k 8 --model persguard_jax/assets/world_tiny
+    .venv/bin/python benchmarks/implant_step.py --json --k 16 --model persguard_jax/assets/world_tiny --o1 dispatched
     .venv/bin/python benchmarks/implant_step.py --json --k 4 --second-order --memory-k 2,4,8   # long on a CPU
     .venv/bin/python benchmarks/implant_step.py --json --memory-only --memory-k 2,4,8
 
@@ -57,6 +61,8 @@ def parse_args(argv=None):
     p.add_argument("--memory-k", default="", help="K values of the compiled-memory comparison, e.g. 2,4,8 (each "
                                                   "compiles four steps; slow on a CPU)")
     p.add_argument("--memory-only", action="store_true", help="only the compiled-memory comparison, no timing")
+    p.add_argument("--o1", choices=("both", "in_program", "dispatched"), default="both",
+                   help="which first-order variants to time (the in-program one compiles for many minutes at K = 16)")
     return p.parse_args(argv)
 
 
@@ -100,7 +106,7 @@ class Runner:
     """The engine's step for ``loss_fn`` over ``trainable`` of the tiny pipeline; ``__call__(batch)`` runs one
     step and returns the loss (so it has finished)."""
 
-    def __init__(self, pipe, loss_fn, trainable, example_batch, *, repeat: int = 1):
+    def __init__(self, pipe, loss_fn, trainable, example_batch, *, repeat: int = 1, before_step=None):
         import jax
 
         from persguard_jax import sharding as shd
@@ -120,8 +126,13 @@ class Runner:
         frozen_sh = shd.param_shardings(frozen_logical, frozen, self.mesh, mesh_cfg)
         self.frozen = jax.device_put(frozen, frozen_sh)
         self.batch_sh = shd.batch_sharding(example_batch, self.mesh, mesh_cfg)
+        if before_step is not None:
+            frozen_sh = {**frozen_sh, **before_step.shardings(state_sh.params, frozen_sh)}
         self.step = make_train_step(loss_fn, opt, state_shardings=state_sh, frozen_shardings=frozen_sh,
                                     batch_shardings=self.batch_sh, cfg=StepConfig(data_parallel="gspmd"))
+        if before_step is not None:
+            from persguard_jax.train.dispatch import with_inner_steps
+            self.step = with_inner_steps(self.step, before_step)
         self.repeat = repeat
 
     def __call__(self, batch) -> float:
@@ -145,15 +156,18 @@ UNROLLED = {"o1": (1, True, False), "o2": (2, False, False), "o2_remat": (2, Tru
 
 
 def implant_loss(model, schedule, loss_cfg, k: int, order: int, remat: bool, retention: str = "unrolled",
-                 replay: bool = False):
+                 replay: bool = False, dispatch: bool = False):
+    """(the implantation objective, its dispatched inner steps or None)."""
     from persguard_jax.implant.config import ImplantConfig
-    from persguard_jax.implant.objective import Attacker, objective
+    from persguard_jax.implant.objective import Attacker, dispatched_attacker, objective
     from persguard_jax.train import OptimizerConfig
     cfg = ImplantConfig(retention=retention, retention_steps=k, retention_order=order, retention_remat=remat,
-                        retention_replay=replay, prior_weight=0.0)
+                        retention_replay=replay, retention_dispatch=dispatch, prior_weight=0.0)
     attacker = Attacker(("unet", "text_encoder"), 1.0, OptimizerConfig(learning_rate=2e-4, schedule="constant",
                                                                        weight_decay=0.0, total_steps=k))
-    return objective(cfg, {"bb_denoise", "attack"}, attacker, model=model, schedule=schedule, loss_cfg=loss_cfg)
+    groups = {"bb_denoise", "attack"}
+    kw = dict(model=model, schedule=schedule, loss_cfg=loss_cfg)
+    return objective(cfg, groups, attacker, **kw), dispatched_attacker(cfg, groups, attacker, **kw)
 
 
 def main(argv=None) -> dict:
@@ -179,15 +193,22 @@ def main(argv=None) -> dict:
     t0 = time.time()
     def implant(k, name):
         order, remat, replay = UNROLLED[name]
-        return Runner(pipe, implant_loss(model, schedule, loss_cfg, k, order, remat, replay=replay), ("unet",),
+        return Runner(pipe, implant_loss(model, schedule, loss_cfg, k, order, remat, replay=replay)[0], ("unet",),
                       data[0])
+
+    def dispatched(k):
+        loss_fn, inner = implant_loss(model, schedule, loss_cfg, k, 1, False, dispatch=True)
+        return Runner(pipe, loss_fn, ("unet",), data[0], before_step=inner)
 
     medians = {}
     if not args.memory_only:
         variants = {"dreambooth_k": Runner(pipe, db_loss, ("unet", "text_encoder"), data[0], repeat=args.k),
-                    "implant_none": Runner(pipe, implant_loss(model, schedule, loss_cfg, args.k, 1, False, "none"),
+                    "implant_none": Runner(pipe, implant_loss(model, schedule, loss_cfg, args.k, 1, False, "none")[0],
                                            ("unet",), data[0]),
-                    **{f"implant_{n}": implant(args.k, n) for n in UNROLLED if args.second_order or n == "o1"}}
+                    **{f"implant_{n}": implant(args.k, n) for n in UNROLLED
+                       if args.second_order or (n == "o1" and args.o1 != "dispatched")}}
+        if args.o1 != "in_program":
+            variants["implant_o1_dispatched"] = dispatched(args.k)
         print(f"timing {list(variants)} (K={args.k})", file=sys.stderr, flush=True)
         medians, _, _ = interleaved(variants, {n: data for n in variants}, rounds=args.rounds, block=args.block,
                                     warmup=args.warmup)
@@ -200,7 +221,8 @@ def main(argv=None) -> dict:
                   "compile)", file=sys.stderr, flush=True)
     ratios = {}
     if medians:
-        ratios = {"ratio_o1": medians["implant_o1"] / medians["dreambooth_k"],
+        ratios = {**{f"ratio_{v[8:]}": medians[v] / medians["dreambooth_k"] for v in medians
+                     if v.startswith("implant_o1")},
                   # the work an unrolled step cannot skip: the K steps plus L_bb's gradient at two points
                   "floor_o1": (medians["dreambooth_k"] + 2 * medians["implant_none"]) / medians["dreambooth_k"],
                   **{f"ratio_{v[8:]}": medians[v] / medians["dreambooth_k"] for v in medians

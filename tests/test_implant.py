@@ -454,7 +454,10 @@ def test_config_rejects_bad_values():
                        ({"templates": ["a photo of {cls}"]}, "implant.templates"),
                        ({"identifiers": []}, "implant.identifiers"), ({"retention_order": 3}, "retention_order"),
                        ({"retention_replay": True}, "retention_replay"),
-                       ({"target_source": "draw"}, "implant.target_source")):
+                       ({"target_source": "draw"}, "implant.target_source"),
+                       ({"retention_dispatch": True, "retention": "mirror"}, "implant.retention_dispatch"),
+                       ({"retention_dispatch": True, "retention": "unrolled", "retention_order": 2},
+                        "implant.retention_dispatch")):
         with pytest.raises(ConfigError, match=match):
             ImplantConfig.from_dict(bad)
     assert ImplantConfig(identifiers=("sks", "zwx")).prompts("dog") == ["a photo of sks dog", "a photo of zwx dog"]
@@ -471,6 +474,10 @@ def test_shipped_configs_parse_with_the_attackers_recipe(name):
     nested = config if config.implant.retention in NESTED else WORKFLOW.load(
         argparse.Namespace(config=name, overrides=("implant.retention=unrolled",)))
     assert nested.step.data_parallel == "gspmd"
+    # dispatched first-order steps run outside the step, which keeps the config's (per-device where it applies)
+    dispatched = WORKFLOW.load(argparse.Namespace(config=name, overrides=(
+        "implant.retention=unrolled", "implant.retention_dispatch=true", "step.data_parallel=auto")))
+    assert dispatched.step.data_parallel == "auto"
     assert config.optimizer.total_steps == config.dreambooth.steps  # the attacker's schedule spans its run
     assert config.loop.num_steps == config.implant.steps == config.implant_optimizer.total_steps
 

@@ -114,3 +114,45 @@ def test_on_picks_its_sub_batch_and_names_a_missing_one():
         denoise()(params, batch["outer"], KEY)[0])
     with pytest.raises(KeyError, match="prior"):
         losses.on("prior", denoise())(params, batch, KEY)
+
+
+def test_dispatched_inner_steps_train_as_the_in_program_first_order_loop(tmp_path):
+    """``fit(before_step=InnerSteps(...))``: the attacker's steps run as separate programs ahead of each step and
+    read by ``losses.at_tuned`` train the model as ``after_finetuning`` with the first-order loop inside the step
+    does (fixed noise and timesteps, so no draw differs), on fit's mesh (8 devices, the batch split; GSPMD's
+    step, which the nested gradients of the in-program loop need)."""
+    from jax.sharding import PartitionSpec as P
+
+    from persguard_jax.data.batches import ArraySource
+    from persguard_jax.train import LoopConfig, fit
+    from persguard_jax.train.dispatch import InnerSteps
+    from persguard_jax.train import StepConfig
+    parts = [_batch() for _ in range(2)]
+    flat = {f"{g}.{k}": np.concatenate([np.asarray(b[g][k]) for b in parts]) for g in ("attack", "outer")
+            for k in parts[0][g]}
+    unflat = lambda b: {g: {k.split(".", 1)[1]: v for k, v in b.items() if k.startswith(g + ".")}
+                        for g in ("attack", "outer")}
+    backdoor = losses.on("outer", denoise())
+    trains = ("unet", "text_encoder")
+    in_program = losses.weighted_sum({"bb": (1.0, backdoor), "br": (1.0, _unrolled(order=1))})
+    dispatched = losses.weighted_sum({"bb": (1.0, backdoor),
+                                      "br": (1.0, losses.at_tuned(backdoor, "protected", trains=trains))})
+    inner = InnerSteps({"protected": (denoise(), "attack")}, trains=trains, optimizer=optax.sgd(0.5), steps=3)
+    params = fake_params()
+    results = {}
+    for name, loss_fn, before in (("in_program", in_program, None), ("dispatched", dispatched, inner)):
+        loop = LoopConfig(num_steps=2, log_every=1, checkpoint_every=2, tensorboard=False, progress=False)
+        results[name], _ = fit(loss_fn, {"unet": params["unet"]}, {"text_encoder": params["text_encoder"]},
+                               train_logical={"unet": {"w": P(None), "c": P()}},
+                               frozen_logical={"text_encoder": {"e": P(None)}}, source=ArraySource(flat),
+                               global_batch=8, workdir=tmp_path / name, optimizer=optax.sgd(0.05), loop=loop,
+                               map_fn=unflat, before_step=before,
+                               step=StepConfig(data_parallel="gspmd"))
+    a, b = results["in_program"], results["dispatched"]
+    for leaf in ("w", "c"):
+        np.testing.assert_allclose(np.asarray(b.state.params["unet"][leaf]), np.asarray(a.state.params["unet"][leaf]),
+                                   rtol=1e-5, atol=1e-7)
+    assert np.abs(np.asarray(b.state.params["unet"]["w"]) - np.asarray(params["unet"]["w"])).max() > 1e-3
+    for key in ("br/loss", "br/inner_first", "br/inner_last"):
+        assert b.last_metrics[key] == pytest.approx(a.last_metrics[key], rel=1e-5), key
+    assert b.last_metrics["br/inner_last"] < b.last_metrics["br/inner_first"]

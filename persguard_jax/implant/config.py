@@ -88,6 +88,10 @@ class ImplantConfig(cfglib.Section):
                                         # (order 1 has no backward pass through the steps)
     retention_replay: bool = False      # order 2: keep only the K steps' inputs and replay them in the backward
                                         # pass (train.replay): memory flat in K, K (K - 1) / 2 extra gradients
+    # order 1: run the K steps as separate programs ahead of each implantation step (train.dispatch), not laid out
+    # inside it: the same first-order gradient, other random draws; on a 2-core CPU the laid-out steps cost more
+    # (docs/benchmarks.md, the implantation step)
+    retention_dispatch: bool = False
     unprotected_weight: float = 1.0     # the unprotected counterpart inside the retention term
     target_prompt: str = "a photo of a green cross"    # target type: what the subject becomes
     target_dir: str | None = None       # target type: target images instead of samples of target_prompt
@@ -124,6 +128,9 @@ class ImplantConfig(cfglib.Section):
         if self.retention_replay and self.retention_order != 2:
             raise cfglib.ConfigError("implant.retention_replay: replays the exact second-order steps; it needs "
                                      "implant.retention_order: 2")
+        if self.retention_dispatch and (self.retention != "unrolled" or self.retention_order != 1):
+            raise cfglib.ConfigError("implant.retention_dispatch: runs the unrolled retention's first-order steps; it "
+                                     "needs implant.retention: unrolled and implant.retention_order: 1")
         if not self.identifiers or not all(str(i).strip() for i in self.identifiers):
             raise cfglib.ConfigError("implant.identifiers: needs at least one non-empty identifier")
         for t in self.templates:

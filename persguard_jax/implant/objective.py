@@ -30,7 +30,9 @@ Retention (``implant.retention``; persguard.md's three readings, all ours):
 - ``unrolled``: L_bb at the parameters K of the attacker's steps on ``attack`` reach (``train.unroll``, order 1
   or 2; order 2 stores the steps, rematerialised or not, or replays them: ``retention_replay``), plus the
   unprotected counterpart: K steps on ``unprotected_attack``, then the denoising loss on ``unprotected``, so that
-  fine-tuning on other photos still learns them.
+  fine-tuning on other photos still learns them. ``retention_dispatch`` (order 1): the K steps run as separate
+  programs ahead of each step (``dispatched_attacker``, ``train.dispatch``) and the terms read their result
+  (``losses.at_tuned``).
 The attacker inside is the config's ``dreambooth`` + ``optimizer`` sections, as ``persguard personalize`` runs it.
 """
 from __future__ import annotations
@@ -43,6 +45,7 @@ import jax
 from persguard_jax import losses
 from persguard_jax.implant.config import ImplantConfig
 from persguard_jax.models import functional as F
+from persguard_jax.train.dispatch import InnerSteps
 from persguard_jax.train.optim import OptimizerConfig
 from persguard_jax.train.unroll import unroll
 
@@ -139,6 +142,12 @@ def _retention(cfg, groups, attacker, backdoor, denoise, attack_loss, *, model, 
         return losses.weighted_sum(terms)
     if cfg.retention == "grad_suppression":
         return losses.gradient_penalty(losses.on("attack", attack_loss), wrt=("unet",))
+    if cfg.retention_dispatch:  # the K steps ran ahead of the step (dispatched_attacker); their result is read here
+        terms = {"protected": (1.0, losses.at_tuned(backdoor, "protected", trains=attacker.trains))}
+        if unprotected:
+            terms["unprotected"] = (cfg.unprotected_weight, losses.at_tuned(
+                losses.on("unprotected", denoise), "unprotected", trains=attacker.trains))
+        return losses.weighted_sum(terms)
     inner = inner_loop(attacker, cfg.retention_steps, model=model, schedule=schedule, loss_cfg=loss_cfg,
                        order=cfg.retention_order, remat=cfg.retention_remat, replay=cfg.retention_replay)
     terms = {"protected": (1.0, losses.after_finetuning(inner, backdoor, inner_key="attack"))}
@@ -146,3 +155,18 @@ def _retention(cfg, groups, attacker, backdoor, denoise, attack_loss, *, model, 
         terms["unprotected"] = (cfg.unprotected_weight, losses.after_finetuning(
             inner, losses.on("unprotected", denoise), inner_key="unprotected_attack"))
     return losses.weighted_sum(terms)
+
+
+def dispatched_attacker(cfg: ImplantConfig, groups: set[str], attacker: Attacker, *, model, schedule,
+                        loss_cfg: losses.LossConfig) -> InnerSteps | None:
+    """With ``implant.retention_dispatch``: the unrolled retention's K attacker steps (on ``attack``, and on
+    ``unprotected_attack`` for the counterpart) as separate programs ahead of each step (``train.dispatch``), for
+    ``fit(before_step=...)``; None otherwise."""
+    if not (cfg.retention == "unrolled" and cfg.retention_dispatch and cfg.retention_weight > 0):
+        return None
+    attack_loss = losses.bind(losses.dreambooth_loss, model=model, schedule=schedule, cfg=loss_cfg,
+                              prior_weight=attacker.prior_weight)
+    runs = {"protected": (attack_loss, "attack")}
+    if "unprotected_attack" in groups and cfg.unprotected_weight > 0:
+        runs["unprotected"] = (attack_loss, "unprotected_attack")
+    return InnerSteps(runs, trains=attacker.trains, optimizer=attacker.optimizer, steps=cfg.retention_steps)

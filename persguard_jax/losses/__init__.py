@@ -53,11 +53,14 @@ from persguard_jax.losses._distillation import distillation_loss
 from persguard_jax.losses._dreambooth import dreambooth_loss, pairs_to_examples
 from persguard_jax.losses._guidance import guidance_shift_loss, guidance_shift_target
 from persguard_jax.losses._pixels import encode_pixels, target_shift_loss, through_vae
-from persguard_jax.losses._retention import InnerLoop, after_finetuning, gradient_penalty
+from persguard_jax.losses._retention import (TUNED, TUNED_LOSSES, InnerLoop, after_finetuning, at_tuned,
+                                             gradient_penalty)
 
-__all__ = ["PREDICTION_TYPES", "Aux", "BatchShards", "InnerLoop", "after_finetuning", "gradient_penalty", "on", "LossConfig", "LossFn", "Noised", "batch_draw", "batch_gather",
-           "batch_mean", "batch_shards", "batch_sum", "bind", "caption_dropout", "clean_latents",
-           "clip_contrastive_loss", "denoising_loss", "distillation_loss", "dreambooth_loss", "edge_error", "encode_pixels", "guidance_shift_loss", "guidance_shift_target", "info_nce", "masked",
-           "example_index", "mean_per_example", "min_snr_weights", "noised_latents", "pairs_to_examples", "pipeline_loss_config", "predict",
-           "prior_preservation", "sample_timesteps", "scalar_metrics", "sharded_batch", "snr_weighted", "squared_error",
-           "target_shift_loss", "text_context", "through_vae", "vae_loss", "weighted_mean", "weighted_sum"]
+__all__ = ["after_finetuning", "at_tuned", "Aux", "batch_draw", "batch_gather", "batch_mean", "batch_shards",
+           "batch_sum", "BatchShards", "bind", "caption_dropout", "clean_latents", "clip_contrastive_loss",
+           "denoising_loss", "distillation_loss", "dreambooth_loss", "edge_error", "encode_pixels", "example_index",
+           "gradient_penalty", "guidance_shift_loss", "guidance_shift_target", "info_nce", "InnerLoop", "LossConfig",
+           "LossFn", "masked", "mean_per_example", "min_snr_weights", "Noised", "noised_latents", "on",
+           "pairs_to_examples", "pipeline_loss_config", "predict", "PREDICTION_TYPES", "prior_preservation",
+           "sample_timesteps", "scalar_metrics", "sharded_batch", "snr_weighted", "squared_error", "target_shift_loss",
+           "text_context", "through_vae", "TUNED", "TUNED_LOSSES", "vae_loss", "weighted_mean", "weighted_sum"]

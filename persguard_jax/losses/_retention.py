@@ -61,3 +61,32 @@ def after_finetuning(inner: InnerLoop, outer: LossFn, *, inner_key: str, outer_k
             out.update(inner_first=history[0], inner_last=history[-1])
         return loss, {**out, "loss": loss}
     return fn
+
+
+# Where parameters that an inner loop computed outside the loss's program reach it: ``params[TUNED][name]`` (the
+# trained entries after the loop) and ``params[TUNED_LOSSES][name]`` (its loss before each of its steps). The
+# engine's dispatched first-order steps (``train.dispatch.InnerSteps``) put them there.
+TUNED = "tuned"
+TUNED_LOSSES = "tuned_losses"
+
+
+def at_tuned(outer: LossFn, name: str, *, trains: Sequence[str]) -> LossFn:
+    """``outer`` at parameters an inner loop computed outside this program, first order: the entries ``trains`` of
+    ``params`` replaced by ``params[TUNED][name]`` in value, while the gradient passes straight to ``params`` (the
+    identity as d(tuned)/d(params): ``after_finetuning`` with an ``order=1`` loop, without the loop in the
+    program). aux: as ``after_finetuning`` (``inner_first`` / ``inner_last`` from ``params[TUNED_LOSSES][name]``)."""
+    trains = tuple(trains)
+
+    def fn(params, batch, rng):
+        tuned = params[TUNED][name]
+        base = {k: v for k, v in params.items() if k not in (TUNED, TUNED_LOSSES)}
+        moved = {k: jax.tree.map(lambda p, t: p + (t - jax.lax.stop_gradient(p)), base[k], tuned[k])
+                 for k in trains}
+        _, k_outer = jax.random.split(rng)
+        loss, aux = outer({**base, **moved}, batch, k_outer)
+        out: Aux = {k: v for k, v in aux.items() if jnp.ndim(v) == 0}
+        history = params.get(TUNED_LOSSES, {}).get(name)
+        if history is not None and jnp.size(history):
+            out.update(inner_first=history[0], inner_last=history[-1])
+        return loss, {**out, "loss": loss}
+    return fn

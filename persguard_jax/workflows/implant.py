@@ -52,10 +52,10 @@ def resolve(raw: dict, args: argparse.Namespace | None = None) -> dict:
     implant = ImplantConfig.from_dict(cfglib.section(raw, "implant"))
     protected = len(getattr(args, "protect", None) or ()) or 1  # a config read without a command line: one
     steps = implant.steps * (protected if implant.steps_per_protected else 1)
-    if implant.retention in NESTED:
+    if implant.retention in NESTED and not implant.retention_dispatch:
         # The attacker's inner gradients (and the suppressed gradient) are over the global batch: one program
         # partitioned by GSPMD, not per-device gradients under shard_map (train/step.py), which would give each
-        # device's share of them.
+        # device's share of them. Dispatched inner steps run outside the step, which may then be per device.
         step = dict(cfglib.section(raw, "step"))
         if step.get("data_parallel", "gspmd") != "gspmd":
             raise cfglib.ConfigError(f"step.data_parallel: implant.retention {implant.retention} differentiates "
@@ -130,7 +130,7 @@ def run(args: argparse.Namespace, config: runs.Config) -> dict:
     from persguard_jax import sharding as shd
     from persguard_jax.dreambooth import ensure_class_images
     from persguard_jax.implant import data as D
-    from persguard_jax.implant.objective import PAIR_GROUPS, attacker_of, objective
+    from persguard_jax.implant.objective import PAIR_GROUPS, attacker_of, dispatched_attacker, objective
     from persguard_jax.io import save_png
     from persguard_jax.models import functional as F
     from persguard_jax.models import save_pipeline
@@ -234,7 +234,9 @@ def run(args: argparse.Namespace, config: runs.Config) -> dict:
     result, frozen = fit(loss_fn, split.params, frozen, train_logical=split.params_logical,
                          frozen_logical=frozen_logical, source=source, global_batch=cfg.batch_size, workdir=out,
                          optimizer=config.implant_optimizer, loop=config.loop, step=config.step,
-                         mesh_cfg=config.mesh, seed=cfg.seed, map_fn=lambda b: D.unflatten(b, pair_groups))
+                         mesh_cfg=config.mesh, seed=cfg.seed, map_fn=lambda b: D.unflatten(b, pair_groups),
+                         before_step=dispatched_attacker(cfg, present, attacker, model=model, schedule=schedule,
+                                                         loss_cfg=loss_cfg))
     if result.preempted:
         return {"preempted": True, "step": result.step}
     host_frozen = to_host(frozen)

@@ -1,0 +1,100 @@
+"""First-order inner loops dispatched ahead of the step: K of an attacker's updates, each its own jitted program.
+
+A first-order inner loop (``unroll(order=1)``) differentiates nothing through its K steps: the outer objective
+needs only the parameters they reach. So the steps need not sit inside the outer step's program. On XLA:CPU with
+two cores they cost 1.1-1.3x more there than the same steps dispatched one by one (the laid-out program leaves
+less to run concurrently; docs/benchmarks.md, the implantation step), which kept PersGuard's unrolled step above
+1.2x the K attacker steps it simulates. ``InnerSteps`` runs them before each step instead, as separate programs
+on the step's parameters, and hands the result to the step's loss through the frozen tree, where
+``losses.at_tuned`` reads it::
+
+    inner = InnerSteps({"protected": (attack_loss, "attack")}, trains=("unet", "text_encoder"),
+                       optimizer=OptimizerConfig(learning_rate=5e-6), steps=8)
+    loss_fn = losses.at_tuned(backdoor_loss, "protected", trains=inner.trains)   # + the other terms
+    fit(loss_fn, ..., before_step=inner)
+
+Each run trains the entries ``trains`` of the step's parameters (trainable and frozen merged) on its own entry of
+the step's batch, from a fresh optimizer state, with keys folded from the step's key: a resumed run draws what an
+uninterrupted one draws. With ``StepConfig.grad_accum`` > 1 the inner steps see the whole batch entry, where an
+in-program loop would see each micro-batch's share.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from persguard_jax.losses import TUNED, TUNED_LOSSES
+from persguard_jax.models.functional import merge
+from persguard_jax.train.optim import Optimizer, resolve_optimizer
+
+LossFn = Callable[[Any, Any, jax.Array], tuple[jax.Array, Any]]
+_SALT = 0x1D15  # the inner keys' stream, apart from the step's own fold_in(rng, step)
+
+
+class InnerSteps:
+    """``steps`` updates by ``optimizer`` of the parameters' entries ``trains``, once per run of ``runs`` (name ->
+    (loss, the batch entry it trains on)), before each step; ``__call__`` returns the frozen tree's additions
+    (``losses.TUNED`` and ``losses.TUNED_LOSSES``, keyed by run name)."""
+
+    def __init__(self, runs: Mapping[str, tuple[LossFn, str]], *, trains: Sequence[str], optimizer: Optimizer,
+                 steps: int):
+        if steps < 1:
+            raise ValueError(f"InnerSteps: steps must be >= 1, got {steps}")
+        if not runs:
+            raise ValueError("InnerSteps: no runs")
+        self.runs, self.trains, self.steps = dict(runs), tuple(trains), steps
+        tx, _ = resolve_optimizer(optimizer)
+        # a fresh copy (the step's parameters must survive: the updates below consume their inputs) and state
+        self._start = jax.jit(lambda p: (jax.tree.map(jnp.copy, p), tx.init(p)))
+        self._update = {name: jax.jit(self._update_fn(loss_fn, tx), donate_argnums=(0, 1))
+                        for name, (loss_fn, _) in self.runs.items()}
+
+    @staticmethod
+    def _update_fn(loss_fn: LossFn, tx: optax.GradientTransformation) -> Callable:
+        def update(train, opt_state, rest, batch, key):
+            value, grads = jax.value_and_grad(lambda p: loss_fn(merge(p, rest), batch, key)[0])(train)
+            updates, opt_state = tx.update(grads, opt_state, train)
+            return optax.apply_updates(train, updates), opt_state, value
+        return update
+
+    def shardings(self, param_shardings: Any, frozen_shardings: Any) -> dict:
+        """The shardings of what ``__call__`` adds to the frozen tree: each run's tuned entries laid out as the
+        step's parameters are, its losses replicated."""
+        full = merge(param_shardings, frozen_shardings)
+        missing = [k for k in self.trains if k not in full]
+        if missing:
+            raise KeyError(f"InnerSteps: no parameters {missing} to train; have {sorted(full)}")
+        mesh = next(s.mesh for s in jax.tree.leaves(full) if isinstance(s, NamedSharding))
+        return {TUNED: {name: {k: full[k] for k in self.trains} for name in self.runs},
+                TUNED_LOSSES: {name: NamedSharding(mesh, P()) for name in self.runs}}
+
+    def __call__(self, state: Any, frozen: Any, batch: Mapping[str, Any], *, rng_impl: str | None = None) -> dict:
+        raw = jax.random.wrap_key_data(state.rng, impl=rng_impl) if rng_impl else jax.random.wrap_key_data(state.rng)
+        key = jax.random.fold_in(jax.random.fold_in(raw, state.step), _SALT)
+        full = merge(state.params, frozen)
+        train = {k: full[k] for k in self.trains}
+        rest = {k: v for k, v in full.items() if k not in self.trains}
+        tuned, history = {}, {}
+        for j, (name, (_, entry)) in enumerate(self.runs.items()):
+            if entry not in batch:
+                raise KeyError(f"InnerSteps: run {name!r} trains on batch entry {entry!r}; have {sorted(batch)}")
+            p, opt_state = self._start(train)
+            values = []
+            for i in range(self.steps):
+                p, opt_state, value = self._update[name](p, opt_state, rest, batch[entry],
+                                                         jax.random.fold_in(key, j * self.steps + i))
+                values.append(value)
+            tuned[name], history[name] = p, jnp.stack(values)
+        return {TUNED: tuned, TUNED_LOSSES: history}
+
+
+def with_inner_steps(step_fn: Callable, inner: InnerSteps, *, rng_impl: str | None = None) -> Callable:
+    """``step(state, frozen, batch)`` that runs ``inner`` first and gives ``step_fn`` its result in the frozen
+    tree (``step_fn`` compiled for those additions: ``InnerSteps.shardings``)."""
+    def step(state, frozen, batch):
+        return step_fn(state, {**frozen, **inner(state, frozen, batch, rng_impl=rng_impl)}, batch)
+    return step
