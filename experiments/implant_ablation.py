@@ -1,7 +1,8 @@
 """Retention ablation of PersGuard implantation: ``persguard implant`` once per retention formulation, one table.
 
     python experiments/implant_ablation.py --out runs/ablation [--protect world:dog_00:pattern]
-        [--unprotected world:cat_00] [--variants none,mirror,grad_suppression,unrolled_o1,unrolled_o2,unrolled_o2_replay]
+        [--unprotected world:cat_00]
+        [--variants none,mirror,grad_suppression,unrolled_o1,unrolled_o1_dispatched,unrolled_o2,unrolled_o2_replay]
         [key=value ...]
 
 Each variant is the shipped ``configs/implant_world.yaml`` with ``implant.retention`` (and, for the unrolled ones,
@@ -30,6 +31,9 @@ VARIANTS = {
     "mirror": ["implant.retention=mirror"],
     "grad_suppression": ["implant.retention=grad_suppression"],
     "unrolled_o1": ["implant.retention=unrolled", "implant.retention_order=1"],
+    # the same first-order term with the K steps as separate programs ahead of each step (train.dispatch)
+    "unrolled_o1_dispatched": ["implant.retention=unrolled", "implant.retention_order=1",
+                               "implant.retention_dispatch=true"],
     "unrolled_o2": ["implant.retention=unrolled", "implant.retention_order=2", "implant.retention_remat=true"],
     # the same exact gradient with the K steps replayed in the backward pass (memory flat in K); XLA:CPU compiles
     # its step in about 14 minutes on the world model, the stored / rematerialised scan's in over 15
