@@ -24,6 +24,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -48,15 +49,24 @@ class InnerSteps:
             raise ValueError("InnerSteps: no runs")
         self.runs, self.trains, self.steps = dict(runs), tuple(trains), steps
         tx, _ = resolve_optimizer(optimizer)
-        # a fresh copy (the step's parameters must survive: the updates below consume their inputs) and state
-        self._start = jax.jit(lambda p: (jax.tree.map(jnp.copy, p), tx.init(p)))
+
+        # Everything of a run is in its programs, the keys included (an eager op costs a dispatch of its own):
+        # a fresh copy of the trained entries (the step's parameters must survive: the updates consume their
+        # inputs), a fresh optimizer state and the run's key; then one program per update.
+        def start(train, rng, step, run, rng_impl=None):
+            raw = jax.random.wrap_key_data(rng, impl=rng_impl) if rng_impl else jax.random.wrap_key_data(rng)
+            key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(raw, step), _SALT), run)
+            return jax.tree.map(jnp.copy, train), tx.init(train), key
+
+        self._start = jax.jit(start, static_argnames="rng_impl")
         self._update = {name: jax.jit(self._update_fn(loss_fn, tx), donate_argnums=(0, 1))
                         for name, (loss_fn, _) in self.runs.items()}
 
     @staticmethod
     def _update_fn(loss_fn: LossFn, tx: optax.GradientTransformation) -> Callable:
-        def update(train, opt_state, rest, batch, key):
-            value, grads = jax.value_and_grad(lambda p: loss_fn(merge(p, rest), batch, key)[0])(train)
+        def update(train, opt_state, rest, batch, key, i):
+            k = jax.random.fold_in(key, i)
+            value, grads = jax.value_and_grad(lambda p: loss_fn(merge(p, rest), batch, k)[0])(train)
             updates, opt_state = tx.update(grads, opt_state, train)
             return optax.apply_updates(train, updates), opt_state, value
         return update
@@ -73,8 +83,6 @@ class InnerSteps:
                 TUNED_LOSSES: {name: NamedSharding(mesh, P()) for name in self.runs}}
 
     def __call__(self, state: Any, frozen: Any, batch: Mapping[str, Any], *, rng_impl: str | None = None) -> dict:
-        raw = jax.random.wrap_key_data(state.rng, impl=rng_impl) if rng_impl else jax.random.wrap_key_data(state.rng)
-        key = jax.random.fold_in(jax.random.fold_in(raw, state.step), _SALT)
         full = merge(state.params, frozen)
         train = {k: full[k] for k in self.trains}
         rest = {k: v for k, v in full.items() if k not in self.trains}
@@ -82,11 +90,10 @@ class InnerSteps:
         for j, (name, (_, entry)) in enumerate(self.runs.items()):
             if entry not in batch:
                 raise KeyError(f"InnerSteps: run {name!r} trains on batch entry {entry!r}; have {sorted(batch)}")
-            p, opt_state = self._start(train)
+            p, opt_state, key = self._start(train, state.rng, state.step, np.int32(j), rng_impl=rng_impl)
             values = []
             for i in range(self.steps):
-                p, opt_state, value = self._update[name](p, opt_state, rest, batch[entry],
-                                                         jax.random.fold_in(key, j * self.steps + i))
+                p, opt_state, value = self._update[name](p, opt_state, rest, batch[entry], key, np.int32(i))
                 values.append(value)
             tuned[name], history[name] = p, jnp.stack(values)
         return {TUNED: tuned, TUNED_LOSSES: history}
