@@ -16,7 +16,8 @@ on the step's parameters, and hands the result to the step's loss through the fr
 Each run trains the entries ``trains`` of the step's parameters (trainable and frozen merged) on its own entry of
 the step's batch, from a fresh optimizer state, with keys folded from the step's key: a resumed run draws what an
 uninterrupted one draws. With ``StepConfig.grad_accum`` > 1 the inner steps see the whole batch entry, where an
-in-program loop would see each micro-batch's share.
+in-program loop would see each micro-batch's share; ``StepConfig.compute_dtype`` casts the step's parameters, not
+the inner steps' (they run in the parameters' own dtype, as the attacker's DreamBooth does).
 """
 from __future__ import annotations
 
