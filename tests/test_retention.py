@@ -120,7 +120,7 @@ def test_dispatched_inner_steps_train_as_the_in_program_first_order_loop(tmp_pat
     """``fit(before_step=InnerSteps(...))``: the attacker's steps run as separate programs ahead of each step and
     read by ``losses.at_tuned`` train the model as ``after_finetuning`` with the first-order loop inside the step
     does (fixed noise and timesteps, so no draw differs), on fit's mesh (8 devices, the batch split; GSPMD's
-    step, which the nested gradients of the in-program loop need)."""
+    step, which the nested gradients of the in-program loop need, and for the dispatched term the per-device one)."""
     from jax.sharding import PartitionSpec as P
 
     from persguard_jax.data.batches import ArraySource
@@ -140,19 +140,23 @@ def test_dispatched_inner_steps_train_as_the_in_program_first_order_loop(tmp_pat
     inner = InnerSteps({"protected": (denoise(), "attack")}, trains=trains, optimizer=optax.sgd(0.5), steps=3)
     params = fake_params()
     results = {}
-    for name, loss_fn, before in (("in_program", in_program, None), ("dispatched", dispatched, inner)):
+    # the dispatched term nests no gradient in the step, which may then run per device (data_parallel auto)
+    for name, loss_fn, before, mode in (("in_program", in_program, None, "gspmd"),
+                                        ("dispatched", dispatched, inner, "gspmd"),
+                                        ("dispatched_per_device", dispatched, inner, "auto")):
         loop = LoopConfig(num_steps=2, log_every=1, checkpoint_every=2, tensorboard=False, progress=False)
         results[name], _ = fit(loss_fn, {"unet": params["unet"]}, {"text_encoder": params["text_encoder"]},
                                train_logical={"unet": {"w": P(None), "c": P()}},
                                frozen_logical={"text_encoder": {"e": P(None)}}, source=ArraySource(flat),
                                global_batch=8, workdir=tmp_path / name, optimizer=optax.sgd(0.05), loop=loop,
                                map_fn=unflat, before_step=before,
-                               step=StepConfig(data_parallel="gspmd"))
-    a, b = results["in_program"], results["dispatched"]
-    for leaf in ("w", "c"):
-        np.testing.assert_allclose(np.asarray(b.state.params["unet"][leaf]), np.asarray(a.state.params["unet"][leaf]),
-                                   rtol=1e-5, atol=1e-7)
-    assert np.abs(np.asarray(b.state.params["unet"]["w"]) - np.asarray(params["unet"]["w"])).max() > 1e-3
-    for key in ("br/loss", "br/inner_first", "br/inner_last"):
-        assert b.last_metrics[key] == pytest.approx(a.last_metrics[key], rel=1e-5), key
-    assert b.last_metrics["br/inner_last"] < b.last_metrics["br/inner_first"]
+                               step=StepConfig(data_parallel=mode))
+    a = results["in_program"]
+    for b in (results["dispatched"], results["dispatched_per_device"]):
+        for leaf in ("w", "c"):
+            np.testing.assert_allclose(np.asarray(b.state.params["unet"][leaf]),
+                                       np.asarray(a.state.params["unet"][leaf]), rtol=1e-5, atol=1e-7)
+        for key in ("br/loss", "br/inner_first", "br/inner_last"):
+            assert b.last_metrics[key] == pytest.approx(a.last_metrics[key], rel=1e-5), key
+    assert np.abs(np.asarray(a.state.params["unet"]["w"]) - np.asarray(params["unet"]["w"])).max() > 1e-3
+    assert a.last_metrics["br/inner_last"] < a.last_metrics["br/inner_first"]

@@ -10,5 +10,5 @@ from persguard_jax.train.step import StepConfig, make_train_step
 from persguard_jax.train.unroll import unroll
 
 __all__ = ["Checkpointer", "InnerSteps", "LoopConfig", "OptimizerConfig", "StepConfig", "TrainResult", "TrainState",
-           "TrainingDiverged", "create_state", "fit", "init_state", "make_optimizer", "make_train_step", "state_shardings",
-           "train", "unroll"]
+           "TrainingDiverged", "create_state", "fit", "init_state", "make_optimizer", "make_train_step",
+           "state_shardings", "train", "unroll"]
