@@ -56,11 +56,16 @@ def after_finetuning(inner: InnerLoop, outer: LossFn, *, inner_key: str, outer_k
         k_inner, k_outer = jax.random.split(rng)
         tuned, history = inner(params, batch[inner_key], k_inner)
         loss, aux = outer(tuned, batch if outer_key is None else batch[outer_key], k_outer)
-        out: Aux = {k: v for k, v in aux.items() if jnp.ndim(v) == 0}
-        if jnp.size(history):
-            out.update(inner_first=history[0], inner_last=history[-1])
-        return loss, {**out, "loss": loss}
+        return loss, _outer_aux(loss, aux, history)
     return fn
+
+
+def _outer_aux(loss: jax.Array, aux: Aux, history: jax.Array | None) -> Aux:
+    """The outer loss's scalars, and the inner loop's loss at its first and last step."""
+    out: Aux = {k: v for k, v in aux.items() if jnp.ndim(v) == 0}
+    if history is not None and jnp.size(history):
+        out.update(inner_first=history[0], inner_last=history[-1])
+    return {**out, "loss": loss}
 
 
 # Where parameters that an inner loop computed outside the loss's program reach it: ``params[TUNED][name]`` (the
@@ -84,9 +89,5 @@ def at_tuned(outer: LossFn, name: str, *, trains: Sequence[str]) -> LossFn:
                  for k in trains}
         _, k_outer = jax.random.split(rng)
         loss, aux = outer({**base, **moved}, batch, k_outer)
-        out: Aux = {k: v for k, v in aux.items() if jnp.ndim(v) == 0}
-        history = params.get(TUNED_LOSSES, {}).get(name)
-        if history is not None and jnp.size(history):
-            out.update(inner_first=history[0], inner_last=history[-1])
-        return loss, {**out, "loss": loss}
+        return loss, _outer_aux(loss, aux, params.get(TUNED_LOSSES, {}).get(name))
     return fn

@@ -60,8 +60,13 @@ class InnerSteps:
             return jax.tree.map(jnp.copy, train), tx.init(train), key
 
         self._start = jax.jit(start, static_argnames="rng_impl")
-        self._update = {name: jax.jit(self._update_fn(loss_fn, tx), donate_argnums=(0, 1))
-                        for name, (loss_fn, _) in self.runs.items()}
+        # one jitted update per loss, not per run: runs of one loss (the attacker on protected and unprotected
+        # photos) share its compiled program
+        updates: dict[Any, Callable] = {}
+        for loss_fn, _ in self.runs.values():
+            if loss_fn not in updates:
+                updates[loss_fn] = jax.jit(self._update_fn(loss_fn, tx), donate_argnums=(0, 1))
+        self._update = {name: updates[loss_fn] for name, (loss_fn, _) in self.runs.items()}
 
     @staticmethod
     def _update_fn(loss_fn: LossFn, tx: optax.GradientTransformation) -> Callable:
