@@ -247,7 +247,8 @@ def _plan_step(args: argparse.Namespace, models: dict, mesh, mesh_cfg) -> None:
     plan = StepPlan(step=args.step, batch=args.batch, resolution=args.resolution, remat=args.remat,
                     compute_dtype=None if args.compute_dtype == "float32" else args.compute_dtype,
                     train_text_encoder=not args.freeze_text_encoder, prior=not args.no_prior,
-                    retention_steps=args.k, retention_order=args.order, retention_replay=args.replay)
+                    retention_steps=args.k, retention_order=args.order, retention_replay=args.replay,
+                    retention_dispatch=args.dispatch)
     _say(f"compiling the {args.step} step ahead of time (nothing is allocated; minutes for SD on a CPU)...",
          flush=True)
     result = plan_memory(models, plan, mesh, mesh_cfg, read_json(scheduler) if args.model and scheduler.is_file()
@@ -311,6 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--order", type=int, choices=(1, 2), default=1, help="--step implant: 1 first order, 2 exact")
     p.add_argument("--replay", action="store_true", help="--step implant --order 2: replay the attacker's steps "
                                                          "in the backward pass instead of storing them")
+    p.add_argument("--dispatch", action="store_true", help="--step implant --order 1: the attacker's steps as "
+                                                           "their own program ahead of the step "
+                                                           "(implant.retention_dispatch)")
     p.add_argument("--no-prior", action="store_true", help="--step: no class (prior-preservation) examples")
     p.add_argument("--freeze-text-encoder", action="store_true", help="--step: train the UNet alone")
     p.add_argument("--json", action="store_true", help="--step: also print the report as one JSON line")

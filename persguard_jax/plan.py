@@ -10,7 +10,9 @@ and compiles it for the mesh (on fake CPU devices, ``--devices``, a laptop plans
   CDL attacker's (CDL changes prompts, not shapes).
 - ``implant``: one implantation step (``implant.objective``): the backdoor denoising term and the unrolled
   retention term, ``retention_steps`` attacker DreamBooth steps inside the loss (``retention_order`` 1: first
-  order, 2: exact second order), the UNet trained: ``persguard implant``'s step.
+  order, 2: exact second order), the UNet trained: ``persguard implant``'s step. ``retention_dispatch``
+  (first order): the K steps as their own program run ahead of the step (``implant.retention_dispatch``,
+  ``train.dispatch``); both programs are compiled and the larger peak reported.
 - ``aspl``: one ASPL iteration (``protect.methods.aspl_iteration``: ``surrogate_steps`` DreamBooth steps on a
   copy, ``pgd_steps`` sign-PGD steps through the VAE encoder and the UNet, ``model_steps`` steps of the model):
   ``persguard protect --method aspl``'s program, ``batch`` photos.
@@ -54,6 +56,7 @@ class StepPlan:
     retention_steps: int = 2
     retention_order: int = 1
     retention_replay: bool = False  # order 2: replay the attacker's steps in the backward pass (memory flat in K)
+    retention_dispatch: bool = False  # order 1: the K steps as their own programs ahead of the step (train.dispatch)
     surrogate_steps: int = 3
     pgd_steps: int = 6
     model_steps: int = 3
@@ -65,6 +68,9 @@ class StepPlan:
             raise ValueError("plan: batch and retention_steps must be >= 1, retention_order 1 or 2")
         if self.retention_replay and self.retention_order != 2:
             raise ValueError("plan: retention_replay replays exact second-order steps (retention_order 2)")
+        if self.retention_dispatch and (self.step != "implant" or self.retention_order != 1):
+            raise ValueError("plan: retention_dispatch (--dispatch) plans the implant step's first-order retention "
+                             "(--step implant --order 1)")
 
 
 # --------------------------------------------------------------------------- the abstract models
@@ -107,8 +113,9 @@ def _with(shapes: Any, shardings: Any) -> Any:
 # --------------------------------------------------------------------------- the steps
 
 def _train_step(loss, trains: tuple[str, ...], params, logical, batch, mesh, mesh_cfg, plan: StepPlan,
-                data_parallel: str = "auto"):
-    """(lowered engine step, its parts) for ``loss`` training ``trains``."""
+                data_parallel: str = "auto", before_step=None):
+    """(lowered engine step, its parts) for ``loss`` training ``trains``; with ``before_step`` (an
+    ``InnerSteps``) the step's frozen tree carries what it adds, as ``fit`` lays it out."""
     from persguard_jax.models import functional as F
     from persguard_jax.train.optim import OptimizerConfig, make_optimizer
     from persguard_jax.train.state import init_state, state_shardings
@@ -119,6 +126,9 @@ def _train_step(loss, trains: tuple[str, ...], params, logical, batch, mesh, mes
     ss = state_shardings(train_logical, train, optimizer, mesh, mesh_cfg)
     state = jax.eval_shape(lambda p: init_state(p, optimizer), train)
     fs = shd.param_shardings(frozen_logical, frozen, mesh, mesh_cfg)
+    if before_step is not None:
+        fs = {**fs, **before_step.shardings(ss.params, fs)}
+        frozen = {**frozen, **before_step.abstract(train, frozen)}
     bs = shd.batch_sharding(batch, mesh, mesh_cfg)
     step = make_train_step(loss, optimizer, state_shardings=ss, frozen_shardings=fs, batch_shardings=bs,
                            cfg=StepConfig(compute_dtype=plan.compute_dtype, data_parallel=data_parallel))
@@ -162,8 +172,10 @@ def lower_dreambooth(modules, plan: StepPlan, mesh, mesh_cfg, scheduler_config=N
 
 
 def lower_implant(modules, plan: StepPlan, mesh, mesh_cfg, scheduler_config=None):
+    """The implantation step; with ``plan.retention_dispatch`` a dict of programs: ``step`` (the step, reading the
+    tuned parameters from its frozen tree) and ``inner/<run>`` (one attacker update, run K times ahead of it)."""
     from persguard_jax.implant.config import ImplantConfig
-    from persguard_jax.implant.objective import Attacker, objective
+    from persguard_jax.implant.objective import Attacker, dispatched_attacker, objective
     from persguard_jax.train.optim import OptimizerConfig
     model, params, logical, schedule, loss_cfg = _loss_setup(modules, scheduler_config)
     _, side = latent_size(modules, plan)
@@ -176,13 +188,27 @@ def lower_implant(modules, plan: StepPlan, mesh, mesh_cfg, scheduler_config=None
     batch = {"bb_denoise": _examples(plan.batch, side, channels, tokens), "attack": attack}
     cfg = ImplantConfig(retention="unrolled", retention_steps=plan.retention_steps,
                         retention_order=plan.retention_order, retention_remat=plan.remat != "none",
-                        retention_replay=plan.retention_replay, prior_weight=0.0)
+                        retention_replay=plan.retention_replay, retention_dispatch=plan.retention_dispatch,
+                        prior_weight=0.0)
     trains = ("unet", "text_encoder") if plan.train_text_encoder else ("unet",)
     attacker = Attacker(trains, 1.0 if plan.prior else 0.0,
                         OptimizerConfig(learning_rate=2e-4, schedule="constant", total_steps=plan.retention_steps))
     loss = objective(cfg, set(batch), attacker, model=model, schedule=schedule, loss_cfg=loss_cfg)
-    # nested differentiation runs as one GSPMD program, as workflows/implant.py does
-    return _train_step(loss, ("unet",), params, logical, batch, mesh, mesh_cfg, plan, data_parallel="gspmd")
+    inner = dispatched_attacker(cfg, set(batch), attacker, model=model, schedule=schedule, loss_cfg=loss_cfg)
+    # nested differentiation runs as one GSPMD program, as workflows/implant.py does; dispatched, the step nests
+    # none and keeps the engine's own choice, as there
+    lowered, parts = _train_step(loss, ("unet",), params, logical, batch, mesh, mesh_cfg, plan,
+                                 data_parallel="auto" if inner else "gspmd", before_step=inner)
+    if inner is None:
+        return lowered, parts
+    from persguard_jax.losses import TUNED, TUNED_LOSSES
+    state_params, batch_in = _with(*parts["params"]), _with(*parts["batch"])
+    frozen = {k: v for k, v in _with(*parts["frozen"]).items() if k not in (TUNED, TUNED_LOSSES)}
+    programs = {"step": lowered}
+    for name in inner.runs:
+        programs[f"inner/{name}"], opt_state = inner.lower_update(name, state_params, frozen, batch_in)
+        parts[f"inner/{name}/opt_state"] = (opt_state, jax.tree.map(lambda x: x.sharding, opt_state))
+    return programs, parts
 
 
 def lower_aspl(modules, plan: StepPlan, mesh, mesh_cfg, scheduler_config=None):
@@ -254,19 +280,42 @@ def memory_stats(compiled) -> dict[str, int]:
 
 def plan_memory(modules: Mapping[str, Any], plan: StepPlan, mesh, mesh_cfg: shd.MeshConfig,
                 scheduler_config: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Compile ``plan``'s step for ``mesh`` and report its bytes per device (module docstring)."""
+    """Compile ``plan``'s step for ``mesh`` and report its bytes per device (module docstring).
+
+    A step of several programs (the dispatched implantation step: ``inner/<run>`` updates, then ``step``) reports
+    each program's analysis under ``programs``, and as ``memory_analysis.peak_estimate_bytes`` the peak of them
+    all (``dispatched_peak``)."""
     t0 = time.perf_counter()
     nets = abstract_models(modules, plan)
     lowered, parts = LOWER[plan.step](nets, plan, mesh, mesh_cfg, scheduler_config)
     lower_s = time.perf_counter() - t0
-    compiled = lowered.compile()
+    programs = lowered if isinstance(lowered, dict) else {"step": lowered}
+    mems = {name: memory_stats(program.compile()) for name, program in programs.items()}
     compile_s = time.perf_counter() - t0 - lower_s
-    mem = memory_stats(compiled)
+    mem = dict(mems["step"])
     report = {name: {"bytes_per_device": bytes_per_device(*parts[name]), "bytes_unsharded": full_bytes(parts[name][0])}
               for name in ("params", "opt_state", "frozen", "batch") if name in parts}
-    return {"step": plan.step, "mesh": dict(mesh.shape), "devices": mesh.size, "plan": dict(plan.__dict__),
-            "pixels": latent_size(nets, plan)[0], "arrays": report, "memory_analysis": mem,
-            "lower_s": round(lower_s, 1), "compile_s": round(compile_s, 1)}
+    result = {"step": plan.step, "mesh": dict(mesh.shape), "devices": mesh.size, "plan": dict(plan.__dict__),
+              "pixels": latent_size(nets, plan)[0], "arrays": report, "memory_analysis": mem}
+    if len(programs) > 1:
+        result["programs"] = mems
+        updates = {name: (m, bytes_per_device(*parts[f"{name}/opt_state"]))
+                   for name, m in mems.items() if name != "step"}
+        if "peak_estimate_bytes" in mem:
+            mem["peak_estimate_bytes"] = dispatched_peak(mems["step"], updates)
+    return {**result, "lower_s": round(lower_s, 1), "compile_s": round(compile_s, 1)}
+
+
+def dispatched_peak(step: Mapping[str, int], updates: Mapping[str, tuple[Mapping[str, int], int]]) -> int:
+    """Bytes per device at the peak of a step with inner updates dispatched ahead of it: the larger of the
+    step's own peak and each update's, counted as the step's arguments (the state, the frozen tree with every
+    run's tuned copy, the batch: all alive by then) + the update's optimizer state (``updates``: name -> (its
+    memory analysis, its optimizer state's bytes per device)) + its temporaries and its undonated outputs."""
+    peak = step["peak_estimate_bytes"]
+    for mem, opt_state in updates.values():
+        peak = max(peak, step["argument_size_in_bytes"] + opt_state + mem["temp_size_in_bytes"]
+                   + mem["output_size_in_bytes"] - mem["alias_size_in_bytes"])
+    return peak
 
 
 def format_memory(result: Mapping[str, Any]) -> str:
@@ -279,9 +328,15 @@ def format_memory(result: Mapping[str, Any]) -> str:
     for name, row in result["arrays"].items():
         lines.append(f"  {name:<12}{gib(row['bytes_per_device'])}   (unsharded {gib(row['bytes_unsharded']).strip()})")
     mem = result["memory_analysis"]
+    for name, inner in result.get("programs", {}).items():
+        if name != "step" and "temp_size_in_bytes" in inner:
+            lines.append(f"  {'attacker':<12}{gib(inner['temp_size_in_bytes'])}   (XLA temp of one attacker update, "
+                         f"{name}, run {p['retention_steps']} times ahead of the step)")
     if "temp_size_in_bytes" in mem:
         lines.append(f"  {'activations':<12}{gib(mem['temp_size_in_bytes'])}   (XLA temp: activations, gradients, "
                      f"inner states)")
     if "peak_estimate_bytes" in mem:
-        lines.append(f"  {'peak':<12}{gib(mem['peak_estimate_bytes'])}   (argument + output - donated + temp)")
+        how = "the larger of the step's and an attacker update's: plan_memory" if "programs" in result else \
+            "argument + output - donated + temp"
+        lines.append(f"  {'peak':<12}{gib(mem['peak_estimate_bytes'])}   ({how})")
     return "\n".join(lines)

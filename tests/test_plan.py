@@ -56,3 +56,59 @@ def test_plan_step_needs_a_whole_pipeline(capsys):
     assert main(["plan", "--model", str(WORLD / "unet"), "--step", "dreambooth"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "needs a whole pipeline" in err
+
+
+def test_the_dispatched_implant_step_lowers_as_its_two_programs():
+    """``--dispatch``: the attacker's update and the step that reads its result from the frozen tree are lowered
+    (compiling them costs a minute of the suite; the CLI path is the other steps'); the frozen tree carries the
+    tuned copy of what the attacker trains and the attacker's optimizer state is laid out as those parameters."""
+    from flax import nnx
+
+    from persguard_jax.cli import _plan_models
+    from persguard_jax.losses import TUNED, TUNED_LOSSES
+    from persguard_jax.plan import LOWER, StepPlan, abstract_models, bytes_per_device, full_bytes
+
+    class Args:
+        model, arch = str(WORLD), None
+    models = _plan_models(Args)
+    plan = StepPlan(step="implant", batch=2, retention_steps=3, retention_dispatch=True)
+    mesh_cfg = shd.MeshConfig(data=1, fsdp=2)
+    mesh = shd.make_mesh(mesh_cfg, devices=jax.devices()[:2])
+    programs, parts = LOWER["implant"](abstract_models(models, plan), plan, mesh, mesh_cfg)
+    assert set(programs) == {"step", "inner/protected"}
+    for program in programs.values():
+        assert "num_partitions = 2" in program.as_text()
+    frozen, _ = parts["frozen"]
+    assert set(frozen[TUNED]["protected"]) == {"unet", "text_encoder"}
+    assert frozen[TUNED_LOSSES]["protected"].shape == (3,)
+    text_encoder = full_bytes(nnx.state(models["text_encoder"], nnx.Param).to_pure_dict())
+    assert full_bytes(frozen) == 2 * text_encoder + full_bytes(parts["params"][0]) + 3 * 4
+    opt_state = parts["inner/protected/opt_state"]  # AdamW over UNet + text encoder, fsdp-sharded as they are
+    tuned = full_bytes(frozen[TUNED])
+    assert full_bytes(opt_state[0]) >= 2 * tuned and bytes_per_device(*opt_state) < 0.6 * full_bytes(opt_state[0])
+
+
+def test_a_dispatched_plan_reports_the_larger_peak_of_its_programs():
+    from persguard_jax.plan import dispatched_peak, format_memory
+    gib = 2**30
+    mem = lambda arg, temp, out=0, alias=0: {"argument_size_in_bytes": arg, "output_size_in_bytes": out,
+                                             "alias_size_in_bytes": alias, "temp_size_in_bytes": temp,
+                                             "peak_estimate_bytes": arg + out - alias + temp}
+    step = mem(gib, gib)
+    # the update's phase: the step's arguments (1) + its optimizer state (0.5) + temp (2) + undonated output (0.25)
+    update = mem(gib // 2, 2 * gib, out=gib // 2, alias=gib // 4)
+    assert dispatched_peak(step, {"inner/protected": (update, gib // 2)}) == int(3.75 * gib)
+    assert dispatched_peak(step, {"inner/protected": (mem(gib // 2, gib // 4), 0)}) == 2 * gib  # the step's own
+    result = {"step": "implant", "plan": {"batch": 2, "remat": "none", "compute_dtype": None, "retention_steps": 3},
+              "pixels": 32, "mesh": {"data": 2}, "devices": 2, "compile_s": 1.0, "arrays": {},
+              "memory_analysis": dict(step, peak_estimate_bytes=int(3.75 * gib)),
+              "programs": {"step": step, "inner/protected": update}}
+    lines = format_memory(result).splitlines()
+    assert any(line.split()[:2] == ["attacker", "2.000"] and "inner/protected, run 3 times" in line for line in lines)
+    assert any(line.split()[:2] == ["peak", "3.750"] and "the larger of the step's" in line for line in lines)
+
+
+def test_plan_dispatch_needs_the_first_order_implant_step(capsys):
+    assert main(["plan", "--model", str(WORLD), "--step", "implant", "--order", "2", "--dispatch"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--dispatch" in err

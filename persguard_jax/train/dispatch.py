@@ -31,6 +31,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from persguard_jax.losses import TUNED, TUNED_LOSSES
 from persguard_jax.models.functional import merge
+from persguard_jax.sharding import opt_state_shardings
 from persguard_jax.train.optim import Optimizer, resolve_optimizer
 
 LossFn = Callable[[Any, Any, jax.Array], tuple[jax.Array, Any]]
@@ -50,6 +51,7 @@ class InnerSteps:
             raise ValueError("InnerSteps: no runs")
         self.runs, self.trains, self.steps = dict(runs), tuple(trains), steps
         tx, _ = resolve_optimizer(optimizer)
+        self.tx = tx
 
         # Everything of a run is in its programs, the keys included (an eager op costs a dispatch of its own):
         # a fresh copy of the trained entries (the step's parameters must survive: the updates consume their
@@ -87,6 +89,32 @@ class InnerSteps:
         mesh = next(s.mesh for s in jax.tree.leaves(full) if isinstance(s, NamedSharding))
         return {TUNED: {name: {k: full[k] for k in self.trains} for name in self.runs},
                 TUNED_LOSSES: {name: NamedSharding(mesh, P()) for name in self.runs}}
+
+    def abstract(self, params: Any, frozen: Any) -> dict:
+        """What ``__call__`` adds to the frozen tree, as ``jax.ShapeDtypeStruct`` (for ahead-of-time plans)."""
+        full = merge(params, frozen)
+        tuned = {k: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), full[k]) for k in self.trains}
+        return {TUNED: {name: tuned for name in self.runs},
+                TUNED_LOSSES: {name: jax.ShapeDtypeStruct((self.steps,), jnp.float32) for name in self.runs}}
+
+    def lower_update(self, name: str, params: Any, frozen: Any, batch: Mapping[str, Any]) -> tuple[Any, Any]:
+        """(run ``name``'s update program lowered, its optimizer state as ``ShapeDtypeStruct`` with shardings)
+        for the step's abstract parameters, frozen tree and batch (``ShapeDtypeStruct`` with shardings): what a
+        memory plan compiles. The optimizer state is laid out as its parameters, as ``__call__``'s is."""
+        full = merge(params, frozen)
+        train = {k: full[k] for k in self.trains}
+        rest = {k: v for k, v in full.items() if k not in self.trains}
+        train_sh = jax.tree.map(lambda x: x.sharding, train)
+        mesh = next(s.mesh for s in jax.tree.leaves(train_sh) if isinstance(s, NamedSharding))
+        opt_shapes = jax.eval_shape(self.tx.init, train)
+        opt_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), opt_shapes,
+                                 opt_state_shardings(self.tx, train, train_sh, mesh))
+        rep = NamedSharding(mesh, P())
+        key = jax.eval_shape(lambda: jax.random.key(0))
+        lowered = self._update[name].lower(
+            train, opt_state, rest, batch[self.runs[name][1]], jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rep),
+            jax.ShapeDtypeStruct((), jnp.int32, sharding=rep))
+        return lowered, opt_state
 
     def __call__(self, state: Any, frozen: Any, batch: Mapping[str, Any], *, rng_impl: str | None = None) -> dict:
         full = merge(state.params, frozen)
