@@ -177,6 +177,7 @@ def lower_implant(modules, plan: StepPlan, mesh, mesh_cfg, scheduler_config=None
     from persguard_jax.implant.config import ImplantConfig
     from persguard_jax.implant.objective import Attacker, dispatched_attacker, objective
     from persguard_jax.train.optim import OptimizerConfig
+    from persguard_jax.train.step import StepConfig
     model, params, logical, schedule, loss_cfg = _loss_setup(modules, scheduler_config)
     _, side = latent_size(modules, plan)
     channels = modules["unet"].config.out_channels
@@ -194,7 +195,8 @@ def lower_implant(modules, plan: StepPlan, mesh, mesh_cfg, scheduler_config=None
     attacker = Attacker(trains, 1.0 if plan.prior else 0.0,
                         OptimizerConfig(learning_rate=2e-4, schedule="constant", total_steps=plan.retention_steps))
     loss = objective(cfg, set(batch), attacker, model=model, schedule=schedule, loss_cfg=loss_cfg)
-    inner = dispatched_attacker(cfg, set(batch), attacker, model=model, schedule=schedule, loss_cfg=loss_cfg)
+    inner = dispatched_attacker(cfg, set(batch), attacker, model=model, schedule=schedule, loss_cfg=loss_cfg,
+                                step=StepConfig(compute_dtype=plan.compute_dtype))
     # nested differentiation runs as one GSPMD program, as workflows/implant.py does; dispatched, the step nests
     # none and keeps the engine's own choice, as there
     lowered, parts = _train_step(loss, ("unet",), params, logical, batch, mesh, mesh_cfg, plan,

@@ -160,3 +160,35 @@ def test_dispatched_inner_steps_train_as_the_in_program_first_order_loop(tmp_pat
             assert b.last_metrics[key] == pytest.approx(a.last_metrics[key], rel=1e-5), key
     assert np.abs(np.asarray(a.state.params["unet"]["w"]) - np.asarray(params["unet"]["w"])).max() > 1e-3
     assert a.last_metrics["br/inner_last"] < a.last_metrics["br/inner_first"]
+
+
+def test_dispatched_inner_steps_compute_their_gradients_as_the_step_config_says():
+    """``InnerSteps(step=StepConfig(...))``: the loss sees the parameters in the step's compute dtype and the
+    batch in ``grad_accum`` micro-batches (the loss below reports both in its value), the updates land on
+    float32 copies, and the micro-batches' mean gradient is the whole batch's (a loss with no draws)."""
+    from types import SimpleNamespace
+
+    from persguard_jax.train import StepConfig
+    from persguard_jax.train.dispatch import InnerSteps
+
+    def loss_fn(params, batch, key):
+        w, x = params["unet"]["w"], batch["x"]
+        fit = jnp.mean((x * w.astype(jnp.float32) - 1.0) ** 2)
+        # what the loss saw, carried in its value without a gradient: 100 if bfloat16, the micro-batch's size
+        seen = 100.0 * (w.dtype == jnp.bfloat16) + x.shape[0]
+        return fit + jax.lax.stop_gradient(jnp.float32(seen)), {}
+
+    x = jnp.linspace(0.5, 1.5, 8 * 3, dtype=jnp.float32).reshape(8, 3)
+    state = SimpleNamespace(params={"unet": {"w": jnp.full((3,), 0.25, jnp.float32)}}, step=jnp.int32(0),
+                            rng=jax.random.key_data(jax.random.key(0)))
+    run = lambda cfg: InnerSteps({"p": (loss_fn, "attack")}, trains=("unet",), optimizer=optax.sgd(0.1), steps=2,
+                                 step=cfg)(state, {}, {"attack": {"x": x}})
+    plain, bf16, accum = run(None), run(StepConfig(compute_dtype="bfloat16")), run(StepConfig(grad_accum=2))
+    seen = lambda out: np.round(np.asarray(out[losses.TUNED_LOSSES]["p"]) - 0.5)  # the fit term is in [0, 1)
+    assert list(seen(plain)) == [8, 8] and list(seen(bf16)) == [108, 108] and list(seen(accum)) == [4, 4]
+    tuned = {k: out[losses.TUNED]["p"]["unet"]["w"] for k, out in (("plain", plain), ("bf16", bf16),
+                                                                   ("accum", accum))}
+    assert all(w.dtype == jnp.float32 for w in tuned.values())
+    np.testing.assert_allclose(tuned["accum"], tuned["plain"], rtol=1e-6)
+    np.testing.assert_allclose(tuned["bf16"], tuned["plain"], rtol=2e-2)  # the same steps, at bfloat16's precision
+    assert float(jnp.abs(tuned["plain"] - 0.25).min()) > 1e-2  # the steps moved the parameters

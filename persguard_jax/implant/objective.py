@@ -47,6 +47,7 @@ from persguard_jax.implant.config import ImplantConfig
 from persguard_jax.models import functional as F
 from persguard_jax.train.dispatch import InnerSteps
 from persguard_jax.train.optim import OptimizerConfig
+from persguard_jax.train.step import StepConfig
 from persguard_jax.train.unroll import unroll
 
 PAIR_GROUPS = ("attack", "unprotected_attack")
@@ -158,10 +159,11 @@ def _retention(cfg, groups, attacker, backdoor, denoise, attack_loss, *, model, 
 
 
 def dispatched_attacker(cfg: ImplantConfig, groups: set[str], attacker: Attacker, *, model, schedule,
-                        loss_cfg: losses.LossConfig) -> InnerSteps | None:
+                        loss_cfg: losses.LossConfig, step: StepConfig | None = None) -> InnerSteps | None:
     """With ``implant.retention_dispatch``: the unrolled retention's K attacker steps (on ``attack``, and on
     ``unprotected_attack`` for the counterpart) as separate programs ahead of each step (``train.dispatch``), for
-    ``fit(before_step=...)``; None otherwise."""
+    ``fit(before_step=...)``, their gradients computed as the implantation step's (``step``: its compute dtype,
+    as the in-program loop's inside the step); None otherwise."""
     if not (cfg.retention == "unrolled" and cfg.retention_dispatch and cfg.retention_weight > 0):
         return None
     attack_loss = losses.bind(losses.dreambooth_loss, model=model, schedule=schedule, cfg=loss_cfg,
@@ -169,4 +171,5 @@ def dispatched_attacker(cfg: ImplantConfig, groups: set[str], attacker: Attacker
     runs = {"protected": (attack_loss, "attack")}
     if "unprotected_attack" in groups and cfg.unprotected_weight > 0:
         runs["unprotected"] = (attack_loss, "unprotected_attack")
-    return InnerSteps(runs, trains=attacker.trains, optimizer=attacker.optimizer, steps=cfg.retention_steps)
+    return InnerSteps(runs, trains=attacker.trains, optimizer=attacker.optimizer, steps=cfg.retention_steps,
+                      step=step)

@@ -15,9 +15,10 @@ on the step's parameters, and hands the result to the step's loss through the fr
 
 Each run trains the entries ``trains`` of the step's parameters (trainable and frozen merged) on its own entry of
 the step's batch, from a fresh optimizer state, with keys folded from the step's key: a resumed run draws what an
-uninterrupted one draws. With ``StepConfig.grad_accum`` > 1 the inner steps see the whole batch entry, where an
-in-program loop would see each micro-batch's share; ``StepConfig.compute_dtype`` casts the step's parameters, not
-the inner steps' (they run in the parameters' own dtype, as the attacker's DreamBooth does).
+uninterrupted one draws. Each update computes its gradient as the engine's step does
+(``train.step.loss_and_grads`` with the ``step`` config given: the parameters cast to ``compute_dtype`` for the
+loss, ``grad_accum`` micro-batches) and applies it to float32 copies. Where an in-program loop under a
+``grad_accum`` > 1 step runs its K steps on each micro-batch's share, these run on the whole batch entry.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from persguard_jax.losses import TUNED, TUNED_LOSSES
 from persguard_jax.models.functional import merge
 from persguard_jax.sharding import opt_state_shardings
 from persguard_jax.train.optim import Optimizer, resolve_optimizer
+from persguard_jax.train.step import StepConfig, loss_and_grads
 
 LossFn = Callable[[Any, Any, jax.Array], tuple[jax.Array, Any]]
 _SALT = 0x1D15  # the inner keys' stream, apart from the step's own fold_in(rng, step)
@@ -40,11 +42,12 @@ _SALT = 0x1D15  # the inner keys' stream, apart from the step's own fold_in(rng,
 
 class InnerSteps:
     """``steps`` updates by ``optimizer`` of the parameters' entries ``trains``, once per run of ``runs`` (name ->
-    (loss, the batch entry it trains on)), before each step; ``__call__`` returns the frozen tree's additions
+    (loss, the batch entry it trains on)), before each step, their gradients computed as ``step`` (the engine's
+    step config: compute dtype, micro-batches) says; ``__call__`` returns the frozen tree's additions
     (``losses.TUNED`` and ``losses.TUNED_LOSSES``, keyed by run name)."""
 
     def __init__(self, runs: Mapping[str, tuple[LossFn, str]], *, trains: Sequence[str], optimizer: Optimizer,
-                 steps: int):
+                 steps: int, step: StepConfig | None = None):
         if steps < 1:
             raise ValueError(f"InnerSteps: steps must be >= 1, got {steps}")
         if not runs:
@@ -67,14 +70,14 @@ class InnerSteps:
         updates: dict[Any, Callable] = {}
         for loss_fn, _ in self.runs.values():
             if loss_fn not in updates:
-                updates[loss_fn] = jax.jit(self._update_fn(loss_fn, tx), donate_argnums=(0, 1))
+                updates[loss_fn] = jax.jit(self._update_fn(loss_fn, tx, step or StepConfig()),
+                                           donate_argnums=(0, 1))
         self._update = {name: updates[loss_fn] for name, (loss_fn, _) in self.runs.items()}
 
     @staticmethod
-    def _update_fn(loss_fn: LossFn, tx: optax.GradientTransformation) -> Callable:
+    def _update_fn(loss_fn: LossFn, tx: optax.GradientTransformation, cfg: StepConfig) -> Callable:
         def update(train, opt_state, rest, batch, key, i):
-            k = jax.random.fold_in(key, i)
-            value, grads = jax.value_and_grad(lambda p: loss_fn(merge(p, rest), batch, k)[0])(train)
+            value, _, grads = loss_and_grads(loss_fn, train, rest, batch, jax.random.fold_in(key, i), cfg)
             updates, opt_state = tx.update(grads, opt_state, train)
             return optax.apply_updates(train, updates), opt_state, value
         return update

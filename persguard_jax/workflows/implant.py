@@ -236,7 +236,7 @@ def run(args: argparse.Namespace, config: runs.Config) -> dict:
                          optimizer=config.implant_optimizer, loop=config.loop, step=config.step,
                          mesh_cfg=config.mesh, seed=cfg.seed, map_fn=lambda b: D.unflatten(b, pair_groups),
                          before_step=dispatched_attacker(cfg, present, attacker, model=model, schedule=schedule,
-                                                         loss_cfg=loss_cfg))
+                                                         loss_cfg=loss_cfg, step=config.step))
     if result.preempted:
         return {"preempted": True, "step": result.step}
     host_frozen = to_host(frozen)
