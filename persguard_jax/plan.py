@@ -335,8 +335,9 @@ def format_memory(result: Mapping[str, Any]) -> str:
             lines.append(f"  {'attacker':<12}{gib(inner['temp_size_in_bytes'])}   (XLA temp of one attacker update, "
                          f"{name}, run {p['retention_steps']} times ahead of the step)")
     if "temp_size_in_bytes" in mem:
-        lines.append(f"  {'activations':<12}{gib(mem['temp_size_in_bytes'])}   (XLA temp: activations, gradients, "
-                     f"inner states)")
+        what = "the step's activations and gradients" if "programs" in result else \
+            "activations, gradients, inner states"
+        lines.append(f"  {'activations':<12}{gib(mem['temp_size_in_bytes'])}   (XLA temp: {what})")
     if "peak_estimate_bytes" in mem:
         how = "the larger of the step's and an attacker update's: plan_memory" if "programs" in result else \
             "argument + output - donated + temp"

@@ -53,8 +53,7 @@ class InnerSteps:
         if not runs:
             raise ValueError("InnerSteps: no runs")
         self.runs, self.trains, self.steps = dict(runs), tuple(trains), steps
-        tx, _ = resolve_optimizer(optimizer)
-        self.tx = tx
+        self.tx = tx = resolve_optimizer(optimizer)[0]
 
         # Everything of a run is in its programs, the keys included (an eager op costs a dispatch of its own):
         # a fresh copy of the trained entries (the step's parameters must survive: the updates consume their
@@ -103,7 +102,8 @@ class InnerSteps:
     def lower_update(self, name: str, params: Any, frozen: Any, batch: Mapping[str, Any]) -> tuple[Any, Any]:
         """(run ``name``'s update program lowered, its optimizer state as ``ShapeDtypeStruct`` with shardings)
         for the step's abstract parameters, frozen tree and batch (``ShapeDtypeStruct`` with shardings): what a
-        memory plan compiles. The optimizer state is laid out as its parameters, as ``__call__``'s is."""
+        memory plan compiles. The optimizer state is laid out as its parameters (``sharding.opt_state_shardings``,
+        the engine's rule; ``__call__`` leaves it to GSPMD's propagation from them)."""
         full = merge(params, frozen)
         train = {k: full[k] for k in self.trains}
         rest = {k: v for k, v in full.items() if k not in self.trains}
