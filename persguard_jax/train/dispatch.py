@@ -88,14 +88,18 @@ class InnerSteps:
         missing = [k for k in self.trains if k not in full]
         if missing:
             raise KeyError(f"InnerSteps: no parameters {missing} to train; have {sorted(full)}")
-        mesh = next(s.mesh for s in jax.tree.leaves(full) if isinstance(s, NamedSharding))
         return {TUNED: {name: {k: full[k] for k in self.trains} for name in self.runs},
-                TUNED_LOSSES: {name: NamedSharding(mesh, P()) for name in self.runs}}
+                TUNED_LOSSES: {name: NamedSharding(_mesh_of(full), P()) for name in self.runs}}
+
+    def _split(self, params: Any, frozen: Any) -> tuple[dict, dict]:
+        """(the entries the runs train, everything else) of the step's parameters and frozen tree merged: a
+        top-level split, cheap enough for every step (``models.functional.partition`` walks every leaf)."""
+        full = merge(params, frozen)
+        return {k: full[k] for k in self.trains}, {k: v for k, v in full.items() if k not in self.trains}
 
     def abstract(self, params: Any, frozen: Any) -> dict:
         """What ``__call__`` adds to the frozen tree, as ``jax.ShapeDtypeStruct`` (for ahead-of-time plans)."""
-        full = merge(params, frozen)
-        tuned = {k: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), full[k]) for k in self.trains}
+        tuned = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self._split(params, frozen)[0])
         return {TUNED: {name: tuned for name in self.runs},
                 TUNED_LOSSES: {name: jax.ShapeDtypeStruct((self.steps,), jnp.float32) for name in self.runs}}
 
@@ -104,11 +108,9 @@ class InnerSteps:
         for the step's abstract parameters, frozen tree and batch (``ShapeDtypeStruct`` with shardings): what a
         memory plan compiles. The optimizer state is laid out as its parameters (``sharding.opt_state_shardings``,
         the engine's rule; ``__call__`` leaves it to GSPMD's propagation from them)."""
-        full = merge(params, frozen)
-        train = {k: full[k] for k in self.trains}
-        rest = {k: v for k, v in full.items() if k not in self.trains}
+        train, rest = self._split(params, frozen)
         train_sh = jax.tree.map(lambda x: x.sharding, train)
-        mesh = next(s.mesh for s in jax.tree.leaves(train_sh) if isinstance(s, NamedSharding))
+        mesh = _mesh_of(train_sh)
         opt_shapes = jax.eval_shape(self.tx.init, train)
         opt_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), opt_shapes,
                                  opt_state_shardings(self.tx, train, train_sh, mesh))
@@ -120,9 +122,7 @@ class InnerSteps:
         return lowered, opt_state
 
     def __call__(self, state: Any, frozen: Any, batch: Mapping[str, Any], *, rng_impl: str | None = None) -> dict:
-        full = merge(state.params, frozen)
-        train = {k: full[k] for k in self.trains}
-        rest = {k: v for k, v in full.items() if k not in self.trains}
+        train, rest = self._split(state.params, frozen)
         tuned, history = {}, {}
         for j, (name, (_, entry)) in enumerate(self.runs.items()):
             if entry not in batch:
@@ -134,6 +134,11 @@ class InnerSteps:
                 values.append(value)
             tuned[name], history[name] = p, jnp.stack(values)
         return {TUNED: tuned, TUNED_LOSSES: history}
+
+
+def _mesh_of(shardings: Any):
+    """The mesh of the first ``NamedSharding`` in a tree of shardings."""
+    return next(s.mesh for s in jax.tree.leaves(shardings) if isinstance(s, NamedSharding))
 
 
 def with_inner_steps(step_fn: Callable, inner: InnerSteps, *, rng_impl: str | None = None) -> Callable:
