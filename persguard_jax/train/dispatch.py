@@ -84,17 +84,18 @@ class InnerSteps:
     def shardings(self, param_shardings: Any, frozen_shardings: Any) -> dict:
         """The shardings of what ``__call__`` adds to the frozen tree: each run's tuned entries laid out as the
         step's parameters are, its losses replicated."""
-        full = merge(param_shardings, frozen_shardings)
+        train, _ = self._split(param_shardings, frozen_shardings)
+        return {TUNED: {name: train for name in self.runs},
+                TUNED_LOSSES: {name: NamedSharding(_mesh_of(train), P()) for name in self.runs}}
+
+    def _split(self, params: Any, frozen: Any) -> tuple[dict, dict]:
+        """(the entries the runs train, everything else) of the step's parameters and frozen tree merged (or of
+        their shardings): a top-level split, cheap enough for every step (``models.functional.partition`` walks
+        every leaf). KeyError naming what is missing when an entry to train is in neither."""
+        full = merge(params, frozen)
         missing = [k for k in self.trains if k not in full]
         if missing:
             raise KeyError(f"InnerSteps: no parameters {missing} to train; have {sorted(full)}")
-        return {TUNED: {name: {k: full[k] for k in self.trains} for name in self.runs},
-                TUNED_LOSSES: {name: NamedSharding(_mesh_of(full), P()) for name in self.runs}}
-
-    def _split(self, params: Any, frozen: Any) -> tuple[dict, dict]:
-        """(the entries the runs train, everything else) of the step's parameters and frozen tree merged: a
-        top-level split, cheap enough for every step (``models.functional.partition`` walks every leaf)."""
-        full = merge(params, frozen)
         return {k: full[k] for k in self.trains}, {k: v for k, v in full.items() if k not in self.trains}
 
     def abstract(self, params: Any, frozen: Any) -> dict:
