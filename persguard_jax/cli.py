@@ -91,6 +91,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
     from persguard_jax.report import image_grid, save_png
     from persguard_jax.sample import text_to_image
 
+    if Path(args.model).resolve() in Path(args.out).resolve().parents:  # --overwrite would replace a model file
+        raise ValueError(f"--out {args.out}: is inside --model {args.model}, which is only read; write elsewhere")
     out = _fresh_output(Path(args.out), args.overwrite)
     writer = _output_checked("sample")
     dtype = _dtype(args.dtype)
@@ -125,9 +127,13 @@ def cmd_init_tiny(args: argparse.Namespace) -> None:
 
 def _model_resolution(model: Path) -> int:
     """A pipeline folder's native image side, from its configs alone (so bad references fail before loading)."""
+    from persguard_jax.models import pretrained
     from persguard_jax.models.convert import read_json
-    unet, vae = read_json(model / "unet" / "config.json"), read_json(model / "vae" / "config.json")
-    return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+    from persguard_jax.models.unet import native_latent_side
+    unet_path, vae_path = model / "unet" / "config.json", model / "vae" / "config.json"
+    unet = pretrained.UNET.config_cls.from_dict(read_json(unet_path), source=str(unet_path))
+    vae = pretrained.VAE.config_cls.from_dict(read_json(vae_path), source=str(vae_path))
+    return native_latent_side(unet, str(unet_path)) * 2 ** (len(vae.block_out_channels) - 1)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -141,6 +147,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     out, model = Path(args.out), Path(args.model)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out}: --out must be a new or empty folder")
+    if not (model / "model_index.json").is_file():  # say so, not "not a world model" (below)
+        raise FileNotFoundError(f"{model}: not a pipeline folder (no model_index.json; the diffusers layout)")
     is_world = (model / WORLD_FILE).is_file()
     if not (args.clip or is_world):
         raise ValueError(f"{model}: not a world model (no {WORLD_FILE}), so there is no default CLIP; "
@@ -148,6 +156,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     clip_dir = Path(args.clip) if args.clip else world_clip(build=False)
     # every input is checked (references decoded) before the slow loads and before --out is created
     references = (load_folder(args.references, args.resolution or _model_resolution(model)) + 1.0) / 2.0
+    if not out.exists():  # an --out that cannot be made fails now, not after the sampling
+        from persguard_jax.io import check_creatable
+        check_creatable(out)
     writer = _output_checked("evaluate")
 
     from persguard_jax.metrics import CLIPEvaluator
@@ -181,7 +192,11 @@ def _plan_models(args: argparse.Namespace) -> dict:
         if (folder / "config.json").is_file():  # a single model folder: guess its kind from the config
             config = read_json(folder / "config.json")
             kind = "unet" if "down_block_types" in config and "cross_attention_dim" in config else \
-                "vae" if "latent_channels" in config else "text_encoder"
+                "vae" if "latent_channels" in config else \
+                "text_encoder" if "hidden_size" in config or "text_config" in config else None
+            if kind is None:  # e.g. a scheduler's or an unrelated config: not planned as a default CLIP
+                raise ValueError(f"{folder / 'config.json'}: not a UNet, VAE or CLIP text encoder config (none of "
+                                 f"down_block_types, latent_channels, hidden_size, text_config)")
             return {kind: _abstract(kinds[kind], config, folder / "config.json")}
         if not parts:
             raise FileNotFoundError(f"{folder}: no config.json and no unet/, vae/ or text_encoder/ subfolder with one")

@@ -277,6 +277,8 @@ def apply_overrides(config: dict, overrides: Iterable[str], *, source: str = "co
             value = raw
         node = config
         parts = key.strip().split(".")
+        if not all(part.strip() for part in parts):
+            raise ConfigError(f"{source}: override {item!r}: the key has an empty part; expected section.key=value")
         for part in parts[:-1]:
             child = node.get(part)
             if child is None:

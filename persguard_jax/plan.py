@@ -93,7 +93,10 @@ def abstract_models(modules: Mapping[str, Any], plan: StepPlan) -> dict[str, Any
 def latent_size(modules: Mapping[str, Any], plan: StepPlan) -> tuple[int, int]:
     """(pixels, latent side) of the plan's images."""
     factor = 2 ** (len(modules["vae"].config.block_out_channels) - 1)
-    pixels = plan.resolution or modules["unet"].config.sample_size * factor
+    pixels = plan.resolution
+    if not pixels:
+        from persguard_jax.models.unet import native_latent_side
+        pixels = native_latent_side(modules["unet"].config) * factor
     if pixels % factor:
         raise ValueError(f"plan resolution {pixels}: not a multiple of the VAE's factor {factor}")
     return pixels, pixels // factor

@@ -133,9 +133,11 @@ def initial_latents(seed: int, num_images: int, shape: tuple[int, int, int], *, 
 
 
 def latent_shape(pipe, height: int | None, width: int | None) -> tuple[int, int, int]:
+    from persguard_jax.models.unet import native_latent_size
     factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    height = height or pipe.unet.config.sample_size * factor
-    width = width or pipe.unet.config.sample_size * factor
+    if not (height and width):
+        native_h, native_w = native_latent_size(pipe.unet.config)
+        height, width = height or native_h * factor, width or native_w * factor
     if height % factor or width % factor:
         raise ValueError(f"height and width must be multiples of {factor} (the VAE's downsampling), "
                          f"got {height}x{width}")

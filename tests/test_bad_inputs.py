@@ -59,6 +59,7 @@ def ws(tmp_path_factory):
         "model_typo": lambda c: c.update(layers_per_block="two"),
         "model_negative": lambda c: c.update(block_out_channels=[-8, 16]),
         "model_null": lambda c: c.update(in_channels=None),
+        "model_no_size": lambda c: c.pop("sample_size"),
     }.items():
         shutil.copytree(model, root / name)
         path = root / name / "unet" / "config.json"
@@ -72,12 +73,14 @@ def ws(tmp_path_factory):
         "model_list_config": ("unet/config.json", "[1, 2]"),
         "model_list_vocab": ("tokenizer/vocab.json", "[1]"),
         "model_list_scheduler": ("scheduler/scheduler_config.json", "[]"),
+        "model_wavy_scheduler": ("scheduler/scheduler_config.json", None),
         "model_max_length": ("tokenizer/tokenizer_config.json", None),
     }.items():
         shutil.copytree(model, root / name)
         path = root / name / part
+        edit = {"tokenizer_config.json": {"model_max_length": 0}, "scheduler_config.json": {"beta_schedule": "wavy"}}
         path.write_text(text if text is not None else json.dumps({**json.loads(path.read_text()),
-                                                                 "model_max_length": 0}))
+                                                                 **edit[path.name]}))
     relabelled = root / "model_int_weights"  # a float tensor's header says int32: same bytes, wrong values
     shutil.copytree(model, relabelled)
     weights = relabelled / "unet" / "diffusion_pytorch_model.safetensors"
@@ -91,6 +94,13 @@ def ws(tmp_path_factory):
     (root / "types.yaml").write_text("dreambooth:\n  steps: ten\n")
     (root / "binary.yaml").write_bytes(b"\x89PNG\x00")
     (root / "twice.yaml").write_text("dreambooth:\n  steps: 3\n  steps: 4\n")
+    (root / "empty_config").mkdir()  # a config.json of no model kind
+    (root / "empty_config" / "config.json").write_text("{}")
+    irun = root / "irun"  # an implantation's folder that holds the photos its next run reads
+    args = build_parser().parse_args(["implant", "--model", str(model), "--protect", "world:dog_00:pattern",
+                                      "--out", str(irun)])
+    start_run(irun, args.workflow.load(args).raw, overwrite=False, resume=False, command="implant")
+    _photos(irun / "photos")
     return root
 
 
@@ -134,6 +144,8 @@ CASES = [
     (P + " dreambooth.steps.x=1", "dreambooth.steps"),
     (P + " nosuchsection.a=1", "nosuchsection"),
     (P + " steps", "steps"),
+    (P + " =5", "empty part"),
+    (P + " dreambooth..steps=3", "empty part"),
     (P + " dreambooth.steps=99999999999999999999", "dreambooth.steps"),  # past int32: not after the class images
     (P + " --print-config dreambooth.steps=abc", "dreambooth.steps"),  # overrides after an option are overrides
     # config files
@@ -153,6 +165,9 @@ CASES = [
     (S.replace("{model}", "{root}/model_list_config"), "unet/config.json"),
     (S.replace("{model}", "{root}/model_list_vocab"), "vocab.json"),
     (S.replace("{model}", "{root}/model_list_scheduler"), "scheduler_config.json"),
+    (P.replace("{model}", "{root}/model_wavy_scheduler"), "model_wavy_scheduler/scheduler/scheduler_config.json"),
+    (S.replace("{model}", "{root}/model_no_size"), "sample_size"),
+    ("plan --model {root}/empty_config", "empty_config/config.json"),
     (S.replace("{model}", "{root}/model_max_length"), "model_max_length"),
     (S.replace("{model}", "{root}/model_int_weights"), "holds int32 values"),
     ("plan --model {root}/model_list_config", "unet/config.json"),
@@ -169,6 +184,9 @@ CASES = [
     (P.replace("{new}", "{run}") + " --resume", "checkpoint"),
     (P.replace("{new}", "{run}") + " --resume --overwrite", "--resume"),
     (P.replace("{new}", "{run}").replace("{model}", "{run}/model") + " --overwrite", "an input of this command"),
+    # photos named by a subject spec, not an argument of their own
+    (I.replace("SPEC", "{root}/irun/photos:dog:pattern").replace("{new}", "{root}/irun") + " --overwrite",
+     "an input of this command"),
     ("purify --images {photos} --purifier jpeg --out {run} --overwrite", "persguard personalize"),
     # sample
     (S + " --num-images 0", "--num-images"),
@@ -181,9 +199,13 @@ CASES = [
     (S.replace("{new}.png", "{file}"), "file"),
     (S.replace("{new}.png", "{notrun}") + " --overwrite", "notrun"),
     (S.replace("{new}.png", "{file}/x.png"), "file"),
+    (S.replace("{new}.png", "{model}/model_index.json") + " --overwrite", "inside --model"),
     (S.replace("{model}", "{root}/model_typo"), "layers_per_block"),
     # evaluate
     ("evaluate --model {model} --references {photos} --prompt a --out {new}", "--clip"),
+    ("evaluate --model {root}/nope --references {photos} --prompt a --out {new}", "model_index.json"),
+    ("evaluate --model {root}/model_no_size --references {photos} --prompt a --clip {model} --out {new}",
+     "sample_size"),
     ("evaluate --model {model} --references {root}/empty --prompt a --clip {model} --out {new}", "empty"),
     ("evaluate --model {model} --references {photos} --prompt a --clip {model} --out {new} --num-images 0",
      "--num-images"),
@@ -265,3 +287,13 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(ws, tmp_path, capsys, 
     assert "Traceback" not in err and names in lines[-1], err
     assert _snapshot(ws) == before
     assert not (tmp_path / "new").exists() and not (tmp_path / "new.png").exists()
+
+
+@pytest.mark.parametrize("flag", ["--instance-prompt", "--class-prompt"])
+def test_a_blank_prompt_is_refused_not_replaced_by_the_config(ws, tmp_path, capsys, flag):
+    argv = P.format(model=ws / "model", photos=ws / "photos", new=tmp_path / "new").split() + [flag, " "]
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and f"{flag}: must not be empty" in err, err
+    assert not (tmp_path / "new").exists()

@@ -184,6 +184,14 @@ def test_missing_empty_and_non_folder_errors(tmp_path):
         load_folder(empty, 64)
 
 
+def test_a_broken_link_is_reported_not_skipped(tmp_path):
+    _write_jpg(tmp_path / "one.jpg")
+    (tmp_path / "two.png").symlink_to(tmp_path / "moved_away.png")
+    with pytest.raises(ImageFolderError) as info:
+        load_folder(tmp_path, 64)
+    assert sorted(info.value.problems) == ["two.png"]
+
+
 def test_non_image_files_are_ignored(tmp_path):
     _write_jpg(tmp_path / "one.jpg")
     _solid((64, 64), RED).save(tmp_path / "two.png")

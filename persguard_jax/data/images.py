@@ -130,7 +130,9 @@ def _image_files(folder: str | os.PathLike) -> list[Path]:
     if not folder.is_dir():
         raise ImageFolderError(folder, "not a directory")
     # Hidden files are skipped: macOS leaves "._photo.jpg" metadata companions that are not photos.
-    files = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")]
+    # A broken symlink stays in, so an image it should have been is reported ("cannot open"), not silently dropped.
+    files = [p for p in folder.iterdir()
+             if (p.is_file() or (p.is_symlink() and not p.exists())) and not p.name.startswith(".")]
     images = sorted((p for p in files if p.suffix.lower() in IMAGE_SUFFIXES), key=lambda p: p.name)
     if not images:
         ignored = len(files)

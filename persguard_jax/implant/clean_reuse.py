@@ -161,7 +161,10 @@ def lookup(run: str | Path | None, subject: str, fp: Fingerprint) -> tuple[tuple
     for folder in attack_folders(run, subject):
         saved, why, distance = _stored(folder / RESULT_FILE, fp)
         if saved is not None:
-            return (saved["before_attack"], saved["scores"], stored_samples(folder, saved["num_samples"])), why
+            try:
+                return (saved["before_attack"], saved["scores"], stored_samples(folder, saved["num_samples"])), why
+            except (OSError, ValueError, KeyError) as e:  # a damaged record is a miss: the clean half is made again
+                why = f"{folder / SAMPLES_FILE} is unreadable ({' '.join(str(e).split())})"
         misses.append((distance, why))
     return None, min(misses, key=lambda m: m[0])[1]
 
@@ -175,7 +178,11 @@ def stored_samples(folder: str | Path, num_samples: int | None = None) -> np.nda
     folder = Path(folder)
     if num_samples is None:
         num_samples = read_json(folder / RESULT_FILE)["num_samples"]
-    strip = np.asarray(Image.open(folder / SAMPLES_FILE).convert("RGB"))
+    try:
+        with Image.open(folder / SAMPLES_FILE) as image:
+            strip = np.asarray(image.convert("RGB"))
+    except OSError as e:
+        raise ValueError(f"{folder / SAMPLES_FILE}: cannot read the stored samples ({e})") from None
     return np.stack(np.split(strip, num_samples, axis=1))
 
 

@@ -71,6 +71,10 @@ def find_weight_files(folder: Path, stems: Iterable[str], variant: str | None = 
                 weight_map = read_json(index).get("weight_map")
                 if not isinstance(weight_map, dict):
                     raise WeightsError(f"{index}: no 'weight_map' in the shard index")
+                odd = [k for k, f in weight_map.items() if not isinstance(f, str) or not f]
+                if odd:
+                    raise WeightsError(f"{index}: weight_map[{odd[0]!r}] is {weight_map[odd[0]]!r}, not a shard file "
+                                       f"name")
                 files = [folder / f for f in dict.fromkeys(weight_map.values())]
                 for f in files:
                     if not f.is_file():

@@ -176,13 +176,16 @@ def load_pipeline(folder: str | Path, *, dtype=jnp.float32, param_dtype=jnp.floa
             raise WeightsError(f"{folder / part}: missing pipeline subfolder {part}/")
     scheduler_path = folder / "scheduler" / "scheduler_config.json"
     low_res_path = folder / "low_res_scheduler" / "scheduler_config.json"
+    scheduler_config = read_json(scheduler_path)
+    from persguard_jax.schedulers import SchedulerConfig
+    SchedulerConfig.from_dict(scheduler_config, source=str(scheduler_path))  # a bad value fails now, with its path
     kw = dict(dtype=dtype, param_dtype=param_dtype, variant=variant)
     pipe = Pipeline(
         unet=load_unet(folder / "unet", **kw),
         vae=load_vae(folder / "vae", **kw),
         text_encoder=load_text_encoder(folder / "text_encoder", **kw),
         tokenizer=CLIPTokenizer.from_folder(folder / "tokenizer"),
-        scheduler_config=read_json(scheduler_path),
+        scheduler_config=scheduler_config,
         model_index=index,
         low_res_scheduler_config=read_json(low_res_path) if low_res_path.is_file() else None,
     )

@@ -66,6 +66,24 @@ class HashableFields:
             object.__setattr__(self, f.name, _freeze(getattr(self, f.name)))
 
 
+def native_latent_size(config: "UNetConfig", source: str = "unet/config.json") -> tuple[int, int]:
+    """(height, width) in latent pixels a pipeline samples at by default: ``sample_size``, an int or a pair;
+    ValueError naming ``source`` when the config has none."""
+    size = config.sample_size
+    if size is None:
+        raise ValueError(f"{source}: no sample_size, so the model has no default image size; give the size "
+                         f"(--height/--width, --resolution)")
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def native_latent_side(config: "UNetConfig", source: str = "unet/config.json") -> int:
+    """The side of ``native_latent_size`` for what needs square images (training, evaluation, memory plans)."""
+    height, width = native_latent_size(config, source)
+    if height != width:
+        raise ValueError(f"{source}: sample_size {height}x{width} is not square; give the resolution")
+    return height
+
+
 @dataclass(frozen=True)
 class UNetConfig(HashableFields):
     """The ``config.json`` keys of a diffusers ``UNet2DConditionModel`` this port supports (diffusers defaults)."""

@@ -14,6 +14,7 @@ raises ``CheckpointError`` rather than start again from step 0.
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,22 @@ from orbax.checkpoint._src.metadata import array_metadata_store
 from persguard_jax.errors import RunError
 
 log = logging.getLogger(__name__)
+
+
+def _drop_closed_loop_callbacks() -> None:
+    """After a failed read, TensorStore completes the read's other pieces on threads whose callbacks find Orbax's
+    event loop closed: each prints an unraisable ``RuntimeError: Event loop is closed`` traceback (some after the
+    command's one-line error). They are noise; drop them (every other unraisable exception is printed as before)."""
+    hook = sys.unraisablehook
+    if getattr(hook, "_drops_closed_loop", False):
+        return
+
+    def drop(unraisable) -> None:
+        if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
+            return
+        hook(unraisable)
+    drop._drops_closed_loop = True
+    sys.unraisablehook = drop
 
 
 class CheckpointError(RunError):
@@ -93,6 +110,7 @@ class Checkpointer:
                 restored = self.manager.restore(step, args=ocp.args.Composite(
                     state=ocp.args.PyTreeRestore(abstract_state, restore_args=into), data=ocp.args.JsonRestore()))
             except Exception as e:  # noqa: BLE001: any unreadable checkpoint means: try the one before
+                _drop_closed_loop_callbacks()
                 msg = f"{self.directory / str(step)}: checkpoint unreadable ({type(e).__name__}: {str(e)[:200]}); " \
                       f"falling back to the previous one"
                 warnings.warn(msg, RuntimeWarning, stacklevel=2)

@@ -26,6 +26,13 @@ def sections() -> dict[str, runs.SectionParser]:
     return recipe_sections()
 
 
+def _prompt(text: str) -> str:
+    """An argparse type: a prompt given on the command line must not be blank (it would fall back to the config's)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
 def resolve(raw: dict, args: argparse.Namespace | None = None) -> dict:
     """Command-line prompts into ``dreambooth``; the loop runs ``dreambooth.steps``; the learning-rate schedule
     spans them unless the config says otherwise."""
@@ -66,8 +73,9 @@ def run(args: argparse.Namespace, config: runs.Config) -> dict:
 def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="diffusers pipeline folder to personalise")
     parser.add_argument("--instance-dir", required=True, help="folder of the subject's photos (jpg, png, webp)")
-    parser.add_argument("--instance-prompt", help='e.g. "a photo of sks person" (default: from the config)')
-    parser.add_argument("--class-prompt", help='e.g. "a photo of person" (default: from the config)')
+    parser.add_argument("--instance-prompt", type=_prompt,
+                        help='e.g. "a photo of sks person" (default: from the config)')
+    parser.add_argument("--class-prompt", type=_prompt, help='e.g. "a photo of person" (default: from the config)')
 
 
 def _summary(results: dict) -> str:

@@ -139,9 +139,38 @@ def check_devices(config: Config) -> None:
 INPUT_ARGUMENTS = ("model", "images", "instance_dir", "class_dir", "clean", "perturbed", "clip", "config")
 
 
-def input_paths(args: argparse.Namespace) -> list[str]:
-    """The paths ``args`` names in ``INPUT_ARGUMENTS``."""
-    return [p for p in (getattr(args, a, None) for a in INPUT_ARGUMENTS) if p is not None]
+def _strings(tree: Any) -> Iterable[str]:
+    """Every string in a tree of mappings, lists and tuples."""
+    if isinstance(tree, str):
+        yield tree
+    elif isinstance(tree, Mapping):
+        for value in tree.values():
+            yield from _strings(value)
+    elif isinstance(tree, (list, tuple)):
+        for value in tree:
+            yield from _strings(value)
+
+
+def input_paths(args: argparse.Namespace, raw_config: Mapping[str, Any] | None = None) -> list[str]:
+    """What a command reads, so that ``--overwrite`` never deletes it: the paths ``args`` names in
+    ``INPUT_ARGUMENTS``, and every existing path any other argument (``--out`` aside) or config value names,
+    itself or as the folder of a ``FOLDER:CLASS[:TYPE]`` spec (``implant --protect``, ``dreambooth.class_dir``,
+    ``implant.pattern_image``...: no list of keys to keep up to date)."""
+    paths = [p for p in (getattr(args, a, None) for a in INPUT_ARGUMENTS) if p is not None]
+    named = [v for k, v in vars(args).items() if k not in ("out", *INPUT_ARGUMENTS)]
+    for text in (*_strings(named), *_strings(raw_config or {})):
+        for candidate in dict.fromkeys((text, *(text.rsplit(":", n)[0] for n in (1, 2) if ":" in text))):
+            if candidate and _exists(candidate):
+                paths.append(candidate)
+    return paths
+
+
+def _exists(text: str) -> bool:
+    """``text`` names an existing path (a prompt too long for a file name, or with a NUL, names none)."""
+    try:
+        return Path(text).exists()
+    except (OSError, ValueError):
+        return False
 
 
 def _within(path: Path, folder: Path) -> bool:
@@ -383,7 +412,7 @@ class Workflow:
         check_devices(config)
         if self.resumable:  # the output folder's rules, before any input is read or any work done
             check_output(args.out, overwrite=args.overwrite, resume=args.resume, raw_config=config.raw,
-                         sections=self.sections(), inputs=input_paths(args), command=self.name)
+                         sections=self.sections(), inputs=input_paths(args, config.raw), command=self.name)
         results = self.run(args, config)
         if not is_writer():
             return
