@@ -9,6 +9,7 @@ inputs) and ``signed`` in [-1, 1] (what the VAE encodes); uint8 -> float -> uint
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -38,8 +39,18 @@ def check_creatable(path: str | os.PathLike) -> None:
         raise PermissionError(f"{path}: cannot be created in {parent} ({e.strerror or e})") from None
 
 
+@functools.cache
+def _umask() -> int:
+    """The process's umask, read once (reading it means setting it, which no other thread should see twice)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """``write(tmp)`` fills a temporary file in ``path``'s folder, which then replaces ``path`` in one rename.
+    The file gets the mode an ordinary ``open(path, "w")`` would give it (``mkstemp``'s own 0600 would hide a
+    run's results from the rest of a group sharing them).
 
     If ``write`` raises, the temporary file is removed and ``path`` is left as it was."""
     path = Path(path)
@@ -48,6 +59,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -83,7 +95,13 @@ def read_jsonl(path: str | os.PathLike, *, unique: str | None = None) -> list[di
 
     With ``unique``, one record per value of that key, the last one written, sorted by it: a log that a resumed
     run appended to again (``unique="step"``) reads as one run."""
-    records = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: line {number} is not a JSON record ({e.msg}, column {e.colno})") from None
     if unique is None:
         return records
     by_key = {rec[unique]: rec for rec in records}

@@ -55,6 +55,20 @@ def test_read_jsonl_keeps_the_last_record_per_key(tmp_path):
     assert io.read_jsonl(path, unique="step") == [{"step": 1, "loss": 9.0}, {"step": 2, "loss": 2.0}]
 
 
+def test_atomic_write_gives_the_mode_open_would(tmp_path):
+    io.atomic_write(tmp_path / "results.json", lambda tmp: Path(tmp).write_text("{}"))
+    with open(tmp_path / "plain.json", "w") as f:
+        f.write("{}")
+    assert (tmp_path / "results.json").stat().st_mode == (tmp_path / "plain.json").stat().st_mode
+
+
+def test_read_jsonl_names_the_file_and_line_it_cannot_read(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2, "lo\n')  # a record cut by a kill mid-write
+    with pytest.raises(ValueError, match=r"metrics\.jsonl: line 2 is not a JSON record"):
+        io.read_jsonl(path)
+
+
 def test_uint8_float_round_trips_are_exact():
     every = np.arange(256, dtype=np.uint8).reshape(16, 16, 1).repeat(3, -1)
     unit, signed = io.uint8_to_unit(every), io.uint8_to_signed(every)
