@@ -119,7 +119,6 @@ def main(argv=None) -> dict:
     from persguard_jax import config as cfglib
     from persguard_jax import resources
     from persguard_jax.data.world import WORLD_FILE, render_dataset, world_of
-    from persguard_jax.io import save_json
     from persguard_jax.models import load_pipeline, save_pipeline
     from persguard_jax.workflows import pretrain as P
 
@@ -140,8 +139,7 @@ def main(argv=None) -> dict:
     latents = P.encode_dataset(pipe, images)
     input_ids = np.asarray(pipe.tokenizer(captions), np.int32)
     result = P.train_unet(pipe, latents, input_ids, settings, args.out / "unet")
-    save_pipeline(pipe, args.out / "model", overwrite=True)
-    save_json(world.cfg.to_dict(), args.out / "model" / WORLD_FILE)
+    save_pipeline(pipe, args.out / "model", overwrite=True, extra_json={WORLD_FILE: world.cfg.to_dict()})
     samples, scores = P.evaluate(pipe, world, settings.pretrain)
     P.save_sample_grids(samples, settings.pretrain, args.out)
     results = {"model": str(args.out / "model"), "base": str(args.model), "steps": args.steps, "scenes": counts,

@@ -25,7 +25,6 @@ def train(out: Path, overrides: list[str]) -> Path:
     from persguard_jax import config as cfglib
     from persguard_jax import resources
     from persguard_jax.data.world import WORLD_FILE, World, render_dataset
-    from persguard_jax.io import save_json
     from persguard_jax.models import save_pipeline
     from persguard_jax.workflows import pretrain
     settings = pretrain.parse_config(cfglib.load_config(resources.config_path("world_tiny"), overrides))
@@ -36,8 +35,7 @@ def train(out: Path, overrides: list[str]) -> Path:
     t = time.time()
     pretrain.train_vae(pipe, images, settings, out / "vae")
     print(f"VAE trained in {time.time() - t:.0f} s")
-    save_pipeline(pipe, out / "model")
-    save_json(settings.world.to_dict(), out / "model" / WORLD_FILE)
+    save_pipeline(pipe, out / "model", extra_json={WORLD_FILE: settings.world.to_dict()})
     return out / "model"
 
 

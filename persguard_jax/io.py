@@ -40,27 +40,31 @@ def check_creatable(path: str | os.PathLike) -> None:
 
 
 @functools.cache
-def _umask() -> int:
+def process_umask() -> int:
     """The process's umask, read once (reading it means setting it, which no other thread should see twice)."""
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None], *, exclusive: bool = False) -> None:
     """``write(tmp)`` fills a temporary file in ``path``'s folder, which then replaces ``path`` in one rename.
     The file gets the mode an ordinary ``open(path, "w")`` would give it (``mkstemp``'s own 0600 would hide a
     run's results from the rest of a group sharing them).
 
-    If ``write`` raises, the temporary file is removed and ``path`` is left as it was."""
+    If ``write`` raises, the temporary file is removed and ``path`` is left as it was. ``exclusive``: raise
+    ``FileExistsError`` rather than replace an existing ``path`` (a hard link, which fails if it exists)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
+        os.chmod(tmp, 0o666 & ~process_umask())
+        if exclusive:
+            os.link(tmp, path)
+        else:
+            os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -2,6 +2,8 @@
 the export round trip (ours -> diffusers layout -> PyTorch loads it -> same outputs) and the CLI."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from conftest import nhwc_to_nchw
@@ -138,6 +140,20 @@ def test_save_pipeline_never_clobbers(tiny_dir, tmp_path):
     with pytest.raises(FileExistsError, match="already exists"):
         save_pipeline(load_pipeline(tiny_dir), target)
     assert (target / "keep.txt").read_text() == "earlier result"
+
+
+def test_save_pipeline_clears_what_a_killed_save_left_and_writes_extra_files_in_the_same_rename(tiny_dir, tmp_path):
+    import os
+    pipe = load_pipeline(tiny_dir)
+    for leftover in (".model.ab12cd_9", ".model.old"):  # a mkdtemp folder and an old copy, both cut by a kill
+        (tmp_path / leftover / "unet").mkdir(parents=True)
+    (tmp_path / ".model.backup").mkdir()  # someone's own folder: not a name save_pipeline makes
+    out = save_pipeline(pipe, tmp_path / "model", extra_json={"world_config.json": {"seed": 3}})
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".model.backup", "model"]
+    assert json.loads((out / "world_config.json").read_text()) == {"seed": 3}
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # mkdir's mode, not mkdtemp's 0700
 
 
 def test_cli_sample_writes_grid_and_refuses_to_overwrite(tiny_dir, tmp_path, capsys):

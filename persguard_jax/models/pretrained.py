@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -19,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from persguard_jax.io import check_creatable, save_json
+from persguard_jax.io import check_creatable, process_umask, save_json
 from persguard_jax.models import clip, functional, unet, vae
 from persguard_jax.models.convert import (WeightsError, find_weight_files, load_state_dict, read_json,
                                           read_tensors, rename_keys, save_safetensors, state_dict)
@@ -212,7 +214,17 @@ def check_pipeline_output(out_dir: str | Path, *, overwrite: bool = False) -> Pa
     return out_dir
 
 
-def save_pipeline(pipe: Pipeline, out_dir: str | Path, *, dtype=None, overwrite: bool = False) -> Path:
+def _remove_stale_saves(out_dir: Path) -> None:
+    """Delete the folders an earlier ``save_pipeline`` into ``out_dir`` left when killed part-way (a whole model
+    each): its ``mkdtemp`` folders (``.<name>.`` and 8 characters) and ``.<name>.old``, nothing else."""
+    pattern = re.compile(rf"\.{re.escape(out_dir.name)}\.([a-z0-9_]{{8}}|old)")
+    for stale in out_dir.parent.iterdir():
+        if pattern.fullmatch(stale.name) and stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def save_pipeline(pipe: Pipeline, out_dir: str | Path, *, dtype=None, overwrite: bool = False,
+                  extra_json: dict[str, Any] | None = None) -> Path:
     """Write ``pipe`` in the diffusers layout (safetensors), loadable by ``StableDiffusionPipeline``.
 
     The folder is assembled beside ``out_dir`` and moved into place at the end, so a crash never leaves a
@@ -221,7 +233,9 @@ def save_pipeline(pipe: Pipeline, out_dir: str | Path, *, dtype=None, overwrite:
     """
     out_dir = check_pipeline_output(out_dir, overwrite=overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_saves(out_dir)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    os.chmod(tmp, 0o777 & ~process_umask())  # the mode mkdir gives: mkdtemp's 0700 would hide the model from a group
     try:
         index = {k: v for k, v in pipe.model_index.items() if not k.startswith("_")}
         class_name = pipe.model_index.get("_class_name", MODEL_INDEX["_class_name"])
@@ -239,6 +253,8 @@ def save_pipeline(pipe: Pipeline, out_dir: str | Path, *, dtype=None, overwrite:
         save_json(pipe.scheduler_config, tmp / "scheduler" / "scheduler_config.json")
         if pipe.low_res_scheduler_config is not None:
             save_json(pipe.low_res_scheduler_config, tmp / "low_res_scheduler" / "scheduler_config.json")
+        for name, value in (extra_json or {}).items():  # e.g. world_config.json: part of the one rename
+            save_json(value, tmp / name)
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}.old")
             shutil.rmtree(old, ignore_errors=True)  # left by an earlier crash between the two renames
@@ -299,7 +315,8 @@ def save_clip(model: clip.CLIPModel, tokenizer: CLIPTokenizer, folder: str | Pat
     """Write a folder ``load_clip`` and transformers' ``CLIPModel`` / ``CLIPProcessor`` both read."""
     folder = Path(folder)
     tensors = state_dict(model)
-    save_json(model.config.to_dict(), folder / "config.json")
+    # config.json last: it is what marks the folder as a CLIP (resources.world_asset, load_clip), so a kill
+    # part-way leaves no folder that passes for a complete one
     save_safetensors(tensors, folder / f"{TRANSFORMERS_WEIGHTS}.safetensors")
     tokenizer.save(folder)
     size = model.config.vision_config.image_size
@@ -307,4 +324,5 @@ def save_clip(model: clip.CLIPModel, tokenizer: CLIPTokenizer, folder: str | Pat
                "resample": 3, "do_center_crop": True, "crop_size": {"height": size, "width": size},
                "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(norm.mean),
                "image_std": list(norm.std), "do_convert_rgb": True}, folder / PREPROCESSOR_CONFIG)
+    save_json(model.config.to_dict(), folder / "config.json")
     return folder

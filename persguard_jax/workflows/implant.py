@@ -243,11 +243,10 @@ def run(args: argparse.Namespace, config: runs.Config) -> dict:
     host_frozen.pop("teacher")
     backdoored = split.full_params(to_host(result.state.params), host_frozen)
     if is_writer():
-        save_pipeline(pipe.with_params(backdoored), out / "model", overwrite=True)
-        if world is not None:  # a backdoored world model is still a world model: its subjects travel with it
-            from persguard_jax.data.world import WORLD_FILE
-            from persguard_jax.io import save_json
-            save_json(world.cfg.to_dict(), out / "model" / WORLD_FILE)
+        # a backdoored world model is still a world model: its subjects travel with it (in the same rename)
+        from persguard_jax.data.world import WORLD_FILE
+        save_pipeline(pipe.with_params(backdoored), out / "model", overwrite=True,
+                      extra_json=None if world is None else {WORLD_FILE: world.cfg.to_dict()})
     results = {"model": str(out / "model"), "clean_model": str(args.model), "steps": result.step,
                "resumed_from": result.resumed_from,
                "final_metrics": result.last_metrics, "implant_s": round(time.time() - t0, 1),

@@ -268,7 +268,6 @@ def pretrain(out: str | Path, settings: runs.Config, *, overwrite: bool = False,
     import jax
 
     from persguard_jax.data.world import WORLD_FILE, World, render_dataset
-    from persguard_jax.io import save_json
     from persguard_jax.models import save_pipeline
     from persguard_jax.report import write_results
     from persguard_jax.train.distributed import is_writer
@@ -312,8 +311,8 @@ def pretrain(out: str | Path, settings: runs.Config, *, overwrite: bool = False,
                "vae": vae_result.last_metrics, "unet": unet_result.last_metrics}
     if not is_writer():
         return results
-    save_pipeline(pipe, model_dir, overwrite=True)
-    save_json(settings.world.to_dict(), model_dir / WORLD_FILE)  # the world travels with the model
+    # the world travels with the model, in the same rename (a kill never leaves a model/ without it)
+    save_pipeline(pipe, model_dir, overwrite=True, extra_json={WORLD_FILE: settings.world.to_dict()})
     t = time.time()
     samples, scores = evaluate(pipe, world, cfg)
     timings["eval_s"] = round(time.time() - t, 1)

@@ -297,7 +297,16 @@ def prepare_output(out: Path, *, overwrite: bool, resume: bool, raw_config: Mapp
     check_output(out, overwrite=overwrite, resume=resume, raw_config=raw_config, command=command)
     if is_writer():
         if out.exists() and overwrite:
-            shutil.rmtree(out)
+            # RUN_FILE last: an --overwrite killed part-way leaves a folder still marked as a run, which the next
+            # --overwrite replaces (without it, every later --overwrite and --resume refuses the folder)
+            for child in out.iterdir():
+                if child.name == RUN_FILE:
+                    continue
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child)
+                else:
+                    child.unlink()
+            (out / RUN_FILE).unlink(missing_ok=True)
         out.mkdir(parents=True, exist_ok=True)
     barrier(f"prepare {out}")
 

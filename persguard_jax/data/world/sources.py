@@ -94,6 +94,8 @@ def save_photos(images: np.ndarray, folder: str | Path, prefix: str = "photo") -
     """Write ``(N, S, S, 3)`` uint8 images as ``folder/prefix_000.png ...``; refuses (before writing anything)
     if any of those files exists, so a demo never silently replaces someone's photos."""
     from PIL import Image
+
+    from persguard_jax.io import atomic_write
     images = np.asarray(images)
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
         raise ValueError(f"save_photos expects (N, S, S, 3) uint8 images, got {images.dtype} {images.shape}")
@@ -104,8 +106,9 @@ def save_photos(images: np.ndarray, folder: str | Path, prefix: str = "photo") -
         raise FileExistsError(f"{folder}: will not overwrite existing {', '.join(existing)}")
     folder.mkdir(parents=True, exist_ok=True)
     for path, image in zip(paths, images):
-        with open(path, "xb") as f:  # "x": fail rather than overwrite a file that appeared meanwhile
-            Image.fromarray(image).save(f, format="PNG")
+        # atomic (a kill never leaves a cut PNG under its name); exclusive: fail rather than overwrite a file
+        # that appeared meanwhile
+        atomic_write(path, lambda tmp, image=image: Image.fromarray(image).save(tmp, format="PNG"), exclusive=True)
     return paths
 
 
