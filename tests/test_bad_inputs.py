@@ -101,6 +101,11 @@ def ws(tmp_path_factory):
                                       "--out", str(irun)])
     start_run(irun, args.workflow.load(args).raw, overwrite=False, resume=False, command="implant")
     _photos(irun / "photos")
+    prun = root / "prun"  # a purification's folder that holds the CLIP an override names
+    args = build_parser().parse_args(["purify", "--images", str(root / "photos"), "--purifier", "jpeg", "--out",
+                                      str(prun)])
+    start_run(prun, args.workflow.load(args).raw, overwrite=False, resume=False, command="purify")
+    (prun / "clip").mkdir()
     return root
 
 
@@ -188,6 +193,8 @@ CASES = [
     (I.replace("SPEC", "{root}/irun/photos:dog:pattern").replace("{new}", "{root}/irun") + " --overwrite",
      "an input of this command"),
     ("purify --images {photos} --purifier jpeg --out {run} --overwrite", "persguard personalize"),
+    ("purify --images {photos} --purifier jpeg --out {root}/prun --overwrite purify.clip={root}/prun/clip",
+     "an input of this command"),
     # sample
     (S + " --num-images 0", "--num-images"),
     (S + " --steps 0", "--steps"),

@@ -77,7 +77,7 @@ def _read_inputs(args: argparse.Namespace, config: runs.Config):
     if needs and not args.model:
         raise ValueError(f"--purifier {', '.join(needs)} needs --model DIR (a diffusers pipeline folder)")
     runs.check_apart(args.out, args.images, "--images")
-    check_out(args.out, overwrite=args.overwrite, inputs=runs.input_paths(args))
+    check_out(args.out, overwrite=args.overwrite, inputs=runs.input_paths(args, config.raw))
     paths, photos = load_folder_as_is(args.images)
     names = output_names(paths)
     pipe = None

@@ -153,15 +153,17 @@ def _strings(tree: Any) -> Iterable[str]:
 
 def input_paths(args: argparse.Namespace, raw_config: Mapping[str, Any] | None = None) -> list[str]:
     """What a command reads, so that ``--overwrite`` never deletes it: the paths ``args`` names in
-    ``INPUT_ARGUMENTS``, and every existing path any other argument (``--out`` aside) or config value names,
-    itself or as the folder of a ``FOLDER:CLASS[:TYPE]`` spec (``implant --protect``, ``dreambooth.class_dir``,
-    ``implant.pattern_image``...: no list of keys to keep up to date)."""
+    ``INPUT_ARGUMENTS``, and every existing path any other argument (``--out`` aside; a ``key=value`` override also
+    by its value) or config value names, itself or as the folder of a ``FOLDER:CLASS[:TYPE]`` spec (``implant
+    --protect``, ``dreambooth.class_dir``, ``implant.pattern_image``...: no list of keys to keep up to date)."""
     paths = [p for p in (getattr(args, a, None) for a in INPUT_ARGUMENTS) if p is not None]
     named = [v for k, v in vars(args).items() if k not in ("out", *INPUT_ARGUMENTS)]
     for text in (*_strings(named), *_strings(raw_config or {})):
-        for candidate in dict.fromkeys((text, *(text.rsplit(":", n)[0] for n in (1, 2) if ":" in text))):
-            if candidate and _exists(candidate):
-                paths.append(candidate)
+        values = (text, text.split("=", 1)[1]) if "=" in text else (text,)
+        for value in values:
+            for candidate in dict.fromkeys((value, *(value.rsplit(":", n)[0] for n in (1, 2) if ":" in value))):
+                if candidate and _exists(candidate):
+                    paths.append(candidate)
     return paths
 
 
