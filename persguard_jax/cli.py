@@ -274,6 +274,7 @@ def _plan_step(args: argparse.Namespace, models: dict, mesh, mesh_cfg) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from persguard_jax.workflows.runs import prompt_argument
     parser = _Parser(prog="persguard", description=__doc__.splitlines()[0])
     parser.add_argument("--no-compile-cache", action="store_true",
                         help="do not use JAX's persistent compilation cache (also: PERSGUARD_NO_COMPILE_CACHE=1)")
@@ -338,7 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="sample a model on prompts with fixed seeds; CLIP and detector metrics")
     e.add_argument("--model", required=True, help="diffusers pipeline folder")
     e.add_argument("--references", required=True, help="folder of reference photos (e.g. the subject's)")
-    e.add_argument("--prompt", required=True, action="append", help="repeat for several prompts")
+    e.add_argument("--prompt", required=True, action="append", type=prompt_argument,
+                   help="repeat for several prompts")
     e.add_argument("--clip", help="CLIP folder for the metrics (default for a world model: the world CLIP)")
     e.add_argument("--out", required=True, help="new or empty folder for results.json, results.md, grid.png")
     e.add_argument("--num-images", type=POSITIVE, default=4, help="samples per prompt")

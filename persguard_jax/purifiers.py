@@ -298,6 +298,11 @@ class SDEdit(Purifier):
     steps: int = 50
     seed: int = 0
 
+    def __post_init__(self):
+        super().__post_init__()
+        if "{class}" in self.prompt and not str(self.class_name).strip():
+            raise ValueError(f"sdedit.class_name: must not be empty (sdedit.prompt {self.prompt!r} uses {{class}})")
+
     @property
     def text(self) -> str:
         return self.prompt.replace("{class}", self.class_name)

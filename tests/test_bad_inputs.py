@@ -193,6 +193,8 @@ CASES = [
     (I.replace("SPEC", "{root}/irun/photos:dog:pattern").replace("{new}", "{root}/irun") + " --overwrite",
      "an input of this command"),
     ("purify --images {photos} --purifier jpeg --out {run} --overwrite", "persguard personalize"),
+    ("purify --images {photos} --purifier jpeg --model {model} --out {new}", "drop --model"),
+    ("purify --images {photos} --purifier jpeg --out {new} purify.clip={model}", "not a CLIP folder"),
     ("purify --images {photos} --purifier jpeg --out {root}/prun --overwrite purify.clip={root}/prun/clip",
      "an input of this command"),
     # sample
@@ -296,9 +298,10 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(ws, tmp_path, capsys, 
     assert not (tmp_path / "new").exists() and not (tmp_path / "new.png").exists()
 
 
-@pytest.mark.parametrize("flag", ["--instance-prompt", "--class-prompt"])
-def test_a_blank_prompt_is_refused_not_replaced_by_the_config(ws, tmp_path, capsys, flag):
-    argv = P.format(model=ws / "model", photos=ws / "photos", new=tmp_path / "new").split() + [flag, " "]
+@pytest.mark.parametrize("line, flag", [(P, "--instance-prompt"), (P, "--class-prompt"),
+                                        ("evaluate --model {model} --references {photos} --out {new}", "--prompt")])
+def test_a_blank_prompt_is_refused_not_replaced_by_the_config(ws, tmp_path, capsys, line, flag):
+    argv = line.format(model=ws / "model", photos=ws / "photos", new=tmp_path / "new").split() + [flag, " "]
     with pytest.raises(SystemExit) as info:
         main(argv)
     err = capsys.readouterr().err

@@ -73,3 +73,11 @@ def test_diagnose_refuses_unpaired_photos(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no perturbed version of b.png" in err[0]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("key", ["class_name", "noise_prompt"])
+def test_a_blank_prompt_part_is_refused(key):
+    from persguard_jax.config import ConfigError
+    from persguard_jax.workflows.diagnose import DiagnoseConfig
+    with pytest.raises(ConfigError, match=f"diagnose.{key}: must not be empty"):
+        DiagnoseConfig(**{key: " "})

@@ -278,3 +278,10 @@ def test_bad_input_is_one_line_and_writes_nothing(ws, tiny_upscaler_dir, capsys,
     assert err.count("\n") == 1 and err.startswith("persguard purify: error: ") and needle in err, err
     assert not (ws / "new").exists() and not (ws / "photos" / "purified").exists()
     assert {p: _hashes(ws / p) for p in ("photos", "mixed")} == before
+
+
+def test_sdedit_refuses_a_blank_class_its_prompt_names():
+    from persguard_jax.purifiers import SDEdit
+    with pytest.raises(ValueError, match="sdedit.class_name: must not be empty"):
+        SDEdit(class_name=" ")
+    SDEdit(class_name=" ", prompt="a photo")  # a prompt without {class} does not read it

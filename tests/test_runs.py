@@ -2,6 +2,8 @@
 output-folder rules) and DreamBooth's data pieces (pairs only with prior preservation, the class-image cache)."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -84,6 +86,32 @@ def test_output_folder_rules(tmp_path):
     assert used.is_dir() and not any(used.iterdir())
     runs.prepare_output(tmp_path / "never_started", overwrite=False, resume=True)  # a first launch with --resume
 
+
+
+def test_resume_refuses_other_command_line_inputs_than_the_run_started_with(tmp_path, monkeypatch):
+    """Inputs outside the config (implant's subject specs, --instance-dir, --model) are kept in the run marker:
+    resuming with others would continue another subject's checkpoints into this folder."""
+    import argparse
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "photos").mkdir()
+    out, raw = tmp_path / "run", {"a": {"b": 1}}
+    first = argparse.Namespace(protect=["world:dog_00:target"], instance_dir="photos")
+    runs.start_run(out, raw, overwrite=False, resume=False, command="implant",
+                   inputs=runs.run_inputs(first, "protect", "instance_dir"))
+    marker = json.loads((out / runs.RUN_MARKER).read_text())
+    assert marker["inputs"] == {"protect": ["world:dog_00:target"], "instance_dir": str(tmp_path / "photos")}
+    other = argparse.Namespace(protect=["world:cat_04:pattern"], instance_dir="photos")
+    with pytest.raises(ValueError, match=r"started with --protect \['world:dog_00:target'\], not \['world:cat_04"):
+        runs.start_run(out, raw, overwrite=False, resume=True, command="implant",
+                       inputs=runs.run_inputs(other, "protect", "instance_dir"))
+    assert json.loads((out / runs.RUN_MARKER).read_text()) == marker
+    monkeypatch.chdir(tmp_path / "photos")  # the same folder named from elsewhere is the same input
+    same = argparse.Namespace(protect=["world:dog_00:target"], instance_dir=str(tmp_path / "photos"))
+    runs.start_run(out, raw, overwrite=False, resume=True, command="implant",
+                   inputs=runs.run_inputs(same, "protect", "instance_dir"))
+    (out / runs.RUN_MARKER).write_text('{"command": "implant"}')  # a run from before inputs were kept
+    runs.start_run(out, raw, overwrite=False, resume=True, command="implant",
+                   inputs=runs.run_inputs(other, "protect", "instance_dir"))
 
 
 def test_a_run_is_resumed_or_replaced_only_by_its_own_command(tmp_path):

@@ -305,6 +305,9 @@ def load_clip(folder: str | Path, *, dtype=jnp.float32, param_dtype=jnp.float32)
     if not folder.is_dir():
         raise WeightsError(f"{folder}: CLIP folder not found (put a transformers CLIPModel folder there: "
                            f"config.json, model.safetensors, vocab.json, merges.txt, preprocessor_config.json)")
+    if (folder / "model_index.json").is_file() and not (folder / "config.json").is_file():
+        raise WeightsError(f"{folder}: a diffusion pipeline folder (model_index.json), not a CLIP folder (a "
+                           f"transformers CLIPModel: config.json, model.safetensors, vocab.json, merges.txt)")
     model = load_model(CLIP, folder, dtype=dtype, param_dtype=param_dtype)
     tok_dir = folder / "tokenizer" if (folder / "tokenizer").is_dir() else folder
     return model, CLIPTokenizer.from_folder(tok_dir), ImageNorm.from_folder(folder)

@@ -35,6 +35,12 @@ class DiagnoseConfig(cfglib.Section):
     num_images: int = 8               # samples per prompt and model
     seed: int = 0
 
+    def __post_init__(self):
+        super().__post_init__()
+        for key in ("class_name", "noise_prompt"):
+            if not str(getattr(self, key)).strip():
+                raise cfglib.ConfigError(f"diagnose.{key}: must not be empty")
+
 
 def sections() -> dict[str, runs.SectionParser]:
     from persguard_jax.dreambooth.recipe import recipe_sections
@@ -93,7 +99,7 @@ def run(args: argparse.Namespace, config: runs.Config) -> dict:
     check_resolution(pipe, db.resolution)
     evaluator = CLIPEvaluator.from_folder(clip_dir)
     out = runs.start_run(args.out, config.raw, overwrite=args.overwrite, resume=args.resume,
-                         command="diagnose")
+                         command="diagnose", inputs=runs.run_inputs(args, "model", "clean", "perturbed", "clip"))
     noise = S.uniform_noise_like(clean, perturbed, seed=diag.seed)
     class_prompt = f"a photo of {diag.class_name}"
     sets = {"clean": clean, "perturbed": perturbed, "uniform_noise": noise}

@@ -143,7 +143,7 @@ def run(args: argparse.Namespace, config: runs.Config) -> dict:
     cfg, db = config.implant, config.dreambooth
     pipe, world, subjects, pattern, target_images = _read_inputs(args, config)
     out = runs.start_run(args.out, config.raw, overwrite=args.overwrite, resume=args.resume,
-                         command="implant")
+                         command="implant", inputs=runs.run_inputs(args, "model", "protect", "unprotected"))
     protected = [s for s in subjects if s.type is not None]
     unprotected = [s for s in subjects if s.type is None]
     print(f"implant: {len(protected)} protected ({', '.join(f'{s.name}:{s.type}' for s in protected)}), "

@@ -26,13 +26,6 @@ def sections() -> dict[str, runs.SectionParser]:
     return recipe_sections()
 
 
-def _prompt(text: str) -> str:
-    """An argparse type: a prompt given on the command line must not be blank (it would fall back to the config's)."""
-    if not text.strip():
-        raise argparse.ArgumentTypeError("must not be empty")
-    return text
-
-
 def resolve(raw: dict, args: argparse.Namespace | None = None) -> dict:
     """Command-line prompts into ``dreambooth``; the loop runs ``dreambooth.steps``; the learning-rate schedule
     spans them unless the config says otherwise."""
@@ -64,7 +57,7 @@ def run(args: argparse.Namespace, config: runs.Config) -> dict:
     pipe = load_pipeline(args.model, attention=config.step.attention)
     check_resolution(pipe, config.dreambooth.resolution)
     out = runs.start_run(args.out, config.raw, overwrite=args.overwrite, resume=args.resume,
-                         command="personalize")
+                         command="personalize", inputs=runs.run_inputs(args, "model", "instance_dir"))
     results = personalize(pipe, photos, config, out)
     results.pop("params", None)
     return results
@@ -73,9 +66,10 @@ def run(args: argparse.Namespace, config: runs.Config) -> dict:
 def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="diffusers pipeline folder to personalise")
     parser.add_argument("--instance-dir", required=True, help="folder of the subject's photos (jpg, png, webp)")
-    parser.add_argument("--instance-prompt", type=_prompt,
+    parser.add_argument("--instance-prompt", type=runs.prompt_argument,
                         help='e.g. "a photo of sks person" (default: from the config)')
-    parser.add_argument("--class-prompt", type=_prompt, help='e.g. "a photo of person" (default: from the config)')
+    parser.add_argument("--class-prompt", type=runs.prompt_argument,
+                        help='e.g. "a photo of person" (default: from the config)')
 
 
 def _summary(results: dict) -> str:

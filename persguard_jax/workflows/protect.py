@@ -91,7 +91,7 @@ def run(args: argparse.Namespace, config: runs.Config) -> dict:
     pipe = load_pipeline(args.model, attention=config.step.attention)
     check_resolution(pipe, db.resolution)
     out = runs.start_run(args.out, config.raw, overwrite=args.overwrite, resume=args.resume,
-                         command="protect")
+                         command="protect", inputs=runs.run_inputs(args, "model", "images", "method"))
     print(f"protect: {cfg.method} on {len(photos)} photos of {args.images}, budget {cfg.budget:g}/255, prompt "
           f"{db.instance_prompt!r}; writing to {out}")
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,6 +134,13 @@ def check_devices(config: Config) -> None:
     mesh = config.get("mesh")
     if isinstance(mesh, shd.MeshConfig):
         shd.resolve_shape(mesh, jax.device_count())
+
+
+def prompt_argument(text: str) -> str:
+    """An argparse type for a prompt: not blank (a blank one would be measured, or replaced by the config's)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
 
 
 # The command-line arguments that name what a command reads (an --overwrite must not delete them).
@@ -313,19 +321,46 @@ def prepare_output(out: Path, *, overwrite: bool, resume: bool, raw_config: Mapp
     barrier(f"prepare {out}")
 
 
+def run_inputs(args: argparse.Namespace, *names: str) -> dict[str, Any]:
+    """The command-line inputs ``names`` of ``args`` that a run's checkpoints depend on but its config does not hold
+    (``--model``, photo folders, implant's subject specs), for ``start_run(inputs=...)``: each path that exists is
+    made absolute (a ``FOLDER:CLASS[:TYPE]`` spec by its folder), so resuming from another directory matches."""
+    def norm(value: Any) -> Any:
+        if isinstance(value, (list, tuple)):
+            return [norm(v) for v in value]
+        if not isinstance(value, str):
+            return value
+        head, sep, tail = value.partition(":")
+        if sep and not value.startswith("world:") and _exists(head):
+            return f"{Path(head).resolve()}:{tail}"
+        return str(Path(value).resolve()) if _exists(value) else value
+    return {name: norm(getattr(args, name, None)) for name in names}
+
+
 def start_run(out: str | Path, raw_config: Mapping[str, Any], *, overwrite: bool, resume: bool,
-              command: str | None = None) -> Path:
+              command: str | None = None, inputs: Mapping[str, Any] | None = None) -> Path:
     """``prepare_output`` then ``out/config.yaml`` (the resolved config, from process 0, written atomically:
     it is what marks the folder as a run) and, given ``command`` (the ``persguard`` command whose run this is),
-    ``RUN_MARKER``; returns ``out``."""
-    from persguard_jax.io import save_json
+    ``RUN_MARKER``; returns ``out``. ``inputs``: command-line arguments outside the config that the checkpoints
+    depend on (implant's subject specs), kept in ``RUN_MARKER``; ``--resume`` with others is refused."""
+    from persguard_jax.io import read_json, save_json
     from persguard_jax.train.distributed import is_writer
     out = Path(out)
+    marker = out / RUN_MARKER
+    if resume and inputs is not None and marker.is_file():
+        recorded = read_json(marker)
+        saved = recorded.get("inputs") if isinstance(recorded, dict) else None
+        given = json.loads(json.dumps(dict(inputs)))
+        changed = sorted(k for k in given if saved is not None and k in saved and saved[k] != given[k])
+        if changed:
+            k = changed[0]
+            raise ValueError(f"{out}: the run was started with --{k.replace('_', '-')} {saved[k]}, not {given[k]}; "
+                             f"--resume it with the same arguments, or start a new --out")
     prepare_output(out, overwrite=overwrite, resume=resume, raw_config=raw_config, command=command)
     if is_writer():
         cfglib.dump(dict(raw_config), out / RUN_FILE)
         if command is not None:  # after RUN_FILE: a kill between the two leaves a run the sections rule covers
-            save_json({"command": command}, out / RUN_MARKER)
+            save_json({"command": command, **({"inputs": dict(inputs)} if inputs is not None else {})}, marker)
     return out
 
 
