@@ -232,6 +232,10 @@ def cmd_plan(args: argparse.Namespace) -> None:
                               min_shard_size=args.min_shard_size)
     mesh = shd.make_mesh(mesh_cfg)
     models = _plan_models(args)
+    missing = [p for p in ("unet", "vae", "text_encoder") if p not in models]
+    if args.step and missing:  # before the plan is printed: the command fails, so it prints nothing
+        raise ValueError(f"--step {args.step} needs a whole pipeline (unet/, vae/, text_encoder/); "
+                         f"{args.model or args.arch} lacks {', '.join(missing)}")
     rows = []
     for name, model in models.items():
         from flax import nnx

@@ -62,8 +62,12 @@ def resolve(raw: dict, args: argparse.Namespace | None = None) -> dict:
 
 def _paired(clean_dir: str, perturbed_dir: str, resolution: int) -> tuple[list[str], np.ndarray, np.ndarray]:
     """(names, clean uint8, perturbed uint8): every clean photo with the perturbed photo of the same stem."""
+    from PIL import Image
+
     from persguard_jax.data.images import load_folder, scan_folder
     from persguard_jax.io import signed_to_uint8
+    if Path(clean_dir).resolve() == Path(perturbed_dir).resolve():
+        raise ValueError(f"--perturbed {perturbed_dir}: is --clean; give the protected photos' folder")
     clean_paths, pert_paths = scan_folder(clean_dir, resolution), scan_folder(perturbed_dir, resolution)
     pert_by_stem = {p.stem: i for i, p in enumerate(pert_paths)}
     missing = [p.name for p in clean_paths if p.stem not in pert_by_stem]
@@ -73,6 +77,13 @@ def _paired(clean_dir: str, perturbed_dir: str, resolution: int) -> tuple[list[s
     clean = signed_to_uint8(load_folder(clean_dir, resolution))
     perturbed = signed_to_uint8(load_folder(perturbed_dir, resolution))
     perturbed = perturbed[[pert_by_stem[p.stem] for p in clean_paths]]
+    for p in clean_paths:  # a protection is written at the clean photo's size or at dreambooth.resolution
+        q = pert_paths[pert_by_stem[p.stem]]
+        with Image.open(p) as a, Image.open(q) as b:
+            if b.size != a.size and b.size != (resolution, resolution):
+                raise ValueError(f"{q}: {b.size[0]}x{b.size[1]}, but its clean photo {p.name} is "
+                                 f"{a.size[0]}x{a.size[1]} and dreambooth.resolution {resolution}: not its "
+                                 f"protected version")
     return [p.stem for p in clean_paths], clean, perturbed
 
 

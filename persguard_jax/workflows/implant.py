@@ -570,4 +570,4 @@ WORKFLOW = runs.Workflow(
     name="implant", help="plant PersGuard backdoors (pattern, erasure, target) and check them with the attacker",
     config="implant_world", sections=sections, run=run, summary=_summary, arguments=_arguments, resolve=resolve,
     out_help="new folder for model/, checkpoints/, metrics.jsonl, report.png and results",
-    example="implant.steps=200 implant.retention=mirror")
+    example="implant.steps=200 implant.retention=mirror", own_section="implant")

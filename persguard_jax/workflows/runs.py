@@ -415,6 +415,7 @@ class Workflow:
     example: str = "loop.log_every=5"
     resumable: bool = True
     extra: Mapping[str, Any] = field(default_factory=dict)
+    own_section: str | None = None  # a --config file (bases resolved) must have it: else it is another command's
 
     def add_to(self, sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         """The subcommand: this workflow's arguments, then the ones every run takes."""
@@ -439,6 +440,10 @@ class Workflow:
         from persguard_jax.resources import config_path
         path = config_path(args.config or self.config)
         file_raw = cfglib.read_config(path)
+        if args.config and self.own_section and self.own_section not in file_raw:
+            raise cfglib.ConfigError(f"{path}: no {self.own_section} section (every {self.own_section} key would be "
+                                     f"a default): a config of another command? persguard {self.name}'s own: "
+                                     f"{self.config}")
         overrides = tuple(getattr(args, "overrides", ()) or ())
         raw = cfglib.apply_overrides(file_raw, overrides)  # its errors name the command line already
         try:
