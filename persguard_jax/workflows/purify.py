@@ -77,8 +77,8 @@ def _read_inputs(args: argparse.Namespace, config: runs.Config):
     if needs and not args.model:
         raise ValueError(f"--purifier {', '.join(needs)} needs --model DIR (a diffusers pipeline folder)")
     if args.model and not needs:  # it would be neither read nor checked
-        raise ValueError(f"--model {args.model}: no purifier of --purifier {config.purify.chain} reads a model "
-                         f"(only sdedit, sdedit_empty); drop --model")
+        raise ValueError(f"--model {args.model}: no purifier of --purifier {config.purify.chain} reads a model; "
+                         f"drop --model")
     runs.check_apart(args.out, args.images, "--images")
     check_out(args.out, overwrite=args.overwrite, inputs=runs.input_paths(args, config.raw))
     paths, photos = load_folder_as_is(args.images)
