@@ -31,8 +31,15 @@ def pump(proc: subprocess.Popen, prefix: str) -> None:
         sys.stdout.flush()
 
 
+class _Parser(argparse.ArgumentParser):
+    """Refusals as one line (the usage stays behind --help), exit status 2, as ``persguard``'s."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = _Parser(description=__doc__.split("\n")[0])
     p.add_argument("-n", "--num-processes", type=int, default=2)
     p.add_argument("--devices-per-process", type=int, default=None, help="fake CPU devices in each process")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- then the command")
@@ -53,7 +60,13 @@ def main(argv=None) -> int:
             # replace only the device count: other XLA flags of the caller's environment still apply
             kept = [f for f in env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
             env["XLA_FLAGS"] = " ".join(kept + [f"--xla_force_host_platform_device_count={args.devices_per_process}"])
-        procs.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        try:
+            procs.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                          text=True))
+        except OSError as e:  # e.g. an executable that is not a program (Exec format error)
+            for proc in procs:
+                proc.terminate()
+            p.error(f"{command[0]}: cannot run: {e.strerror or e}")
     threads = [threading.Thread(target=pump, args=(proc, f"[{i}] "), daemon=True) for i, proc in enumerate(procs)]
     for t in threads:
         t.start()

@@ -175,9 +175,14 @@ def test_resumable_list_matches_the_workflows():
     (["-n", "2", "--", "no-such-persguard-tool", "plan"], "no-such-persguard-tool: no such command"),
     (["-n", "0", "--", "true"], "must be at least 1"),
     (["-n", "2"], "give the command after --"),
+    (["-n", "1", "--", "{tmp}/notes.txt"], "notes.txt: cannot run: Exec format error"),  # executable, not a program
 ])
 def test_local_launcher_refuses_bad_usage_in_one_line(tmp_path, args, expect):
-    """A command that is not there fails once, before any process starts: no traceback from each of them."""
-    r = _run([sys.executable, str(LAUNCH / "local.py"), *args], tmp_path)
+    """A command that is not there fails once, before any process starts: no traceback from each of them, and no
+    usage dump: one line."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a program\n")
+    notes.chmod(notes.stat().st_mode | stat.S_IXUSR)
+    r = _run([sys.executable, str(LAUNCH / "local.py"), *(a.format(tmp=tmp_path) for a in args)], tmp_path)
     assert r.returncode == 2 and "Traceback" not in r.stderr and r.stdout == ""
-    assert expect in r.stderr.strip().splitlines()[-1], r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and expect in r.stderr, r.stderr
