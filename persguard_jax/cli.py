@@ -233,7 +233,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
     mesh = shd.make_mesh(mesh_cfg)
     models = _plan_models(args)
     missing = [p for p in ("unet", "vae", "text_encoder") if p not in models]
-    if args.step and missing:  # before the plan is printed: the command fails, so it prints nothing
+    if args.step and missing:  # before the plan is printed, not after: a refused command prints nothing
         raise ValueError(f"--step {args.step} needs a whole pipeline (unet/, vae/, text_encoder/); "
                          f"{args.model or args.arch} lacks {', '.join(missing)}")
     rows = []
@@ -258,10 +258,6 @@ def _plan_step(args: argparse.Namespace, models: dict, mesh, mesh_cfg) -> None:
 
     from persguard_jax.models.convert import read_json
     from persguard_jax.plan import StepPlan, format_memory, plan_memory
-    missing = [p for p in ("unet", "vae", "text_encoder") if p not in models]
-    if missing:
-        raise ValueError(f"--step {args.step} needs a whole pipeline (unet/, vae/, text_encoder/); "
-                         f"{args.model or args.arch} lacks {', '.join(missing)}")
     scheduler = Path(args.model or "") / "scheduler" / "scheduler_config.json"
     plan = StepPlan(step=args.step, batch=args.batch, resolution=args.resolution, remat=args.remat,
                     compute_dtype=None if args.compute_dtype == "float32" else args.compute_dtype,

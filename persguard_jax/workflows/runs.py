@@ -167,12 +167,24 @@ def input_paths(args: argparse.Namespace, raw_config: Mapping[str, Any] | None =
     paths = [p for p in (getattr(args, a, None) for a in INPUT_ARGUMENTS) if p is not None]
     named = [v for k, v in vars(args).items() if k not in ("out", *INPUT_ARGUMENTS)]
     for text in (*_strings(named), *_strings(raw_config or {})):
-        values = (text, text.split("=", 1)[1]) if "=" in text else (text,)
-        for value in values:
-            for candidate in dict.fromkeys((value, *(value.rsplit(":", n)[0] for n in (1, 2) if ":" in value))):
-                if candidate and _exists(candidate):
-                    paths.append(candidate)
+        for value in (text, text.split("=", 1)[1]) if "=" in text else (text,):
+            named_path = _named_path(value)
+            if named_path is not None:
+                paths.append(named_path[0])
     return paths
+
+
+def _named_path(value: str) -> tuple[str, str] | None:
+    """(the existing path ``value`` names, what follows it): ``value`` itself, or the folder of a
+    ``FOLDER:CLASS[:TYPE]`` spec (folder names may hold colons: cut from the right); None for anything else,
+    a ``world:SUBJECT`` spec included."""
+    if value.startswith("world:"):
+        return None
+    for cuts in range(min(value.count(":"), 2) + 1):
+        head = value.rsplit(":", cuts)[0] if cuts else value
+        if head and _exists(head):
+            return head, value[len(head):]
+    return None
 
 
 def _exists(text: str) -> bool:
@@ -328,12 +340,8 @@ def run_inputs(args: argparse.Namespace, *names: str) -> dict[str, Any]:
     def norm(value: Any) -> Any:
         if isinstance(value, (list, tuple)):
             return [norm(v) for v in value]
-        if not isinstance(value, str):
-            return value
-        head, sep, tail = value.partition(":")
-        if sep and not value.startswith("world:") and _exists(head):
-            return f"{Path(head).resolve()}:{tail}"
-        return str(Path(value).resolve()) if _exists(value) else value
+        named_path = _named_path(value) if isinstance(value, str) else None
+        return value if named_path is None else f"{Path(named_path[0]).resolve()}{named_path[1]}"
     return {name: norm(getattr(args, name, None)) for name in names}
 
 
