@@ -271,6 +271,8 @@ CASES = [
     (I.replace("SPEC", "world:dog_00:pattern").replace("{world}", "{model}"), "not a world model"),
     (I.replace("SPEC", "{photos}:dog:pattern").replace("{world}", "{model}") + " dreambooth.resolution=31",
      "dreambooth.resolution"),
+    (I.replace("SPEC", "{photos}:dog:pattern").replace("{world}", "{model}") + " implant.guidance_photos=9",
+     "the folder has 3 photos"),
     (I.replace("SPEC", "world:dog_00:pattern").replace("--out {new}", "--out {run}"), "run"),
     # an implantation's config holds DreamBooth's sections: only the run's marker tells it a personalize run
     (I.replace("SPEC", "world:dog_00:pattern").replace("--out {new}", "--out {run}") + " --overwrite",

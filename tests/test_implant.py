@@ -243,6 +243,29 @@ def test_mirrored_guidance_pairs_keep_the_pattern_upright():
         assert np.array_equal(targets[3:], want), kind
 
 
+def test_guidance_photos_render_more_of_a_world_subject_and_refuse_a_short_folder(tmp_path):
+    from persguard_jax.data.world import World
+    from persguard_jax.implant.data import Subject, check_guidance_photos, guidance_subject
+    from persguard_jax.implant.specs import SpecError, parse_protected, parse_unprotected
+    world = World()
+    photos = world.subject_photos("cat_04", 5)
+    subject = Subject(parse_protected("world:cat_04:target").with_class("cat"), "cat", photos)
+    assert guidance_subject(subject, ImplantConfig(), world) is subject  # null: the attacker's photos
+    more = guidance_subject(subject, ImplantConfig(guidance_photos=12), world)
+    assert more.photos.shape == (12, 32, 32, 3) and more.spec == subject.spec
+    assert np.array_equal(more.photos[:5], photos)  # the attacker's five first, then photos it never sees
+    assert len({p.tobytes() for p in more.photos}) == 12
+    assert np.array_equal(guidance_subject(subject, ImplantConfig(guidance_photos=3), world).photos, photos[:3])
+    folder = Subject(parse_protected(f"{tmp_path}:dog:pattern"), "dog", photos)
+    check_guidance_photos([folder], ImplantConfig(guidance_photos=5))
+    unprotected = Subject(parse_unprotected(f"{tmp_path}:dog"), "dog", photos[:2])
+    check_guidance_photos([subject, unprotected], ImplantConfig(guidance_photos=12))  # world, unprotected: fine
+    with pytest.raises(SpecError, match=r"guidance_photos is 6 but the folder has 5 photos"):
+        check_guidance_photos([folder], ImplantConfig(guidance_photos=6))
+    with pytest.raises(Exception, match="guidance_photos"):
+        ImplantConfig(guidance_photos=0)
+
+
 def test_attacker_samples_join_the_guidance_pairs_with_the_pattern_pasted():
     from persguard_jax.data.targets import default_pattern, overlay_pattern
     from persguard_jax.data.world import World

@@ -32,7 +32,7 @@ class ImplantConfig(cfglib.Section):
               "num_targets": "[1, inf)", "num_general": "[0, inf)", "prior_lookalikes": "[0, inf)",
               "seed": "[0, inf)",
               "guidance_attacker_samples": "[0, inf)", "guidance_anchor_draws": "[1, inf)",
-              "guidance_anchor_attackers": "[1, inf)",
+              "guidance_anchor_attackers": "[1, inf)", "guidance_photos": "[1, inf)",
               "prior_uncond_weight": "[0, inf)", "pattern_size": "(0, 1]", "pattern_opacity": "(0, 1]"}
     steps: int = 400
     # true: steps is per protected subject, the run trains steps x (number of --protect specs). The backdoor terms draw
@@ -78,6 +78,11 @@ class ImplantConfig(cfglib.Section):
     guidance_anchor: Literal["photo", "attacker"] = "photo"
     guidance_anchor_draws: int = 64
     guidance_anchor_attackers: int = 1  # simulated attackers (seeds of their own) that take the draws in turn
+    # photos of each protected world subject in the guidance term (null: the num_photos the attacker trains on):
+    # more renders the world's further photos of the subject with their y*, which the attacker never sees (a
+    # person has more photos of themselves than an attacker took), so the shift is fitted on more poses and
+    # places than five; photo-folder subjects have their folder's photos only
+    guidance_photos: int | None = None
     # L_br: none | mirror (the attacker's loss now) | grad_suppression (its gradient norm) | unrolled (L_bb after
     # K attacker steps; with the unprotected counterpart)
     retention: Literal["none", "mirror", "grad_suppression", "unrolled"] = "unrolled"

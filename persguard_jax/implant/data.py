@@ -16,6 +16,7 @@ the step's ``map_fn``): each group is what one loss term reads (see ``implant.ob
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -158,6 +159,28 @@ def backdoor_targets(subject: Subject, cfg: ImplantConfig, *, world, pipe, patte
         return sample_prompt(pipe, cfg.target_prompt, cfg.num_targets, seed=cfg.seed + 13, **sampling), \
             cfg.target_prompt
     raise ValueError(f"{subject.name}: not a protected subject")
+
+
+def guidance_subject(subject: Subject, cfg: ImplantConfig, world) -> Subject:
+    """The subject as the guidance term sees it (``implant.guidance_photos``): its first ``guidance_photos``
+    photos, rendered by the world past the ``num_photos`` the attacker trains on; the subject itself when the
+    config leaves it (null) or asks for as many photos as it has. A folder subject cannot have more photos than
+    its folder (``check_guidance_photos`` refuses that before anything is written)."""
+    n = cfg.guidance_photos
+    if n is None or n == len(subject.photos):
+        return subject
+    if n < len(subject.photos) or not subject.spec.is_world:
+        return dataclasses.replace(subject, photos=subject.photos[:n])
+    return dataclasses.replace(subject, photos=world.subject_photos(world.subject(subject.name), n))
+
+
+def check_guidance_photos(subjects, cfg: ImplantConfig) -> None:
+    """One line naming the spec of a photo-folder subject with fewer photos than ``implant.guidance_photos``."""
+    for s in subjects:
+        if s.type is not None and not s.spec.is_world and cfg.guidance_photos is not None \
+                and cfg.guidance_photos > len(s.photos):
+            raise SpecError(f"subject spec {s.spec.spec!r}: implant.guidance_photos is {cfg.guidance_photos} but the "
+                            f"folder has {len(s.photos)} photos (only world subjects can render more)")
 
 
 # ------------------------------------------------------------------------------------------------- examples

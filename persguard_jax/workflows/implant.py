@@ -92,7 +92,8 @@ def attack_config(config: runs.Config, class_name: str, *, seed: int | None = No
 def _read_inputs(args: argparse.Namespace, config: runs.Config):
     """Specs, model, photos, pattern and target images: everything that can be wrong, before any output."""
     from persguard_jax.data.world import is_world_model, world_of
-    from persguard_jax.implant.data import read_pattern, read_subject, read_target_images, world_target
+    from persguard_jax.implant.data import (check_guidance_photos, read_pattern, read_subject, read_target_images,
+                                            world_target)
     from persguard_jax.implant.specs import parse_subjects
     from persguard_jax.models import load_pipeline
     from persguard_jax.dreambooth.recipe import check_resolution
@@ -103,6 +104,7 @@ def _read_inputs(args: argparse.Namespace, config: runs.Config):
     subjects = [read_subject(s, world=world, resolution=db.resolution, num_photos=cfg.num_photos)
                 for s in prot_specs + unprot_specs]
     types = {s.type for s in subjects}
+    check_guidance_photos(subjects, cfg)
     pattern = read_pattern(cfg, db.resolution) if "pattern" in types else None
     targets = read_target_images(cfg, db.resolution) if "target" in types else None
     if targets is None:  # the target scenes a world subject's y* is rendered from (a wrong target_source: here)
@@ -191,7 +193,11 @@ def run(args: argparse.Namespace, config: runs.Config) -> dict:
         else:
             bb_denoise.append(enc.examples(y, [prompts] * len(y)))
         if cfg.guidance_weight > 0:
-            photos, y_pairs = D.mirrored_pairs(s, s.photos, y, cfg, pattern) if cfg.guidance_flip else (s.photos, y)
+            g = D.guidance_subject(s, cfg, world)  # more photos than the attacker's, when asked
+            gy = y if g is s else D.backdoor_targets(g, cfg, world=world, pipe=pipe, pattern=pattern,
+                                                     target_images=target_images, resolution=db.resolution,
+                                                     num_steps=db.class_sample_steps, guidance=db.class_guidance)[0]
+            photos, y_pairs = D.mirrored_pairs(g, g.photos, gy, cfg, pattern) if cfg.guidance_flip else (g.photos, gy)
             if s.name in samples:
                 photos, y_pairs = D.with_attacker_samples(photos, y_pairs, samples[s.name], pattern, cfg)
             if cfg.guidance_anchor == "attacker":
