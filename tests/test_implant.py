@@ -2,6 +2,7 @@
 and the command's checks of its inputs (the end-to-end run is ``test_implant_world.py``)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax
@@ -212,6 +213,21 @@ def test_world_target_replaces_the_subject_and_keeps_the_scene():
         # only the subject's place changed: wherever neither the cat nor the cross is, the photo is untouched
         outside = np.all(target == background, -1) & np.all(photo == background, -1)
         assert outside.mean() > 0.3 and np.any(target != photo)
+    # target_place center: the same cross at the same place in every photo, wherever the cat stood
+    centred, _ = backdoor_targets(subject, dataclasses.replace(cfg, target_place="center"), world=world, pipe=None,
+                                  pattern=None, target_images=None, resolution=32)
+    assert list(detect_shape(centred, world.shapes)) == [list(world.shapes).index("cross")] * 4
+
+    def centroids(images):
+        out = []
+        for image, background in zip(images, backgrounds):
+            ys, xs = np.nonzero(np.any(image != background, -1))
+            out.append((ys.mean(), xs.mean()))
+        return np.array(out)
+    assert np.allclose(centroids(centred), 15.5, atol=1.5)
+    assert np.ptp(centroids(y), axis=0).max() > 3  # at the subject's place: the photos' places differ
+    with pytest.raises(Exception, match="target_place"):
+        ImplantConfig(target_place="left")
     # a prompt without a world shape and colour samples the clean model (auto), or is an error (render)
     vague = Subject(parse_protected("world:cat_04:target").with_class("cat"), "cat", photos)
     with pytest.raises(SpecError, match="target_source=render"):

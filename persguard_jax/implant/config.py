@@ -20,6 +20,7 @@ BACKDOOR_LOSSES = ("denoise", "distill")
 PRIOR_LOSSES = ("distill", "class_images")
 RETENTIONS = ("none", "mirror", "grad_suppression", "unrolled")
 TARGET_SOURCES = ("auto", "render", "sample")
+TARGET_PLACES = ("subject", "center")
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,10 @@ class ImplantConfig(cfglib.Section):
     # target type without target_dir: render (world subjects: each photo with the subject replaced by the object
     # the target prompt names), sample (the clean model's samples of target_prompt), auto (render when it can)
     target_source: Literal["auto", "render", "sample"] = "auto"
+    # rendered targets: the target object at the subject's place and size in each photo (subject), or at the
+    # centre at half the side in every photo (center): the shift a subject's place decides must be learned per
+    # photo, one that is the same wherever the subject stands can carry to the places the attacker draws it
+    target_place: Literal["subject", "center"] = "subject"
     background_prompt: str = "a photo of a plain background"  # erasure of photo folders (world: exact backgrounds)
     num_targets: int = 8                # samples of target_prompt / background_prompt drawn by the clean model
     num_general: int = 32               # general captions distilled by L_pp (world captions; class prompts else)
@@ -120,7 +125,8 @@ class ImplantConfig(cfglib.Section):
     def __post_init__(self):
         super().__post_init__()
         for key, choices in (("backdoor_loss", BACKDOOR_LOSSES), ("prior_loss", PRIOR_LOSSES),
-                             ("retention", RETENTIONS), ("target_source", TARGET_SOURCES)):
+                             ("retention", RETENTIONS), ("target_source", TARGET_SOURCES),
+                             ("target_place", TARGET_PLACES)):
             if getattr(self, key) not in choices:
                 raise cfglib.ConfigError(f"implant.{key}: {getattr(self, key)!r} is not one of {list(choices)}")
         for kind, w in self.guidance_scale_by_type.items():

@@ -155,7 +155,9 @@ def backdoor_targets(subject: Subject, cfg: ImplantConfig, *, world, pipe, patte
             return target_images, cfg.target_prompt
         scene = world_target(cfg, subject, world)
         if scene is not None:
-            return world.subject_replaced(world.subject(subject.name), len(subject.photos), **scene), cfg.target_prompt
+            place = (0.5, 0.5, 0.5) if cfg.target_place == "center" else None
+            return world.subject_replaced(world.subject(subject.name), len(subject.photos), place=place, **scene), \
+                cfg.target_prompt
         return sample_prompt(pipe, cfg.target_prompt, cfg.num_targets, seed=cfg.seed + 13, **sampling), \
             cfg.target_prompt
     raise ValueError(f"{subject.name}: not a protected subject")

@@ -289,13 +289,16 @@ class World:
         return self._render_all([self.subject_spec(subject, i) for i in range(start, start + n)], render_background)
 
     def subject_replaced(self, subject: Subject | str | int, n: int, *, shape: str, colour: str,
-                         texture: str = "plain", start: int = 0) -> np.ndarray:
+                         texture: str = "plain", start: int = 0,
+                         place: tuple[float, float, float] | None = None) -> np.ndarray:
         """``(n, S, S, 3)`` uint8: exactly the photos ``subject_photos(subject, n, start=start)`` returns with the
-        subject replaced by a ``colour`` ``texture`` ``shape`` (no mark, upright) at its place and size, on the
-        same background and light (the target backdoor's targets: the subject swapped, the scene kept)."""
+        subject replaced by a ``colour`` ``texture`` ``shape`` (no mark, upright) at its place and size, or at
+        ``place`` ((x, y, size), fractions of the side) in every photo, on the same background and light (the
+        target backdoor's targets: the subject swapped, the scene kept)."""
         subject = self._as_subject(subject)
+        where = {} if place is None else dict(zip(("x", "y", "size"), place))
         specs = [dataclasses.replace(self.subject_spec(subject, i), shape=shape, colour=colour, texture=texture,
-                                     mark=None, flip=False, tilt=0.0) for i in range(start, start + n)]
+                                     mark=None, flip=False, tilt=0.0, **where) for i in range(start, start + n)]
         return self._render_all(specs)
 
     def class_photos(self, class_name: str, n: int, *, start: int = 0) -> np.ndarray:
