@@ -170,6 +170,13 @@ def run(args: argparse.Namespace, config: runs.Config) -> dict:
         print("implant: guidance_anchor=attacker ignored: it anchors the guidance term (guidance_weight > 0)")
     if cfg.guidance_scale_by_type and cfg.guidance_weight == 0:
         print("implant: guidance_scale_by_type ignored: it sizes the guidance term (guidance_weight > 0)")
+    if cfg.guidance_photos is not None and cfg.guidance_weight == 0:
+        print("implant: guidance_photos ignored: it sizes the guidance term's photos (guidance_weight > 0)")
+    if cfg.target_place != "subject" and not any(
+            s.type == "target" and target_images is None and D.world_target(cfg, s, world) is not None
+            for s in protected):
+        print("implant: target_place ignored: it places rendered world targets (a world subject of type target, "
+              "no implant.target_dir)")
     if cfg.prior_lookalikes and (world is None or cfg.prior_loss != "distill"
                                  or not any(s.spec.is_world for s in protected)):
         print("implant: prior_lookalikes ignored: it adds world scenes to the distilled prior (prior_loss: distill) "
