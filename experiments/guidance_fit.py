@@ -27,7 +27,7 @@ from persguard_jax import config as cfglib
 from persguard_jax.data.world import world_of
 from persguard_jax.dreambooth import encode_latents
 from persguard_jax.implant.config import ImplantConfig
-from persguard_jax.implant.data import backdoor_targets, read_subject
+from persguard_jax.implant.data import backdoor_targets, read_pattern, read_subject
 from persguard_jax.implant.specs import parse_subjects
 from persguard_jax.io import uint8_to_signed
 from persguard_jax.models import load_pipeline
@@ -62,11 +62,12 @@ def main() -> None:
         return (x - jnp.sqrt(1 - a) * eps) / jnp.sqrt(a)
 
     seen = cfg.guidance_photos or cfg.num_photos
+    pattern = read_pattern(cfg, world.cfg.image_size) if subject.type == "pattern" else None
     print(f"guidance scale {w}; the term saw photos 0-{seen - 1}")
     for start in (int(s) for s in args.starts.split(",")):
         photos = world.subject_photos(world.subject(spec.name), 5, start=start)
         y, _ = backdoor_targets(dataclasses.replace(subject, photos=photos), cfg, world=world, pipe=clean,
-                                pattern=None, target_images=None, resolution=world.cfg.image_size)
+                                pattern=pattern, target_images=None, resolution=world.cfg.image_size)
         scale = clean.vae.config.scaling_factor
         lat = {k: jnp.asarray(encode_latents(clean.vae, uint8_to_signed(v))[0]) * scale
                for k, v in (("photo", photos), ("y", y))}
