@@ -282,6 +282,30 @@ def test_guidance_photos_render_more_of_a_world_subject_and_refuse_a_short_folde
         ImplantConfig(guidance_photos=0)
 
 
+def test_guidance_pairs_take_the_extra_photos_with_their_own_targets():
+    from persguard_jax.data.targets import default_pattern, overlay_pattern
+    from persguard_jax.data.world import World
+    from persguard_jax.implant.data import Subject, backdoor_targets, guidance_pairs
+    from persguard_jax.implant.specs import parse_protected
+    world, pattern = World(), default_pattern(32)
+    for kind in ("pattern", "erasure"):
+        subject = Subject(parse_protected(f"world:dog_00:{kind}").with_class("dog"), "dog",
+                          world.subject_photos("dog_00", 5))
+        y, _ = backdoor_targets(subject, ImplantConfig(), world=world, pipe=None, pattern=pattern,
+                                target_images=None, resolution=32)
+        kw = dict(world=world, pipe=None, pattern=pattern, target_images=None, resolution=32)
+        photos, targets = guidance_pairs(subject, y, ImplantConfig(), **kw)
+        assert photos is subject.photos and targets is y  # null: the attacker's photos and their y*
+        photos, targets = guidance_pairs(subject, y, ImplantConfig(guidance_photos=8), **kw)
+        assert np.array_equal(photos, world.subject_photos("dog_00", 8))
+        want = overlay_pattern(photos, pattern, ImplantConfig().placement()) if kind == "pattern" \
+            else world.subject_backgrounds("dog_00", 8)
+        assert np.array_equal(targets, want), kind
+        photos, targets = guidance_pairs(subject, y, ImplantConfig(guidance_photos=8, guidance_flip=True), **kw)
+        assert photos.shape == targets.shape == (16, 32, 32, 3)
+        assert np.array_equal(photos[8:], world.subject_photos("dog_00", 8)[:, :, ::-1])
+
+
 def test_attacker_samples_join_the_guidance_pairs_with_the_pattern_pasted():
     from persguard_jax.data.targets import default_pattern, overlay_pattern
     from persguard_jax.data.world import World

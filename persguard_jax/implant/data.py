@@ -176,6 +176,19 @@ def guidance_subject(subject: Subject, cfg: ImplantConfig, world) -> Subject:
     return dataclasses.replace(subject, photos=world.subject_photos(world.subject(subject.name), n))
 
 
+def guidance_pairs(subject: Subject, y: np.ndarray, cfg: ImplantConfig, *, world, pipe, pattern: np.ndarray | None,
+                   target_images: np.ndarray | None, resolution: int, num_steps: int = 25, guidance: float = 4.0
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """``(photos, y*)`` of a protected subject for the guidance term: its photos and ``y`` (its y*), or with
+    ``implant.guidance_photos`` the photos ``guidance_subject`` gives and their own y* (``backdoor_targets``, the
+    same builders and sampler), each pair also mirrored with ``implant.guidance_flip``."""
+    more = guidance_subject(subject, cfg, world)
+    if more is not subject:
+        y, _ = backdoor_targets(more, cfg, world=world, pipe=pipe, pattern=pattern, target_images=target_images,
+                                resolution=resolution, num_steps=num_steps, guidance=guidance)
+    return mirrored_pairs(more, more.photos, y, cfg, pattern) if cfg.guidance_flip else (more.photos, y)
+
+
 def check_guidance_photos(subjects, cfg: ImplantConfig) -> None:
     """One line naming the spec of a photo-folder subject with fewer photos than ``implant.guidance_photos``."""
     for s in subjects:

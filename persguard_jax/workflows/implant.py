@@ -200,11 +200,9 @@ def run(args: argparse.Namespace, config: runs.Config) -> dict:
         else:
             bb_denoise.append(enc.examples(y, [prompts] * len(y)))
         if cfg.guidance_weight > 0:
-            g = D.guidance_subject(s, cfg, world)  # more photos than the attacker's, when asked
-            gy = y if g is s else D.backdoor_targets(g, cfg, world=world, pipe=pipe, pattern=pattern,
-                                                     target_images=target_images, resolution=db.resolution,
-                                                     num_steps=db.class_sample_steps, guidance=db.class_guidance)[0]
-            photos, y_pairs = D.mirrored_pairs(g, g.photos, gy, cfg, pattern) if cfg.guidance_flip else (g.photos, gy)
+            photos, y_pairs = D.guidance_pairs(s, y, cfg, world=world, pipe=pipe, pattern=pattern,
+                                               target_images=target_images, resolution=db.resolution,
+                                               num_steps=db.class_sample_steps, guidance=db.class_guidance)
             if s.name in samples:
                 photos, y_pairs = D.with_attacker_samples(photos, y_pairs, samples[s.name], pattern, cfg)
             if cfg.guidance_anchor == "attacker":
