@@ -27,12 +27,11 @@ from persguard_jax import config as cfglib
 from persguard_jax.data.world import world_of
 from persguard_jax.dreambooth import encode_latents
 from persguard_jax.implant.config import ImplantConfig
-from persguard_jax.implant.data import backdoor_targets, read_pattern, read_subject
+from persguard_jax.implant.data import attacker_x0, backdoor_targets, read_pattern, read_subject
 from persguard_jax.implant.specs import parse_subjects
 from persguard_jax.io import uint8_to_signed
 from persguard_jax.models import load_pipeline
-from persguard_jax.sample import encode_text
-from persguard_jax.schedulers import SchedulerConfig, make_schedule
+from persguard_jax.schedulers import SchedulerConfig, add_noise, make_schedule
 
 WORLD = Path(__file__).resolve().parents[1] / "persguard_jax" / "assets" / "world_tiny"
 
@@ -53,13 +52,11 @@ def main() -> None:
     attacker = load_pipeline(args.run / "simulated_attack" / spec.name / "model")
     schedule = make_schedule(SchedulerConfig.from_dict(clean.scheduler_config))
     w = cfg.guidance_scale_of(subject.type)
-    cond = encode_text(attacker, [f"a photo of sks {subject.class_name}"] * 5)
-    empty = {k: encode_text(m, [""] * 5) for k, m in (("b", backdoored), ("c", clean))}
-
-    def x0(pipe, x, t, ctx):
-        a = schedule.alphas_cumprod[t]
-        eps = pipe.unet(x, jnp.full((x.shape[0],), t), ctx)
-        return (x - jnp.sqrt(1 - a) * eps) / jnp.sqrt(a)
+    prediction = SchedulerConfig.from_dict(clean.scheduler_config).prediction_type
+    # x0 predictions of each branch, unguided (implant.data.attacker_x0: the model's own weights when params is None)
+    predict = {name: attacker_x0(pipe, None, prompt, schedule=schedule, prediction_type=prediction)
+               for name, pipe, prompt in (("anchor", attacker, f"a photo of sks {subject.class_name}"),
+                                          ("backdoored", backdoored, ""), ("clean", clean, ""))}
 
     seen = cfg.guidance_photos or cfg.num_photos
     pattern = read_pattern(cfg, world.cfg.image_size) if subject.type == "pattern" else None
@@ -73,15 +70,15 @@ def main() -> None:
                for k, v in (("photo", photos), ("y", y))}
         row = []
         for t in (int(s) for s in args.timesteps.split(",")):
-            a = schedule.alphas_cumprod[t]
+            ts = jnp.full((5,), t)
             errors = []
             for k in range(4):
                 noise = jax.random.normal(jax.random.key(1000 * k + t), lat["photo"].shape)
-                x_t = jnp.sqrt(a) * lat["photo"] + jnp.sqrt(1 - a) * noise
-                anchor = x0(attacker, x_t, t, cond)
-                want = anchor - (lat["y"] - anchor) / (w - 1)
-                norm = lambda v: jnp.sqrt(jnp.sum(v ** 2, axis=(1, 2, 3)))  # noqa: E731
-                errors.append(norm(x0(backdoored, x_t, t, empty["b"]) - want) / norm(x0(clean, x_t, t, empty["c"]) - want))
+                x_t = add_noise(schedule, lat["photo"], noise, ts)
+                anchor = predict["anchor"](x_t, ts)
+                want = anchor - (lat["y"] - anchor) / (w - 1)  # losses.guidance_shift_target, in x0 terms
+                norm = lambda v: np.sqrt(np.sum(np.square(v), axis=(1, 2, 3)))  # noqa: E731
+                errors.append(norm(predict["backdoored"](x_t, ts) - want) / norm(predict["clean"](x_t, ts) - want))
             row.append(f"t={t}: {float(np.mean(errors)):.2f}")
         label = "seen" if start + 5 <= seen else "unseen" if start >= seen else "partly seen"
         print(f"photos {start}-{start + 4} ({label}): " + ", ".join(row), flush=True)

@@ -6,8 +6,9 @@ classifier-free guidance taken from different models.
 RUN is a finished ``persguard implant`` run on the world model with its check (it keeps ``model/``, the attacked
 models ``check/<subject>/{backdoored,clean}/model`` and, with ``implant.guidance_anchor: attacker``, the simulated
 attacker ``simulated_attack/<subject>/model``). Each row samples the check's ``check.num_images`` images of "a photo
-of sks <class>" (its seed, DDIM steps and guidance) as eps_u + w (eps_c - eps_u), the conditional branch eps_c from
-one model (with that model's text encoder) and the unconditional one eps_u from another, and prints the check's
+of sks <class>" (its seed, DDIM steps and guidance) as u + w (c - u) in the model's output space (the world's
+v-prediction, or whatever its scheduler says: guidance is linear in it), the conditional branch c from one model
+(with that model's text encoder) and the unconditional one u from another, and prints the check's
 protection rate and the detector's parts. The first row is the check's own configuration: it must read the rate
 ``results.json`` recorded for the first attacker seed. docs/results.md (issue 15, twenty-third measurement).
 """
@@ -36,16 +37,17 @@ WORLD = Path(__file__).resolve().parents[1] / "persguard_jax" / "assets" / "worl
 
 
 def sample_mixed(cond_pipe, uncond_pipe, prompt: str, n: int, check: CheckConfig, *, uncond_text=None) -> np.ndarray:
-    """uint8 samples with eps_c from ``cond_pipe`` (its UNet and text encoder) and eps_u from ``uncond_pipe``'s UNet
-    on the empty prompt through ``uncond_text``'s text encoder (``uncond_pipe``'s by default)."""
+    """uint8 samples with the conditional branch from ``cond_pipe`` (its UNet and text encoder) and the
+    unconditional one from ``uncond_pipe``'s UNet on the empty prompt through ``uncond_text``'s text encoder
+    (``uncond_pipe``'s by default)."""
     cdef, cstate = nnx.split(cond_pipe.unet)
     udef, ustate = nnx.split(uncond_pipe.unet)
 
     def denoise(x, t, cs, us, cond, unc, w):
         tt = jnp.broadcast_to(t, (x.shape[0],))
-        eps_c = nnx.merge(cdef, cs)(x, tt, cond).astype(jnp.float32)
-        eps_u = nnx.merge(udef, us)(x, tt, unc).astype(jnp.float32)
-        return eps_u + w * (eps_c - eps_u)
+        out_c = nnx.merge(cdef, cs)(x, tt, cond).astype(jnp.float32)
+        out_u = nnx.merge(udef, us)(x, tt, unc).astype(jnp.float32)
+        return out_u + w * (out_c - out_u)
 
     sc = SchedulerConfig.from_dict(cond_pipe.scheduler_config)
     ts = sampling_timesteps(sc, check.eval_steps, "ddim")
@@ -70,7 +72,8 @@ def main() -> None:
     subject = read_subject(spec, world=world, resolution=world.cfg.image_size, num_photos=cfg.num_photos)
     detect = protection_detector(subject, cfg, check, resolution=world.cfg.image_size, pattern=None, world=world)
     attacked = args.run / "check" / spec.name / args.seed_dir
-    models = {"attacked": load_pipeline(attacked / "backdoored" / "model"), "backdoored": load_pipeline(args.run / "model"),
+    models = {"attacked": load_pipeline(attacked / "backdoored" / "model"),
+              "backdoored": load_pipeline(args.run / "model"),
               "attacked clean": load_pipeline(attacked / "clean" / "model"), "clean": load_pipeline(WORLD)}
     simulated = args.run / "simulated_attack" / spec.name / "model"
     if simulated.is_dir():
