@@ -114,6 +114,7 @@ def test_pretrain_command_smoke(tmp_path):
     from persguard_jax.models import load_pipeline
     raw = pretrain_wf.parse_config(cfglib.load_config(resources.config_path("world_tiny"), [
         "pretrain.dataset_size=64", "pretrain.vae.steps=2", "pretrain.vae.batch_size=8", "pretrain.unet.steps=2",
+        "pretrain.decoder.steps=2", "pretrain.decoder.batch_size=8",
         "pretrain.unet.batch_size=8", "pretrain.eval_per_colour=1", "pretrain.eval_per_shape=1", "pretrain.eval_steps=2",
         "pretrain.eval_per_texture=1", "pretrain.eval_vae_scenes=4",
         "pretrain.unet.ema_decay=0.9", "loop.log_every=1"]))  # EMA on: its weights are the ones exported
@@ -124,6 +125,7 @@ def test_pretrain_command_smoke(tmp_path):
     assert (tmp_path / "run" / "shape_samples.png").is_file() and (tmp_path / "run" / "texture_samples.png").is_file()
     assert (tmp_path / "run" / "results.md").is_file()
     assert np.isfinite(results["vae"]["loss"]) and np.isfinite(results["unet"]["loss"])
+    assert np.isfinite(results["decoder"]["loss"]) and results["timings"]["decoder_s"] > 0
     pipe = load_pipeline(tmp_path / "run" / "model")
     assert pipe.vae.config.scaling_factor == pytest.approx(results["scaling_factor"])
     assert world_of(tmp_path / "run" / "model").cfg.image_size == 32
@@ -134,6 +136,14 @@ def test_pretrain_command_smoke(tmp_path):
     import orbax.checkpoint as ocp
     saved = ocp.StandardCheckpointer().restore(tmp_path / "run" / "unet" / "checkpoints" / "2" / "state")
     _, exported = pipe.split()
+    # the decoder stage trained the decoder alone: the exported encoder is the VAE stage's, bit for bit (so the
+    # UNet's latents are too), the decoder is not
+    vae_stage = F.flatten(ocp.StandardCheckpointer().restore(
+        tmp_path / "run" / "vae" / "checkpoints" / "2" / "state")["params"]["vae"])
+    got = F.flatten(exported["vae"])
+    assert got.keys() == vae_stage.keys()
+    moved = {k.split("/")[0] for k in got if not np.array_equal(np.asarray(got[k]), np.asarray(vae_stage[k]))}
+    assert moved == {"decoder", "post_quant_conv"}, moved
     for name in ("unet", "text_encoder"):
         ema, raw_params = F.flatten(saved["ema"][name]), F.flatten(saved["params"][name])
         got = F.flatten(exported[name])
