@@ -237,6 +237,8 @@ CASES = [
     ("pretrain --out {new} pretrain.unet.steps=abc", "pretrain.unet.steps"),
     ("pretrain --out {new} pretrain.unet.optimizer.learning_rate=nan", "pretrain.unet.optimizer.learning_rate"),
     ("pretrain --out {new} pretrain.unet.caption_dropout=1.5", "pretrain.unet.caption_dropout"),
+    ("pretrain --out {new} pretrain.decoder.steps=-1", "pretrain.decoder.steps"),
+    ("pretrain --out {new} pretrain.decoder.edge_weight=-4", "pretrain.decoder.edge_weight"),
     ("pretrain --out {new} models.unet.layers_per_block=two", "layers_per_block"),
     ("pretrain --out {new} models.unet.nonsense=1", "nonsense"),
     ("pretrain --out {new} models.vae.latent_channels=8 models.unet.in_channels=4", "models.unet.in_channels"),

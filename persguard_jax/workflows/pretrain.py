@@ -66,7 +66,8 @@ class VAEStageConfig(StageConfig):
 class DecoderStageConfig(VAEStageConfig):
     """The VAE's decoder alone, after the VAE stage, with its encoder frozen: the latents (and so the UNet's
     training data and ``scaling_factor``) stay what the VAE stage made, the decoder learns to draw them sharper
-    (run o's decoder: 27.4 -> 31.0 dB with the high-pass term; docs/benchmarks.md). ``steps: 0``: no stage."""
+    (run o's decoder: 27.4 -> 31.0 dB with the high-pass term; docs/benchmarks.md). ``steps: 0``: no stage.
+    ``kl_weight`` changes only the logged loss here: the KL term depends on the frozen encoder alone."""
     SECTION = "pretrain.decoder"
     BOUNDS = {**VAEStageConfig.BOUNDS, "steps": "[0, inf)"}
     steps: int = 0
