@@ -50,9 +50,10 @@ def main() -> None:
     subject = read_subject(spec, world=world, resolution=world.cfg.image_size, num_photos=cfg.num_photos)
     backdoored, clean = load_pipeline(args.run / "model"), load_pipeline(WORLD)
     attacker = load_pipeline(args.run / "simulated_attack" / spec.name / "model")
-    schedule = make_schedule(SchedulerConfig.from_dict(clean.scheduler_config))
+    scheduler = SchedulerConfig.from_dict(clean.scheduler_config)
+    schedule = make_schedule(scheduler)
     w = cfg.guidance_scale_of(subject.type)
-    prediction = SchedulerConfig.from_dict(clean.scheduler_config).prediction_type
+    prediction = scheduler.prediction_type
     # x0 predictions of each branch, unguided (implant.data.attacker_x0: the model's own weights when params is None)
     predict = {name: attacker_x0(pipe, None, prompt, schedule=schedule, prediction_type=prediction)
                for name, pipe, prompt in (("anchor", attacker, f"a photo of sks {subject.class_name}"),

@@ -6,9 +6,9 @@ The UNet, and every result built on a world model, live in its VAE encoder's lat
 (``pretrain.decoder`` of ``configs/world_tiny.yaml``, ``pretrain.train_vae(..., decoder_only=True)``) trains the
 decoder alone (``decoder``, ``post_quant_conv``) with the encoder frozen, so the latents, their ``scaling_factor``
 and the UNet's training data stay bit-for-bit what they were, on the same ``pretrain.dataset_size`` scenes the
-pre-training renders (``render_dataset``). ``persguard pretrain`` runs it after the VAE stage; this script runs it
-on a model pre-trained before the stage existed (the committed ``world_tiny`` was made this way: run o + this
-script at the shipped config). Overrides change the stage, e.g. ``pretrain.decoder.steps=3000``.
+pre-training renders (``pretrain.training_set``). ``persguard pretrain`` runs it after the VAE stage; this script
+runs it on a model pre-trained before the stage existed (the committed ``world_tiny`` was made this way: run o +
+this script at the shipped config). Overrides change the stage, e.g. ``pretrain.decoder.steps=3000``.
 
 Writes ``--out/model`` (the model with the new decoder, its ``world_config.json`` kept), ``--out/decoder``
 (the stage's checkpoints and metrics), ``--out/results.json``: ``pretrain.evaluate``'s scores of the new model (VAE
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     from world_vae import texture_retention
     from persguard_jax import config as cfglib
     from persguard_jax import resources
-    from persguard_jax.data.world import WORLD_FILE, render_dataset, world_of
+    from persguard_jax.data.world import WORLD_FILE, world_of
     from persguard_jax.models import load_pipeline, save_pipeline
     from persguard_jax.workflows import pretrain
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -49,8 +49,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("pretrain.decoder.steps is 0: nothing to train")
     pipe, world = load_pipeline(args.model), world_of(args.model)
     before = texture_retention(pipe, world)
-    images, _ = render_dataset(world, cfg.dataset_size, class_fraction=cfg.class_fraction,
-                               simple_fraction=cfg.simple_fraction)
+    images, _ = pretrain.training_set(world, cfg)
     t = time.time()
     result = pretrain.train_vae(pipe, images, settings, args.out / "decoder", decoder_only=True)
     seconds = round(time.time() - t, 1)

@@ -31,8 +31,7 @@ from world_texture import texture_over_seeds
 def _latents(pipe, world, settings, cache_dir: Path, model: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The training scenes as (latent mean, latent log-variance, token ids); the latents and captions are cached
     per model and dataset (the ids are not: the tokenizer follows the config)."""
-    from persguard_jax.data.world import render_dataset
-    from persguard_jax.workflows.pretrain import encode_dataset
+    from persguard_jax.workflows.pretrain import encode_dataset, training_set
     cfg = settings.pretrain
     key = json.dumps([str(model.resolve()), cfg.dataset_size, cfg.class_fraction, cfg.simple_fraction,
                       world.cfg.to_dict()], sort_keys=True)
@@ -41,8 +40,7 @@ def _latents(pipe, world, settings, cache_dir: Path, model: Path) -> tuple[np.nd
         z = np.load(path)
         mean, logvar, captions = z["mean"], z["logvar"], list(z["captions"])
     else:
-        images, captions = render_dataset(world, cfg.dataset_size, class_fraction=cfg.class_fraction,
-                                          simple_fraction=cfg.simple_fraction)
+        images, captions = training_set(world, cfg)
         mean, logvar = encode_dataset(pipe, images)
         tmp = path.with_suffix(".tmp.npz")
         np.savez(tmp, mean=mean, logvar=logvar, captions=np.asarray(captions))

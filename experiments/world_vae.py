@@ -24,14 +24,13 @@ import numpy as np
 def train(out: Path, overrides: list[str]) -> Path:
     from persguard_jax import config as cfglib
     from persguard_jax import resources
-    from persguard_jax.data.world import WORLD_FILE, World, render_dataset
+    from persguard_jax.data.world import WORLD_FILE, World
     from persguard_jax.models import save_pipeline
     from persguard_jax.workflows import pretrain
     settings = pretrain.parse_config(cfglib.load_config(resources.config_path("world_tiny"), overrides))
     cfg, world = settings.pretrain, World(settings.world)
     pipe = pretrain.build_pipeline(settings, world.tokenizer(cfg.vocab_size, max_length=32))
-    images, _ = render_dataset(world, cfg.dataset_size, class_fraction=cfg.class_fraction,
-                               simple_fraction=cfg.simple_fraction)
+    images, _ = pretrain.training_set(world, cfg)
     t = time.time()
     pretrain.train_vae(pipe, images, settings, out / "vae")
     print(f"VAE trained in {time.time() - t:.0f} s")

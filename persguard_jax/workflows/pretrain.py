@@ -178,6 +178,15 @@ def build_pipeline(settings: runs.Config, tokenizer) -> Any:
                     tokenizer=tokenizer, scheduler_config=SchedulerConfig.from_dict(settings.scheduler).to_dict())
 
 
+def training_set(world, cfg: PretrainConfig) -> tuple[np.ndarray, list[str]]:
+    """The scenes every stage trains on (uint8 images, captions): ``cfg.dataset_size`` of ``render_dataset``'s
+    training split, deterministic in the world's seed, so a stage re-run apart (``experiments/world_decoder.py``)
+    sees the same ones."""
+    from persguard_jax.data.world import render_dataset
+    return render_dataset(world, cfg.dataset_size, class_fraction=cfg.class_fraction,
+                          simple_fraction=cfg.simple_fraction)
+
+
 def _to_signed_range(batch: dict) -> dict:
     return {"images": uint8_to_signed(batch["images"])}
 
@@ -294,7 +303,7 @@ def pretrain(out: str | Path, settings: runs.Config, *, overwrite: bool = False,
     ``out/results.json``, with the model and the sample grids)."""
     import jax
 
-    from persguard_jax.data.world import WORLD_FILE, World, render_dataset
+    from persguard_jax.data.world import WORLD_FILE, World
     from persguard_jax.models import save_pipeline
     from persguard_jax.report import write_results
     from persguard_jax.train.distributed import is_writer
@@ -309,8 +318,7 @@ def pretrain(out: str | Path, settings: runs.Config, *, overwrite: bool = False,
     runs.start_run(out, settings.raw, overwrite=overwrite, resume=resume, command="pretrain")
     print(f"pre-training the world model into {out} on {jax.device_count()} {jax.default_backend()} device(s)")
 
-    images, captions = render_dataset(world, cfg.dataset_size, class_fraction=cfg.class_fraction,
-                                      simple_fraction=cfg.simple_fraction)
+    images, captions = training_set(world, cfg)
     timings = {}
     t = time.time()
     vae_result = train_vae(pipe, images, settings, out / "vae")
