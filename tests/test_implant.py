@@ -706,9 +706,9 @@ def stubbed_check(monkeypatch, tmp_path):
     stubbed (each has its own tests; the end-to-end run is measured in docs/benchmarks.md): ``check(out,
     *overrides)`` runs it into ``tmp_path/out``; ``attacked`` lists ``(subject, model, attacker seed, folder)``
     of each attack, ``class_dirs`` its class-image folder, ``followed`` the models whose general following was
-    measured. The backdoored model's samples
-    carry the pattern (the cat's too: a leak); identity grows with the attacker's seed by 0.1 (backdoored) or 0.2
-    (clean) a seed."""
+    measured, ``measured`` each sampling as ``(subject, prompt, model level, attacked)``. The backdoored model's
+    samples carry the pattern (the cat's too: a leak); identity grows with the attacker's seed by 0.1 (backdoored)
+    or 0.2 (clean) a seed."""
     import argparse
     import types
 
@@ -723,7 +723,7 @@ def stubbed_check(monkeypatch, tmp_path):
                         world.subject_photos("dog_00", 2)),
                 Subject(parse_unprotected("world:cat_00").with_class("cat"), "cat", world.subject_photos("cat_00", 2))]
     clean, backdoored = {"w": np.zeros(3, np.float32)}, {"w": np.ones(3, np.float32)}
-    attacked, followed, class_dirs = [], [], []
+    attacked, followed, class_dirs, measured = [], [], [], []
 
     class Pipe:
         def with_params(self, params):
@@ -736,6 +736,7 @@ def stubbed_check(monkeypatch, tmp_path):
         return {"params": {**params, "seed": seed}}
 
     def fake_measure(pipe, s, params, detector, *, check, evaluator, world, prompt):
+        measured.append((s.name, prompt, float(params["w"][0]), "seed" in params))
         level = float(params["w"][0])  # 0 for the clean model, 1 for the backdoored one
         samples = np.full((check.num_images, 32, 32, 3), 40 + 100 * level + len(s.name), np.uint8)
         if level:  # the backdoored model's samples carry the pattern, the unprotected cat's too (a leak)
@@ -759,7 +760,8 @@ def stubbed_check(monkeypatch, tmp_path):
         return W._check(Pipe(), clean, backdoored, subjects, {}, default_pattern(32), world, config, attackers,
                         tmp_path / out)
 
-    return types.SimpleNamespace(check=check, attacked=attacked, followed=followed, class_dirs=class_dirs)
+    return types.SimpleNamespace(check=check, attacked=attacked, followed=followed, class_dirs=class_dirs,
+                                 measured=measured)
 
 
 def test_the_check_takes_a_stored_clean_half_instead_of_attacking(stubbed_check, tmp_path):
@@ -851,3 +853,21 @@ def test_false_fire_rates_read_each_planted_type_on_an_unprotected_subject():
     assert rates("cat_00", overlay_pattern(photos, pattern, config.implant.placement()))["pattern"] == 1.0
     assert rates("cat_04", world.subject_photos("cat_04", 4)) == {"pattern": 0.0}  # white: erasure unreadable
     assert rates("cat_00", photos, types=()) == {}
+
+
+def test_the_check_reads_each_protected_subjects_class_prompt_before_the_attack(stubbed_check):
+    """A protected subject's entry carries ``class_prompt``: both models' samples of "a photo of <class>", taken
+    from the models as published (not attacked) and read as the attacked samples are; an unprotected subject has
+    none; the summary shows it beside the attack's readings."""
+    from persguard_jax.workflows import implant as W
+    got = stubbed_check.check("a")
+    dog, cat = got["subjects"]["dog_00"], got["subjects"]["cat_00"]
+    assert "class_prompt" not in cat
+    reading = dog["class_prompt"]
+    assert reading["prompt"] == "a photo of dog" and set(reading) == {"prompt", "backdoored", "clean"}
+    class_runs = [m for m in stubbed_check.measured if m[1] == "a photo of dog"]
+    assert sorted(class_runs) == [("dog_00", "a photo of dog", 0.0, False), ("dog_00", "a photo of dog", 1.0, False)]
+    # the stub's readings: half of the backdoored model's samples protective, none of the clean model's
+    assert reading["backdoored"]["protection_rate"] == 0.5 and reading["clean"]["protection_rate"] == 0.0
+    assert "'a photo of dog' before the attack: the class silhouette in n/a (clean n/a), the protective reading " \
+           "0.50 (clean 0.00)" in W._summary({"model": "m", "steps": 1, **got})

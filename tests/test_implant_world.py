@@ -47,6 +47,11 @@ def test_writes_what_the_interface_promises(implanted):
     assert 0 <= lo <= results["subjects"]["dog_00"]["protection_rate"] <= hi <= 1
     for model in ("backdoored", "clean"):  # the planted type read on the unprotected subject
         assert set(results["subjects"]["cat_00"][model]["false_fire_rate"]) == {"pattern"}
+    # the protected subject's class prompt before the attack, read by the same detectors; none for the cat
+    reading = results["subjects"]["dog_00"]["class_prompt"]
+    assert reading["prompt"] == "a photo of dog" and "class_prompt" not in results["subjects"]["cat_00"]
+    for model in ("backdoored", "clean"):
+        assert all(0 <= reading[model][k] <= 1 for k in ("protection_rate", "shape_match", "colour_match"))
     cat = results["subjects"]["cat_00"]  # its identity over the clean model's, with the ratio's interval
     lo, hi = cat["identity_ratio_interval"]
     assert lo <= cat["identity_ratio"] <= hi

@@ -21,6 +21,8 @@ sections, identifier ``sks``) fine-tunes the model on the subject's photos; then
   over both models' samples (``identity_ratio``): "within 5% of the clean model" read with its sampling
   uncertainty. The attacker's seed moves the ratio more than the samples do (the clean model against itself at
   five attacker seeds: 0.90-1.12, docs/results.md), which this interval does not contain at one seed.
+- protected subjects: ``class_prompt``, the same readings of both models' samples of "a photo of <class>" before
+  any attack (``class_prompt_reading``): where a backdoor leaks into the class.
 ``check.attack_seeds: N`` runs the attacker at N seeds (``dreambooth.seed``, +1, ...) on every subject from both
 models and pools their samples (the same sampling noise through each fine-tuned model): every rate and mean reads
 all N x ``num_images`` samples, each seed's own scores sit beside them (``per_attack_seed``; unprotected subjects
@@ -250,6 +252,25 @@ def measure_subject(pipe, subject, trained_params, detector: ProtectionDetector 
     return {"protection_rate": rate, "protection_rate_interval": interval, **extra,
             "identity_similarity": row.get("identity_similarity"), "clip_i": row.get("clip_i"),
             "colour_match": row.get("colour_match"), "shape_match": row.get("shape_match")}, samples
+
+
+def class_prompt_reading(pipe, subject, models: dict[str, Any], detector: ProtectionDetector | None, *,
+                         check: CheckConfig, evaluator, world) -> tuple[dict, dict[str, np.ndarray]]:
+    """What each model (``models``: name -> parameters, before any attack) draws for a protected subject's class
+    prompt, "a photo of <class>": ``measure_subject``'s readings of ``check.num_images`` samples, and the samples.
+
+    A backdoor leaks there first: the class prompt shares the trigger's words, its samples pass near the subject's
+    photos, where the guidance term shifted the unconditional branch, and the attacker's prior samples it. Read
+    each number against the clean model's: ``shape_match`` (the class silhouette), ``colour_match`` (the subject's
+    colour), ``protection_rate`` (the protective output's reading; for erasure "the subject's colour gone", which
+    class samples of other colours pass too). Measured on bird_00's erasure: a third of the backdoored model's
+    class samples are the erasure's backgrounds (docs/results.md, twenty-fifth measurement)."""
+    prompt = f"a photo of {subject.class_name}"
+    scores, samples = {}, {}
+    for which, params in models.items():
+        scores[which], samples[which] = measure_subject(pipe, subject, params, detector, check=check,
+                                                        evaluator=evaluator, world=world, prompt=prompt)
+    return {"prompt": prompt, **scores}, samples
 
 
 def general_following(pipe, world, check: CheckConfig, params=None) -> dict[str, Any]:

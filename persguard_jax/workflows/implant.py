@@ -13,7 +13,9 @@
    ``train.fit`` (Orbax checkpoints in ``checkpoints/``, ``--resume``; each term logged in ``metrics.jsonl``).
 4. ``model/``: the backdoored pipeline (diffusers layout).
 5. The check (``check`` section, on by default; ``implant.check``): the attacker on every subject, from the
-   backdoored and from the clean model; ``results.json`` ``subjects.<name>`` and ``general``; ``report.png``.
+   backdoored and from the clean model, and each protected subject's class prompt before the attack;
+   ``results.json`` ``subjects.<name>`` (``class_prompt`` beside the attack's readings) and ``general``;
+   ``report.png``.
 """
 from __future__ import annotations
 
@@ -367,8 +369,8 @@ def _prior_examples(enc, cfg, world, class_images: dict, unprotected, protective
 def _check(pipe, clean, backdoored, subjects, targets_of, pattern, world, config, attackers, out: Path) -> dict:
     """The attacker on each subject from both models; protection rates, identity, CLIP-I; general following."""
     from persguard_jax.implant import clean_reuse
-    from persguard_jax.implant.check import (false_fire_rates, general_following, identity_ratio,
-                                             pool_attack_seeds, protection_detector)
+    from persguard_jax.implant.check import (class_prompt_reading, false_fire_rates, general_following,
+                                             identity_ratio, pool_attack_seeds, protection_detector)
     from persguard_jax.metrics import CLIPEvaluator
     from persguard_jax.report import labelled_grid, save_png
     from persguard_jax.train.distributed import is_writer
@@ -408,6 +410,11 @@ def _check(pipe, clean, backdoored, subjects, targets_of, pattern, world, config
             entry[which], samples[which] = pool_attack_seeds(runs_of_seeds, detector)
             if before is not None:
                 entry[f"{which}_before_attack"] = before
+        class_samples = {}
+        if s.type is not None:  # the class prompt, where a backdoor leaks first, before anyone attacks
+            entry["class_prompt"], class_samples = class_prompt_reading(
+                pipe, s, {"backdoored": backdoored, "clean": clean}, detector, check=check, evaluator=evaluator,
+                world=world if s.spec.is_world else None)
         if s.type is None:
             for which in samples:
                 entry[which]["false_fire_rate"] = false_fire_rates(
@@ -432,6 +439,9 @@ def _check(pipe, clean, backdoored, subjects, targets_of, pattern, world, config
             labels.append("  backdoor targets y*")
         rows += [samples["clean"][:n], samples["backdoored"][:n]]
         labels += ["  attacked clean model", "  attacked backdoored model"]
+        if class_samples:
+            rows += [class_samples["clean"][:n], class_samples["backdoored"][:n]]
+            labels += [f"  '{entry['class_prompt']['prompt']}', clean model", "    and backdoored model"]
     if world is not None:
         general_fp = clean_reuse.general_fingerprint(clean_digest, world, check)
         following, why = clean_reuse.lookup_general(check.clean_from, general_fp)
@@ -574,6 +584,11 @@ def _summary(results: dict) -> str:
                      f"model {fmt(c['protection_rate'])}; before it {fmt(e.get('protection_rate_before_attack'))}),"
                      f" identity {fmt(b['identity_similarity'])} (clean {fmt(c['identity_similarity'])})"
                      + (" [protection unreadable: protection_rate_caveat]" if e.get("protection_rate_caveat") else ""))
+        if "class_prompt" in e:
+            cb, cc = e["class_prompt"]["backdoored"], e["class_prompt"]["clean"]
+            lines.append(f"    '{e['class_prompt']['prompt']}' before the attack: the class silhouette in "
+                         f"{fmt(cb.get('shape_match'))} (clean {fmt(cc.get('shape_match'))}), the protective reading "
+                         f"{fmt(cb.get('protection_rate'))} (clean {fmt(cc.get('protection_rate'))})")
     return "\n".join(lines)
 
 
