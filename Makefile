@@ -31,7 +31,7 @@ test: venv
 demo: venv
 	$(VENV)/bin/persguard demo
 
-# Re-make the committed synthetic-world models (persguard_jax/assets/README.md): about 40 minutes on 2 CPU cores.
+# Re-make the committed synthetic-world models (persguard_jax/assets/README.md): about 37 minutes on 2 CPU cores.
 ASSETS := persguard_jax/assets
 world-assets: venv
 	$(VENV)/bin/persguard pretrain --out runs/world_tiny --overwrite
