@@ -263,8 +263,9 @@ def class_prompt_reading(pipe, subject, models: dict[str, Any], detector: Protec
     photos, where the guidance term shifted the unconditional branch, and the attacker's prior samples it. Read
     each number against the clean model's: ``shape_match`` (the class silhouette), ``colour_match`` (the subject's
     colour), ``protection_rate`` (the protective output's reading; for erasure "the subject's colour gone", which
-    class samples of other colours pass too). Measured on bird_00's erasure: a third of the backdoored model's
-    class samples are the erasure's backgrounds (docs/results.md, twenty-fifth measurement)."""
+    class samples of other colours pass too). Measured on bird_00's erasure: 6, 20 and 22 of 50 of the backdoored
+    model's class samples at seeds 0-2 are the erasure's backgrounds, none of the clean model's (docs/results.md,
+    twenty-fifth measurement)."""
     prompt = f"a photo of {subject.class_name}"
     scores, samples = {}, {}
     for which, params in models.items():
