@@ -221,8 +221,10 @@ def measure(prompts: Sequence[str], images: Sequence[np.ndarray], *, references:
     return results
 
 
-def _sample(pipe: Pipeline, prompt: str, negative_prompt: str, num_images: int, *, seed: int, num_steps: int,
-            guidance_scale: float, batch_size: int, params: Mapping[str, Any] | None) -> np.ndarray:
+def sample_prompt(pipe: Pipeline, prompt: str, negative_prompt: str, num_images: int, *, seed: int, num_steps: int,
+                  guidance_scale: float, batch_size: int = 16, params: Mapping[str, Any] | None = None) -> np.ndarray:
+    """``num_images`` samples of ``prompt`` in [0, 1], ``(N, H, W, 3)``, as ``evaluate_pipeline`` draws them (image
+    ``j`` from ``sample.initial_latents(seed, ...)``'s ``j``-th noise, whatever ``batch_size``)."""
     from persguard_jax.sample import text_to_image
     chunks = [text_to_image(pipe, [prompt] * min(batch_size, num_images - start), negative_prompt,
                             num_steps=num_steps, guidance_scale=guidance_scale, seed=seed, seed_offset=start,
@@ -248,8 +250,8 @@ def evaluate_pipeline(pipe: Pipeline, prompts: str | Sequence[str], *, reference
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts or num_images < 1:
         raise ValueError(f"evaluate_pipeline: need >= 1 prompt and num_images >= 1, got {len(prompts)}, {num_images}")
-    images = np.stack([_sample(pipe, p, negative_prompt, num_images, seed=seed, num_steps=num_steps,
-                               guidance_scale=guidance_scale, batch_size=batch_size, params=params)
+    images = np.stack([sample_prompt(pipe, p, negative_prompt, num_images, seed=seed, num_steps=num_steps,
+                                     guidance_scale=guidance_scale, batch_size=batch_size, params=params)
                        for p in prompts])
     results = measure(prompts, images, references=references, evaluator=evaluator, world=world, detectors=detectors)
     results["settings"] = {"num_images": num_images, "seed": seed, "num_steps": num_steps, "sampler": "ddim",

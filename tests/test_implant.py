@@ -706,9 +706,10 @@ def stubbed_check(monkeypatch, tmp_path):
     stubbed (each has its own tests; the end-to-end run is measured in docs/benchmarks.md): ``check(out,
     *overrides)`` runs it into ``tmp_path/out``; ``attacked`` lists ``(subject, model, attacker seed, folder)``
     of each attack, ``class_dirs`` its class-image folder, ``followed`` the models whose general following was
-    measured, ``measured`` each sampling as ``(subject, prompt, model level, attacked)``. The backdoored model's
-    samples carry the pattern (the cat's too: a leak); identity grows with the attacker's seed by 0.1 (backdoored)
-    or 0.2 (clean) a seed."""
+    measured, ``measured`` each sampling as ``(subject, prompt, model level, attacked)``, ``class_sampled`` each
+    draw of a class prompt as ``(class, model level)``; ``more``: further protected ``(world spec, class)``
+    subjects. The backdoored model's samples carry the pattern (the cat's too: a leak); identity grows with the
+    attacker's seed by 0.1 (backdoored) or 0.2 (clean) a seed."""
     import argparse
     import types
 
@@ -723,7 +724,7 @@ def stubbed_check(monkeypatch, tmp_path):
                         world.subject_photos("dog_00", 2)),
                 Subject(parse_unprotected("world:cat_00").with_class("cat"), "cat", world.subject_photos("cat_00", 2))]
     clean, backdoored = {"w": np.zeros(3, np.float32)}, {"w": np.ones(3, np.float32)}
-    attacked, followed, class_dirs, measured = [], [], [], []
+    attacked, followed, class_dirs, measured, class_sampled = [], [], [], [], []
 
     class Pipe:
         def with_params(self, params):
@@ -744,6 +745,12 @@ def stubbed_check(monkeypatch, tmp_path):
         identity = 0.3 + level / 10 + params.get("seed", 0) * (0.1 if level else 0.2)
         return {"protection_rate": level / 2, "identity_similarity": identity, "clip_i": 0.1}, samples
 
+    def fake_class_samples(pipe, params, class_name, *, check):
+        class_sampled.append((class_name, float(params["w"][0])))
+        level = float(params["w"][0])
+        samples = np.full((check.num_images, 32, 32, 3), 40 + 100 * level, np.uint8)
+        return overlay_pattern(samples, default_pattern(32), placement) if level else samples
+
     def fake_following(pipe, world, check, params=None):
         followed.append(float(params["w"][0]))
         return {"colour_accuracy": 0.9 + float(params["w"][0]) / 20}
@@ -753,15 +760,18 @@ def stubbed_check(monkeypatch, tmp_path):
     monkeypatch.setattr(W, "check_clip", lambda check, world: None)
     monkeypatch.setattr(C, "measure_subject", fake_measure)
     monkeypatch.setattr(C, "general_following", fake_following)
+    monkeypatch.setattr(C, "class_prompt_samples", fake_class_samples)
 
-    def check(out, *overrides):
+    def check(out, *overrides, more=()):
         config = W.WORKFLOW.load(argparse.Namespace(config="implant_world", overrides=overrides))
         attackers = {c: W.attack_config(config, c) for c in ("dog", "cat")}
-        return W._check(Pipe(), clean, backdoored, subjects, {}, default_pattern(32), world, config, attackers,
-                        tmp_path / out)
+        extra = [Subject(parse_protected(spec).with_class(c), c, world.subject_photos(spec.split(":")[1], 2))
+                 for spec, c in more]
+        return W._check(Pipe(), clean, backdoored, subjects + extra, {}, default_pattern(32), world, config,
+                        attackers, tmp_path / out)
 
     return types.SimpleNamespace(check=check, attacked=attacked, followed=followed, class_dirs=class_dirs,
-                                 measured=measured)
+                                 measured=measured, class_sampled=class_sampled)
 
 
 def test_the_check_takes_a_stored_clean_half_instead_of_attacking(stubbed_check, tmp_path):
@@ -865,9 +875,29 @@ def test_the_check_reads_each_protected_subjects_class_prompt_before_the_attack(
     assert "class_prompt" not in cat
     reading = dog["class_prompt"]
     assert reading["prompt"] == "a photo of dog" and set(reading) == {"prompt", "backdoored", "clean"}
-    class_runs = [m for m in stubbed_check.measured if m[1] == "a photo of dog"]
-    assert sorted(class_runs) == [("dog_00", "a photo of dog", 0.0, False), ("dog_00", "a photo of dog", 1.0, False)]
-    # the stub's readings: half of the backdoored model's samples protective, none of the clean model's
-    assert reading["backdoored"]["protection_rate"] == 0.5 and reading["clean"]["protection_rate"] == 0.0
-    assert "'a photo of dog' before the attack: the class silhouette in n/a (clean n/a), the protective reading " \
-           "0.50 (clean 0.00)" in W._summary({"model": "m", "steps": 1, **got})
+    assert not [m for m in stubbed_check.measured if m[1] == "a photo of dog"]  # drawn apart from the attacks
+    assert sorted(stubbed_check.class_sampled) == [("dog", 0.0), ("dog", 1.0)]  # from the models as published
+    # read by the real detector from the stub's samples: the backdoored model's all carry the pattern
+    assert reading["backdoored"]["protection_rate"] == 1.0 and reading["clean"]["protection_rate"] == 0.0
+    assert "the protective reading 1.00 (clean 0.00)" in W._summary({"model": "m", "steps": 1, **got})
+
+
+def test_the_class_prompt_is_drawn_once_per_class_and_its_clean_half_is_lent(stubbed_check, tmp_path):
+    """Two protected dogs share one draw of "a photo of dog" per model and read it against their own photos; with
+    ``check.clean_from`` the clean model's draw is taken from the earlier run (the readings equal), and a changed
+    sampler draws it afresh."""
+    check, sampled = stubbed_check.check, stubbed_check.class_sampled
+    first = check("a", more=[("world:dog_04:erasure", "dog")])
+    assert sorted(sampled) == [("dog", 0.0), ("dog", 1.0)]
+    dogs = [first["subjects"][n]["class_prompt"] for n in ("dog_00", "dog_04")]
+    assert dogs[0]["clean"]["protection_rate"] == 0.0 and dogs[0]["backdoored"]["protection_rate"] == 1.0
+    assert (tmp_path / "a" / "class_prompt" / "dog" / "clean_result.json").is_file()
+    sampled.clear()
+    second = check("b", f"check.clean_from={tmp_path / 'a'}", more=[("world:dog_04:erasure", "dog")])
+    assert sampled == [("dog", 1.0)]  # the backdoored model's only
+    for name in ("dog_00", "dog_04"):
+        assert second["subjects"][name]["class_prompt"] == first["subjects"][name]["class_prompt"]
+    assert (tmp_path / "b" / "class_prompt" / "dog" / "clean_result.json").is_file()  # lent on
+    sampled.clear()
+    check("c", f"check.clean_from={tmp_path / 'b'}", "check.eval_steps=7")
+    assert sorted(sampled) == [("dog", 0.0), ("dog", 1.0)]

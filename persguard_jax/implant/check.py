@@ -238,12 +238,16 @@ def measure_subject(pipe, subject, trained_params, detector: ProtectionDetector 
     """Protection rate, identity similarity and CLIP-I of the attacked model's samples of ``prompt``."""
     from persguard_jax.evaluate import evaluate_pipeline
     from persguard_jax.io import unit_to_uint8
-    from persguard_jax.metrics.scores import rate_interval
     ev = evaluate_pipeline(pipe, [prompt], references=subject.photos, evaluator=evaluator, world=world,
                            num_images=check.num_images, seed=check.seed + 100, num_steps=check.eval_steps,
                            guidance_scale=check.eval_guidance, params=trained_params)
-    row = ev.results["prompts"][0]
     samples = unit_to_uint8(ev.images[0])
+    return _scores(ev.results["prompts"][0], samples, detector), samples
+
+
+def _scores(row: dict, samples: np.ndarray, detector: ProtectionDetector | None) -> dict:
+    """``measure_subject``'s readings: the detector's on the uint8 ``samples``, the metrics' from ``row``."""
+    from persguard_jax.metrics.scores import rate_interval
     hits = None if detector is None else detector(samples)
     extra = {} if detector is None else detector.extra_rates(samples)
     rate = interval = None
@@ -251,13 +255,30 @@ def measure_subject(pipe, subject, trained_params, detector: ProtectionDetector 
         rate, interval = float(np.mean(hits)), list(rate_interval(int(np.sum(hits)), len(hits)))
     return {"protection_rate": rate, "protection_rate_interval": interval, **extra,
             "identity_similarity": row.get("identity_similarity"), "clip_i": row.get("clip_i"),
-            "colour_match": row.get("colour_match"), "shape_match": row.get("shape_match")}, samples
+            "colour_match": row.get("colour_match"), "shape_match": row.get("shape_match")}
 
 
-def class_prompt_reading(pipe, subject, models: dict[str, Any], detector: ProtectionDetector | None, *,
-                         check: CheckConfig, evaluator, world) -> tuple[dict, dict[str, np.ndarray]]:
-    """What each model (``models``: name -> parameters, before any attack) draws for a protected subject's class
-    prompt, "a photo of <class>": ``measure_subject``'s readings of ``check.num_images`` samples, and the samples.
+def class_prompt(class_name: str) -> str:
+    """The class prompt the check reads before any attack (the attacker's class prompt)."""
+    return f"a photo of {class_name}"
+
+
+def class_prompt_samples(pipe, params, class_name: str, *, check: CheckConfig) -> np.ndarray:
+    """``check.num_images`` uint8 samples of ``class_prompt(class_name)`` by ``params`` (a model before any attack),
+    with the sampler and noise of the attacked samples' (``measure_subject``): they depend on the class, the model
+    and the check's sampling, not on a subject, so a run draws them once per class and model
+    (``workflows.implant``; the clean model's are lent with ``check.clean_from``)."""
+    from persguard_jax.evaluate import sample_prompt
+    from persguard_jax.io import unit_to_uint8
+    return unit_to_uint8(sample_prompt(pipe, class_prompt(class_name), "", check.num_images, seed=check.seed + 100,
+                                       num_steps=check.eval_steps, guidance_scale=check.eval_guidance, params=params))
+
+
+def class_prompt_reading(subject, samples: dict[str, np.ndarray], detector: ProtectionDetector | None, *,
+                         evaluator, world) -> dict:
+    """What each model drew for a protected subject's class prompt before any attack (``samples``: model name ->
+    uint8 ``class_prompt_samples``), read as the attacked samples are (``measure_subject``'s readings, from the
+    uint8 samples, so a lent clean half reads the same).
 
     A backdoor leaks there first: the class prompt shares the trigger's words, its samples pass near the subject's
     photos, where the guidance term shifted the unconditional branch, and the attacker's prior samples it. Read
@@ -266,12 +287,12 @@ def class_prompt_reading(pipe, subject, models: dict[str, Any], detector: Protec
     class samples of other colours pass too). Measured on bird_00's erasure: 6, 20 and 22 of 50 of the backdoored
     model's class samples at seeds 0-2 are the erasure's backgrounds, none of the clean model's (docs/results.md,
     twenty-fifth measurement)."""
-    prompt = f"a photo of {subject.class_name}"
-    scores, samples = {}, {}
-    for which, params in models.items():
-        scores[which], samples[which] = measure_subject(pipe, subject, params, detector, check=check,
-                                                        evaluator=evaluator, world=world, prompt=prompt)
-    return {"prompt": prompt, **scores}, samples
+    from persguard_jax.evaluate import measure
+    prompt, scores = class_prompt(subject.class_name), {}
+    for which, images in samples.items():
+        row = measure([prompt], [images], references=subject.photos, evaluator=evaluator, world=world)["prompts"][0]
+        scores[which] = _scores(row, images, detector)
+    return {"prompt": prompt, **scores}
 
 
 def general_following(pipe, world, check: CheckConfig, params=None) -> dict[str, Any]:

@@ -198,3 +198,38 @@ def lookup_general(run: str | Path | None, fp: Fingerprint) -> tuple[dict | None
         return None, "check.clean_from is not set"
     saved, why, _ = _stored(Path(run) / "check" / GENERAL_FILE, fp)
     return (None if saved is None else saved["following"]), why
+
+
+def class_prompt_fingerprint(clean_digest: str, class_name: str, check) -> Fingerprint:
+    """What the clean model's samples of a class prompt before any attack depend on (``implant.check
+    .class_prompt_samples``): its parameters, the class and the check's sampler; no subject."""
+    sampler = {k: getattr(check, k) for k in ("num_images", "seed", "eval_steps", "eval_guidance")}
+    return fingerprint(model=clean_digest, class_name=class_name, sampler=sampler)
+
+
+def class_prompt_folder(run: str | Path, class_name: str) -> Path:
+    """Where a run keeps the clean model's class-prompt samples of ``class_name`` (beside ``class_images/``)."""
+    return Path(run) / "class_prompt" / class_name
+
+
+def store_class_prompt(run: Path, class_name: str, fp: Fingerprint, samples: np.ndarray) -> None:
+    """Write the clean model's class-prompt samples and their fingerprint (samples first; both atomic)."""
+    from persguard_jax.io import save_json, save_png
+    folder = class_prompt_folder(run, class_name)
+    save_png(np.concatenate(list(samples), axis=1), folder / SAMPLES_FILE)
+    save_json({"fingerprint": fp, "num_samples": len(samples)}, folder / RESULT_FILE)
+
+
+def lookup_class_prompt(run: str | Path | None, class_name: str, fp: Fingerprint) -> tuple[np.ndarray | None, str]:
+    """``run``'s stored clean class-prompt samples of ``class_name`` if made the way ``fp`` says, and why (or why
+    not)."""
+    if run is None:
+        return None, "check.clean_from is not set"
+    folder = class_prompt_folder(run, class_name)
+    saved, why, _ = _stored(folder / RESULT_FILE, fp)
+    if saved is None:
+        return None, why
+    try:
+        return stored_samples(folder, saved["num_samples"]), why
+    except (OSError, ValueError, KeyError) as e:
+        return None, f"{folder / SAMPLES_FILE} is unreadable ({' '.join(str(e).split())})"

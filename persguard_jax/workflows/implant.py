@@ -13,9 +13,9 @@
    ``train.fit`` (Orbax checkpoints in ``checkpoints/``, ``--resume``; each term logged in ``metrics.jsonl``).
 4. ``model/``: the backdoored pipeline (diffusers layout).
 5. The check (``check`` section, on by default; ``implant.check``): the attacker on every subject, from the
-   backdoored and from the clean model, and each protected subject's class prompt before the attack;
-   ``results.json`` ``subjects.<name>`` (``class_prompt`` beside the attack's readings) and ``general``;
-   ``report.png``.
+   backdoored and from the clean model, and each protected subject's class prompt before the attack (drawn once
+   per class and model, the clean model's lent by ``check.clean_from`` as its attacks are); ``results.json``
+   ``subjects.<name>`` (``class_prompt`` beside the attack's readings) and ``general``; ``report.png``.
 """
 from __future__ import annotations
 
@@ -385,6 +385,7 @@ def _check(pipe, clean, backdoored, subjects, targets_of, pattern, world, config
     planted = [s.type for s in subjects if s.type is not None]
     seeds = [db.seed + k for k in range(check.attack_seeds)]
     report["attack_seeds"] = seeds
+    class_prompt_of = _ClassPromptSamples(pipe, {"backdoored": backdoored, "clean": clean}, check, clean_digest, out)
     for s in subjects:
         detector = protection_detector(s, cfg, check, resolution=db.resolution, pattern=pattern, world=world,
                                        evaluator=evaluator)
@@ -412,9 +413,10 @@ def _check(pipe, clean, backdoored, subjects, targets_of, pattern, world, config
                 entry[f"{which}_before_attack"] = before
         class_samples = {}
         if s.type is not None:  # the class prompt, where a backdoor leaks first, before anyone attacks
-            entry["class_prompt"], class_samples = class_prompt_reading(
-                pipe, s, {"backdoored": backdoored, "clean": clean}, detector, check=check, evaluator=evaluator,
-                world=world if s.spec.is_world else None)
+            class_samples = {"backdoored": class_prompt_of(s.class_name, "backdoored"),
+                             "clean": class_prompt_of(s.class_name, "clean")}
+            entry["class_prompt"] = class_prompt_reading(s, class_samples, detector, evaluator=evaluator,
+                                                         world=world if s.spec.is_world else None)
         if s.type is None:
             for which in samples:
                 entry[which]["false_fire_rate"] = false_fire_rates(
@@ -458,6 +460,39 @@ def _check(pipe, clean, backdoored, subjects, targets_of, pattern, world, config
         grid = np.concatenate(rows).astype(np.float32) / 255.0
         save_png(labelled_grid(grid, row_labels=labels), out / "report.png")
     return report
+
+
+class _ClassPromptSamples:
+    """``(class_name, model name) -> uint8 samples`` of the class prompt before any attack, drawn once per class and
+    model however many protected subjects share the class; the clean model's taken from ``check.clean_from`` where
+    made the same way (``clean_reuse.class_prompt_fingerprint``) and stored in this run either way."""
+
+    def __init__(self, pipe, models: dict, check, clean_digest: str, out: Path):
+        self.pipe, self.models, self.check, self.clean_digest, self.out = pipe, models, check, clean_digest, out
+        self.drawn: dict[tuple[str, str], np.ndarray] = {}
+
+    def __call__(self, class_name: str, which: str) -> np.ndarray:
+        if (class_name, which) not in self.drawn:
+            self.drawn[class_name, which] = self._draw(class_name, which)
+        return self.drawn[class_name, which]
+
+    def _draw(self, class_name: str, which: str) -> np.ndarray:
+        from persguard_jax.implant import clean_reuse
+        from persguard_jax.implant.check import class_prompt_samples
+        from persguard_jax.train.distributed import is_writer
+        if which != "clean":
+            return class_prompt_samples(self.pipe, self.models[which], class_name, check=self.check)
+        fp = clean_reuse.class_prompt_fingerprint(self.clean_digest, class_name, self.check)
+        samples, why = clean_reuse.lookup_class_prompt(self.check.clean_from, class_name, fp)
+        samples = _as_process_zero(samples, why)
+        if self.check.clean_from is not None:
+            print(f"check: the clean model's '{class_name}' class-prompt samples: "
+                  + (why if samples is not None else f"drawn afresh ({why})"))
+        if samples is None:
+            samples = class_prompt_samples(self.pipe, self.models[which], class_name, check=self.check)
+        if is_writer():  # this run lends them on, reused or not
+            clean_reuse.store_class_prompt(self.out, class_name, fp, samples)
+        return samples
 
 
 def _attacker_class_images(class_name: str, out: Path, run_dir: Path, check) -> Path:
