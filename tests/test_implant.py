@@ -497,6 +497,40 @@ def test_prior_uncond_weight_moves_the_empty_prompt_to_its_own_term():
     assert float(loss) == pytest.approx(float(rest) + 4.5 * want, rel=1e-5)
 
 
+def test_prior_class_hold_weight_adds_the_class_images_under_the_empty_prompt_as_their_own_term():
+    """``prior_class_hold_weight``: the protected subjects' classes' images, once each, under the empty prompt (none
+    without the weight, the guidance term or the distilled prior); the objective adds ``pp_class``, their
+    distillation at timesteps below ``guidance_max_timestep``, at prior_weight x it; without the weight no term."""
+    from persguard_jax.implant.data import Subject
+    from persguard_jax.implant.specs import parse_protected
+    from persguard_jax.workflows.implant import _class_hold_examples
+    dogs = [Subject(parse_protected(f"world:{n}:erasure").with_class("dog"), "dog", np.zeros((2, 32, 32, 3), np.uint8))
+            for n in ("dog_00", "dog_04")]
+    class_images = {"dog": np.zeros((3, 32, 32, 3), np.uint8), "cat": np.zeros((5, 32, 32, 3), np.uint8)}
+    on = ImplantConfig(guidance_weight=1.0, prior_class_hold_weight=2.0)
+    assert list(_class_hold_examples(Prompts(), on, dogs, class_images)["prompt"]) == [""] * 3  # dogs, once
+    for off in (ImplantConfig(guidance_weight=1.0), ImplantConfig(prior_class_hold_weight=2.0),
+                ImplantConfig(guidance_weight=1.0, prior_class_hold_weight=2.0, prior_loss="class_images")):
+        assert _class_hold_examples(Prompts(), off, dogs, class_images) == {}
+
+    params, batch = _params(), {**_groups(), "prior_class": fake_batch(8, fixed=False)}
+    _, dis, _ = _pieces()
+    cfg = dict(retention="none", prior_weight=0.5, guidance_max_timestep=40)
+    fn = objective(ImplantConfig(**cfg, prior_class_hold_weight=3.0), set(batch), ATTACKER, model=FakeModel(),
+                   schedule=SCHEDULE, loss_cfg=losses.LossConfig())
+    loss, aux = fn(params, batch, KEY)
+    held = losses.below_timestep(dis, schedule=SCHEDULE, high=40)
+    rest = objective(ImplantConfig(**cfg), set(batch), ATTACKER, model=FakeModel(), schedule=SCHEDULE,
+                     loss_cfg=losses.LossConfig())(params, batch, KEY)
+    assert "pp_class/loss" in aux and "pp_class/loss" not in rest[1]
+    assert float(loss) - float(rest[0]) == pytest.approx(1.5 * float(aux["pp_class/loss"]), rel=1e-5)
+    # the third term (bb, pp, pp_class) draws from fold_in(rng, 2): the held distillation, timesteps below 40
+    want = float(held(params, batch["prior_class"], jax.random.fold_in(KEY, 2))[0])
+    assert float(aux["pp_class/loss"]) == pytest.approx(want, rel=1e-5)
+    unbounded = float(dis(params, batch["prior_class"], jax.random.fold_in(KEY, 2))[0])
+    assert unbounded != pytest.approx(want, rel=1e-3)
+
+
 def test_source_draws_every_group_and_unflatten_restores_pairs():
     from persguard_jax.data.batches import StepBatches
     from persguard_jax.implant.data import ImplantSource, unflatten

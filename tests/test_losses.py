@@ -545,6 +545,27 @@ def test_caption_dropout_replaces_a_fraction_with_the_empty_prompt():
         assert lo <= dropped.sum() <= hi and np.all(dropped | kept)
 
 
+def test_below_timestep_draws_the_inner_losss_timesteps_under_the_bound():
+    """Drawn timesteps fall in [0, high) and cover it; a batch's own timesteps are kept; no bound is the loss itself;
+    the distillation term through it equals the distillation at the drawn timesteps."""
+    def inner(params, batch, rng):
+        return jnp.float32(0.0), {"t": batch.get("timesteps")}
+
+    batch = {"latents": jnp.zeros((4000, 2, 2, 1))}
+    _, aux = jax.jit(losses.below_timestep(inner, schedule=SCHEDULE, high=300))({}, batch, jax.random.key(0))
+    t = np.asarray(aux["t"])
+    assert t.min() >= 0 and t.max() == 299 and 120 < t.mean() < 180
+    fixed = {**batch, "timesteps": jnp.full((4000,), 700)}
+    assert np.all(np.asarray(losses.below_timestep(inner, schedule=SCHEDULE, high=300)({}, fixed, KEY)[1]["t"]) == 700)
+    assert losses.below_timestep(inner, schedule=SCHEDULE, high=None) is inner
+    dis = losses.bind(losses.distillation_loss, model=FakeModel(), schedule=SCHEDULE)
+    params, free = {**fake_params(), "teacher": fake_params()}, fake_batch(3, fixed=False)
+    got, aux = losses.below_timestep(dis, schedule=SCHEDULE, high=50)(params, free, KEY)
+    k_t, k_inner = jax.random.split(KEY)
+    drawn = losses.sample_timesteps(k_t, B, SCHEDULE, 50)
+    assert float(got) == pytest.approx(float(dis(params, {**free, "timesteps": drawn}, k_inner)[0]), rel=1e-6)
+
+
 def test_info_nce_hand_value():
     logits = jnp.array([[2.0, 0.0, -1.0], [0.5, 1.5, 0.0], [0.0, 0.0, 0.0]])
     got = losses.info_nce(logits, jnp.arange(3))

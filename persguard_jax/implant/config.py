@@ -34,7 +34,8 @@ class ImplantConfig(cfglib.Section):
               "seed": "[0, inf)",
               "guidance_attacker_samples": "[0, inf)", "guidance_anchor_draws": "[1, inf)",
               "guidance_anchor_attackers": "[1, inf)", "guidance_photos": "[1, inf)",
-              "prior_uncond_weight": "[0, inf)", "pattern_size": "(0, 1]", "pattern_opacity": "(0, 1]"}
+              "prior_uncond_weight": "[0, inf)", "prior_class_hold_weight": "[0, inf)", "pattern_size": "(0, 1]",
+              "pattern_opacity": "(0, 1]"}
     steps: int = 400
     # true: steps is per protected subject, the run trains steps x (number of --protect specs). The backdoor terms draw
     # their examples from every protected subject, so with n subjects each gets 1/n of them; measured on the world
@@ -56,6 +57,13 @@ class ImplantConfig(cfglib.Section):
     # guidance term's shift, wanted on the protected subjects only, can be held off every other image as hard as
     # the config asks (guided samples of every prompt carry the unconditional branch times (w - 1))
     prior_uncond_weight: float | None = None
+    # With the guidance term: the protected subjects' class images (the clean model's samples of "a photo of
+    # <class>") under the empty prompt, distilled from the clean model at the shift's timesteps (below
+    # guidance_max_timestep) as their own term (pp_class, batch_size examples a step), weighted by this times
+    # prior_weight: the shift's contrast, the protected subject shifted and the rest of its class held where the
+    # shift acts, against the erasure's leak into the class prompt (docs/results.md, twenty-fifth measurement:
+    # the prior holds the empty prompt on a class image in about 1 example of 25 the shift trains); 0 is off
+    prior_class_hold_weight: float = 0.0
     # L_bb's guidance term (losses.guidance_shift_loss): the unconditional branch, which DreamBooth never trains,
     # shifted on the protected subjects so that guided samples of a subject the attacker taught show y*; 0 is off
     guidance_weight: float = 0.0

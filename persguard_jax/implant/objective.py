@@ -13,7 +13,8 @@ Every term reads its own group of the step's batch (``losses.on``); the groups `
   attacker will teach into y*, sized for ``implant.guidance_scale`` (``guidance_scale_by_type``: each example
   carries its subject's scale as ``guidance``). The prior then also distils the empty prompt on every other
   image: within ``prior`` or, with ``implant.prior_uncond_weight`` set, as the group ``prior_uncond`` and its own
-  term.
+  term; with ``implant.prior_class_hold_weight``, ``prior_class``: the protected subjects' class images under the
+  empty prompt, distilled at the shift's timesteps (``losses.below_timestep``) as the term ``pp_class``.
 - ``prior``: class images, general captions' scenes, the unprotected subjects' photos under their own prompts and
   the erasure / target y* under the background / target prompt (so that prompt keeps drawing what it drew);
   L_pp as distillation from the frozen clean model on the same prompt (``prior_loss: distill``, the default: it
@@ -125,6 +126,9 @@ def objective(cfg: ImplantConfig, groups: set[str], attacker: Attacker, *, model
         terms["pp"] = (cfg.prior_weight, losses.on("prior", distill if cfg.prior_loss == "distill" else denoise))
     if cfg.prior_weight > 0 and cfg.prior_uncond_weight and "prior_uncond" in groups:
         terms["pp_uncond"] = (cfg.prior_weight * cfg.prior_uncond_weight, losses.on("prior_uncond", distill))
+    if cfg.prior_weight > 0 and cfg.prior_class_hold_weight and "prior_class" in groups:
+        held = losses.below_timestep(distill, schedule=schedule, high=cfg.guidance_max_timestep)
+        terms["pp_class"] = (cfg.prior_weight * cfg.prior_class_hold_weight, losses.on("prior_class", held))
     retention = _retention(cfg, groups, attacker, backdoor, denoise, attack_loss, model=model, schedule=schedule,
                            loss_cfg=loss_cfg)
     if retention is not None and cfg.retention_weight > 0:

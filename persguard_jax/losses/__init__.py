@@ -46,7 +46,8 @@ from persguard_jax.losses._base import (PREDICTION_TYPES, Aux, LossConfig, LossF
                                         scalar_metrics, snr_weighted, squared_error, text_context, weighted_mean)
 from persguard_jax.losses._batch import (BatchShards, batch_draw, batch_gather, batch_mean, batch_shards, batch_sum,
                                          example_index, sharded_batch)
-from persguard_jax.losses._combinators import caption_dropout, masked, on, prior_preservation, weighted_sum
+from persguard_jax.losses._combinators import (below_timestep, caption_dropout, masked, on, prior_preservation,
+                                               weighted_sum)
 from persguard_jax.losses._contrastive import clip_contrastive_loss, info_nce
 from persguard_jax.losses._denoising import denoising_loss, edge_error, vae_loss
 from persguard_jax.losses._distillation import distillation_loss
@@ -57,7 +58,7 @@ from persguard_jax.losses._retention import (TUNED, TUNED_LOSSES, InnerLoop, aft
                                              gradient_penalty)
 
 __all__ = ["after_finetuning", "at_tuned", "Aux", "batch_draw", "batch_gather", "batch_mean", "batch_shards",
-           "batch_sum", "BatchShards", "bind", "caption_dropout", "clean_latents", "clip_contrastive_loss",
+           "batch_sum", "below_timestep", "BatchShards", "bind", "caption_dropout", "clean_latents", "clip_contrastive_loss",
            "denoising_loss", "distillation_loss", "dreambooth_loss", "edge_error", "encode_pixels", "example_index",
            "gradient_penalty", "guidance_shift_loss", "guidance_shift_target", "info_nce", "InnerLoop", "LossConfig",
            "LossFn", "masked", "mean_per_example", "min_snr_weights", "Noised", "noised_latents", "on",

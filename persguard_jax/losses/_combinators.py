@@ -8,7 +8,8 @@ from typing import Mapping
 import jax
 import jax.numpy as jnp
 
-from persguard_jax.losses._base import LossFn, weighted_mean
+from persguard_jax import schedulers
+from persguard_jax.losses._base import LossFn, sample_timesteps, weighted_mean
 from persguard_jax.losses._batch import batch_draw
 
 
@@ -92,4 +93,20 @@ def caption_dropout(loss_fn: LossFn, *, rate: float, empty_ids: jax.Array, key: 
         drop = batch_draw(lambda s: jax.random.bernoulli(k_drop, rate, s), (ids.shape[0],))
         ids = jnp.where(drop[:, None], empty_ids[None, :].astype(ids.dtype), ids)
         return loss_fn(params, {**batch, key: ids}, k_inner)
+    return fn
+
+
+def below_timestep(loss_fn: LossFn, *, schedule: schedulers.Schedule, high: int | None) -> LossFn:
+    """``loss_fn`` at timesteps drawn uniformly in ``[0, high)`` (``batch["timesteps"]``, unless the batch fixes
+    them; ``high`` None: the loss's own draw over the whole schedule): a term that must act where another term
+    acts, e.g. holding the unconditional branch on look-alikes at the guidance shift's timesteps only."""
+    if high is None:
+        return loss_fn
+
+    def fn(params, batch, rng):
+        if "timesteps" in batch:
+            return loss_fn(params, batch, rng)
+        k_t, k_inner = jax.random.split(rng)
+        n = (batch["latents"] if "latents" in batch else batch["latent_mean"]).shape[0]
+        return loss_fn(params, {**batch, "timesteps": sample_timesteps(k_t, n, schedule, high)}, k_inner)
     return fn

@@ -179,6 +179,9 @@ def run(args: argparse.Namespace, config: runs.Config) -> dict:
             for s in protected):
         print("implant: target_place ignored: it places rendered world targets (a world subject of type target, "
               "no implant.target_dir)")
+    if cfg.prior_class_hold_weight and (cfg.guidance_weight == 0 or cfg.prior_loss != "distill"):
+        print("implant: prior_class_hold_weight ignored: it holds the guidance term's (guidance_weight > 0) "
+              "unconditional branch on class images by distillation (prior_loss: distill)")
     if cfg.prior_lookalikes and (world is None or cfg.prior_loss != "distill"
                                  or not any(s.spec.is_world for s in protected)):
         print("implant: prior_lookalikes ignored: it adds world scenes to the distilled prior (prior_loss: distill) "
@@ -226,6 +229,7 @@ def run(args: argparse.Namespace, config: runs.Config) -> dict:
     groups = {"bb_denoise": D.concat(bb_denoise), "bb_distill": D.concat(bb_distill),
               "bb_guidance": D.concat(guidance), "prior": prior, "prior_uncond": prior_uncond,
               "attack": D.concat(attack)}
+    groups["prior_class"] = _class_hold_examples(enc, cfg, protected, uint8)
     if unprotected:
         u_ex = [enc.examples(s.photos, [[f"a photo of sks {s.class_name}"]] * len(s.photos)) for s in unprotected]
         groups["unprotected"] = D.concat(u_ex)
@@ -364,6 +368,17 @@ def _prior_examples(enc, cfg, world, class_images: dict, unprotected, protective
     if distill:
         groups += [enc.examples(y, [[prompt]] * len(y)) for y, prompt in protective]
     return concat(groups), concat(uncond)
+
+
+def _class_hold_examples(enc, cfg, protected, class_images: dict) -> dict:
+    """``implant.prior_class_hold_weight``'s group ``prior_class``: the class images of the protected subjects'
+    classes (the shift's look-alikes), each once, under the empty prompt; empty when the term is off (the weight
+    0, no guidance term, or the class-image prior)."""
+    from persguard_jax.implant.data import concat
+    if not (cfg.prior_class_hold_weight and cfg.guidance_weight > 0 and cfg.prior_loss == "distill"):
+        return {}
+    held = sorted({s.class_name for s in protected})
+    return concat([enc.examples(class_images[c], [[""]] * len(class_images[c])) for c in held])
 
 
 def _check(pipe, clean, backdoored, subjects, targets_of, pattern, world, config, attackers, out: Path) -> dict:
