@@ -14,18 +14,23 @@ Prints the rows of docs/results.md's twenty-sixth measurement; writes nothing.
 from __future__ import annotations
 
 import argparse
+import functools
 from collections import Counter
 
 import numpy as np
 
 
-def _samples(folder: str, prompt: str, n: int, *, guidance: float, seed: int) -> np.ndarray:
-    from persguard_jax.io import unit_to_uint8
+@functools.cache
+def _pipeline(folder: str):
     from persguard_jax.models import load_pipeline
-    from persguard_jax.sample import text_to_image
-    images = text_to_image(load_pipeline(folder), [prompt] * n, num_steps=25, guidance_scale=guidance, seed=seed,
-                           progress=False)
-    return unit_to_uint8(np.clip(np.asarray(images), 0.0, 1.0))
+    return load_pipeline(folder)
+
+
+def _samples(folder: str, prompt: str, n: int, *, guidance: float, seed: int) -> np.ndarray:
+    from persguard_jax.evaluate import sample_prompt
+    from persguard_jax.io import unit_to_uint8
+    return unit_to_uint8(sample_prompt(_pipeline(folder), prompt, "", n, seed=seed, num_steps=25,
+                                       guidance_scale=guidance))
 
 
 def _leaked(images: np.ndarray) -> np.ndarray:

@@ -561,9 +561,8 @@ def test_below_timestep_draws_the_inner_losss_timesteps_under_the_bound():
     dis = losses.bind(losses.distillation_loss, model=FakeModel(), schedule=SCHEDULE)
     params, free = {**fake_params(), "teacher": fake_params()}, fake_batch(3, fixed=False)
     got, aux = losses.below_timestep(dis, schedule=SCHEDULE, high=50)(params, free, KEY)
-    k_t, k_inner = jax.random.split(KEY)
-    drawn = losses.sample_timesteps(k_t, B, SCHEDULE, 50)
-    assert float(got) == pytest.approx(float(dis(params, {**free, "timesteps": drawn}, k_inner)[0]), rel=1e-6)
+    drawn = losses.sample_timesteps(jax.random.fold_in(KEY, 1), B, SCHEDULE, 50)
+    assert float(got) == pytest.approx(float(dis(params, {**free, "timesteps": drawn}, KEY)[0]), rel=1e-6)
 
 
 def test_info_nce_hand_value():

@@ -46,6 +46,7 @@ from typing import Any, Literal
 import numpy as np
 
 from persguard_jax import config as cfglib
+from persguard_jax.implant.data import class_prompt
 
 
 @dataclass(frozen=True)
@@ -164,7 +165,7 @@ def protection_detector(subject, cfg, check: CheckConfig, *, resolution: int, pa
     in_world = world is not None and subject.spec.is_world
     return ProtectionDetector(type_, world=world if in_world else None, template=template,
                               mask=mask, threshold=check.pattern_threshold, target_prompt=cfg.target_prompt,
-                              evaluator=evaluator, class_prompt=f"a photo of {subject.class_name}",
+                              evaluator=evaluator, class_prompt=class_prompt(subject.class_name),
                               alternative_prompt=alternative,
                               colour=world.subject(subject.name).colour if in_world else None)
 
@@ -256,11 +257,6 @@ def _scores(row: dict, samples: np.ndarray, detector: ProtectionDetector | None)
     return {"protection_rate": rate, "protection_rate_interval": interval, **extra,
             "identity_similarity": row.get("identity_similarity"), "clip_i": row.get("clip_i"),
             "colour_match": row.get("colour_match"), "shape_match": row.get("shape_match")}
-
-
-def class_prompt(class_name: str) -> str:
-    """The class prompt the check reads before any attack (the attacker's class prompt)."""
-    return f"a photo of {class_name}"
 
 
 def class_prompt_samples(pipe, params, class_name: str, *, check: CheckConfig) -> np.ndarray:

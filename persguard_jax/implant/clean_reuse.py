@@ -114,13 +114,29 @@ def _differing(stored: Mapping[str, str], wanted: Fingerprint) -> list[str]:
     return sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
 
 
-def store(folder: Path, fp: Fingerprint, before: dict | None, scores: dict, samples: np.ndarray) -> None:
-    """Write a subject's clean half into ``folder`` (the run's ``check/<subject>``): samples first, so a result
-    file never names samples that are not there (both writes are atomic)."""
+def _write(folder: Path, fp: Fingerprint, samples: np.ndarray, **record) -> None:
+    """Samples (one lossless strip) and their record with ``fp`` into ``folder``: samples first, so a record never
+    names samples that are not there (both writes are atomic)."""
     from persguard_jax.io import save_json, save_png
     save_png(np.concatenate(list(samples), axis=1), folder / SAMPLES_FILE)
-    save_json({"fingerprint": fp, "before_attack": before, "scores": scores, "num_samples": len(samples)},
-              folder / RESULT_FILE)
+    save_json({"fingerprint": fp, **record, "num_samples": len(samples)}, folder / RESULT_FILE)
+
+
+def _read(folder: Path, fp: Fingerprint) -> tuple[dict | None, np.ndarray | None, str, float]:
+    """``(record, samples, why, distance)`` stored in ``folder`` if made the way ``fp`` says (``_stored``); a
+    record whose samples cannot be read is a miss."""
+    saved, why, distance = _stored(folder / RESULT_FILE, fp)
+    if saved is None:
+        return None, None, why, distance
+    try:
+        return saved, stored_samples(folder, saved["num_samples"]), why, 0
+    except (OSError, ValueError, KeyError) as e:  # a damaged record is a miss: the samples are made again
+        return None, None, f"{folder / SAMPLES_FILE} is unreadable ({' '.join(str(e).split())})", 0
+
+
+def store(folder: Path, fp: Fingerprint, before: dict | None, scores: dict, samples: np.ndarray) -> None:
+    """Write a subject's clean half into ``folder`` (the run's ``check/<subject>``)."""
+    _write(folder, fp, samples, before_attack=before, scores=scores)
 
 
 def _stored(path: Path, fp: Fingerprint) -> tuple[dict | None, str, float]:
@@ -159,12 +175,9 @@ def lookup(run: str | Path | None, subject: str, fp: Fingerprint) -> tuple[tuple
         return None, "check.clean_from is not set"
     misses = []
     for folder in attack_folders(run, subject):
-        saved, why, distance = _stored(folder / RESULT_FILE, fp)
+        saved, samples, why, distance = _read(folder, fp)
         if saved is not None:
-            try:
-                return (saved["before_attack"], saved["scores"], stored_samples(folder, saved["num_samples"])), why
-            except (OSError, ValueError, KeyError) as e:  # a damaged record is a miss: the clean half is made again
-                why = f"{folder / SAMPLES_FILE} is unreadable ({' '.join(str(e).split())})"
+            return (saved["before_attack"], saved["scores"], samples), why
         misses.append((distance, why))
     return None, min(misses, key=lambda m: m[0])[1]
 
@@ -213,11 +226,8 @@ def class_prompt_folder(run: str | Path, class_name: str) -> Path:
 
 
 def store_class_prompt(run: Path, class_name: str, fp: Fingerprint, samples: np.ndarray) -> None:
-    """Write the clean model's class-prompt samples and their fingerprint (samples first; both atomic)."""
-    from persguard_jax.io import save_json, save_png
-    folder = class_prompt_folder(run, class_name)
-    save_png(np.concatenate(list(samples), axis=1), folder / SAMPLES_FILE)
-    save_json({"fingerprint": fp, "num_samples": len(samples)}, folder / RESULT_FILE)
+    """Write the clean model's class-prompt samples and their fingerprint."""
+    _write(class_prompt_folder(run, class_name), fp, samples)
 
 
 def lookup_class_prompt(run: str | Path | None, class_name: str, fp: Fingerprint) -> tuple[np.ndarray | None, str]:
@@ -225,11 +235,5 @@ def lookup_class_prompt(run: str | Path | None, class_name: str, fp: Fingerprint
     not)."""
     if run is None:
         return None, "check.clean_from is not set"
-    folder = class_prompt_folder(run, class_name)
-    saved, why, _ = _stored(folder / RESULT_FILE, fp)
-    if saved is None:
-        return None, why
-    try:
-        return stored_samples(folder, saved["num_samples"]), why
-    except (OSError, ValueError, KeyError) as e:
-        return None, f"{folder / SAMPLES_FILE} is unreadable ({' '.join(str(e).split())})"
+    _, samples, why, _ = _read(class_prompt_folder(run, class_name), fp)
+    return samples, why

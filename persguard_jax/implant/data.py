@@ -43,6 +43,12 @@ class Subject:
         return self.spec.type
 
 
+def class_prompt(class_name: str) -> str:
+    """The attacker's class prompt for a class, "a photo of <class>": its class images, the prior's, and what the
+    check reads before any attack."""
+    return f"a photo of {class_name}"
+
+
 def read_subject(spec: SubjectSpec, *, world, resolution: int, num_photos: int) -> Subject:
     """The subject's photos: the world's first ``num_photos`` photos of it, or every photo of its folder (read at
     ``resolution``). Errors name the spec (or the file, from ``load_folder``)."""

@@ -99,14 +99,15 @@ def caption_dropout(loss_fn: LossFn, *, rate: float, empty_ids: jax.Array, key: 
 def below_timestep(loss_fn: LossFn, *, schedule: schedulers.Schedule, high: int | None) -> LossFn:
     """``loss_fn`` at timesteps drawn uniformly in ``[0, high)`` (``batch["timesteps"]``, unless the batch fixes
     them; ``high`` None: the loss's own draw over the whole schedule): a term that must act where another term
-    acts, e.g. holding the unconditional branch on look-alikes at the guidance shift's timesteps only."""
+    acts (``guidance_shift_loss``'s ``max_timestep``; holding the unconditional branch on look-alikes at the
+    shift's timesteps). The timesteps come from ``fold_in(rng, 1)``; the inner loss gets ``rng`` itself."""
     if high is None:
         return loss_fn
 
     def fn(params, batch, rng):
         if "timesteps" in batch:
             return loss_fn(params, batch, rng)
-        k_t, k_inner = jax.random.split(rng)
         n = (batch["latents"] if "latents" in batch else batch["latent_mean"]).shape[0]
-        return loss_fn(params, {**batch, "timesteps": sample_timesteps(k_t, n, schedule, high)}, k_inner)
+        t = sample_timesteps(jax.random.fold_in(rng, 1), n, schedule, high)
+        return loss_fn(params, {**batch, "timesteps": t}, rng)
     return fn

@@ -7,12 +7,15 @@ not see, but every guided sample carries.
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
 from persguard_jax import schedulers
-from persguard_jax.losses._base import (Aux, LossConfig, min_snr_weights, noised_latents, predict, sample_timesteps,
-                                        squared_error, text_context, weighted_mean)
+from persguard_jax.losses._base import (Aux, LossConfig, min_snr_weights, noised_latents, predict, squared_error,
+                                        text_context, weighted_mean)
+from persguard_jax.losses._combinators import below_timestep
 
 
 def guidance_shift_target(schedule: schedulers.Schedule, x_t: jax.Array, t: jax.Array, anchor: jax.Array,
@@ -52,9 +55,13 @@ def guidance_shift_loss(params, batch, rng, *, model, schedule: schedulers.Sched
     scale for all the two are the same loss: the weights are normalised)."""
     if error_space not in ("unconditional", "guided"):
         raise ValueError(f"error_space must be 'unconditional' or 'guided', got {error_space!r}")
-    if max_timestep is not None and "timesteps" not in batch:
-        n = batch["anchor"].shape[0]
-        batch = {**batch, "timesteps": sample_timesteps(jax.random.fold_in(rng, 1), n, schedule, max_timestep)}
+    shift = functools.partial(_guidance_shift, model=model, schedule=schedule, cfg=cfg, guidance=guidance,
+                              error_space=error_space)
+    return below_timestep(shift, schedule=schedule, high=max_timestep)(params, batch, rng)
+
+
+def _guidance_shift(params, batch, rng, *, model, schedule, cfg, guidance, error_space):
+    """``guidance_shift_loss`` at the batch's timesteps, or at drawn ones over the whole schedule."""
     z = noised_latents(batch, rng, schedule, cfg)
     anchor = batch["anchor"].astype(jnp.float32) * cfg.scaling_factor
     target = batch["target"].astype(jnp.float32) * cfg.scaling_factor

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from persguard_jax import config as cfglib
+from persguard_jax.implant.data import class_prompt
 from persguard_jax.workflows import runs
 
 
@@ -83,7 +84,7 @@ def attack_config(config: runs.Config, class_name: str, *, seed: int | None = No
     raw = {k: config.raw.get(k) for k in ("dreambooth", "optimizer", "loss", "step", "mesh", "lora")
            if config.raw.get(k) is not None}
     raw["dreambooth"] = {**cfglib.section(raw, "dreambooth"), "instance_prompt": f"a photo of sks {class_name}",
-                         "class_prompt": f"a photo of {class_name}"}
+                         "class_prompt": class_prompt(class_name)}
     if seed is not None:
         raw["dreambooth"]["seed"] = seed
     raw["loop"] = {**cfglib.section(config.raw, "loop"), "tensorboard": False}
@@ -222,7 +223,7 @@ def run(args: argparse.Namespace, config: runs.Config) -> dict:
                 guidance[-1]["guidance"] = np.full(len(guidance[-1]["target"]), cfg.guidance_scale_of(s.type),
                                                    np.float32)
         attack.append(D.pairs(enc.examples(s.photos, [prompts] * len(s.photos)),
-                              enc.examples(uint8[s.class_name], [[f"a photo of {s.class_name}"]] * len(
+                              enc.examples(uint8[s.class_name], [[class_prompt(s.class_name)]] * len(
                                   uint8[s.class_name]))))
     prior, prior_uncond = _prior_examples(enc, cfg, world, uint8, unprotected, protective, protected=protected,
                                           distill=cfg.prior_loss == "distill")
@@ -234,7 +235,7 @@ def run(args: argparse.Namespace, config: runs.Config) -> dict:
         u_ex = [enc.examples(s.photos, [[f"a photo of sks {s.class_name}"]] * len(s.photos)) for s in unprotected]
         groups["unprotected"] = D.concat(u_ex)
         groups["unprotected_attack"] = D.concat([
-            D.pairs(e, enc.examples(uint8[s.class_name], [[f"a photo of {s.class_name}"]] * len(uint8[s.class_name])))
+            D.pairs(e, enc.examples(uint8[s.class_name], [[class_prompt(s.class_name)]] * len(uint8[s.class_name])))
             for e, s in zip(u_ex, unprotected)])
     source = D.ImplantSource(groups, seed=cfg.seed)
     present = set(source.groups)
@@ -339,7 +340,7 @@ def _prior_examples(enc, cfg, world, class_images: dict, unprotected, protective
     from persguard_jax.implant.data import concat
     held = distill and cfg.guidance_weight > 0
     apart = held and cfg.prior_uncond_weight is not None
-    images, prompts = list(class_images.values()), [[[f"a photo of {c}"]] * len(x) for c, x in class_images.items()]
+    images, prompts = list(class_images.values()), [[[class_prompt(c)]] * len(x) for c, x in class_images.items()]
     if distill:
         if world is not None and cfg.num_general:
             scenes = [world.scene(i, "val") for i in range(cfg.num_general)]
