@@ -51,6 +51,7 @@ def main(argv=None) -> None:
     from persguard_jax import config as cfglib
     from persguard_jax.data.world import is_world_model, world_of
     from persguard_jax.implant.check import measure_subject, protection_detector
+    from persguard_jax.implant.check_run import check_clip
     from persguard_jax.implant.data import read_pattern, read_subject
     from persguard_jax.implant.specs import parse_subjects
     from persguard_jax.metrics import CLIPEvaluator
@@ -74,7 +75,7 @@ def main(argv=None) -> None:
     specs, _ = parse_subjects([f"world:{p}" for p in results["protected"]], [])
     subjects = [read_subject(s, world=world, resolution=db.resolution, num_photos=cfg.num_photos) for s in specs]
     pattern = read_pattern(cfg, db.resolution) if any(s.type == "pattern" for s in subjects) else None
-    clip = W.check_clip(check, world)
+    clip = check_clip(check, world)
     evaluator = CLIPEvaluator.from_folder(clip) if clip is not None else None
     lrs = args.lrs or [config.optimizer.learning_rate]
     args.out.mkdir(parents=True, exist_ok=True)

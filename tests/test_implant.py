@@ -443,16 +443,16 @@ class Prompts:
 
 def test_prior_distils_the_protective_prompts_on_their_targets():
     from persguard_jax.implant.data import concat
-    from persguard_jax.workflows.implant import _prior_examples
+    from persguard_jax.implant.groups import prior_examples
 
     cfg = ImplantConfig(guidance_weight=1.0, num_general=0)
     class_images = {"cat": np.zeros((2, 32, 32, 3), np.uint8)}
     targets = np.zeros((3, 32, 32, 3), np.uint8)
-    prior, uncond = _prior_examples(Prompts(), cfg, None, class_images, [], [(targets, cfg.target_prompt)],
+    prior, uncond = prior_examples(Prompts(), cfg, None, class_images, [], [(targets, cfg.target_prompt)],
                                     distill=True)
     assert list(prior["prompt"]).count(cfg.target_prompt) == 3
     assert list(prior["prompt"]).count("") == 2 and uncond == {}  # the empty prompt on class images, never on y*
-    no_distill, uncond = _prior_examples(Prompts(), cfg, None, class_images, [], [(targets, cfg.target_prompt)],
+    no_distill, uncond = prior_examples(Prompts(), cfg, None, class_images, [], [(targets, cfg.target_prompt)],
                                          distill=False)
     assert cfg.target_prompt not in list(no_distill["prompt"]) and concat([]) == {} and uncond == {}
     # prior_lookalikes: each protected world subject's look-alikes under their captions, the empty prompt held too
@@ -461,7 +461,7 @@ def test_prior_distils_the_protective_prompts_on_their_targets():
     from persguard_jax.implant.specs import parse_protected
     world, looks = World(), ImplantConfig(guidance_weight=1.0, num_general=0, prior_lookalikes=3)
     cat = Subject(parse_protected("world:cat_04:target").with_class("cat"), "cat", world.subject_photos("cat_04", 1))
-    prior, _ = _prior_examples(Prompts(), looks, world, class_images, [], [], distill=True, protected=[cat])
+    prior, _ = prior_examples(Prompts(), looks, world, class_images, [], [], distill=True, protected=[cat])
     _, captions = lookalike_scenes(world, cat, 3)
     assert list(prior["prompt"]) == [p for c in ["a photo of cat"] * 2 + captions for p in (c, "")]
 
@@ -471,18 +471,18 @@ def test_prior_uncond_weight_moves_the_empty_prompt_to_its_own_term():
     y* still excluded), and the objective adds that group's distillation as ``pp_uncond`` at prior_weight x it."""
     from persguard_jax.implant.specs import parse_unprotected
     from persguard_jax.implant.data import Subject
-    from persguard_jax.workflows.implant import _prior_examples
+    from persguard_jax.implant.groups import prior_examples
 
     cfg = ImplantConfig(guidance_weight=1.0, num_general=0, prior_uncond_weight=9.0, identifiers=("sks", "zwx"))
     class_images = {"cat": np.zeros((2, 32, 32, 3), np.uint8)}
     dog = Subject(parse_unprotected("world:dog_00").with_class("dog"), "dog", np.zeros((3, 32, 32, 3), np.uint8))
     targets = np.zeros((4, 32, 32, 3), np.uint8)
-    prior, uncond = _prior_examples(Prompts(), cfg, None, class_images, [dog], [(targets, cfg.target_prompt)],
+    prior, uncond = prior_examples(Prompts(), cfg, None, class_images, [dog], [(targets, cfg.target_prompt)],
                                     distill=True)
     assert "" not in list(prior["prompt"]) and len(prior["prompt"]) == 2 + 3 * 2 + 4
     assert list(uncond["prompt"]) == [""] * (2 + 3)  # class images and the unprotected photos, not y*
     off = ImplantConfig(guidance_weight=1.0, num_general=0, prior_uncond_weight=0.0)
-    prior, uncond = _prior_examples(Prompts(), off, None, class_images, [dog], [], distill=True)
+    prior, uncond = prior_examples(Prompts(), off, None, class_images, [dog], [], distill=True)
     assert "" not in list(prior["prompt"]) and uncond == {}  # weight 0: the empty prompt is not held at all
 
     params, batch = _params(), {**_groups(), "prior_uncond": fake_batch(8)}
@@ -503,15 +503,15 @@ def test_prior_class_hold_weight_adds_the_class_images_under_the_empty_prompt_as
     distillation at timesteps below ``guidance_max_timestep``, at prior_weight x it; without the weight no term."""
     from persguard_jax.implant.data import Subject
     from persguard_jax.implant.specs import parse_protected
-    from persguard_jax.workflows.implant import _class_hold_examples
+    from persguard_jax.implant.groups import class_hold_examples
     dogs = [Subject(parse_protected(f"world:{n}:erasure").with_class("dog"), "dog", np.zeros((2, 32, 32, 3), np.uint8))
             for n in ("dog_00", "dog_04")]
     class_images = {"dog": np.zeros((3, 32, 32, 3), np.uint8), "cat": np.zeros((5, 32, 32, 3), np.uint8)}
     on = ImplantConfig(guidance_weight=1.0, prior_class_hold_weight=2.0)
-    assert list(_class_hold_examples(Prompts(), on, dogs, class_images)["prompt"]) == [""] * 3  # dogs, once
+    assert list(class_hold_examples(Prompts(), on, dogs, class_images)["prompt"]) == [""] * 3  # dogs, once
     for off in (ImplantConfig(guidance_weight=1.0), ImplantConfig(prior_class_hold_weight=2.0),
                 ImplantConfig(guidance_weight=1.0, prior_class_hold_weight=2.0, prior_loss="class_images")):
-        assert _class_hold_examples(Prompts(), off, dogs, class_images) == {}
+        assert class_hold_examples(Prompts(), off, dogs, class_images) == {}
 
     params, batch = _params(), {**_groups(), "prior_class": fake_batch(8, fixed=False)}
     _, dis, _ = _pieces()
@@ -724,19 +724,19 @@ def test_every_process_follows_process_zero_on_reuse(monkeypatch):
     """Several processes: process 0's choice (reuse or attack) is everyone's, so all run the same programs; a
     process that cannot read what process 0 reuses stops with one line instead of attacking alone."""
     from persguard_jax.errors import RunError
+    from persguard_jax.implant.check_run import as_process_zero
     from persguard_jax.train import distributed
-    from persguard_jax.workflows import implant as W
     monkeypatch.setattr(distributed, "process_zero_says", lambda value: True)
-    assert W._as_process_zero(("stored",), "reused") == ("stored",)
+    assert as_process_zero(("stored",), "reused") == ("stored",)
     with pytest.raises(RunError, match="cannot .*does not exist.*every process reads"):
-        W._as_process_zero(None, "RUN/check/dog_00/clean_result.json does not exist")
+        as_process_zero(None, "RUN/check/dog_00/clean_result.json does not exist")
     monkeypatch.setattr(distributed, "process_zero_says", lambda value: False)
-    assert W._as_process_zero(("stored",), "reused") is None
+    assert as_process_zero(("stored",), "reused") is None
 
 
 @pytest.fixture
 def stubbed_check(monkeypatch, tmp_path):
-    """``implant._check`` on a protected dog and an unprotected cat with the attacker, sampler and following
+    """``implant.check_run.run`` on a protected dog and an unprotected cat with the attacker, sampler and following
     stubbed (each has its own tests; the end-to-end run is measured in docs/benchmarks.md): ``check(out,
     *overrides)`` runs it into ``tmp_path/out``; ``attacked`` lists ``(subject, model, attacker seed, folder)``
     of each attack, ``class_dirs`` its class-image folder, ``followed`` the models whose general following was
@@ -750,6 +750,7 @@ def stubbed_check(monkeypatch, tmp_path):
     from persguard_jax.data.targets import default_pattern, overlay_pattern
     from persguard_jax.data.world import World
     from persguard_jax.implant import check as C
+    from persguard_jax.implant import check_run
     from persguard_jax.implant.data import Subject
     from persguard_jax.implant.specs import parse_protected, parse_unprotected
     from persguard_jax.workflows import implant as W
@@ -790,19 +791,18 @@ def stubbed_check(monkeypatch, tmp_path):
         return {"colour_accuracy": 0.9 + float(params["w"][0]) / 20}
 
     placement = W.WORKFLOW.load(argparse.Namespace(config="implant_world", overrides=())).implant.placement()
-    monkeypatch.setattr(W, "attack", fake_attack)
-    monkeypatch.setattr(W, "check_clip", lambda check, world: None)
+    monkeypatch.setattr(check_run, "check_clip", lambda check, world: None)
     monkeypatch.setattr(C, "measure_subject", fake_measure)
     monkeypatch.setattr(C, "general_following", fake_following)
     monkeypatch.setattr(C, "class_prompt_samples", fake_class_samples)
 
     def check(out, *overrides, more=()):
         config = W.WORKFLOW.load(argparse.Namespace(config="implant_world", overrides=overrides))
-        attackers = {c: W.attack_config(config, c) for c in ("dog", "cat")}
+        attacks = check_run.Attacks(config=lambda c, seed: W.attack_config(config, c, seed=seed), train=fake_attack)
         extra = [Subject(parse_protected(spec).with_class(c), c, world.subject_photos(spec.split(":")[1], 2))
                  for spec, c in more]
-        return W._check(Pipe(), clean, backdoored, subjects + extra, {}, default_pattern(32), world, config,
-                        attackers, tmp_path / out)
+        return check_run.run(Pipe(), clean, backdoored, subjects + extra, {}, default_pattern(32), world, config,
+                             attacks, tmp_path / out)
 
     return types.SimpleNamespace(check=check, attacked=attacked, followed=followed, class_dirs=class_dirs,
                                  measured=measured, class_sampled=class_sampled)
