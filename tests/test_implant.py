@@ -497,6 +497,31 @@ def test_prior_uncond_weight_moves_the_empty_prompt_to_its_own_term():
     assert float(loss) == pytest.approx(float(rest) + 4.5 * want, rel=1e-5)
 
 
+def test_settings_a_run_leaves_without_effect_are_named():
+    """``groups.unused_settings``: one line per ``implant`` setting the run's subjects or switches leave inert (a
+    guidance setting without the guidance term, the rendered target's place without a world target, look-alikes
+    without world subjects), none for the shipped config."""
+    from persguard_jax.data.world import World
+    from persguard_jax.implant.data import Subject
+    from persguard_jax.implant.groups import unused_settings
+    from persguard_jax.implant.specs import parse_protected
+    world = World()
+    dog = Subject(parse_protected("world:dog_00:erasure").with_class("dog"), "dog", world.subject_photos("dog_00", 2))
+    cat = Subject(parse_protected("world:cat_04:target").with_class("cat"), "cat", world.subject_photos("cat_04", 2))
+
+    def notes(*subjects, world=world, **changes):
+        return [n.split(" ignored")[0] for n in unused_settings(ImplantConfig(**{"guidance_weight": 1.0, **changes}),
+                                                                subjects, world=world, target_images=None)]
+    assert notes(dog) == []
+    assert notes(dog, guidance_weight=0.0, guidance_anchor="attacker", guidance_photos=20,
+                 guidance_scale_by_type={"erasure": 1.5}) == ["guidance_anchor=attacker", "guidance_scale_by_type",
+                                                              "guidance_photos"]
+    assert notes(dog, guidance_attacker_samples=4) == ["guidance_attacker_samples"]  # pattern subjects only
+    assert notes(dog, target_place="center") == ["target_place"] and notes(cat, target_place="center") == []
+    assert notes(dog, prior_class_hold_weight=1.0, prior_loss="class_images") == ["prior_class_hold_weight"]
+    assert notes(dog, prior_lookalikes=8) == [] and notes(dog, world=None, prior_lookalikes=8) == ["prior_lookalikes"]
+
+
 def test_prior_class_hold_weight_adds_the_class_images_under_the_empty_prompt_as_their_own_term():
     """``prior_class_hold_weight``: the protected subjects' classes' images, once each, under the empty prompt (none
     without the weight, the guidance term or the distilled prior); the objective adds ``pp_class``, their
