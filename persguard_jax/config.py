@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import functools
 import math
 import re
@@ -95,9 +96,22 @@ class Section:
 def check_known(d: Mapping[str, Any], cls: type, where: str) -> None:
     """Refuse keys of ``d`` that are not fields of dataclass ``cls`` (for a section read by a reader that would
     ignore them, e.g. transformers-style configs)."""
-    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = set(d) - set(names)
     if unknown:
-        raise ConfigError(f"{where}: unknown keys {sorted(map(str, unknown))}")
+        raise ConfigError(unknown_message(where, unknown, names, listed=False))
+
+
+def unknown_message(where: str, unknown: Iterable[Any], known: Iterable[str], *, noun: str = "keys",
+                    listed: bool = True) -> str:
+    """``"<where>: unknown <noun> [...] (did you mean 'x'?); known: [...]"``: the nearest known name for each
+    unknown one that is close enough to be a typo (``difflib``), and the known names when ``listed``."""
+    known = sorted(map(str, known))
+    unknown = sorted(map(str, unknown))
+    guesses = {u: difflib.get_close_matches(u, known, n=1, cutoff=0.6) for u in unknown}
+    hint = ", ".join(f"'{g[0]}' for '{u}'" if len(unknown) > 1 else f"'{g[0]}'" for u, g in guesses.items() if g)
+    return (f"{where}: unknown {noun} {unknown}" + (f" (did you mean {hint}?)" if hint else "")
+            + (f"; known: {known}" if listed else ""))
 
 
 def check_fields(cls: type, d: Mapping[str, Any] | None, where: str, *, error: type[Exception] | None = None,
@@ -113,7 +127,7 @@ def check_fields(cls: type, d: Mapping[str, Any] | None, where: str, *, error: t
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = set(d) - set(names)
     if unknown:
-        raise error(f"{where}: unknown keys {sorted(map(str, unknown))}; known: {sorted(names)}")
+        raise error(unknown_message(where, unknown, names))
     hints, bounds = _hints(cls), getattr(cls, "BOUNDS", {})
     out = {}
     for key, value in d.items():

@@ -41,8 +41,10 @@ def test_print_config_shows_defaults_and_touches_nothing(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("optimiser.learning_rate=1", "unknown sections ['optimiser']"),
-    ("pretrain.unet.optimizer.lr=1", "unknown keys ['lr']"),
+    ("optimiser.learning_rate=1", "unknown sections ['optimiser']; known"),  # pretrain has no optimizer section
+    ("pretrian.unet.steps=3", "unknown sections ['pretrian'] (did you mean 'pretrain'?)"),
+    ("pretrain.unet.optimizer.lr=1", "unknown keys ['lr']; known"),  # nothing near enough to guess
+    ("pretrain.unet.stepz=3", "unknown keys ['stepz'] (did you mean 'steps'?)"),
     ("pretrain.vae.learning_rate=1", "unknown keys ['learning_rate']"),  # the old spelling: one way now
 ])
 def test_bad_sections_fail_before_any_work(tmp_path, capsys, override, message):

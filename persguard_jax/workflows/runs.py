@@ -93,7 +93,7 @@ def check_sections(raw: Mapping[str, Any], known: Iterable[str]) -> None:
     known = set(known)
     unknown = set(raw) - known
     if unknown:
-        raise cfglib.ConfigError(f"config: unknown sections {sorted(unknown)}; known: {sorted(known)}")
+        raise cfglib.ConfigError(cfglib.unknown_message("config", unknown, known, noun="sections"))
 
 
 def parse_config(raw: dict, sections: Mapping[str, SectionParser]) -> Config:
