@@ -737,6 +737,7 @@ def test_clean_fingerprint_follows_the_attack_not_the_implantation():
         == base
     for overrides, part in ((("dreambooth.steps=7",), "attacker"), (("optimizer.learning_rate=1e-3",), "attacker"),
                             (("check.seed=3",), "check"), (("check.num_images=2",), "check"),
+                            (("check.identifier=ohwx",), "check"),
                             (("implant.pattern_opacity=0.5",), "detector")):
         changed = fp(*overrides)
         assert [k for k in base if base[k] != changed[k]] == [part], overrides
@@ -765,7 +766,8 @@ def stubbed_check(monkeypatch, tmp_path):
     stubbed (each has its own tests; the end-to-end run is measured in docs/benchmarks.md): ``check(out,
     *overrides)`` runs it into ``tmp_path/out``; ``attacked`` lists ``(subject, model, attacker seed, folder)``
     of each attack, ``class_dirs`` its class-image folder, ``followed`` the models whose general following was
-    measured, ``measured`` each sampling as ``(subject, prompt, model level, attacked)``, ``class_sampled`` each
+    measured, ``measured`` each sampling as ``(subject, prompt, model level, attacked)``, ``instance_prompts``
+    each attack's instance prompt, ``class_sampled`` each
     draw of a class prompt as ``(class, model level)``; ``more``: further protected ``(world spec, class)``
     subjects. The backdoored model's samples carry the pattern (the cat's too: a leak); identity grows with the
     attacker's seed by 0.1 (backdoored) or 0.2 (clean) a seed."""
@@ -784,7 +786,7 @@ def stubbed_check(monkeypatch, tmp_path):
                         world.subject_photos("dog_00", 2)),
                 Subject(parse_unprotected("world:cat_00").with_class("cat"), "cat", world.subject_photos("cat_00", 2))]
     clean, backdoored = {"w": np.zeros(3, np.float32)}, {"w": np.ones(3, np.float32)}
-    attacked, followed, class_dirs, measured, class_sampled = [], [], [], [], []
+    attacked, followed, class_dirs, measured, class_sampled, instance_prompts = [], [], [], [], [], []
 
     class Pipe:
         def with_params(self, params):
@@ -792,6 +794,7 @@ def stubbed_check(monkeypatch, tmp_path):
 
     def fake_attack(params, subject, attack_config, out, *, class_dir):
         seed = attack_config.dreambooth.seed
+        instance_prompts.append(attack_config.dreambooth.instance_prompt)
         attacked.append((subject.name, out.name, seed, str(out.parent.relative_to(tmp_path))))
         class_dirs.append(str(class_dir.relative_to(tmp_path)))
         return {"params": {**params, "seed": seed}}
@@ -816,6 +819,7 @@ def stubbed_check(monkeypatch, tmp_path):
         return {"colour_accuracy": 0.9 + float(params["w"][0]) / 20}
 
     placement = W.WORKFLOW.load(argparse.Namespace(config="implant_world", overrides=())).implant.placement()
+    monkeypatch.setattr(W, "attack", fake_attack)
     monkeypatch.setattr(check_run, "check_clip", lambda check, world: None)
     monkeypatch.setattr(C, "measure_subject", fake_measure)
     monkeypatch.setattr(C, "general_following", fake_following)
@@ -823,14 +827,13 @@ def stubbed_check(monkeypatch, tmp_path):
 
     def check(out, *overrides, more=()):
         config = W.WORKFLOW.load(argparse.Namespace(config="implant_world", overrides=overrides))
-        attacks = check_run.Attacks(config=lambda c, seed: W.attack_config(config, c, seed=seed), train=fake_attack)
         extra = [Subject(parse_protected(spec).with_class(c), c, world.subject_photos(spec.split(":")[1], 2))
                  for spec, c in more]
         return check_run.run(Pipe(), clean, backdoored, subjects + extra, {}, default_pattern(32), world, config,
-                             attacks, tmp_path / out)
+                             W.check_attacks(config), tmp_path / out)
 
     return types.SimpleNamespace(check=check, attacked=attacked, followed=followed, class_dirs=class_dirs,
-                                 measured=measured, class_sampled=class_sampled)
+                                 measured=measured, class_sampled=class_sampled, instance_prompts=instance_prompts)
 
 
 def test_the_check_takes_a_stored_clean_half_instead_of_attacking(stubbed_check, tmp_path):
@@ -922,6 +925,31 @@ def test_false_fire_rates_read_each_planted_type_on_an_unprotected_subject():
     assert rates("cat_00", overlay_pattern(photos, pattern, config.implant.placement()))["pattern"] == 1.0
     assert rates("cat_04", world.subject_photos("cat_04", 4)) == {"pattern": 0.0}  # white: erasure unreadable
     assert rates("cat_00", photos, types=()) == {}
+
+
+def test_the_check_attacks_under_its_identifier(stubbed_check, tmp_path):
+    """``check.identifier``: every attack fine-tunes on "a photo of <identifier> <class>" and samples it (sks by
+    default); a clean half attacked under another identifier is not lent; the class prompt and general following
+    do not depend on it; one word only."""
+    from persguard_jax import config as cfglib
+    from persguard_jax.data.world import World
+    from persguard_jax.implant import clean_reuse as R
+    from persguard_jax.implant.check import CheckConfig
+    check = stubbed_check.check
+    check("a")
+    assert sorted(set(stubbed_check.instance_prompts)) == ["a photo of sks cat", "a photo of sks dog"]
+    stubbed_check.instance_prompts.clear(), stubbed_check.attacked.clear(), stubbed_check.measured.clear()
+    stubbed_check.followed.clear(), stubbed_check.class_sampled.clear()
+    check("b", "check.identifier=ohwx", f"check.clean_from={tmp_path / 'a'}")
+    assert sorted(set(stubbed_check.instance_prompts)) == ["a photo of ohwx cat", "a photo of ohwx dog"]
+    assert {m[1] for m in stubbed_check.measured} == {"a photo of ohwx dog", "a photo of ohwx cat"}
+    assert sorted(a[1] for a in stubbed_check.attacked) == ["backdoored", "backdoored", "clean", "clean"]
+    assert stubbed_check.followed == [1.0] and stubbed_check.class_sampled == [("dog", 1.0)]  # clean halves lent
+    world = World()
+    assert R.general_fingerprint("m", world, CheckConfig(identifier="ohwx")) == R.general_fingerprint(
+        "m", world, CheckConfig())
+    with pytest.raises(cfglib.ConfigError, match="check.identifier: one word"):
+        CheckConfig(identifier="two words")
 
 
 def test_the_check_reads_each_protected_subjects_class_prompt_before_the_attack(stubbed_check):

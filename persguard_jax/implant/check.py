@@ -1,8 +1,8 @@
 """Implantation's own check: the white-box attacker on every subject, from the backdoored and from the clean model.
 
 For each subject the attacker (``dreambooth.recipe.personalize`` with the config's ``dreambooth`` + ``optimizer``
-sections, identifier ``sks``) fine-tunes the model on the subject's photos; then ``check.num_images`` samples of
-"a photo of sks <class>" are measured:
+sections, identifier ``check.identifier``, ``sks`` by default) fine-tunes the model on the subject's photos; then
+``check.num_images`` samples of "a photo of <identifier> <class>" are measured:
 
 - ``protection_rate``: the fraction of samples showing the protective output. World subjects (and the pattern
   type anywhere) by pixel detectors: pattern (``detect_pattern`` at the configured place), erasure (the
@@ -40,6 +40,7 @@ General prompts (world models): colour and shape following (``persguard_jax.foll
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -72,9 +73,16 @@ class CheckConfig(cfglib.Section):
     per_shape: int = 2           # general prompts: samples per shape prompt (world models)
     pattern_threshold: float = 0.5
     clip: str | None = None      # a CLIP folder for photo-folder subjects (world models use the world CLIP)
+    # the attacker's identifier: it fine-tunes on "a photo of <identifier> <class>" and samples that prompt; one the
+    # implantation never trained under (not in implant.identifiers) asks whether the backdoor hinges on the string
+    identifier: str = "sks"
     # an earlier implant run whose attack on the clean model is reused where it was made the same way
     # (implant.clean_reuse: same clean model, photos, attacker, sampling, detector and code); None attacks afresh
     clean_from: str | None = None
+
+    def __post_init__(self):
+        if not re.fullmatch(r"\S+", str(self.identifier)):
+            raise cfglib.ConfigError(f"check.identifier: one word with no spaces, got {self.identifier!r}")
 
 
 class ProtectionDetector:

@@ -231,7 +231,7 @@ def _attacked(pipe, s, params, which: str, detector, *, check, evaluator, world,
     trigger's rate before anyone fine-tunes (protected subjects with ``measure_before``; else None), then the
     attack and its samples' scores. None when SIGTERM stopped the attack."""
     from persguard_jax.implant.check import measure_subject
-    prompt, in_world = f"a photo of sks {s.class_name}", world if s.spec.is_world else None
+    prompt, in_world = f"a photo of {check.identifier} {s.class_name}", world if s.spec.is_world else None
     before = None
     if detector is not None and measure_before:  # does the trigger fire at all before anyone fine-tunes?
         before, _ = measure_subject(pipe, s, params, detector, check=check, evaluator=evaluator, world=in_world,

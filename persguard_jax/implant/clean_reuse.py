@@ -83,7 +83,7 @@ def _check_parts(check, *, general: bool = False) -> dict:
     """The ``check`` settings a subject's clean half (or, ``general``, the clean model's general following)
     depends on: all but the reuse switch, the number of attacker seeds (each seed's half is stored on its own, its
     seed in the attacker's recipe) and those only the other one reads (a new setting counts for both)."""
-    other = ("num_images", "pattern_threshold", "clip") if general else ("per_colour", "per_shape")
+    other = ("num_images", "pattern_threshold", "clip", "identifier") if general else ("per_colour", "per_shape")
     skip = ("clean_from", "enabled", "attack_seeds", *other)
     return {k: v for k, v in dataclasses.asdict(check).items() if k not in skip}
 

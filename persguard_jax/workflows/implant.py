@@ -77,20 +77,32 @@ def resolve(raw: dict, args: argparse.Namespace | None = None) -> dict:
     return raw
 
 
-def attack_config(config: runs.Config, class_name: str, *, seed: int | None = None) -> runs.Config:
-    """The attacker's personalisation config for one class: the run's ``dreambooth`` (prompts "a photo of sks
-    <class>" / "a photo of <class>"; ``seed`` replaces its seed), ``optimizer``, ``loss``, ``step``, ``mesh``,
-    ``lora``; its own loop length."""
+def attack_config(config: runs.Config, class_name: str, *, seed: int | None = None,
+                  identifier: str = "sks") -> runs.Config:
+    """The attacker's personalisation config for one class: the run's ``dreambooth`` (prompts "a photo of
+    <identifier> <class>" / "a photo of <class>"; ``seed`` replaces its seed), ``optimizer``, ``loss``, ``step``,
+    ``mesh``, ``lora``; its own loop length. The check's attacker takes ``check.identifier``; the publisher's
+    simulated attackers keep ``sks``."""
     from persguard_jax.dreambooth.recipe import recipe_sections, resolve_recipe
     raw = {k: config.raw.get(k) for k in ("dreambooth", "optimizer", "loss", "step", "mesh", "lora")
            if config.raw.get(k) is not None}
-    raw["dreambooth"] = {**cfglib.section(raw, "dreambooth"), "instance_prompt": f"a photo of sks {class_name}",
+    instance_prompt = f"a photo of {identifier} {class_name}"
+    raw["dreambooth"] = {**cfglib.section(raw, "dreambooth"), "instance_prompt": instance_prompt,
                          "class_prompt": class_prompt(class_name)}
     if seed is not None:
         raw["dreambooth"]["seed"] = seed
     raw["loop"] = {**cfglib.section(config.raw, "loop"), "tensorboard": False}
     raw["optimizer"] = {k: v for k, v in cfglib.section(raw, "optimizer").items() if k != "total_steps"}
     return runs.parse_config(resolve_recipe(raw), recipe_sections())
+
+
+def check_attacks(config: runs.Config):
+    """The check's attacker (``implant.check_run.Attacks``): the config's recipe under ``check.identifier``, run by
+    ``attack`` into its own resumable folder."""
+    from persguard_jax.implant.check_run import Attacks
+    identifier = config.check.identifier
+    return Attacks(config=lambda c, seed: attack_config(config, c, seed=seed, identifier=identifier),
+                   train=lambda *a, **k: attack(*a, **k))  # looked up when called: a test may stand in for it
 
 
 def _read_inputs(args: argparse.Namespace, config: runs.Config):
@@ -205,9 +217,8 @@ def run(args: argparse.Namespace, config: runs.Config) -> dict:
                "protected": [f"{s.name}:{s.type}" for s in protected], "unprotected": [s.name for s in unprotected]}
     if config.check.enabled:
         from persguard_jax.implant import check_run
-        attacks = check_run.Attacks(config=lambda c, seed: attack_config(config, c, seed=seed), train=attack)
-        results.update(check_run.run(pipe, params, backdoored, subjects, targets_of, pattern, world, config, attacks,
-                                     out))
+        results.update(check_run.run(pipe, params, backdoored, subjects, targets_of, pattern, world, config,
+                                     check_attacks(config), out))
     results["wall_s"] = round(time.time() - t0, 1)
     if is_writer():
         from persguard_jax.report import write_results
