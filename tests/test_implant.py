@@ -935,12 +935,15 @@ def test_the_check_attacks_under_its_identifier(stubbed_check, tmp_path):
     from persguard_jax.data.world import World
     from persguard_jax.implant import clean_reuse as R
     from persguard_jax.implant.check import CheckConfig
+    from persguard_jax.workflows import implant as W
     check = stubbed_check.check
     check("a")
     assert sorted(set(stubbed_check.instance_prompts)) == ["a photo of sks cat", "a photo of sks dog"]
     stubbed_check.instance_prompts.clear(), stubbed_check.attacked.clear(), stubbed_check.measured.clear()
     stubbed_check.followed.clear(), stubbed_check.class_sampled.clear()
-    check("b", "check.identifier=ohwx", f"check.clean_from={tmp_path / 'a'}")
+    second = check("b", "check.identifier=ohwx", f"check.clean_from={tmp_path / 'a'}")
+    assert second["attack_identifier"] == "ohwx"
+    assert "the attacker's identifier: ohwx" in W._summary({"model": "m", "steps": 1, **second})
     assert sorted(set(stubbed_check.instance_prompts)) == ["a photo of ohwx cat", "a photo of ohwx dog"]
     assert {m[1] for m in stubbed_check.measured} == {"a photo of ohwx dog", "a photo of ohwx cat"}
     assert sorted(a[1] for a in stubbed_check.attacked) == ["backdoored", "backdoored", "clean", "clean"]

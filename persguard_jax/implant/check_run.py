@@ -58,6 +58,10 @@ def run(pipe, clean: dict, backdoored: dict, subjects, targets_of: dict[str, np.
     planted = [s.type for s in subjects if s.type is not None]
     seeds = [db.seed + k for k in range(check.attack_seeds)]
     report["attack_seeds"] = seeds
+    report["attack_identifier"] = check.identifier
+    if check.identifier not in cfg.identifiers:
+        print(f"check: the attacker's identifier '{check.identifier}' is none the implantation trained under "
+              f"({', '.join(cfg.identifiers)})")
     class_prompt_of = _ClassPromptSamples(pipe, {"backdoored": backdoored, "clean": clean}, check, clean_digest, out)
     for s in subjects:
         detector = protection_detector(s, cfg, check, resolution=db.resolution, pattern=pattern, world=world,

@@ -298,6 +298,9 @@ def _summary(results: dict) -> str:
     seeds = results.get("attack_seeds") or []
     if len(seeds) > 1:
         lines.append(f"  the check pools {len(seeds)} attacker seeds ({', '.join(map(str, seeds))})")
+    if results.get("attack_identifier", "sks") != "sks":
+        lines.append(f"  the attacker's identifier: {results['attack_identifier']} (\"a photo of "
+                     f"{results['attack_identifier']} <class>\")")
     for name, e in results.get("subjects", {}).items():
         b, c = e["backdoored"], e["clean"]
         if e["type"] == "unprotected":
