@@ -24,12 +24,16 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from persguard_jax import config as cfglib
 from persguard_jax.implant.data import class_prompt
 from persguard_jax.workflows import runs
+
+if TYPE_CHECKING:
+    from persguard_jax.implant.check_run import Attacks
 
 
 NESTED = ("unrolled", "grad_suppression")  # retentions that differentiate through a gradient
@@ -96,7 +100,7 @@ def attack_config(config: runs.Config, class_name: str, *, seed: int | None = No
     return runs.parse_config(resolve_recipe(raw), recipe_sections())
 
 
-def check_attacks(config: runs.Config):
+def check_attacks(config: runs.Config) -> Attacks:
     """The check's attacker (``implant.check_run.Attacks``): the config's recipe under ``check.identifier``, run by
     ``attack`` into its own resumable folder."""
     from persguard_jax.implant.check_run import Attacks
