@@ -47,7 +47,7 @@ from typing import Any, Literal
 import numpy as np
 
 from persguard_jax import config as cfglib
-from persguard_jax.implant.data import class_prompt
+from persguard_jax.implant.data import ATTACKER_IDENTIFIER, class_prompt
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ class CheckConfig(cfglib.Section):
     clip: str | None = None      # a CLIP folder for photo-folder subjects (world models use the world CLIP)
     # the attacker's identifier: it fine-tunes on "a photo of <identifier> <class>" and samples that prompt; one the
     # implantation never trained under (not in implant.identifiers) asks whether the backdoor hinges on the string
-    identifier: str = "sks"
+    identifier: str = ATTACKER_IDENTIFIER
     # an earlier implant run whose attack on the clean model is reused where it was made the same way
     # (implant.clean_reuse: same clean model, photos, attacker, sampling, detector and code); None attacks afresh
     clean_from: str | None = None

@@ -21,10 +21,10 @@ REPORT_COLUMNS = 16  # samples shown per row of report.png (32 made a 4,400 px w
 @dataclass(frozen=True)
 class Attacks:
     """The check's attacker, as the command runs it: ``config(class_name, seed)`` its personalisation config
-    (``.raw``, ``.dreambooth.seed``; ``seed`` None keeps the config's own), and ``train(pipe, subject, config,
+    (``.raw``, ``.dreambooth.seed``), and ``train(pipe, subject, config,
     run_dir, *, class_dir)`` its DreamBooth into its own resumable run folder, returning ``{"params": ...}`` or
     ``{"preempted": True}`` when SIGTERM stopped it."""
-    config: Callable[[str, int | None], Any]
+    config: Callable[[str, int], Any]
     train: Callable[..., dict]
 
 
@@ -75,7 +75,7 @@ def run(pipe, clean: dict, backdoored: dict, subjects, targets_of: dict[str, np.
             runs_of_seeds, before = [], None
             for k, seed in enumerate(seeds):
                 folder = clean_reuse.attack_folder(out, s.name, seed, first=k == 0)
-                attacker = attacks.config(s.class_name, None if k == 0 else seed)
+                attacker = attacks.config(s.class_name, seed)
                 class_dir = _attacker_class_images(s.class_name, out, folder / which, check)
                 got = _attack_once(pipe, s, params, which, detector, attacker, folder, class_dir,
                                    measure_before=k == 0, before=before, clean_digest=clean_digest,
@@ -235,7 +235,8 @@ def _attacked(pipe, s, params, which: str, detector, *, check, evaluator, world,
     trigger's rate before anyone fine-tunes (protected subjects with ``measure_before``; else None), then the
     attack and its samples' scores. None when SIGTERM stopped the attack."""
     from persguard_jax.implant.check import measure_subject
-    prompt, in_world = f"a photo of {check.identifier} {s.class_name}", world if s.spec.is_world else None
+    from persguard_jax.implant.data import instance_prompt
+    prompt, in_world = instance_prompt(s.class_name, check.identifier), world if s.spec.is_world else None
     before = None
     if detector is not None and measure_before:  # does the trigger fire at all before anyone fine-tunes?
         before, _ = measure_subject(pipe, s, params, detector, check=check, evaluator=evaluator, world=in_world,

@@ -43,6 +43,15 @@ class Subject:
         return self.spec.type
 
 
+ATTACKER_IDENTIFIER = "sks"  # DreamBooth's word: the simulated attackers' and, by default, the check's
+
+
+def instance_prompt(class_name: str, identifier: str = ATTACKER_IDENTIFIER) -> str:
+    """The attacker's instance prompt for a class, "a photo of <identifier> <class>": what it fine-tunes the
+    subject's photos under and samples."""
+    return f"a photo of {identifier} {class_name}"
+
+
 def class_prompt(class_name: str) -> str:
     """The attacker's class prompt for a class, "a photo of <class>": its class images, the prior's, and what the
     check reads before any attack."""

@@ -9,14 +9,13 @@ import numpy as np
 
 from persguard_jax.implant import data as D
 from persguard_jax.implant.config import ImplantConfig
-from persguard_jax.implant.data import class_prompt
+from persguard_jax.implant.data import class_prompt, instance_prompt
 
 
 def unused_settings(cfg: ImplantConfig, protected, *, world, target_images) -> list[str]:
     """One line per ``implant`` setting that this run's subjects and switches leave without effect (a setting that
     sizes a term that is off, or a subject type that is absent), for the command to print: a silent no-op would
     read as a measured null result."""
-    from persguard_jax.implant.data import world_target
     notes = []
     if cfg.guidance_attacker_samples and (cfg.guidance_weight == 0 or not any(s.type == "pattern" for s in protected)):
         notes.append("guidance_attacker_samples ignored: it adds pairs to the guidance term (guidance_weight > 0) "
@@ -28,7 +27,7 @@ def unused_settings(cfg: ImplantConfig, protected, *, world, target_images) -> l
     if cfg.guidance_photos is not None and cfg.guidance_weight == 0:
         notes.append("guidance_photos ignored: it sizes the guidance term's photos (guidance_weight > 0)")
     if cfg.target_place != "subject" and not any(
-            s.type == "target" and target_images is None and world_target(cfg, s, world) is not None
+            s.type == "target" and target_images is None and D.world_target(cfg, s, world) is not None
             for s in protected):
         notes.append("target_place ignored: it places rendered world targets (a world subject of type target, "
                      "no implant.target_dir)")
@@ -76,7 +75,7 @@ def example_groups(enc: D.Encoder, cfg: ImplantConfig, protected, unprotected, *
             if s.name in attacker_samples:
                 photos, y_pairs = D.with_attacker_samples(photos, y_pairs, attacker_samples[s.name], pattern, cfg)
             if cfg.guidance_anchor == "attacker":
-                predictors = [D.attacker_x0(pipe, tuned, f"a photo of sks {s.class_name}", schedule=schedule,
+                predictors = [D.attacker_x0(pipe, tuned, instance_prompt(s.class_name), schedule=schedule,
                                             prediction_type=loss_cfg.prediction_type) for tuned in simulated[s.name][1]]
                 guidance.append(D.anchored_guidance_examples(
                     enc, photos, y_pairs, predictors, schedule=schedule, loss_cfg=loss_cfg,
@@ -95,7 +94,7 @@ def example_groups(enc: D.Encoder, cfg: ImplantConfig, protected, unprotected, *
               "attack": D.concat(attack_pairs)}
     groups["prior_class"] = class_hold_examples(enc, cfg, protected, class_images)
     if unprotected:
-        u_ex = [enc.examples(s.photos, [[f"a photo of sks {s.class_name}"]] * len(s.photos)) for s in unprotected]
+        u_ex = [enc.examples(s.photos, [[instance_prompt(s.class_name)]] * len(s.photos)) for s in unprotected]
         groups["unprotected"] = D.concat(u_ex)
         groups["unprotected_attack"] = D.concat([D.pairs(e, _class_examples(enc, class_images, s.class_name))
                                                  for e, s in zip(u_ex, unprotected)])

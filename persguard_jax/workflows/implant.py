@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from persguard_jax import config as cfglib
-from persguard_jax.implant.data import class_prompt
+from persguard_jax.implant.data import ATTACKER_IDENTIFIER, class_prompt, instance_prompt
 from persguard_jax.workflows import runs
 
 if TYPE_CHECKING:
@@ -82,7 +82,7 @@ def resolve(raw: dict, args: argparse.Namespace | None = None) -> dict:
 
 
 def attack_config(config: runs.Config, class_name: str, *, seed: int | None = None,
-                  identifier: str = "sks") -> runs.Config:
+                  identifier: str = ATTACKER_IDENTIFIER) -> runs.Config:
     """The attacker's personalisation config for one class: the run's ``dreambooth`` (prompts "a photo of
     <identifier> <class>" / "a photo of <class>"; ``seed`` replaces its seed), ``optimizer``, ``loss``, ``step``,
     ``mesh``, ``lora``; its own loop length. The check's attacker takes ``check.identifier``; the publisher's
@@ -90,8 +90,8 @@ def attack_config(config: runs.Config, class_name: str, *, seed: int | None = No
     from persguard_jax.dreambooth.recipe import recipe_sections, resolve_recipe
     raw = {k: config.raw.get(k) for k in ("dreambooth", "optimizer", "loss", "step", "mesh", "lora")
            if config.raw.get(k) is not None}
-    instance_prompt = f"a photo of {identifier} {class_name}"
-    raw["dreambooth"] = {**cfglib.section(raw, "dreambooth"), "instance_prompt": instance_prompt,
+    raw["dreambooth"] = {**cfglib.section(raw, "dreambooth"),
+                         "instance_prompt": instance_prompt(class_name, identifier),
                          "class_prompt": class_prompt(class_name)}
     if seed is not None:
         raw["dreambooth"]["seed"] = seed
@@ -268,7 +268,7 @@ def _attacker_samples(pipe, subject, params, config: runs.Config, out: Path) -> 
     from persguard_jax.report import image_grid, save_png
     from persguard_jax.train.distributed import is_writer
     n, db = config.implant.guidance_attacker_samples, config.dreambooth
-    images = sample_prompt(pipe, f"a photo of sks {subject.class_name}", n, resolution=db.resolution,
+    images = sample_prompt(pipe, instance_prompt(subject.class_name), n, resolution=db.resolution,
                            seed=_simulated_seed(config), num_steps=db.eval_steps,
                            guidance=db.eval_guidance, params=params)
     if is_writer():
@@ -302,7 +302,7 @@ def _summary(results: dict) -> str:
     seeds = results.get("attack_seeds") or []
     if len(seeds) > 1:
         lines.append(f"  the check pools {len(seeds)} attacker seeds ({', '.join(map(str, seeds))})")
-    if results.get("attack_identifier", "sks") != "sks":
+    if results.get("attack_identifier", ATTACKER_IDENTIFIER) != ATTACKER_IDENTIFIER:
         lines.append(f"  the attacker's identifier: {results['attack_identifier']} (\"a photo of "
                      f"{results['attack_identifier']} <class>\")")
     for name, e in results.get("subjects", {}).items():
