@@ -34,7 +34,8 @@ def test_high_frequency_energy_orders_smooth_and_noisy():
 
 
 @pytest.mark.slow
-def test_diagnose_command(tmp_path, capsys):
+@pytest.mark.parametrize("cdl", [False, True], ids=["plain", "cdl"])
+def test_diagnose_command(tmp_path, capsys, cdl):
     from persguard_jax.data.world import world_of
     clean_dir, pert_dir = tmp_path / "clean", tmp_path / "perturbed"
     clean_dir.mkdir()
@@ -49,17 +50,32 @@ def test_diagnose_command(tmp_path, capsys):
     assert main(["diagnose", "--model", WORLD, "--clean", str(clean_dir), "--perturbed", str(pert_dir), "--out",
                  str(out), "diagnose.class_name=dog", "diagnose.num_images=2", "dreambooth.steps=4",
                  "dreambooth.num_class_images=2", "dreambooth.class_batch_size=2", "dreambooth.eval_steps=3",
-                 "dreambooth.eval_num_images=1", "dreambooth.train_text_encoder=false"]) == 0
+                 "dreambooth.eval_num_images=1", "dreambooth.train_text_encoder=false", f"cdl.enabled={cdl}"]) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["photos"] == ["p0", "p1", "p2"]
     assert results["linf"] >= 8  # paired by stem: the JPEG's decoded pixels against the PNG
     del clean_jpeg
     assert set(results["clip_shift"]) == set(results["noise_probe"]) == {"clean", "perturbed", "uniform_noise"}
     assert results["clip_shift"]["clean"]["similarity_to_clean"] > 0.999
-    assert set(results["samples"]) == {"a photo of sks", "a photo of sks dog", "noise pattern"}
+    plain = {"a photo of sks", "a photo of sks dog", "noise pattern"}
+    with_cdl = {"a photo of sks dog, bhj noisy pattern", "a photo of sks dog, without bhj noisy pattern",
+                "bhj noisy pattern"}
+    assert set(results["samples"]) == (plain | with_cdl if cdl else plain)
     assert results["identifier_carries_noise"]["high_frequency_ratio"] > 0
     assert (out / "sheet.png").is_file() and (out / "dreambooth" / "model").is_dir()
-    assert "noise probe" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "noise probe" in printed and ("CDL: samples with its phrase" in printed) == cdl
+    if cdl:
+        d, rows = results["cdl_decoupling"], results["samples"]
+        assert d["with_over_without"] == pytest.approx(
+            rows["a photo of sks dog, bhj noisy pattern"]["trained"]["high_frequency_energy"]
+            / rows["a photo of sks dog, without bhj noisy pattern"]["trained"]["high_frequency_energy"])
+        assert d["phrase_over_base"] > 0
+        trained = json.loads((out / "dreambooth" / "results.json").read_text())
+        assert trained["instance_prompt"] == "a photo of sks dog, bhj noisy pattern"  # CDL's training prompts
+        assert trained["class_prompt"] == "a photo of dog, without bhj noisy pattern"
+    else:
+        assert "cdl_decoupling" not in results
 
 
 def test_diagnose_refuses_unpaired_photos(tmp_path, capsys):

@@ -8,7 +8,11 @@
    ("a photo of <class>" against "noise pattern") on each set.
 3. DreamBooth (the config's recipe) on the perturbed photos into ``<out>/dreambooth``; then samples of "a photo of
    sks", "a photo of sks <class>" and "noise pattern" from the base and the trained model (same seeds), each with
-   the probe's noise rate and its high-frequency energy: how much the identifier alone carries the noise.
+   the probe's noise rate and its high-frequency energy: how much the identifier alone carries the noise. With
+   ``cdl.enabled`` the DreamBooth is contrastive decoupling learning's, and the samples add its instance prompt
+   ("..., <phrase> noisy pattern"), its sampling prompt ("..., without <phrase> noisy pattern") and the phrase
+   alone, all sampled as the others are (the recipe's guidance, not CDL's negative prompt, so that only the
+   prompt differs): ``cdl_decoupling`` says whether the phrase took the noise off the identifier.
 4. ``results.json`` / ``results.md`` (the table) and ``sheet.png`` (clean, perturbed, the perturbation x8, the
    noise control, then the samples, base and trained, row by row).
 The default CLIP of a world model is the world CLIP; other models need ``--clip``.
@@ -127,6 +131,10 @@ def run(args: argparse.Namespace, config: runs.Config) -> dict:
     if trained.get("preempted"):
         return {"preempted": True, "step": trained["step"], "stage": "dreambooth"}
     prompts = ["a photo of sks", f"a photo of sks {diag.class_name}", diag.noise_prompt]
+    cdl = config.get("cdl")
+    if cdl is not None and cdl.enabled:  # where CDL's phrase puts the noise: with it, without it, it alone
+        prompts += [cdl.instance_prompt(db.instance_prompt), cdl.sampling_prompt(db.instance_prompt),
+                    f"{cdl.phrase} noisy pattern"]
     samples, rows = {}, {}
     for which, params in (("base", None), ("trained", trained["params"])):
         for prompt in prompts:
@@ -141,12 +149,26 @@ def run(args: argparse.Namespace, config: runs.Config) -> dict:
     results["identifier_carries_noise"] = {
         "high_frequency_ratio": sks["trained"]["high_frequency_energy"] / base_hf,
         "noise_probe_change": sks["trained"]["noise_probe"] - sks["base"]["noise_probe"]}
+    if cdl is not None and cdl.enabled:
+        results["cdl_decoupling"] = _decoupling(rows, prompts[3:])
     results["dreambooth"] = str(folder)
     if is_writer():
         from persguard_jax.report import write_results
         _sheet(out / "sheet.png", clean, perturbed, noise, samples, prompts, diag.num_images)
         write_results(out, results, title="persguard diagnose: protective perturbation as a shortcut", overwrite=True)
     return results
+
+
+def _decoupling(rows: dict, prompts: list[str]) -> dict:
+    """Whether contrastive decoupling learning moved the noise onto its phrase, from the trained model's samples
+    of its instance prompt (``with``), its sampling prompt (``without``) and the phrase alone: decoupled, the
+    ``with`` samples carry more high-frequency energy than the ``without`` ones (``with_over_without`` > 1) and the
+    phrase alone draws noise the base model's samples of it do not (``phrase_over_base`` > 1)."""
+    with_, without, phrase = (rows[p] for p in prompts)
+    hf = lambda row, which="trained": row[which]["high_frequency_energy"]  # noqa: E731
+    return {"with_phrase_high_frequency": hf(with_), "without_phrase_high_frequency": hf(without),
+            "with_over_without": hf(with_) / max(hf(without), 1e-12),
+            "phrase_over_base": hf(phrase) / max(hf(phrase, "base"), 1e-12)}
 
 
 def _samples(pipe, prompt: str, diag: DiagnoseConfig, db, params) -> np.ndarray:
@@ -186,10 +208,14 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
 
 def _summary(results: dict) -> str:
     probe, sks = results["noise_probe"], results["identifier_carries_noise"]
-    return (f"noise probe: clean {probe['clean']:.2f}, perturbed {probe['perturbed']:.2f}, uniform noise "
-            f"{probe['uniform_noise']:.2f}; after DreamBooth on the perturbed photos, 'a photo of sks' samples carry "
-            f"{sks['high_frequency_ratio']:.2f}x the base model's high-frequency energy\n"
-            f"wrote {Path(results['dreambooth']).parent / 'results.md'} and sheet.png")
+    lines = [f"noise probe: clean {probe['clean']:.2f}, perturbed {probe['perturbed']:.2f}, uniform noise "
+             f"{probe['uniform_noise']:.2f}; after DreamBooth on the perturbed photos, 'a photo of sks' samples carry "
+             f"{sks['high_frequency_ratio']:.2f}x the base model's high-frequency energy"]
+    if "cdl_decoupling" in results:
+        lines.append(f"CDL: samples with its phrase carry {results['cdl_decoupling']['with_over_without']:.2f}x the "
+                     "high-frequency energy of samples without it (above 1: the phrase took the noise)")
+    lines.append(f"wrote {Path(results['dreambooth']).parent / 'results.md'} and sheet.png")
+    return "\n".join(lines)
 
 
 WORKFLOW = runs.Workflow(
