@@ -122,7 +122,9 @@ class ImplantConfig(cfglib.Section):
     num_general: int = 32               # general captions distilled by L_pp (world captions; class prompts else)
     # world subjects: this many scenes per protected subject of its class in other colours and of other shapes in
     # its colour (implant.data.lookalike_scenes), distilled by L_pp, where a backdoor's cost to general prompts
-    # falls; measured not to give it back (docs/results.md, nineteenth measurement)
+    # falls; measured not to give it back (docs/results.md, nineteenth measurement). 256 against an erasure's cost to
+    # a same-coloured unprotected subject: its worst seed 0.51 -> 0.78 of the clean model, erasure 1.00 -> 0.94
+    # (thirty-eighth session)
     prior_lookalikes: int = 0
     pattern_image: str | None = None    # pattern type: an image file; default the built-in pattern
     pattern_position: str = "center"
