@@ -33,17 +33,22 @@ class CDLConfig(cfglib.Section):
         if not self.phrase.strip() or "," in self.phrase:
             raise cfglib.ConfigError(f"cdl.phrase: one word or token string without commas, got {self.phrase!r}")
 
+    @property
+    def noise_phrase(self) -> str:
+        """The words the noise is meant to bind to: "<phrase> noisy pattern"."""
+        return f"{self.phrase} noisy pattern"
+
     def instance_prompt(self, prompt: str) -> str:
         """What the instance photos are trained under."""
-        return f"{prompt}, {self.phrase} noisy pattern"
+        return f"{prompt}, {self.noise_phrase}"
 
     def class_prompt(self, prompt: str) -> str:
         """What the clean class images are trained under."""
-        return f"{prompt}, without {self.phrase} noisy pattern"
+        return f"{prompt}, without {self.noise_phrase}"
 
     def sampling_prompt(self, prompt: str) -> str:
         """What the personalised model is sampled with."""
-        return f"{prompt}, without {self.phrase} noisy pattern"
+        return f"{prompt}, without {self.noise_phrase}"
 
     def guidance_scale(self, eval_guidance: float) -> float:
         """diffusers' guidance scale ``1 + w`` of the sampling policy."""

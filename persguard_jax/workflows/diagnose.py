@@ -130,11 +130,13 @@ def run(args: argparse.Namespace, config: runs.Config) -> dict:
                           class_dir=Path(db.class_dir or out / "class_images"))
     if trained.get("preempted"):
         return {"preempted": True, "step": trained["step"], "stage": "dreambooth"}
-    prompts = ["a photo of sks", f"a photo of sks {diag.class_name}", diag.noise_prompt]
     cdl = config.get("cdl")
+    cdl_prompts = []
     if cdl is not None and cdl.enabled:  # where CDL's phrase puts the noise: with it, without it, it alone
-        prompts += [cdl.instance_prompt(db.instance_prompt), cdl.sampling_prompt(db.instance_prompt),
-                    f"{cdl.phrase} noisy pattern"]
+        cdl_prompts = [cdl.instance_prompt(db.instance_prompt), cdl.sampling_prompt(db.instance_prompt),
+                       cdl.noise_phrase]
+    prompts = list(dict.fromkeys(["a photo of sks", f"a photo of sks {diag.class_name}", diag.noise_prompt,
+                                  *cdl_prompts]))  # each once, should a configured prompt repeat another
     samples, rows = {}, {}
     for which, params in (("base", None), ("trained", trained["params"])):
         for prompt in prompts:
@@ -149,8 +151,8 @@ def run(args: argparse.Namespace, config: runs.Config) -> dict:
     results["identifier_carries_noise"] = {
         "high_frequency_ratio": sks["trained"]["high_frequency_energy"] / base_hf,
         "noise_probe_change": sks["trained"]["noise_probe"] - sks["base"]["noise_probe"]}
-    if cdl is not None and cdl.enabled:
-        results["cdl_decoupling"] = _decoupling(rows, prompts[3:])
+    if cdl_prompts:
+        results["cdl_decoupling"] = _decoupling(rows, cdl_prompts)
     results["dreambooth"] = str(folder)
     if is_writer():
         from persguard_jax.report import write_results
