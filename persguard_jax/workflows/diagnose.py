@@ -135,7 +135,7 @@ def run(args: argparse.Namespace, config: runs.Config) -> dict:
     if cdl is not None and cdl.enabled:  # where CDL's phrase puts the noise: with it, without it, it alone
         cdl_prompts = [cdl.instance_prompt(db.instance_prompt), cdl.sampling_prompt(db.instance_prompt),
                        cdl.noise_phrase]
-    prompts = list(dict.fromkeys(["a photo of sks", f"a photo of sks {diag.class_name}", diag.noise_prompt,
+    prompts = list(dict.fromkeys(["a photo of sks", db.instance_prompt, diag.noise_prompt,
                                   *cdl_prompts]))  # each once, should a configured prompt repeat another
     samples, rows = {}, {}
     for which, params in (("base", None), ("trained", trained["params"])):
