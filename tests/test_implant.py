@@ -433,6 +433,53 @@ def test_anchored_guidance_examples_hold_the_attackers_prediction_at_the_draw_th
     np.testing.assert_allclose(two["anchor"][~first], -0.5 * out["anchor"][~first], rtol=1e-5, atol=1e-7)
 
 
+def test_guidance_blends_add_inputs_between_each_photo_and_its_target():
+    """``implant.guidance_blends``: each blend b adds one noisy input per pair at (1 - b) photo + b y* in latent
+    space (mean and log-variance), with the photo's anchor and the pair's y* as target, to the plain and the
+    anchored guidance examples alike; bad blends are refused."""
+    from persguard_jax import losses
+    from persguard_jax.implant.data import anchored_guidance_examples, guidance_examples
+    from persguard_jax.schedulers import SchedulerConfig, make_schedule
+    photos = np.zeros((2, 4, 4, 3), np.uint8) + np.array([10, 20], np.uint8)[:, None, None, None]
+    targets = photos + 200
+
+    class Enc:  # the "latent" of an image is its pixels / 255, its log-variance its pixels / 100 - 12
+        key = "context"
+
+        def images(self, x):
+            return {"latent_mean": x.astype(np.float32) / 255, "latent_logvar": x.astype(np.float32) / 100 - 12}
+
+        def prompt(self, p):
+            assert p == ""
+            return np.zeros((5, 6), np.float32)
+
+        def examples(self, x, prompts):
+            assert all(p == [""] for p in prompts)
+            return {**self.images(x), "context": np.stack([self.prompt("")] * len(x))}
+
+    plain = guidance_examples(Enc(), photos, targets)
+    out = guidance_examples(Enc(), photos, targets, (0.25, 0.5))
+    assert {k: len(v) for k, v in out.items()} == dict.fromkeys(plain, 8)
+    for k in plain:
+        np.testing.assert_array_equal(out[k][:4], plain[k])                                   # the endpoints kept
+    np.testing.assert_allclose(out["latent_mean"][4:6, 0, 0, 0], [(0.75 * 10 + 0.25 * 210) / 255,
+                                                                  (0.75 * 20 + 0.25 * 220) / 255], rtol=1e-6)
+    np.testing.assert_allclose(out["latent_logvar"][6, 0, 0, 0], (0.5 * 10 + 0.5 * 210) / 100 - 12, rtol=1e-6)
+    np.testing.assert_array_equal(out["anchor"][4:], np.concatenate([plain["anchor"][:2]] * 2))
+    np.testing.assert_array_equal(out["target"][4:], np.concatenate([plain["target"][:2]] * 2))
+    schedule = make_schedule(SchedulerConfig())
+    kw = dict(schedule=schedule, loss_cfg=losses.LossConfig(), draws=3, max_timestep=None, seed=1)
+    anchored = anchored_guidance_examples(Enc(), photos, targets, [lambda x_t, t: np.asarray(x_t)], blends=(0.5,),
+                                          **kw)
+    assert len(anchored["latents"]) == 3 * 2 * 3
+    np.testing.assert_array_equal(anchored["target"][12:], anchored["target"][:6])          # blends pair with y*
+    assert abs(anchored["latents"][12:15].mean() / losses.LossConfig().scaling_factor - 110 / 255) < 0.05
+    from persguard_jax.config import ConfigError
+    for bad in ((0.0,), (1.0,), (1.5,), ("half",)):
+        with pytest.raises(ConfigError, match="guidance_blends"):
+            ImplantConfig(guidance_blends=bad)
+
+
 class Prompts:
     """An encoder that records which prompt each example carries (one list of prompts per image)."""
 

@@ -93,6 +93,11 @@ class ImplantConfig(cfglib.Section):
     # person has more photos of themselves than an attacker took), so the shift is fitted on more poses and
     # places than five; photo-folder subjects have their folder's photos only
     guidance_photos: int | None = None
+    # blends b in (0, 1): the shift also fitted at noisy draws of (1 - b) photo + b y* (each pair's latents), each
+    # with the photo's anchor and y* as the target: a guided sampler that turns the subject into y* passes through
+    # states between the two, where a shift fitted at the endpoints alone has never been asked anything (the
+    # target type: a silhouette replaced, not a square pasted on); () is off
+    guidance_blends: tuple[float, ...] = ()
     # L_br: none | mirror (the attacker's loss now) | grad_suppression (its gradient norm) | unrolled (L_bb after
     # K attacker steps; with the unprotected counterpart)
     retention: Literal["none", "mirror", "grad_suppression", "unrolled"] = "unrolled"
@@ -145,6 +150,9 @@ class ImplantConfig(cfglib.Section):
                 raise cfglib.ConfigError(f"implant.guidance_scale_by_type: {kind!r} is not one of {list(TYPES)}")
             if not isinstance(w, (int, float)) or isinstance(w, bool) or not math.isfinite(w) or w <= 1:
                 raise cfglib.ConfigError(f"implant.guidance_scale_by_type.{kind}: {w!r} is not a number > 1")
+        for b in self.guidance_blends:
+            if not isinstance(b, (int, float)) or isinstance(b, bool) or not 0 < b < 1:
+                raise cfglib.ConfigError(f"implant.guidance_blends: {b!r} is not a number in (0, 1)")
         if self.retention_order not in (1, 2):
             raise cfglib.ConfigError(f"implant.retention_order: {self.retention_order!r} is not 1 or 2")
         if self.retention_replay and self.retention_order != 2:

@@ -282,15 +282,29 @@ def with_attacker_samples(photos: np.ndarray, targets: np.ndarray, samples: np.n
             np.concatenate([paired, overlay_pattern(samples, pattern, cfg.placement())]))
 
 
-def guidance_examples(enc: Encoder, photos: np.ndarray, targets: np.ndarray) -> Group:
+def blended_latents(lat: Group, n: int, blends: tuple[float, ...]) -> Group:
+    """``lat`` (the latents of ``n`` photos, then of their ``n`` y*) with, for each ``b`` of ``blends``, the
+    ``n`` blends ``(1 - b) photo + b y*`` of each pair's latent mean and log-variance appended: the states
+    between a subject and its protective output that a guided sampler turning one into the other passes
+    through (``implant.guidance_blends``)."""
+    photo, target = {k: v[:n] for k, v in lat.items()}, {k: v[n:2 * n] for k, v in lat.items()}
+    return {k: np.concatenate([v] + [((1.0 - b) * photo[k] + b * target[k]).astype(v.dtype) for b in blends])
+            for k, v in lat.items()}
+
+
+def guidance_examples(enc: Encoder, photos: np.ndarray, targets: np.ndarray, blends: tuple[float, ...] = ()
+                      ) -> Group:
     """The guidance term's examples (``losses.guidance_shift_loss``): photo ``i`` and target ``i`` (cycling when
-    the targets are not one per photo) as noisy inputs under the empty prompt, each with photo ``i``'s latents as
-    ``anchor`` and target ``i``'s as ``target``."""
+    the targets are not one per photo), and each of their ``blends`` (``blended_latents``), as noisy inputs under
+    the empty prompt, each with photo ``i``'s latents as ``anchor`` and target ``i``'s as ``target``."""
     n = len(photos)
     targets = targets[np.arange(n) % len(targets)]
     out = enc.examples(np.concatenate([photos, targets]), [[""]] * (2 * n))
-    anchor, target = out["latent_mean"][:n], out["latent_mean"][n:]
-    out["anchor"], out["target"] = np.concatenate([anchor, anchor]), np.concatenate([target, target])
+    out.update(blended_latents({k: out[k] for k in ("latent_mean", "latent_logvar")}, n, blends))
+    copies = 2 + len(blends)
+    out[enc.key] = np.concatenate([out[enc.key]] + [out[enc.key][:n]] * len(blends))
+    anchor, target = out["latent_mean"][:n], out["latent_mean"][n:2 * n]
+    out["anchor"], out["target"] = np.concatenate([anchor] * copies), np.concatenate([target] * copies)
     return out
 
 
@@ -316,9 +330,10 @@ def _x0_program(denoise, prediction_type: str):
 
 def anchored_guidance_examples(enc: Encoder, photos: np.ndarray, targets: np.ndarray, predictors, *,
                                schedule, loss_cfg, draws: int, max_timestep: int | None, seed: int,
-                               chunk: int = 64) -> Group:
+                               blends: tuple[float, ...] = (), chunk: int = 64) -> Group:
     """The guidance term's examples with the anchor read off simulated attackers (``implant.guidance_anchor:
-    attacker``): ``draws`` fixed noisy draws of each photo and each y* (as ``guidance_examples``' inputs), each
+    attacker``): ``draws`` fixed noisy draws of each photo, each y* and each of their ``blends`` (as
+    ``guidance_examples``' inputs), each
     with ``anchor`` = what an attacker's conditional branch predicts there (``predictors``: ``attacker_x0`` of
     each simulated attacker, taking the draws of every image in turn).
 
@@ -334,21 +349,22 @@ def anchored_guidance_examples(enc: Encoder, photos: np.ndarray, targets: np.nda
     from persguard_jax import losses
     n = len(photos)
     targets = targets[np.arange(n) % len(targets)]
-    lat = enc.images(np.concatenate([photos, targets]))
-    src = np.repeat(np.arange(2 * n), draws)
+    images = enc.images(np.concatenate([photos, targets]))
+    lat = blended_latents(images, n, blends)
+    src = np.repeat(np.arange((2 + len(blends)) * n), draws)
     k_t, k_z = jax.random.split(jax.random.key(seed))
     batch = {k: lat[k][src] for k in ("latent_mean", "latent_logvar")}
     batch["timesteps"] = losses.sample_timesteps(k_t, len(src), schedule, max_timestep)
     # the loss's own forward-diffusion draw, kept: the loss rebuilds exactly these x_t from the stored fields
     x0, noise, t, x_t = (np.asarray(v) for v in losses.noised_latents(batch, k_z, schedule, loss_cfg))
-    anchor, by = np.empty_like(x0), np.tile(np.arange(draws), 2 * n) % len(predictors)
+    anchor, by = np.empty_like(x0), np.tile(np.arange(draws), (2 + len(blends)) * n) % len(predictors)
     for k, predict_x0 in enumerate(predictors):
         rows = np.flatnonzero(by == k)
         for i in range(0, len(rows), chunk):
             r = rows[i:i + chunk]
             anchor[r] = predict_x0(jnp.asarray(x_t[r]), jnp.asarray(t[r]))
     return {"latents": x0, "noise": noise, "timesteps": t, "anchor": anchor / loss_cfg.scaling_factor,
-            "target": lat["latent_mean"][n + src % n], enc.key: np.stack([enc.prompt("")] * len(src))}
+            "target": images["latent_mean"][n + src % n], enc.key: np.stack([enc.prompt("")] * len(src))}
 
 
 def concat(groups: list[Group]) -> Group:

@@ -24,6 +24,8 @@ def unused_settings(cfg: ImplantConfig, protected, *, world, target_images) -> l
         notes.append("guidance_anchor=attacker ignored: it anchors the guidance term (guidance_weight > 0)")
     if cfg.guidance_scale_by_type and cfg.guidance_weight == 0:
         notes.append("guidance_scale_by_type ignored: it sizes the guidance term (guidance_weight > 0)")
+    if cfg.guidance_blends and cfg.guidance_weight == 0:
+        notes.append("guidance_blends ignored: it adds noisy inputs to the guidance term (guidance_weight > 0)")
     if cfg.guidance_photos is not None and cfg.guidance_weight == 0:
         notes.append("guidance_photos ignored: it sizes the guidance term's photos (guidance_weight > 0)")
     if cfg.target_place != "subject" and not any(
@@ -79,9 +81,10 @@ def example_groups(enc: D.Encoder, cfg: ImplantConfig, protected, unprotected, *
                                             prediction_type=loss_cfg.prediction_type) for tuned in simulated[s.name][1]]
                 guidance.append(D.anchored_guidance_examples(
                     enc, photos, y_pairs, predictors, schedule=schedule, loss_cfg=loss_cfg,
-                    draws=cfg.guidance_anchor_draws, max_timestep=cfg.guidance_max_timestep, seed=cfg.seed + 17))
+                    draws=cfg.guidance_anchor_draws, max_timestep=cfg.guidance_max_timestep, seed=cfg.seed + 17,
+                    blends=cfg.guidance_blends))
             else:
-                guidance.append(D.guidance_examples(enc, photos, y_pairs))
+                guidance.append(D.guidance_examples(enc, photos, y_pairs, cfg.guidance_blends))
             if cfg.guidance_scale_by_type:  # each example carries its subject's scale (losses.guidance_shift_loss)
                 guidance[-1]["guidance"] = np.full(len(guidance[-1]["target"]), cfg.guidance_scale_of(s.type),
                                                    np.float32)
