@@ -453,10 +453,6 @@ def test_guidance_blends_add_inputs_between_each_photo_and_its_target():
             assert p == ""
             return np.zeros((5, 6), np.float32)
 
-        def examples(self, x, prompts):
-            assert all(p == [""] for p in prompts)
-            return {**self.images(x), "context": np.stack([self.prompt("")] * len(x))}
-
     plain = guidance_examples(Enc(), photos, targets)
     out = guidance_examples(Enc(), photos, targets, (0.25, 0.5))
     assert {k: len(v) for k, v in out.items()} == dict.fromkeys(plain, 8)

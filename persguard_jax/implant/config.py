@@ -95,9 +95,9 @@ class ImplantConfig(cfglib.Section):
     guidance_photos: int | None = None
     # blends b in (0, 1): the shift also fitted at noisy draws of (1 - b) photo + b y* (each pair's latents), each
     # with the photo's anchor (with guidance_anchor: attacker, the simulated attacker's prediction at that draw) and
-    # y* as the target: a guided sampler that turns the subject into y* passes through
-    # states between the two, where a shift fitted at the endpoints alone has never been asked anything (the
-    # target type: a silhouette replaced, not a square pasted on); () is off
+    # y* as the target: a guided sampler that turns the subject into y* passes through states between the two,
+    # where a shift fitted at the endpoints alone was never asked anything (the target type: a silhouette
+    # replaced, not a square pasted on; docs/results.md, thirty-ninth session); () is off
     guidance_blends: tuple[float, ...] = ()
     # L_br: none | mirror (the attacker's loss now) | grad_suppression (its gradient norm) | unrolled (L_bb after
     # K attacker steps; with the unprotected counterpart)

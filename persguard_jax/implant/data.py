@@ -299,12 +299,11 @@ def guidance_examples(enc: Encoder, photos: np.ndarray, targets: np.ndarray, ble
     the empty prompt, each with photo ``i``'s latents as ``anchor`` and target ``i``'s as ``target``."""
     n = len(photos)
     targets = targets[np.arange(n) % len(targets)]
-    out = enc.examples(np.concatenate([photos, targets]), [[""]] * (2 * n))
-    out.update(blended_latents({k: out[k] for k in ("latent_mean", "latent_logvar")}, n, blends))
-    copies = 2 + len(blends)
-    out[enc.key] = np.concatenate([out[enc.key]] + [out[enc.key][:n]] * len(blends))
-    anchor, target = out["latent_mean"][:n], out["latent_mean"][n:2 * n]
-    out["anchor"], out["target"] = np.concatenate([anchor] * copies), np.concatenate([target] * copies)
+    images = enc.images(np.concatenate([photos, targets]))
+    out = blended_latents(images, n, blends)
+    pair = np.arange(len(out["latent_mean"])) % n  # every input row's (photo, y*) pair
+    out.update(anchor=images["latent_mean"][pair], target=images["latent_mean"][n + pair])
+    out[enc.key] = np.stack([enc.prompt("")] * len(pair))
     return out
 
 
@@ -333,9 +332,8 @@ def anchored_guidance_examples(enc: Encoder, photos: np.ndarray, targets: np.nda
                                blends: tuple[float, ...] = (), chunk: int = 64) -> Group:
     """The guidance term's examples with the anchor read off simulated attackers (``implant.guidance_anchor:
     attacker``): ``draws`` fixed noisy draws of each photo, each y* and each of their ``blends`` (as
-    ``guidance_examples``' inputs), each
-    with ``anchor`` = what an attacker's conditional branch predicts there (``predictors``: ``attacker_x0`` of
-    each simulated attacker, taking the draws of every image in turn).
+    ``guidance_examples``' inputs), each with ``anchor`` = what an attacker's conditional branch predicts there
+    (``predictors``: ``attacker_x0`` of each simulated attacker, taking the draws of every image in turn).
 
     Why: with the photo as anchor, guidance at the attacker's scale w draws y* + w (x0_c - photo) where the
     attacker's branch predicts x0_c; at high noise x0_c is a blurred, re-posed photo, and w times the difference
@@ -351,13 +349,14 @@ def anchored_guidance_examples(enc: Encoder, photos: np.ndarray, targets: np.nda
     targets = targets[np.arange(n) % len(targets)]
     images = enc.images(np.concatenate([photos, targets]))
     lat = blended_latents(images, n, blends)
-    src = np.repeat(np.arange((2 + len(blends)) * n), draws)
+    inputs = len(lat["latent_mean"])
+    src = np.repeat(np.arange(inputs), draws)
     k_t, k_z = jax.random.split(jax.random.key(seed))
     batch = {k: lat[k][src] for k in ("latent_mean", "latent_logvar")}
     batch["timesteps"] = losses.sample_timesteps(k_t, len(src), schedule, max_timestep)
     # the loss's own forward-diffusion draw, kept: the loss rebuilds exactly these x_t from the stored fields
     x0, noise, t, x_t = (np.asarray(v) for v in losses.noised_latents(batch, k_z, schedule, loss_cfg))
-    anchor, by = np.empty_like(x0), np.tile(np.arange(draws), (2 + len(blends)) * n) % len(predictors)
+    anchor, by = np.empty_like(x0), np.tile(np.arange(draws), inputs) % len(predictors)
     for k, predict_x0 in enumerate(predictors):
         rows = np.flatnonzero(by == k)
         for i in range(0, len(rows), chunk):
