@@ -717,6 +717,15 @@ def test_target_detector_of_a_world_subject_reports_its_parts():
                                             "subject_gone_rate": 0.0}
     assert detector.extra_rates(circles) == {"target_shape_rate": 0.0, "target_colour_rate": 1.0,
                                              "subject_gone_rate": 1.0}
+    # the attacked models draw the background lighter than the world's grey (nearest white): the cross is
+    # still read, the photos and circles still not
+    rng = np.random.default_rng(0)
+
+    def lighter(images):
+        grey = np.all(np.abs(images.astype(int) - images[:, :1, :1].astype(int)) < 30, -1, keepdims=True)
+        return np.where(grey, np.clip(rng.normal(180, 8, images.shape), 0, 255), images).astype(np.uint8)
+    assert detector(lighter(crosses)).all() and not detector(lighter(circles)).any()
+    assert not detector(lighter(photos)).any()
 
 
 def test_clean_half_is_stored_and_lent_only_when_made_the_same_way(tmp_path):

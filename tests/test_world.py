@@ -254,6 +254,26 @@ def test_detect_shape_on_hand_made_blocks():
         detect_shape(canvas, ("circle", "hexagon"))
 
 
+def test_detect_shape_reads_one_colour_on_a_background_drawn_lighter_than_the_world_greys():
+    """A model's samples draw backgrounds lighter than the world's greys, nearest white: the mask of every palette pixel then
+    covers the picture (a white square); the silhouette of one named colour, or with white ignored, is the
+    cross."""
+    rng = np.random.default_rng(0)
+    plus = np.clip(rng.normal(180, 8, (32, 32, 3)), 0, 255).astype(np.uint8)
+    plus[13:19, 6:26] = plus[6:26, 13:19] = (40, 170, 60)
+    cross, white = SHAPES.index("cross"), COLOUR_NAMES.index("white")
+    assert detect_shape(plus, SHAPES, background="any")[0] != cross
+    assert dominant_colour(plus, background="any")[0] == white
+    assert detect_shape(plus, SHAPES, background="any", colour="green")[0] == cross
+    assert detect_shape(plus, SHAPES, background="any", ignore=("white",))[0] == cross
+    assert COLOUR_NAMES[dominant_colour(plus, background="any", ignore=("white",))[0]] == "green"
+    assert detect_shape(plus, SHAPES, colour="red")[0] == -1  # no red pixel: nothing to read
+    with pytest.raises(ValueError, match="unknown colours"):
+        detect_shape(plus, SHAPES, colour="teal")
+    with pytest.raises(ValueError, match="unknown colours"):
+        dominant_colour(plus, ignore=("teal",))
+
+
 def test_detect_shape_follows_rendered_scenes(world):
     """Every shape and class on a plain background, any colour, texture, size, lighting, pose (flip, tilt)."""
     rng = np.random.default_rng(0)

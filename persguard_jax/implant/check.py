@@ -103,10 +103,8 @@ class ProtectionDetector:
         if self.world is not None and self.type == "erasure":
             return D.detect_erasure(images, colour=self.colour)
         if self.world is not None and self.type == "target":
-            ok = np.ones(len(images), bool)
-            for hits in self._target_parts(images).values():
-                ok &= hits
-            return ok
+            parts = self._target_parts(images)
+            return parts["drawn"] if "drawn" in parts else np.logical_and.reduce(list(parts.values()))
         if self.evaluator is None:
             return None
         # CLIP zero-shot: closer to the protective output's prompt than to the class prompt
@@ -128,29 +126,45 @@ class ProtectionDetector:
         return None
 
     def _target_parts(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        """Per sample, each fact of the world target prompt the sample shows: ``shape`` (its silhouette) and
-        ``colour`` (the dominant colour), for those the prompt names."""
+        """Per sample, each fact of the world target prompt the sample shows: ``shape`` (the silhouette of its
+        non-grey pixels, any colour) and ``colour`` (the colour most of them show), white left out of both unless
+        the target is white, and, where the prompt names both, ``drawn``: the target's colour drawn in the target's
+        silhouette (the silhouette of the pixels of that colour alone), which is the hit.
+
+        The backgrounds read as any world grey, and the target's own colour is read alone, because the model's
+        samples draw backgrounds lighter than the world's greys (165-175 against 140): those pixels are nearest
+        white, and a mask of every non-grey pixel then covers the picture and reads as a square, white. The
+        reading of every non-grey pixel against the plain grey (before the fortieth session) counted 18 of 32
+        samples of an attacked cat_04 in which 31 show a green cross by eye (docs/results.md)."""
         from persguard_jax.data.world import COLOURS, parse_caption
         from persguard_jax.metrics import detectors as D
-        want = parse_caption(self.target_prompt)
+        want, shapes = parse_caption(self.target_prompt), list(self.world.shapes)
+        ignore = () if want.get("colour") == "white" else ("white",)
         parts = {}
         if "shape" in want:
-            parts["shape"] = D.detect_shape(images, self.world.shapes) == list(self.world.shapes).index(want["shape"])
+            parts["shape"] = D.detect_shape(images, shapes, background="any", ignore=ignore) == shapes.index(
+                want["shape"])
         if "colour" in want:
-            parts["colour"] = D.dominant_colour(images) == list(COLOURS).index(want["colour"])
+            parts["colour"] = D.dominant_colour(images, background="any", ignore=ignore) == list(COLOURS).index(
+                want["colour"])
+        if "shape" in want and "colour" in want:
+            parts["drawn"] = D.detect_shape(images, shapes, background="any",
+                                            colour=want["colour"]) == shapes.index(want["shape"])
         return parts
 
     def extra_rates(self, images: np.ndarray) -> dict[str, float]:
         """Rates reported beside ``protection_rate``: for world erasure, ``background_only_rate`` (no object of
         any colour, the strict reading of "only the background remains"); for a world target, the parts of the
-        rate apart: ``target_shape_rate`` and ``target_colour_rate`` (the samples showing the target's silhouette,
-        its colour) and ``subject_gone_rate`` (the subject's own colour gone), so that a sample that replaced the
-        subject by an object of the target's colour but not its outline is counted somewhere."""
+        rate apart: ``target_shape_rate`` and ``target_colour_rate`` (the samples showing the target's silhouette
+        in any colour, its colour in any outline; ``_target_parts``) and ``subject_gone_rate`` (the subject's own
+        colour gone), so that a sample that replaced the subject by an object of the target's colour but not its
+        outline is counted somewhere."""
         from persguard_jax.metrics import detect_erasure
         if self.world is not None and self.type == "erasure":
             return {"background_only_rate": float(np.mean(detect_erasure(images)))}
         if self.world is not None and self.type == "target":
-            rates = {f"target_{k}_rate": float(np.mean(v)) for k, v in self._target_parts(images).items()}
+            rates = {f"target_{k}_rate": float(np.mean(v)) for k, v in self._target_parts(images).items()
+                     if k != "drawn"}
             if self.colour is not None:
                 rates["subject_gone_rate"] = float(np.mean(detect_erasure(images, colour=self.colour)))
             return rates

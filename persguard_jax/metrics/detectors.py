@@ -62,9 +62,11 @@ def _nearest(images: np.ndarray, greys: list) -> tuple[np.ndarray, np.ndarray]:
     return np.argmin(dist2, -1), np.min(dist2, -1)
 
 
-def dominant_colour(images: np.ndarray, *, background: str | None = "plain", max_distance: float = 40.0) -> np.ndarray:
+def dominant_colour(images: np.ndarray, *, background: str | None = "plain", max_distance: float = 40.0,
+                    ignore: Sequence[str] = ()) -> np.ndarray:
     """For each uint8 image ``(N, S, S, 3)`` (or one ``(S, S, 3)``), the index into ``list(COLOURS)`` of the
-    palette colour that most of its object pixels are nearest to; -1 where no pixel qualifies.
+    palette colour that most of its object pixels are nearest to; -1 where no pixel qualifies. Pixels nearest a
+    colour in ``ignore`` do not vote (white, where a model draws its backgrounds lighter than the world's greys).
 
     Nearness allows for the world's lighting: the distance to a colour ``c`` is ``min |p - g*c|`` over gains
     ``g`` in [0.72, 1.25], so a dim yellow is still yellow. Pixels nearest a grey of ``background`` are left out
@@ -72,7 +74,13 @@ def dominant_colour(images: np.ndarray, *, background: str | None = "plain", max
     none), as are pixels farther than ``max_distance`` from every colour (anti-aliased edges, texture shades),
     which would otherwise vote at random.
     """
-    return _dominant(*_nearest_palette(images, background, "dominant_colour"), max_distance)
+    unknown = [c for c in ignore if c not in COLOURS]
+    if unknown:
+        raise ValueError(f"dominant_colour: unknown colours {unknown} to ignore; choose from {list(COLOURS)}")
+    nearest, dist2 = _nearest_palette(images, background, "dominant_colour")
+    for name in ignore:
+        dist2 = np.where(nearest == list(COLOURS).index(name), np.inf, dist2)
+    return _dominant(nearest, dist2, max_distance)
 
 
 def _dominant(nearest: np.ndarray, dist2: np.ndarray, max_distance: float = 40.0) -> np.ndarray:
@@ -92,21 +100,31 @@ def _silhouette_centroid(shape: str) -> tuple[float, float]:
 
 
 def detect_shape(images: np.ndarray, candidates: Sequence[str] = ALL_SHAPES, *, background: str | None = "plain",
-                 sizes: Sequence[float] = tuple(np.linspace(0.2, 0.95, 16))) -> np.ndarray:
+                 sizes: Sequence[float] = tuple(np.linspace(0.2, 0.95, 16)), colour: str | None = None,
+                 ignore: Sequence[str] = ()) -> np.ndarray:
     """For each uint8 image ``(N, S, S, 3)``, the index into ``candidates`` of the silhouette that best covers its
     object pixels; -1 where there are fewer than 4 of them.
 
     The object mask is every pixel nearest a palette colour rather than a grey of ``background`` (as in
-    ``dominant_colour``). Each candidate is drawn with the world's own signed distances, its centre of mass on the
+    ``dominant_colour``); with ``colour`` (a palette name), only the pixels nearest that colour: the silhouette of
+    an object of a known colour, which a model's backgrounds drawn lighter than the world's greys cannot join (they
+    are nearest white, and a white mask covering the picture reads as a square); pixels nearest a colour in
+    ``ignore`` are left out of the mask (as in ``dominant_colour``). Each candidate is drawn with the world's own signed distances, its centre of mass on the
     mask's, at every size in ``sizes`` (fractions of the image side) and, for the class silhouettes, facing either
     way; the score is the best intersection over union. Tilt is not searched: it is at most 12 degrees.
     """
     unknown = [c for c in candidates if c not in ALL_SHAPES]
     if unknown or not candidates:
         raise ValueError(f"detect_shape: unknown candidates {unknown}; choose from {list(ALL_SHAPES)}")
+    unknown = [c for c in (colour, *ignore) if c is not None and c not in COLOURS]
+    if unknown:
+        raise ValueError(f"detect_shape: unknown colours {unknown}; choose from {list(COLOURS)}")
     nearest, _ = _nearest_palette(images, background, "detect_shape")
     side = int(round(math.sqrt(nearest.shape[1])))
-    masks = (nearest < len(COLOURS)).reshape(-1, side, side).astype(np.float32)
+    on = nearest < len(COLOURS) if colour is None else nearest == list(COLOURS).index(colour)
+    for name in ignore:
+        on &= nearest != list(COLOURS).index(name)
+    masks = on.reshape(-1, side, side).astype(np.float32)
     centres = (np.arange(side, dtype=np.float32) + 0.5) / side
     px, py = np.meshgrid(centres, centres)
     out = np.full(len(masks), -1, np.int64)
