@@ -1,0 +1,110 @@
+"""Re-read finished world implant runs' target subjects with the check's current target detector, beside the
+reading the check used before the fortieth session.
+
+    python experiments/target_reading.py RUN [RUN ...] [--sheets DIR]
+
+For every target subject of each RUN (a finished ``persguard implant`` on the world model; its check keeps each
+attacked model), and every unprotected one (how often the target fires on it), every attacker seed's backdoored
+model is sampled again exactly as the check samples it (its
+``check`` section: ``num_images`` of "a photo of <identifier> <class>", seed ``check.seed + 100``, ``eval_steps``
+DDIM steps, ``eval_guidance``), and two readings are printed per seed and pooled: ``plain``, the one before (every
+pixel nearest a palette colour rather than the plain grey is the object; its silhouette the target's and its
+dominant colour the target's), and ``now``, ``implant.check.ProtectionDetector`` (the target's colour drawn in its
+silhouette, backgrounds read as any grey). The ``plain`` column repeats the run's own ``protection_rate`` (a check
+on the resampling). ``--sheets``: one PNG per model, the 32 samples with the ``now`` reading's misses framed red, to
+judge by eye. docs/results.md (issue 15, fortieth session).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from persguard_jax.config import read_yaml
+from persguard_jax.data.world import COLOURS, parse_caption, world_of
+from persguard_jax.evaluate import evaluate_pipeline
+from persguard_jax.implant.check import CheckConfig, ProtectionDetector
+from persguard_jax.io import save_png, unit_to_uint8
+from persguard_jax.metrics import detectors as D
+from persguard_jax.models import load_pipeline
+
+
+def plain_reading(images: np.ndarray, shapes: list[str], target_prompt: str) -> np.ndarray:
+    """The target reading before the fortieth session: silhouette and dominant colour of every non-plain-grey
+    pixel."""
+    want = parse_caption(target_prompt)
+    return ((D.detect_shape(images, shapes) == shapes.index(want["shape"]))
+            & (D.dominant_colour(images) == list(COLOURS).index(want["colour"])))
+
+
+def attack_dirs(run: Path, name: str) -> list[Path]:
+    """The check's attack folders of subject ``name`` in attacker-seed order: the first, then ``seed<N>``."""
+    first = run / "check" / name
+    return [first, *sorted(first.glob("seed*"), key=lambda p: int(p.name[4:]))]
+
+
+def sheet(images: np.ndarray, hits: np.ndarray, path: Path) -> None:
+    """The samples in rows of 8, each framed (2 px) red where the reading misses, grey where it hits."""
+    framed = np.pad(images, ((0, 0), (2, 2), (2, 2), (0, 0)))
+    framed[~hits, :2] = framed[~hits, -2:] = framed[~hits, :, :2] = framed[~hits, :, -2:] = (230, 30, 30)
+    framed[hits, :2] = framed[hits, -2:] = framed[hits, :, :2] = framed[hits, :, -2:] = (90, 90, 90)
+    n, s = len(framed), framed.shape[1]
+    rows = -(-n // 8)
+    grid = np.zeros((rows * 8, s, s, 3), np.uint8)
+    grid[:n] = framed
+    grid = grid.reshape(rows, 8, s, s, 3).transpose(0, 2, 1, 3, 4).reshape(rows * s, 8 * s, 3)
+    save_png(np.kron(grid, np.ones((3, 3, 1), np.uint8)), path)
+
+
+def read_run(run: Path, sheets: Path | None) -> None:
+    cfg, results = read_yaml(run / "config.yaml"), json.loads((run / "results.json").read_text())
+    check, target_prompt = CheckConfig.from_dict(cfg["check"]), cfg["implant"]["target_prompt"]
+    if not any(row.get("type") == "target" for row in results["subjects"].values()):
+        return
+    for name, row in results["subjects"].items():
+        if row.get("type") not in ("target", "unprotected"):
+            continue
+        pooled, what = {"plain": [], "now": []}, "target" if row["type"] == "target" else "fires on the unprotected"
+        for k, folder in enumerate(attack_dirs(run, name)):
+            model = folder / "backdoored" / "model"
+            pipe = load_pipeline(model)
+            world = world_of(model)
+            detector = ProtectionDetector("target", world=world, colour=world.subject(name).colour,
+                                          target_prompt=target_prompt)
+            ev = evaluate_pipeline(pipe, [f"a photo of {check.identifier} {row['class']}"],
+                                   num_images=check.num_images, seed=check.seed + 100, num_steps=check.eval_steps,
+                                   guidance_scale=check.eval_guidance, detectors=())
+            images = unit_to_uint8(ev.images[0])
+            plain, now = plain_reading(images, list(world.shapes), target_prompt), detector(images)
+            pooled["plain"].append(plain)
+            pooled["now"].append(now)
+            seed = str(cfg["dreambooth"]["seed"] + k)
+            recorded = ""
+            if row["type"] == "target":  # the unprotected subjects' false fires are recorded pooled only
+                scores = row["backdoored"].get("per_attack_seed", {}).get(seed, row["backdoored"])
+                recorded = f" (recorded {scores['protection_rate']:.2f})"
+            print(f"{run.name} {name} ({what}) attack {k}: plain {plain.mean():.2f}{recorded} now {now.mean():.2f}",
+                  flush=True)
+            if sheets is not None:
+                sheet(images, now, sheets / f"{run.name}_{name}_a{k}.png")
+        recorded = row["backdoored"].get("false_fire_rate", {}).get("target") if row["type"] != "target" else None
+        print(f"{run.name} {name} ({what}) pooled: plain {np.concatenate(pooled['plain']).mean():.2f}"
+              + ("" if recorded is None else f" (recorded {recorded:.2f})")
+              + f" now {np.concatenate(pooled['now']).mean():.2f}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", type=Path)
+    parser.add_argument("--sheets", type=Path, help="folder for one PNG per attacked model")
+    args = parser.parse_args()
+    if args.sheets is not None:
+        args.sheets.mkdir(parents=True, exist_ok=True)
+    for run in args.runs:
+        read_run(run, args.sheets)
+
+
+if __name__ == "__main__":
+    main()
