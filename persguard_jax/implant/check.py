@@ -7,9 +7,9 @@ sections, identifier ``check.identifier``, ``sks`` by default) fine-tunes the mo
 - ``protection_rate``: the fraction of samples showing the protective output. World subjects (and the pattern
   type anywhere) by pixel detectors: pattern (``detect_pattern`` at the configured place), erasure (the
   subject's colour gone: ``detect_erasure(colour=...)``; ``background_only_rate`` beside it: no object of any
-  colour, which the world model's tinted backgrounds rarely pass), target (the target prompt's silhouette and
-  colour: ``detect_shape``, ``dominant_colour``; ``target_shape_rate``, ``target_colour_rate`` and
-  ``subject_gone_rate`` beside it: the parts apart).
+  colour, which the world model's tinted backgrounds rarely pass), target (the target prompt's colour drawn in
+  its silhouette: ``detect_shape(colour=...)``, backgrounds read as any world grey; ``target_shape_rate``,
+  ``target_colour_rate`` and ``subject_gone_rate`` beside it: the parts apart).
   Other photos: CLIP zero-shot, the target or background prompt against the class prompt (needs ``check.clip``).
   ``protection_rate_interval`` beside it: the rate's 95% Wilson interval over the ``check.num_images`` samples
   (``metrics.scores.rate_interval``), since a goal such as ">= 0.9" is not readable from 8 samples (7 of 8 spans
