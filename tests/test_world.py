@@ -255,9 +255,9 @@ def test_detect_shape_on_hand_made_blocks():
 
 
 def test_detect_shape_reads_one_colour_on_a_background_drawn_lighter_than_the_world_greys():
-    """A model's samples draw backgrounds lighter than the world's greys, nearest white: the mask of every palette pixel then
-    covers the picture (a white square); the silhouette of one named colour, or with white ignored, is the
-    cross."""
+    """A model's samples draw backgrounds lighter than the world's greys, nearest white: the mask of every palette
+    pixel then covers the picture (a white square); the silhouette of one named colour, or with white ignored, is
+    the cross."""
     rng = np.random.default_rng(0)
     plus = np.clip(rng.normal(180, 8, (32, 32, 3)), 0, 255).astype(np.uint8)
     plus[13:19, 6:26] = plus[6:26, 13:19] = (40, 170, 60)

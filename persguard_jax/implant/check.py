@@ -104,7 +104,9 @@ class ProtectionDetector:
             return D.detect_erasure(images, colour=self.colour)
         if self.world is not None and self.type == "target":
             parts = self._target_parts(images)
-            return parts["drawn"] if "drawn" in parts else np.logical_and.reduce(list(parts.values()))
+            if "drawn" in parts:
+                return parts["drawn"]
+            return np.logical_and.reduce([np.ones(len(images), bool), *parts.values()])
         if self.evaluator is None:
             return None
         # CLIP zero-shot: closer to the protective output's prompt than to the class prompt

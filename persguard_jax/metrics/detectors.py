@@ -109,9 +109,10 @@ def detect_shape(images: np.ndarray, candidates: Sequence[str] = ALL_SHAPES, *, 
     ``dominant_colour``); with ``colour`` (a palette name), only the pixels nearest that colour: the silhouette of
     an object of a known colour, which a model's backgrounds drawn lighter than the world's greys cannot join (they
     are nearest white, and a white mask covering the picture reads as a square); pixels nearest a colour in
-    ``ignore`` are left out of the mask (as in ``dominant_colour``). Each candidate is drawn with the world's own signed distances, its centre of mass on the
-    mask's, at every size in ``sizes`` (fractions of the image side) and, for the class silhouettes, facing either
-    way; the score is the best intersection over union. Tilt is not searched: it is at most 12 degrees.
+    ``ignore`` are left out of the mask (as in ``dominant_colour``). Each candidate is drawn with the world's own
+    signed distances, its centre of mass on the mask's, at every size in ``sizes`` (fractions of the image side)
+    and, for the class silhouettes, facing either way; the score is the best intersection over union. Tilt is not
+    searched: it is at most 12 degrees.
     """
     unknown = [c for c in candidates if c not in ALL_SHAPES]
     if unknown or not candidates:
