@@ -12,7 +12,9 @@ pixel nearest a palette colour rather than the plain grey is the object; its sil
 dominant colour the target's), and ``now``, ``implant.check.ProtectionDetector`` (the target's colour drawn in its
 silhouette, backgrounds read as any grey). The ``plain`` column repeats the run's own ``protection_rate`` (a check
 on the resampling). ``--sheets``: one PNG per model, the 32 samples with the ``now`` reading's misses framed red, to
-judge by eye. docs/results.md (issue 15, fortieth session).
+judge by eye. ``--general``: also each RUN's backdoored model's general shape following (the check's shape prompts
+and sampling), read as the check reads it (every non-plain-grey pixel) and by the prompt colour's own silhouette,
+with the samples' border median (where their backgrounds sit). docs/results.md (issue 15, fortieth session).
 """
 from __future__ import annotations
 
@@ -95,15 +97,35 @@ def read_run(run: Path, sheets: Path | None) -> None:
               + f" now {np.concatenate(pooled['now']).mean():.2f}", flush=True)
 
 
+def read_general(run: Path) -> None:
+    """The backdoored model's general shape following, both readings, and its samples' border median."""
+    from persguard_jax.following import Sampling, sample_pixels, shape_prompts
+    model = run / "model"
+    pipe, world = load_pipeline(model), world_of(model)
+    shapes, pairs = list(world.shapes), shape_prompts(world, CheckConfig.from_dict(
+        read_yaml(run / "config.yaml")["check"]).per_shape)
+    images = sample_pixels(pipe, world, [prompt for _, prompt in pairs], Sampling())
+    want = np.array([shapes.index(shape) for shape, _ in pairs])
+    check = np.mean(D.detect_shape(images, shapes) == want)
+    drawn = np.mean([D.detect_shape(x[None], shapes, background="any", colour=parse_caption(prompt)["colour"])[0]
+                     == w for x, (_, prompt), w in zip(images, pairs, want)])
+    border = np.concatenate([images[:, :2].reshape(len(images), -1, 3), images[:, -2:].reshape(len(images), -1, 3)], 1)
+    print(f"{run.name} general shape: check's reading {check:.2f}, the prompt colour's silhouette {drawn:.2f}; "
+          f"border median {np.round(np.median(border, 1).mean(0)).astype(int).tolist()}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--sheets", type=Path, help="folder for one PNG per attacked model")
+    parser.add_argument("--general", action="store_true", help="also the backdoored model's general shape following")
     args = parser.parse_args()
     if args.sheets is not None:
         args.sheets.mkdir(parents=True, exist_ok=True)
     for run in args.runs:
         read_run(run, args.sheets)
+        if args.general:
+            read_general(run)
 
 
 if __name__ == "__main__":
