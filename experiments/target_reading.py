@@ -1,20 +1,21 @@
 """Re-read finished world implant runs' target subjects with the check's current target detector, beside the
 reading the check used before the fortieth session.
 
-    python experiments/target_reading.py RUN [RUN ...] [--sheets DIR]
+    python experiments/target_reading.py RUN [RUN ...] [--sheets DIR] [--general]
 
 For every target subject of each RUN (a finished ``persguard implant`` on the world model; its check keeps each
 attacked model), and every unprotected one (how often the target fires on it), every attacker seed's backdoored
-model is sampled again exactly as the check samples it (its
-``check`` section: ``num_images`` of "a photo of <identifier> <class>", seed ``check.seed + 100``, ``eval_steps``
-DDIM steps, ``eval_guidance``), and two readings are printed per seed and pooled: ``plain``, the one before (every
-pixel nearest a palette colour rather than the plain grey is the object; its silhouette the target's and its
-dominant colour the target's), and ``now``, ``implant.check.ProtectionDetector`` (the target's colour drawn in its
-silhouette, backgrounds read as any grey). The ``plain`` column repeats the run's own ``protection_rate`` (a check
-on the resampling). ``--sheets``: one PNG per model, the 32 samples with the ``now`` reading's misses framed red, to
-judge by eye. ``--general``: also each RUN's backdoored model's general shape following (the check's shape prompts
-and sampling), read as the check reads it (every non-plain-grey pixel) and by the prompt colour's own silhouette,
-with the samples' border median (where their backgrounds sit). docs/results.md (issue 15, fortieth session).
+model is sampled again exactly as the check samples it (its ``check`` section: ``num_images`` of "a photo of
+<identifier> <class>", seed ``check.seed + 100``, ``eval_steps`` DDIM steps, ``eval_guidance``), and two readings
+are printed per seed and pooled: ``plain``, the one before (every pixel nearest a palette colour rather than the
+plain grey is the object; its silhouette the target's and its dominant colour the target's), and ``now``,
+``implant.check.ProtectionDetector`` (the target's colour drawn in its silhouette, backgrounds read as any grey).
+The run's own recorded rate is printed beside them: ``plain`` repeats it for runs made before the fortieth session
+(a check on the resampling), ``now`` for later ones. ``--sheets``: one PNG per model, the 32 samples with the
+``now`` reading's misses framed red, to judge by eye. ``--general``: also each RUN's backdoored model's general
+shape following (the check's shape prompts and sampling), read as the check reads it (every non-plain-grey pixel)
+and by the prompt colour's own silhouette, with the samples' border median (where their backgrounds sit).
+docs/results.md (issue 15, fortieth session).
 """
 from __future__ import annotations
 
