@@ -32,6 +32,7 @@ from persguard_jax.implant.check import CheckConfig, ProtectionDetector
 from persguard_jax.io import save_png, unit_to_uint8
 from persguard_jax.metrics import detectors as D
 from persguard_jax.models import load_pipeline
+from persguard_jax.report import image_grid
 
 
 def plain_reading(images: np.ndarray, shapes: list[str], target_prompt: str) -> np.ndarray:
@@ -49,15 +50,13 @@ def attack_dirs(run: Path, name: str) -> list[Path]:
 
 
 def sheet(images: np.ndarray, hits: np.ndarray, path: Path) -> None:
-    """The samples in rows of 8, each framed (2 px) red where the reading misses, grey where it hits."""
+    """The samples in rows of 8 (``report.image_grid``), each framed (2 px) red where the reading misses, grey where
+    it hits, three times enlarged."""
     framed = np.pad(images, ((0, 0), (2, 2), (2, 2), (0, 0)))
-    framed[~hits, :2] = framed[~hits, -2:] = framed[~hits, :, :2] = framed[~hits, :, -2:] = (230, 30, 30)
-    framed[hits, :2] = framed[hits, -2:] = framed[hits, :, :2] = framed[hits, :, -2:] = (90, 90, 90)
-    n, s = len(framed), framed.shape[1]
-    rows = -(-n // 8)
-    grid = np.zeros((rows * 8, s, s, 3), np.uint8)
-    grid[:n] = framed
-    grid = grid.reshape(rows, 8, s, s, 3).transpose(0, 2, 1, 3, 4).reshape(rows * s, 8 * s, 3)
+    border = np.ones(framed.shape[1:3], bool)
+    border[2:-2, 2:-2] = False
+    framed[:, border] = np.where(hits[:, None, None], (90, 90, 90), (230, 30, 30))
+    grid = image_grid(framed.astype(np.float32) / 255.0, ncols=8, pad=0)
     save_png(np.kron(grid, np.ones((3, 3, 1), np.uint8)), path)
 
 
@@ -99,20 +98,21 @@ def read_run(run: Path, sheets: Path | None) -> None:
 
 
 def read_general(run: Path) -> None:
-    """The backdoored model's general shape following, both readings, and its samples' border median."""
-    from persguard_jax.following import Sampling, sample_pixels, shape_prompts
+    """The backdoored model's general shape following (``following.shape_following``, the check's prompts and
+    sampling) read as the check reads it and by the prompt colour's own silhouette, and its samples' border
+    median."""
+    from persguard_jax.following import shape_following, shape_prompts
     model = run / "model"
     pipe, world = load_pipeline(model), world_of(model)
-    shapes, pairs = list(world.shapes), shape_prompts(world, CheckConfig.from_dict(
-        read_yaml(run / "config.yaml")["check"]).per_shape)
-    images = sample_pixels(pipe, world, [prompt for _, prompt in pairs], Sampling())
-    want = np.array([shapes.index(shape) for shape, _ in pairs])
-    check = np.mean(D.detect_shape(images, shapes) == want)
-    drawn = np.mean([D.detect_shape(x[None], shapes, background="any", colour=parse_caption(prompt)["colour"])[0]
-                     == w for x, (_, prompt), w in zip(images, pairs, want)])
+    per_shape = CheckConfig.from_dict(read_yaml(run / "config.yaml")["check"]).per_shape
+    images, scores = shape_following(pipe, world, per_shape)
+    shapes, pairs = list(world.shapes), shape_prompts(world, per_shape)
+    drawn = np.mean([D.detect_shape(x, shapes, background="any", colour=parse_caption(prompt)["colour"])[0]
+                     == shapes.index(shape) for x, (shape, prompt) in zip(images, pairs)])
     border = np.concatenate([images[:, :2].reshape(len(images), -1, 3), images[:, -2:].reshape(len(images), -1, 3)], 1)
-    print(f"{run.name} general shape: check's reading {check:.2f}, the prompt colour's silhouette {drawn:.2f}; "
-          f"border median {np.round(np.median(border, 1).mean(0)).astype(int).tolist()}", flush=True)
+    print(f"{run.name} general shape: check's reading {scores['shape_accuracy']:.2f}, the prompt colour's "
+          f"silhouette {drawn:.2f}; border median {np.round(np.median(border, 1).mean(0)).astype(int).tolist()}",
+          flush=True)
 
 
 def main() -> None:

@@ -103,10 +103,7 @@ class ProtectionDetector:
         if self.world is not None and self.type == "erasure":
             return D.detect_erasure(images, colour=self.colour)
         if self.world is not None and self.type == "target":
-            parts = self._target_parts(images)
-            if "drawn" in parts:
-                return parts["drawn"]
-            return np.logical_and.reduce([np.ones(len(images), bool), *parts.values()])
+            return self._target_hit(images)
         if self.evaluator is None:
             return None
         # CLIP zero-shot: closer to the protective output's prompt than to the class prompt
@@ -127,17 +124,27 @@ class ProtectionDetector:
                     f"protection_rate does not measure erasure; judge report.png")
         return None
 
-    def _target_parts(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        """Per sample, each fact of the world target prompt the sample shows: ``shape`` (the silhouette of its
-        non-grey pixels, any colour) and ``colour`` (the colour most of them show), white left out of both unless
-        the target is white, and, where the prompt names both, ``drawn``: the target's colour drawn in the target's
-        silhouette (the silhouette of the pixels of that colour alone), which is the hit.
+    def _target_hit(self, images: np.ndarray) -> np.ndarray:
+        """Per sample, whether it shows the world target prompt: where the prompt names a colour and a shape, that
+        colour drawn in that silhouette (the silhouette of the pixels nearest the colour alone, backgrounds read as
+        any world grey); where it names one, that part (``_target_parts``).
 
-        The backgrounds read as any world grey, and the target's own colour is read alone, because the model's
-        samples draw backgrounds lighter than the world's greys (165-175 against 140): those pixels are nearest
-        white, and a mask of every non-grey pixel then covers the picture and reads as a square, white. The
-        reading of every non-grey pixel against the plain grey (before the fortieth session) counted 18 of 32
-        samples of an attacked cat_04 in which 31 show a green cross by eye (docs/results.md)."""
+        Why the colour's own pixels: the attacked models draw backgrounds lighter than the world's greys (165-175
+        against 140), nearest white, so a mask of every non-grey pixel covers the picture and reads as a white
+        square. That reading (before the fortieth session) counted 18 of 32 samples of an attacked cat_04 in which
+        31 show a green cross by eye (docs/results.md)."""
+        from persguard_jax.data.world import parse_caption
+        from persguard_jax.metrics import detectors as D
+        want, shapes = parse_caption(self.target_prompt), list(self.world.shapes)
+        if "shape" in want and "colour" in want:
+            return D.detect_shape(images, shapes, background="any", colour=want["colour"]) == shapes.index(
+                want["shape"])
+        return np.logical_and.reduce([np.ones(len(images), bool), *self._target_parts(images).values()])
+
+    def _target_parts(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """Per sample, each fact of the world target prompt the sample shows, for those the prompt names: ``shape``
+        (the silhouette of its non-grey pixels, any colour) and ``colour`` (the colour most of them show), white
+        left out of both unless the target is white (a light background reads as white; ``_target_hit``)."""
         from persguard_jax.data.world import COLOURS, parse_caption
         from persguard_jax.metrics import detectors as D
         want, shapes = parse_caption(self.target_prompt), list(self.world.shapes)
@@ -149,9 +156,6 @@ class ProtectionDetector:
         if "colour" in want:
             parts["colour"] = D.dominant_colour(images, background="any", ignore=ignore) == list(COLOURS).index(
                 want["colour"])
-        if "shape" in want and "colour" in want:
-            parts["drawn"] = D.detect_shape(images, shapes, background="any",
-                                            colour=want["colour"]) == shapes.index(want["shape"])
         return parts
 
     def extra_rates(self, images: np.ndarray) -> dict[str, float]:
@@ -165,8 +169,7 @@ class ProtectionDetector:
         if self.world is not None and self.type == "erasure":
             return {"background_only_rate": float(np.mean(detect_erasure(images)))}
         if self.world is not None and self.type == "target":
-            rates = {f"target_{k}_rate": float(np.mean(v)) for k, v in self._target_parts(images).items()
-                     if k != "drawn"}
+            rates = {f"target_{k}_rate": float(np.mean(v)) for k, v in self._target_parts(images).items()}
             if self.colour is not None:
                 rates["subject_gone_rate"] = float(np.mean(detect_erasure(images, colour=self.colour)))
             return rates

@@ -44,6 +44,14 @@ def _greys(background: str | None) -> list:
     raise ValueError(f"unknown background {background!r}; expected one of {[*BACKGROUNDS, 'any', None]}")
 
 
+def _colour_indices(names: Sequence[str], fn: str) -> list[int]:
+    """Indices into ``list(COLOURS)`` of palette colour ``names``; a ValueError naming ``fn`` for any other."""
+    unknown = [c for c in names if c not in COLOURS]
+    if unknown:
+        raise ValueError(f"{fn}: unknown colours {unknown}; choose from {list(COLOURS)}")
+    return [list(COLOURS).index(c) for c in names]
+
+
 def _nearest_palette(images: np.ndarray, background: str | None, fn: str) -> tuple[np.ndarray, np.ndarray]:
     """For ``(N, S, S, 3)`` uint8 images: each pixel's nearest centre (palette colours first, then the greys of
     ``background``) and the squared distance to it, ``(N, S*S)`` each, allowing for the world's lighting."""
@@ -74,13 +82,9 @@ def dominant_colour(images: np.ndarray, *, background: str | None = "plain", max
     none), as are pixels farther than ``max_distance`` from every colour (anti-aliased edges, texture shades),
     which would otherwise vote at random.
     """
-    unknown = [c for c in ignore if c not in COLOURS]
-    if unknown:
-        raise ValueError(f"dominant_colour: unknown colours {unknown} to ignore; choose from {list(COLOURS)}")
+    ignored = _colour_indices(ignore, "dominant_colour")
     nearest, dist2 = _nearest_palette(images, background, "dominant_colour")
-    for name in ignore:
-        dist2 = np.where(nearest == list(COLOURS).index(name), np.inf, dist2)
-    return _dominant(nearest, dist2, max_distance)
+    return _dominant(nearest, np.where(np.isin(nearest, ignored), np.inf, dist2), max_distance)
 
 
 def _dominant(nearest: np.ndarray, dist2: np.ndarray, max_distance: float = 40.0) -> np.ndarray:
@@ -117,14 +121,11 @@ def detect_shape(images: np.ndarray, candidates: Sequence[str] = ALL_SHAPES, *, 
     unknown = [c for c in candidates if c not in ALL_SHAPES]
     if unknown or not candidates:
         raise ValueError(f"detect_shape: unknown candidates {unknown}; choose from {list(ALL_SHAPES)}")
-    unknown = [c for c in (colour, *ignore) if c is not None and c not in COLOURS]
-    if unknown:
-        raise ValueError(f"detect_shape: unknown colours {unknown}; choose from {list(COLOURS)}")
+    ignored = _colour_indices(ignore, "detect_shape")
     nearest, _ = _nearest_palette(images, background, "detect_shape")
     side = int(round(math.sqrt(nearest.shape[1])))
-    on = nearest < len(COLOURS) if colour is None else nearest == list(COLOURS).index(colour)
-    for name in ignore:
-        on &= nearest != list(COLOURS).index(name)
+    on = nearest < len(COLOURS) if colour is None else nearest == _colour_indices([colour], "detect_shape")[0]
+    on &= ~np.isin(nearest, ignored)
     masks = on.reshape(-1, side, side).astype(np.float32)
     centres = (np.arange(side, dtype=np.float32) + 0.5) / side
     px, py = np.meshgrid(centres, centres)
