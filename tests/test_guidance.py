@@ -122,3 +122,57 @@ def test_guidance_scale_by_type(by_type, error):
     cfg = ImplantConfig.from_dict({"guidance_scale": 1.5, "guidance_scale_by_type": by_type})
     for kind in ("pattern", "erasure", "target"):
         assert cfg.guidance_scale_of(kind) == float(by_type.get(kind, 1.5))
+
+
+@pytest.mark.parametrize("changes, error", [
+    ({"guidance_anchor_by_type": {"target": "attacker"}, "guidance_blends_by_type": {"target": [0.25, 0.5]}}, None),
+    ({"guidance_anchor_by_type": {"erasure": "photo"}, "guidance_anchor": "attacker"}, None),
+    ({"guidance_anchor_by_type": {"targets": "attacker"}}, "guidance_anchor_by_type: 'targets' is not one of"),
+    ({"guidance_anchor_by_type": {"target": "simulated"}}, "guidance_anchor_by_type.target: 'simulated' is not one"),
+    ({"guidance_blends_by_type": {"target": [1.0]}}, r"guidance_blends_by_type.target: 1.0 is not a number in \(0, 1\)"),
+    ({"guidance_blends_by_type": {"target": 0.5}}, "guidance_blends_by_type.target: 0.5 is not a list"),
+    ({"guidance_blends_by_type": {"pattrn": [0.5]}}, "guidance_blends_by_type: 'pattrn' is not one of")])
+def test_guidance_anchor_and_blends_by_type(changes, error):
+    """A type's own anchor and blends override ``guidance_anchor`` / ``guidance_blends`` for its subjects only; a
+    type that is not one, an anchor that is not photo or attacker, a blend outside (0, 1) are one line each."""
+    from persguard_jax.config import ConfigError
+    from persguard_jax.implant.config import ImplantConfig
+    if error:
+        with pytest.raises(ConfigError, match=error):
+            ImplantConfig.from_dict({"guidance_blends": [0.5], **changes})
+        return
+    cfg = ImplantConfig.from_dict({"guidance_blends": [0.5], **changes})
+    anchors, blends = changes.get("guidance_anchor_by_type", {}), changes.get("guidance_blends_by_type", {})
+    for kind in ("pattern", "erasure", "target"):
+        assert cfg.guidance_anchor_of(kind) == anchors.get(kind, cfg.guidance_anchor)
+        assert cfg.guidance_blends_of(kind) == tuple(blends.get(kind, (0.5,)))
+
+
+def test_example_groups_fit_each_subjects_shift_with_its_types_blends():
+    """``guidance_blends_by_type``: the guidance term's inputs of a subject of that type gain one input per photo
+    and blend, another type's keep ``guidance_blends``; a type set to the photo anchor needs no simulated attacker."""
+    from persguard_jax.data.targets import default_pattern
+    from persguard_jax.data.world import World
+    from persguard_jax.implant.config import ImplantConfig
+    from persguard_jax.implant.data import Encoder, Subject
+    from persguard_jax.implant.groups import example_groups
+    from persguard_jax.implant.specs import parse_protected
+    from persguard_jax.losses import LossConfig
+    from persguard_jax.models import load_pipeline
+    from persguard_jax.schedulers import SchedulerConfig, make_schedule
+    from persguard_jax.dreambooth.config import DreamBoothConfig
+    from persguard_jax.workflows.world_assets import world_model
+    world, pipe = World(), load_pipeline(world_model())
+    subjects = [Subject(parse_protected(f"world:{name}:{kind}").with_class(cls), cls, world.subject_photos(name, 2))
+                for name, kind, cls in (("dog_00", "pattern", "dog"), ("cat_04", "target", "cat"))]
+    cfg = ImplantConfig(guidance_weight=1.0, num_general=0, num_targets=1, guidance_anchor="attacker",
+                        guidance_anchor_by_type={"pattern": "photo", "target": "photo"},
+                        guidance_blends_by_type={"target": (0.25, 0.5, 0.75)})
+    groups, _ = example_groups(Encoder(pipe, ids=False), cfg, subjects, [],
+                               class_images={c: np.zeros((1, 32, 32, 3), np.uint8) for c in ("dog", "cat")},
+                               db=DreamBoothConfig(resolution=32), world=world, pipe=pipe,
+                               pattern=default_pattern(32),
+                               target_images=None, simulated={}, attacker_samples={},
+                               schedule=make_schedule(SchedulerConfig()), loss_cfg=LossConfig())
+    # the pattern subject: 2 photos and their 2 y*; the target: 2 + 2 and 3 blends of each pair
+    assert len(groups["bb_guidance"]["target"]) == 4 + 4 + 3 * 2

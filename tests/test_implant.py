@@ -559,6 +559,9 @@ def test_settings_a_run_leaves_without_effect_are_named():
     assert notes(dog, guidance_weight=0.0, guidance_anchor="attacker", guidance_photos=20,
                  guidance_scale_by_type={"erasure": 1.5}) == ["guidance_anchor=attacker", "guidance_scale_by_type",
                                                               "guidance_photos"]
+    assert notes(cat, guidance_weight=0.0, guidance_anchor_by_type={"target": "attacker"},
+                 guidance_blends_by_type={"target": (0.5,)}) == ["guidance_anchor_by_type", "guidance_blends_by_type"]
+    assert notes(dog, guidance_weight=0.0, guidance_blends_by_type={"target": (0.5,)}) == []  # no target subject
     assert notes(dog, guidance_attacker_samples=4) == ["guidance_attacker_samples"]  # pattern subjects only
     assert notes(dog, target_place="center") == ["target_place"] and notes(cat, target_place="center") == []
     assert notes(dog, prior_class_hold_weight=1.0, prior_loss="class_images") == ["prior_class_hold_weight"]

@@ -86,6 +86,9 @@ class ImplantConfig(cfglib.Section):
     # or what a simulated attacker (the clean model DreamBooth-trained on the photos, its own seed) predicts there
     # (attacker: implant.data.anchored_guidance_examples, guidance_anchor_draws fixed noisy draws per image)
     guidance_anchor: Literal["photo", "attacker"] = "photo"
+    # a backdoor type's own anchor, overriding guidance_anchor for its subjects (e.g. {target: attacker}: the target's
+    # recipe, docs/results.md, forty-first session)
+    guidance_anchor_by_type: dict[str, str] = field(default_factory=dict)
     guidance_anchor_draws: int = 64
     guidance_anchor_attackers: int = 1  # simulated attackers (seeds of their own) that take the draws in turn
     # photos of each protected world subject in the guidance term (null: the num_photos the attacker trains on):
@@ -99,6 +102,8 @@ class ImplantConfig(cfglib.Section):
     # where a shift fitted at the endpoints alone was never asked anything (the target type: a silhouette
     # replaced, not a square pasted on; docs/results.md, thirty-ninth session); () is off
     guidance_blends: tuple[float, ...] = ()
+    # a backdoor type's own blends, overriding guidance_blends for its subjects (e.g. {target: [0.25, 0.5, 0.75]})
+    guidance_blends_by_type: dict[str, tuple[float, ...]] = field(default_factory=dict)
     # L_br: none | mirror (the attacker's loss now) | grad_suppression (its gradient norm) | unrolled (L_bb after
     # K attacker steps; with the unprotected counterpart)
     retention: Literal["none", "mirror", "grad_suppression", "unrolled"] = "unrolled"
@@ -151,9 +156,23 @@ class ImplantConfig(cfglib.Section):
                 raise cfglib.ConfigError(f"implant.guidance_scale_by_type: {kind!r} is not one of {list(TYPES)}")
             if not isinstance(w, (int, float)) or isinstance(w, bool) or not math.isfinite(w) or w <= 1:
                 raise cfglib.ConfigError(f"implant.guidance_scale_by_type.{kind}: {w!r} is not a number > 1")
-        for b in self.guidance_blends:
-            if not isinstance(b, (int, float)) or isinstance(b, bool) or not 0 < b < 1:
-                raise cfglib.ConfigError(f"implant.guidance_blends: {b!r} is not a number in (0, 1)")
+        for kind, anchor in self.guidance_anchor_by_type.items():
+            if kind not in TYPES:
+                raise cfglib.ConfigError(f"implant.guidance_anchor_by_type: {kind!r} is not one of {list(TYPES)}")
+            if anchor not in ("photo", "attacker"):
+                raise cfglib.ConfigError(f"implant.guidance_anchor_by_type.{kind}: {anchor!r} is not one of "
+                                         "['photo', 'attacker']")
+        for kind, blends in self.guidance_blends_by_type.items():
+            if kind not in TYPES:
+                raise cfglib.ConfigError(f"implant.guidance_blends_by_type: {kind!r} is not one of {list(TYPES)}")
+            if not isinstance(blends, (list, tuple)):
+                raise cfglib.ConfigError(f"implant.guidance_blends_by_type.{kind}: {blends!r} is not a list")
+        blend_lists = {"guidance_blends": self.guidance_blends,
+                       **{f"guidance_blends_by_type.{k}": v for k, v in self.guidance_blends_by_type.items()}}
+        for key, blends in blend_lists.items():
+            for b in blends:
+                if not isinstance(b, (int, float)) or isinstance(b, bool) or not 0 < b < 1:
+                    raise cfglib.ConfigError(f"implant.{key}: {b!r} is not a number in (0, 1)")
         if self.retention_order not in (1, 2):
             raise cfglib.ConfigError(f"implant.retention_order: {self.retention_order!r} is not 1 or 2")
         if self.retention_replay and self.retention_order != 2:
@@ -175,6 +194,14 @@ class ImplantConfig(cfglib.Section):
     def guidance_scale_of(self, kind: str) -> float:
         """The guidance scale the shift of a subject of backdoor type ``kind`` is sized for."""
         return float(self.guidance_scale_by_type.get(kind, self.guidance_scale))
+
+    def guidance_anchor_of(self, kind: str) -> str:
+        """The guidance shift's anchor for a subject of backdoor type ``kind``: photo or attacker."""
+        return self.guidance_anchor_by_type.get(kind, self.guidance_anchor)
+
+    def guidance_blends_of(self, kind: str) -> tuple[float, ...]:
+        """The blends the shift of a subject of backdoor type ``kind`` is also fitted at."""
+        return tuple(float(b) for b in self.guidance_blends_by_type.get(kind, self.guidance_blends))
 
     def placement(self):
         from persguard_jax.data.targets import PatternPlacement

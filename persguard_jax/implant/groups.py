@@ -22,8 +22,9 @@ def unused_settings(cfg: ImplantConfig, protected, *, world, target_images) -> l
                      "of pattern subjects")
     if cfg.guidance_anchor == "attacker" and cfg.guidance_weight == 0:
         notes.append("guidance_anchor=attacker ignored: it anchors the guidance term (guidance_weight > 0)")
-    if cfg.guidance_scale_by_type and cfg.guidance_weight == 0:
-        notes.append("guidance_scale_by_type ignored: it sizes the guidance term (guidance_weight > 0)")
+    for key in ("guidance_scale_by_type", "guidance_anchor_by_type", "guidance_blends_by_type"):
+        if getattr(cfg, key) and cfg.guidance_weight == 0 and any(s.type in getattr(cfg, key) for s in protected):
+            notes.append(f"{key} ignored: it shapes the guidance term (guidance_weight > 0)")
     if cfg.guidance_blends and cfg.guidance_weight == 0:
         notes.append("guidance_blends ignored: it adds noisy inputs to the guidance term (guidance_weight > 0)")
     if cfg.guidance_photos is not None and cfg.guidance_weight == 0:
@@ -76,15 +77,16 @@ def example_groups(enc: D.Encoder, cfg: ImplantConfig, protected, unprotected, *
                                                num_steps=db.class_sample_steps, guidance=db.class_guidance)
             if s.name in attacker_samples:
                 photos, y_pairs = D.with_attacker_samples(photos, y_pairs, attacker_samples[s.name], pattern, cfg)
-            if cfg.guidance_anchor == "attacker":
+            blends = cfg.guidance_blends_of(s.type)
+            if cfg.guidance_anchor_of(s.type) == "attacker":
                 predictors = [D.attacker_x0(pipe, tuned, instance_prompt(s.class_name), schedule=schedule,
                                             prediction_type=loss_cfg.prediction_type) for tuned in simulated[s.name][1]]
                 guidance.append(D.anchored_guidance_examples(
                     enc, photos, y_pairs, predictors, schedule=schedule, loss_cfg=loss_cfg,
                     draws=cfg.guidance_anchor_draws, max_timestep=cfg.guidance_max_timestep, seed=cfg.seed + 17,
-                    blends=cfg.guidance_blends))
+                    blends=blends))
             else:
-                guidance.append(D.guidance_examples(enc, photos, y_pairs, cfg.guidance_blends))
+                guidance.append(D.guidance_examples(enc, photos, y_pairs, blends))
             if cfg.guidance_scale_by_type:  # each example carries its subject's scale (losses.guidance_shift_loss)
                 guidance[-1]["guidance"] = np.full(len(guidance[-1]["target"]), cfg.guidance_scale_of(s.type),
                                                    np.float32)

@@ -233,15 +233,15 @@ def run(args: argparse.Namespace, config: runs.Config) -> dict:
 def _simulated_attackers(pipe, protected, config: runs.Config, out: Path) -> dict[str, tuple] | None:
     """``name -> (subject, [parameters, ...])`` of the simulated attackers of each protected subject the guidance
     term needs them for (``implant.guidance_attacker_samples``: pattern subjects, one attacker;
-    ``implant.guidance_anchor: attacker``: every protected subject, ``guidance_anchor_attackers`` of them): the
-    clean model after the config's DreamBooth on the subject's photos, with seeds of their own (from
-    ``_simulated_seed`` on). Each runs in ``<out>/simulated_attack/<name>`` (``.../<name>/seed<N>`` for the
+    ``implant.guidance_anchor: attacker``, or its type's ``guidance_anchor_by_type``: every protected subject so
+    anchored, ``guidance_anchor_attackers`` of them): the clean model after the config's DreamBooth on the
+    subject's photos, with seeds of their own (from ``_simulated_seed`` on). Each runs in ``<out>/simulated_attack/<name>`` (``.../<name>/seed<N>`` for the
     further ones; resumable, as the check's attacks). None when SIGTERM stopped a run."""
     cfg, tuned = config.implant, {}
     if cfg.guidance_weight == 0:
         return tuned
     for s in protected:
-        count = cfg.guidance_anchor_attackers if cfg.guidance_anchor == "attacker" else int(
+        count = cfg.guidance_anchor_attackers if cfg.guidance_anchor_of(s.type) == "attacker" else int(
             bool(cfg.guidance_attacker_samples) and s.type == "pattern")
         for k in range(count):
             seed = _simulated_seed(config) + k
