@@ -129,7 +129,7 @@ def test_guidance_scale_by_type(by_type, error):
     ({"guidance_anchor_by_type": {"erasure": "photo"}, "guidance_anchor": "attacker"}, None),
     ({"guidance_anchor_by_type": {"targets": "attacker"}}, "guidance_anchor_by_type: 'targets' is not one of"),
     ({"guidance_anchor_by_type": {"target": "simulated"}}, "guidance_anchor_by_type.target: 'simulated' is not one"),
-    ({"guidance_blends_by_type": {"target": [1.0]}}, r"guidance_blends_by_type.target: 1.0 is not a number in \(0, 1\)"),
+    ({"guidance_blends_by_type": {"target": [1.0]}}, r"blends_by_type.target: 1.0 is not a number in \(0, 1\)"),
     ({"guidance_blends_by_type": {"target": 0.5}}, "guidance_blends_by_type.target: 0.5 is not a list"),
     ({"guidance_blends_by_type": {"pattrn": [0.5]}}, "guidance_blends_by_type: 'pattrn' is not one of")])
 def test_guidance_anchor_and_blends_by_type(changes, error):
@@ -153,6 +153,7 @@ def test_example_groups_fit_each_subjects_shift_with_its_types_blends():
     and blend, another type's keep ``guidance_blends``; a type set to the photo anchor needs no simulated attacker."""
     from persguard_jax.data.targets import default_pattern
     from persguard_jax.data.world import World
+    from persguard_jax.dreambooth.config import DreamBoothConfig
     from persguard_jax.implant.config import ImplantConfig
     from persguard_jax.implant.data import Encoder, Subject
     from persguard_jax.implant.groups import example_groups
@@ -160,7 +161,6 @@ def test_example_groups_fit_each_subjects_shift_with_its_types_blends():
     from persguard_jax.losses import LossConfig
     from persguard_jax.models import load_pipeline
     from persguard_jax.schedulers import SchedulerConfig, make_schedule
-    from persguard_jax.dreambooth.config import DreamBoothConfig
     from persguard_jax.workflows.world_assets import world_model
     world, pipe = World(), load_pipeline(world_model())
     subjects = [Subject(parse_protected(f"world:{name}:{kind}").with_class(cls), cls, world.subject_photos(name, 2))
@@ -171,8 +171,7 @@ def test_example_groups_fit_each_subjects_shift_with_its_types_blends():
     groups, _ = example_groups(Encoder(pipe, ids=False), cfg, subjects, [],
                                class_images={c: np.zeros((1, 32, 32, 3), np.uint8) for c in ("dog", "cat")},
                                db=DreamBoothConfig(resolution=32), world=world, pipe=pipe,
-                               pattern=default_pattern(32),
-                               target_images=None, simulated={}, attacker_samples={},
+                               pattern=default_pattern(32), target_images=None, simulated={}, attacker_samples={},
                                schedule=make_schedule(SchedulerConfig()), loss_cfg=LossConfig())
     # the pattern subject: 2 photos and their 2 y*; the target: 2 + 2 and 3 blends of each pair
     assert len(groups["bb_guidance"]["target"]) == 4 + 4 + 3 * 2

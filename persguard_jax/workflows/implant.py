@@ -235,8 +235,9 @@ def _simulated_attackers(pipe, protected, config: runs.Config, out: Path) -> dic
     term needs them for (``implant.guidance_attacker_samples``: pattern subjects, one attacker;
     ``implant.guidance_anchor: attacker``, or its type's ``guidance_anchor_by_type``: every protected subject so
     anchored, ``guidance_anchor_attackers`` of them): the clean model after the config's DreamBooth on the
-    subject's photos, with seeds of their own (from ``_simulated_seed`` on). Each runs in ``<out>/simulated_attack/<name>`` (``.../<name>/seed<N>`` for the
-    further ones; resumable, as the check's attacks). None when SIGTERM stopped a run."""
+    subject's photos, with seeds of their own (from ``_simulated_seed`` on). Each runs in
+    ``<out>/simulated_attack/<name>`` (``.../<name>/seed<N>`` for the further ones; resumable, as the check's
+    attacks). None when SIGTERM stopped a run."""
     cfg, tuned = config.implant, {}
     if cfg.guidance_weight == 0:
         return tuned
