@@ -41,8 +41,9 @@ from flax import nnx
 
 from persguard_jax import losses
 from persguard_jax.config import read_yaml
-from persguard_jax.data.world import World, world_of
+from persguard_jax.data.world import world_of
 from persguard_jax.implant.check import CheckConfig, ProtectionDetector
+from persguard_jax.implant.clean_reuse import attack_folders
 from persguard_jax.implant.data import Encoder, attacker_x0
 from persguard_jax.io import unit_to_uint8
 from persguard_jax.models import load_pipeline
@@ -84,16 +85,14 @@ def sample_two(cond_pipe, uncond_pipe, prompt: str, check: CheckConfig, uncond_t
 def read_run(run: Path) -> None:
     cfg, results = read_yaml(run / "config.yaml"), json.loads((run / "results.json").read_text())
     check = CheckConfig.from_dict(cfg["check"])
-    before = load_pipeline(run / "model")
+    before, world = load_pipeline(run / "model"), world_of(run / "model")
     for name, row in results["subjects"].items():
         if row.get("type") != "target":
             continue
-        world = world_of(run / "model")
         detector = ProtectionDetector("target", world=world, colour=world.subject(name).colour,
                                       target_prompt=cfg["implant"]["target_prompt"])
         prompt = f"a photo of {check.identifier} {row['class']}"
-        first = run / "check" / name
-        for k, folder in enumerate([first, *sorted(first.glob("seed*"), key=lambda p: int(p.name[4:]))]):
+        for k, folder in enumerate(attack_folders(run, name)):
             attacked = load_pipeline(folder / "backdoored" / "model")
             seed = str(cfg["dreambooth"]["seed"] + k)
             recorded = row["backdoored"].get("per_attack_seed", {}).get(seed, row["backdoored"])["protection_rate"]
@@ -122,7 +121,7 @@ def drift(run: Path, clean_dir: Path) -> None:
         folders = {"bd": run / "model", "bd_att": run / "check" / name / "backdoored" / "model",
                    "clean_att": run / "check" / name / "clean" / "model"}
         pipes = {"clean": clean, **{k: load_pipeline(v) for k, v in folders.items()}}
-        lat = Encoder(clean, ids=False).images(World().subject_photos(name, 5))
+        lat = Encoder(clean, ids=False).images(world_of(run / "model").subject_photos(name, 5))
         src = np.repeat(np.arange(5), 32)
         batch = {k: lat[k][src] for k in ("latent_mean", "latent_logvar")}
         k_t, k_z = jax.random.split(jax.random.key(0))

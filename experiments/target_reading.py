@@ -29,6 +29,7 @@ from persguard_jax.config import read_yaml
 from persguard_jax.data.world import COLOURS, parse_caption, world_of
 from persguard_jax.evaluate import evaluate_pipeline
 from persguard_jax.implant.check import CheckConfig, ProtectionDetector
+from persguard_jax.implant.clean_reuse import attack_folders
 from persguard_jax.io import save_png, unit_to_uint8
 from persguard_jax.metrics import detectors as D
 from persguard_jax.models import load_pipeline
@@ -41,12 +42,6 @@ def plain_reading(images: np.ndarray, shapes: list[str], target_prompt: str) -> 
     want = parse_caption(target_prompt)
     return ((D.detect_shape(images, shapes) == shapes.index(want["shape"]))
             & (D.dominant_colour(images) == list(COLOURS).index(want["colour"])))
-
-
-def attack_dirs(run: Path, name: str) -> list[Path]:
-    """The check's attack folders of subject ``name`` in attacker-seed order: the first, then ``seed<N>``."""
-    first = run / "check" / name
-    return [first, *sorted(first.glob("seed*"), key=lambda p: int(p.name[4:]))]
 
 
 def sheet(images: np.ndarray, hits: np.ndarray, path: Path) -> None:
@@ -69,7 +64,7 @@ def read_run(run: Path, sheets: Path | None) -> None:
         if row.get("type") not in ("target", "unprotected"):
             continue
         pooled, what = {"plain": [], "now": []}, "target" if row["type"] == "target" else "fires on the unprotected"
-        for k, folder in enumerate(attack_dirs(run, name)):
+        for k, folder in enumerate(attack_folders(run, name)):
             model = folder / "backdoored" / "model"
             pipe = load_pipeline(model)
             world = world_of(model)
