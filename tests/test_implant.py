@@ -380,6 +380,15 @@ def test_simulated_attacker_runs_with_its_own_seed_on_the_subjects_the_guidance_
     assert W._simulated_attackers(None, subjects, load("implant.guidance_anchor=attacker"), tmp_path) is None
 
 
+def test_rounds_split_the_steps_evenly_and_refuse_more_rounds_than_steps():
+    from persguard_jax.config import ConfigError
+    from persguard_jax.workflows.implant import round_steps
+    assert round_steps(3200, 1) == [3200] and round_steps(3200, 2) == [1600, 1600]
+    assert round_steps(10, 3) == [3, 3, 4] and sum(round_steps(4801, 7)) == 4801
+    with pytest.raises(ConfigError, match="implant.guidance_rounds: 5 rounds of 4 implantation steps"):
+        round_steps(4, 5)
+
+
 def test_anchored_guidance_examples_hold_the_attackers_prediction_at_the_draw_the_loss_replays():
     """``implant.guidance_anchor=attacker``: each example's anchor is the simulated attacker's x0 at exactly the
     noisy latents the guidance loss rebuilds from the example (fixed latents, noise, timesteps), drawn from the
@@ -566,6 +575,10 @@ def test_settings_a_run_leaves_without_effect_are_named():
     assert notes(dog, target_place="center") == ["target_place"] and notes(cat, target_place="center") == []
     assert notes(dog, prior_class_hold_weight=1.0, prior_loss="class_images") == ["prior_class_hold_weight"]
     assert notes(dog, prior_lookalikes=8) == [] and notes(dog, world=None, prior_lookalikes=8) == ["prior_lookalikes"]
+    assert notes(dog, guidance_rounds=2) == ["guidance_rounds"]  # nothing simulated to renew
+    assert notes(cat, guidance_rounds=2, guidance_anchor_by_type={"target": "attacker"}) == []
+    assert notes(cat, guidance_rounds=2, guidance_anchor="attacker", guidance_weight=0.0) == [
+        "guidance_anchor=attacker", "guidance_rounds"]
 
 
 def test_prior_class_hold_weight_adds_the_class_images_under_the_empty_prompt_as_their_own_term():
@@ -623,6 +636,7 @@ def test_config_rejects_bad_values():
                        ({"identifiers": []}, "implant.identifiers"), ({"retention_order": 3}, "retention_order"),
                        ({"retention_replay": True}, "retention_replay"),
                        ({"target_source": "draw"}, "implant.target_source"),
+                       ({"guidance_rounds": 0}, "implant.guidance_rounds"),
                        ({"retention_dispatch": True, "retention": "mirror"}, "implant.retention_dispatch"),
                        ({"retention_dispatch": True, "retention": "unrolled", "retention_order": 2},
                         "implant.retention_dispatch")):
@@ -652,9 +666,10 @@ def test_shipped_configs_parse_with_the_attackers_recipe(name):
 
 def test_steps_per_protected_multiplies_the_run_by_the_protected_subjects():
     """With ``implant.steps_per_protected`` the loop (and the publisher's schedule) spans ``steps`` per ``--protect``
-    spec; without it ``steps`` in all, however many subjects."""
+    spec; without it ``steps`` in all, however many subjects; ``implant.guidance_rounds`` beyond them is refused."""
     import argparse
 
+    from persguard_jax.config import ConfigError
     from persguard_jax.workflows.implant import WORKFLOW
 
     def load(*overrides, protect=("world:dog_04:pattern",)):
@@ -666,6 +681,10 @@ def test_steps_per_protected_multiplies_the_run_by_the_protected_subjects():
     config = load("implant.steps=50", protect=three)
     assert config.loop.num_steps == config.implant_optimizer.total_steps == 150
     assert load("implant.steps=50", "implant.steps_per_protected=false", protect=three).loop.num_steps == 50
+    # rounds split the loop's steps: more rounds than the run has steps is refused before anything is written
+    assert load("implant.steps=2", "implant.guidance_rounds=6", protect=three).loop.num_steps == 6
+    with pytest.raises(ConfigError, match="implant.guidance_rounds: 3 rounds of 2 implantation steps"):
+        load("implant.steps=2", "implant.guidance_rounds=3")
 
 
 def test_erasure_detector_of_a_world_subject_reads_its_colour():

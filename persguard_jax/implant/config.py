@@ -33,7 +33,7 @@ class ImplantConfig(cfglib.Section):
               "num_targets": "[1, inf)", "num_general": "[0, inf)", "prior_lookalikes": "[0, inf)",
               "seed": "[0, inf)",
               "guidance_attacker_samples": "[0, inf)", "guidance_anchor_draws": "[1, inf)",
-              "guidance_anchor_attackers": "[1, inf)", "guidance_photos": "[1, inf)",
+              "guidance_anchor_attackers": "[1, inf)", "guidance_rounds": "[1, inf)", "guidance_photos": "[1, inf)",
               "prior_uncond_weight": "[0, inf)", "prior_class_hold_weight": "[0, inf)", "pattern_size": "(0, 1]",
               "pattern_opacity": "(0, 1]"}
     steps: int = 400
@@ -91,6 +91,12 @@ class ImplantConfig(cfglib.Section):
     guidance_anchor_by_type: dict[str, str] = field(default_factory=dict)
     guidance_anchor_draws: int = 64
     guidance_anchor_attackers: int = 1  # simulated attackers (seeds of their own) that take the draws in turn
+    # rounds of implantation for attacker-anchored subjects: the steps split into this many rounds, and before each
+    # round after the first the simulated attackers are trained again from the model as the last round left it (its
+    # class images its own samples), and the shift re-anchored on them, as an attacker of the backdoored model would
+    # draw (an alternation like ASPL's; the drift a clean-model attacker cannot foresee, docs/results.md,
+    # forty-first and forty-second sessions); rounds after the first in ``<out>/rounds/round<r>``
+    guidance_rounds: int = 1
     # photos of each protected world subject in the guidance term (null: the num_photos the attacker trains on):
     # more renders the world's further photos of the subject with their y*, which the attacker never sees (a
     # person has more photos of themselves than an attacker took), so the shift is fitted on more poses and

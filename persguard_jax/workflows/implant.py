@@ -12,6 +12,10 @@
    all encoded once.
 3. The objective (``implant.objective``: L_bb + lambda_pp L_pp + lambda_br L_br) trains the UNet through
    ``train.fit`` (Orbax checkpoints in ``checkpoints/``, ``--resume``; each term logged in ``metrics.jsonl``).
+   With ``implant.guidance_rounds`` R > 1 and attackers simulated for the guidance term, the steps run in R
+   rounds, each after the first with attackers simulated again from the model the last one left and its own
+   ``rounds/round<r>/`` (checkpoints, metrics, the attackers and their class images); the teacher stays the
+   clean model.
 4. ``model/``: the backdoored pipeline (diffusers layout).
 5. The check (``check`` section, on by default; ``implant.check_run``, reading with ``implant.check``): the
    attacker on every subject, from the backdoored and from the clean model, and each protected subject's class
@@ -22,6 +26,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -69,6 +74,9 @@ def resolve(raw: dict, args: argparse.Namespace | None = None) -> dict:
             raise cfglib.ConfigError(f"step.data_parallel: implant.retention {implant.retention} differentiates "
                                      "through the attacker's gradients, which needs data_parallel: gspmd")
         raw["step"] = {**step, "data_parallel": "gspmd"}
+    if implant.guidance_rounds > steps:
+        raise cfglib.ConfigError(f"implant.guidance_rounds: {implant.guidance_rounds} rounds of {steps} "
+                                 "implantation steps")
     raw["loop"] = {**cfglib.section(raw, "loop"), "num_steps": steps}
     raw["implant_optimizer"] = {**IMPLANT_OPTIMIZER, "total_steps": steps, **cfglib.section(raw, "implant_optimizer")}
     attacker = DreamBoothConfig.from_dict(cfglib.section(raw, "dreambooth"))
@@ -179,16 +187,28 @@ def run(args: argparse.Namespace, config: runs.Config) -> dict:
     loss_cfg = losses.pipeline_loss_config(pipe, config.loss)
     for note in unused_settings(cfg, protected, world=world, target_images=target_images):
         print(f"implant: {note}")
-    simulated = _simulated_attackers(pipe, protected, config, out)
-    if simulated is None:
+
+    def source_from(model_now, folder: Path, round_index: int = 0):
+        """The step's examples, anchored on attackers simulated from ``model_now`` in ``folder``, drawn with the
+        round's own seed; None: SIGTERM."""
+        simulated = _simulated_attackers(model_now, protected, config, folder)
+        if simulated is None:
+            return None
+        samples = {name: _attacker_samples(model_now, s, tuned[0], config, folder)
+                   for name, (s, tuned) in simulated.items() if cfg.guidance_attacker_samples and s.type == "pattern"}
+        groups, targets = example_groups(enc, cfg, protected, unprotected, class_images=uint8, db=db, world=world,
+                                         pipe=pipe, pattern=pattern, target_images=target_images,
+                                         simulated=simulated, attacker_samples=samples, schedule=schedule,
+                                         loss_cfg=loss_cfg)
+        return D.ImplantSource(groups, seed=cfg.seed + round_index), targets, bool(simulated)
+
+    made = source_from(pipe, out)
+    if made is None:
         return {"preempted": True, "step": 0}
-    samples = {name: _attacker_samples(pipe, s, tuned[0], config, out) for name, (s, tuned) in simulated.items()
-               if cfg.guidance_attacker_samples and s.type == "pattern"}
-    groups, targets_of = example_groups(enc, cfg, protected, unprotected, class_images=uint8, db=db, world=world,
-                                        pipe=pipe, pattern=pattern, target_images=target_images, simulated=simulated,
-                                        attacker_samples=samples, schedule=schedule, loss_cfg=loss_cfg)
-    source = D.ImplantSource(groups, seed=cfg.seed)
+    source, targets_of, renewed = made
     present = set(source.groups)
+    # a round renews the simulated attackers only: without any, the steps run as one round
+    rounds = round_steps(config.loop.num_steps, cfg.guidance_rounds if renewed else 1)
 
     # -- the model: the publisher trains the UNet (and the text encoder if asked); the clean model is the teacher
     modules = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
@@ -199,23 +219,39 @@ def run(args: argparse.Namespace, config: runs.Config) -> dict:
     frozen_logical = {**split.frozen_logical, "teacher": logical}
     loss_fn = objective(cfg, present, attacker, model=model, schedule=schedule, loss_cfg=loss_cfg)
     pair_groups = tuple(g for g in PAIR_GROUPS if g in present)
-    result, frozen = fit(loss_fn, split.params, frozen, train_logical=split.params_logical,
-                         frozen_logical=frozen_logical, source=source, global_batch=cfg.batch_size, workdir=out,
-                         optimizer=config.implant_optimizer, loop=config.loop, step=config.step,
-                         mesh_cfg=config.mesh, seed=cfg.seed, map_fn=lambda b: D.unflatten(b, pair_groups),
-                         before_step=dispatched_attacker(cfg, present, attacker, model=model, schedule=schedule,
-                                                         loss_cfg=loss_cfg, step=config.step))
-    if result.preempted:
-        return {"preempted": True, "step": result.step}
-    host_frozen = to_host(frozen)
-    host_frozen.pop("teacher")
-    backdoored = split.full_params(to_host(result.state.params), host_frozen)
+    before_step = dispatched_attacker(cfg, present, attacker, model=model, schedule=schedule, loss_cfg=loss_cfg,
+                                      step=config.step)
+    train_params, steps_done = split.params, 0
+    for r, num_steps in enumerate(rounds, start=1):
+        workdir = out if r == 1 else out / "rounds" / f"round{r}"
+        if r > 1:  # the attackers simulated again, from the model the last round left
+            print(f"implant: round {r} of {len(rounds)}: simulating the attackers on the backdoored model after "
+                  f"{steps_done} steps")
+            workdir.mkdir(parents=True, exist_ok=True)
+            made = source_from(pipe.with_params(backdoored), workdir, r - 1)
+            if made is None:
+                return {"preempted": True, "step": steps_done}
+            source, targets_of, _ = made
+        result, frozen = fit(loss_fn, train_params, frozen, train_logical=split.params_logical,
+                             frozen_logical=frozen_logical, source=source, global_batch=cfg.batch_size,
+                             workdir=workdir, optimizer=dataclasses.replace(config.implant_optimizer,
+                                                                            total_steps=num_steps),
+                             loop=dataclasses.replace(config.loop, num_steps=num_steps), step=config.step,
+                             mesh_cfg=config.mesh, seed=cfg.seed + r - 1, map_fn=lambda b: D.unflatten(b, pair_groups),
+                             before_step=before_step)
+        if result.preempted:
+            return {"preempted": True, "step": steps_done + result.step}
+        steps_done += result.step
+        train_params = to_host(result.state.params)
+        host_frozen = to_host(frozen)
+        host_frozen.pop("teacher")
+        backdoored = split.full_params(train_params, host_frozen)
     if is_writer():
         # a backdoored world model is still a world model: its subjects travel with it (in the same rename)
         from persguard_jax.data.world import WORLD_FILE
         save_pipeline(pipe.with_params(backdoored), out / "model", overwrite=True,
                       extra_json=None if world is None else {WORLD_FILE: world.cfg.to_dict()})
-    results = {"model": str(out / "model"), "clean_model": str(args.model), "steps": result.step,
+    results = {"model": str(out / "model"), "clean_model": str(args.model), "steps": steps_done,
                "resumed_from": result.resumed_from,
                "final_metrics": result.last_metrics, "implant_s": round(time.time() - t0, 1),
                "protected": [f"{s.name}:{s.type}" for s in protected], "unprotected": [s.name for s in unprotected]}
@@ -230,14 +266,23 @@ def run(args: argparse.Namespace, config: runs.Config) -> dict:
     return results
 
 
+def round_steps(total: int, rounds: int) -> list[int]:
+    """``total`` implantation steps split into ``rounds`` rounds (``implant.guidance_rounds``), as even as they go."""
+    if rounds > total:
+        raise cfglib.ConfigError(f"implant.guidance_rounds: {rounds} rounds of {total} implantation steps")
+    return [total * r // rounds - total * (r - 1) // rounds for r in range(1, rounds + 1)]
+
+
 def _simulated_attackers(pipe, protected, config: runs.Config, out: Path) -> dict[str, tuple] | None:
     """``name -> (subject, [parameters, ...])`` of the simulated attackers of each protected subject the guidance
     term needs them for (``implant.guidance_attacker_samples``: pattern subjects, one attacker;
     ``implant.guidance_anchor: attacker``, or its type's ``guidance_anchor_by_type``: every protected subject so
     anchored, ``guidance_anchor_attackers`` of them): the clean model after the config's DreamBooth on the
-    subject's photos, with seeds of their own (from ``_simulated_seed`` on). Each runs in
-    ``<out>/simulated_attack/<name>`` (``.../<name>/seed<N>`` for the further ones; resumable, as the check's
-    attacks). None when SIGTERM stopped a run."""
+    subject's photos, with seeds of their own (from ``_simulated_seed`` on), ``pipe`` the model it attacks (the
+    clean one; in a later round the backdoored one). Each runs in ``<out>/simulated_attack/<name>``
+    (``.../<name>/seed<N>`` for the further ones; resumable, as the check's attacks), with the class images in
+    ``<out>/class_images`` (the attacked model's own samples; the run's for the clean model). None when SIGTERM
+    stopped a run."""
     cfg, tuned = config.implant, {}
     if cfg.guidance_weight == 0:
         return tuned
