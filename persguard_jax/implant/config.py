@@ -209,6 +209,16 @@ class ImplantConfig(cfglib.Section):
         """The blends the shift of a subject of backdoor type ``kind`` is also fitted at."""
         return tuple(float(b) for b in self.guidance_blends_by_type.get(kind, self.guidance_blends))
 
+    def simulated_attackers_of(self, kind: str) -> int:
+        """How many simulated attackers the guidance term needs for a protected subject of backdoor type ``kind``:
+        ``guidance_anchor_attackers`` where its anchor is ``attacker``, one for a pattern subject's
+        ``guidance_attacker_samples``, none without the term (what ``guidance_rounds`` renews)."""
+        if self.guidance_weight == 0:
+            return 0
+        if self.guidance_anchor_of(kind) == "attacker":
+            return self.guidance_anchor_attackers
+        return int(bool(self.guidance_attacker_samples) and kind == "pattern")
+
     def placement(self):
         from persguard_jax.data.targets import PatternPlacement
         return PatternPlacement(position=self.pattern_position, size=self.pattern_size, opacity=self.pattern_opacity)

@@ -25,9 +25,7 @@ def unused_settings(cfg: ImplantConfig, protected, *, world, target_images) -> l
     for key in ("guidance_scale_by_type", "guidance_anchor_by_type", "guidance_blends_by_type"):
         if getattr(cfg, key) and cfg.guidance_weight == 0 and any(s.type in getattr(cfg, key) for s in protected):
             notes.append(f"{key} ignored: it shapes the guidance term (guidance_weight > 0)")
-    if cfg.guidance_rounds > 1 and not (cfg.guidance_weight > 0 and any(
-            cfg.guidance_anchor_of(s.type) == "attacker" or (cfg.guidance_attacker_samples and s.type == "pattern")
-            for s in protected)):
+    if cfg.guidance_rounds > 1 and not any(cfg.simulated_attackers_of(s.type) for s in protected):
         notes.append("guidance_rounds ignored: a round renews the guidance term's (guidance_weight > 0) simulated "
                      "attackers (guidance_anchor attacker, or guidance_attacker_samples for pattern subjects)")
     if cfg.guidance_blends and cfg.guidance_weight == 0:

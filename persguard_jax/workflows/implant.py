@@ -74,9 +74,7 @@ def resolve(raw: dict, args: argparse.Namespace | None = None) -> dict:
             raise cfglib.ConfigError(f"step.data_parallel: implant.retention {implant.retention} differentiates "
                                      "through the attacker's gradients, which needs data_parallel: gspmd")
         raw["step"] = {**step, "data_parallel": "gspmd"}
-    if implant.guidance_rounds > steps:
-        raise cfglib.ConfigError(f"implant.guidance_rounds: {implant.guidance_rounds} rounds of {steps} "
-                                 "implantation steps")
+    round_steps(steps, implant.guidance_rounds)  # more rounds than steps: refused before anything is written
     raw["loop"] = {**cfglib.section(raw, "loop"), "num_steps": steps}
     raw["implant_optimizer"] = {**IMPLANT_OPTIMIZER, "total_steps": steps, **cfglib.section(raw, "implant_optimizer")}
     attacker = DreamBoothConfig.from_dict(cfglib.section(raw, "dreambooth"))
@@ -231,7 +229,7 @@ def run(args: argparse.Namespace, config: runs.Config) -> dict:
             made = source_from(pipe.with_params(backdoored), workdir, r - 1)
             if made is None:
                 return {"preempted": True, "step": steps_done}
-            source, targets_of, _ = made
+            source = made[0]  # the targets are the first round's: they do not depend on the attackers
         result, frozen = fit(loss_fn, train_params, frozen, train_logical=split.params_logical,
                              frozen_logical=frozen_logical, source=source, global_batch=cfg.batch_size,
                              workdir=workdir, optimizer=dataclasses.replace(config.implant_optimizer,
@@ -284,12 +282,8 @@ def _simulated_attackers(pipe, protected, config: runs.Config, out: Path) -> dic
     ``<out>/class_images`` (the attacked model's own samples; the run's for the clean model). None when SIGTERM
     stopped a run."""
     cfg, tuned = config.implant, {}
-    if cfg.guidance_weight == 0:
-        return tuned
     for s in protected:
-        count = cfg.guidance_anchor_attackers if cfg.guidance_anchor_of(s.type) == "attacker" else int(
-            bool(cfg.guidance_attacker_samples) and s.type == "pattern")
-        for k in range(count):
+        for k in range(cfg.simulated_attackers_of(s.type)):
             seed = _simulated_seed(config) + k
             print(f"implant: simulating the attacker on {s.name} (seed {seed}, for the guidance term)")
             run_dir = out / "simulated_attack" / s.name
