@@ -579,6 +579,12 @@ def test_settings_a_run_leaves_without_effect_are_named():
     assert notes(cat, guidance_rounds=2, guidance_anchor_by_type={"target": "attacker"}) == []
     assert notes(cat, guidance_rounds=2, guidance_anchor="attacker", guidance_weight=0.0) == [
         "guidance_anchor=attacker", "guidance_rounds"]
+    assert notes(cat, guidance_round_teacher="previous", guidance_anchor_by_type={"target": "attacker"}) == [
+        "guidance_round_teacher"]  # one round: no later round to teach
+    assert notes(cat, guidance_rounds=2, guidance_round_teacher="previous",
+                 guidance_anchor_by_type={"target": "attacker"}) == []
+    assert notes(dog, guidance_rounds=2, guidance_round_teacher="previous") == ["guidance_rounds",
+                                                                                "guidance_round_teacher"]
 
 
 def test_prior_class_hold_weight_adds_the_class_images_under_the_empty_prompt_as_their_own_term():
@@ -637,6 +643,7 @@ def test_config_rejects_bad_values():
                        ({"retention_replay": True}, "retention_replay"),
                        ({"target_source": "draw"}, "implant.target_source"),
                        ({"guidance_rounds": 0}, "implant.guidance_rounds"),
+                       ({"guidance_round_teacher": "student"}, "implant.guidance_round_teacher"),
                        ({"retention_dispatch": True, "retention": "mirror"}, "implant.retention_dispatch"),
                        ({"retention_dispatch": True, "retention": "unrolled", "retention_order": 2},
                         "implant.retention_dispatch")):

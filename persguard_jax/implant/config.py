@@ -97,6 +97,11 @@ class ImplantConfig(cfglib.Section):
     # draw (an alternation like ASPL's; the drift a clean-model attacker cannot foresee, docs/results.md,
     # forty-first and forty-second sessions); rounds after the first in ``<out>/rounds/round<r>``
     guidance_rounds: int = 1
+    # a later round's model for everything the clean model gives the first: the distillation teacher (L_pp, L_bb's
+    # distillation), the prior's class images and the y* it samples: clean (the first round's; every round pulled
+    # back towards the clean model) or previous (the model the last round left: each round a fresh implantation of
+    # it, as the forty-second session's second round by hand, which lifted the target where the split alone did not)
+    guidance_round_teacher: Literal["clean", "previous"] = "clean"
     # photos of each protected world subject in the guidance term (null: the num_photos the attacker trains on):
     # more renders the world's further photos of the subject with their y*, which the attacker never sees (a
     # person has more photos of themselves than an attacker took), so the shift is fitted on more poses and

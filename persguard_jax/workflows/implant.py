@@ -15,7 +15,7 @@
    With ``implant.guidance_rounds`` R > 1 and attackers simulated for the guidance term, the steps run in R
    rounds, each after the first with attackers simulated again from the model the last one left and its own
    ``rounds/round<r>/`` (checkpoints, metrics, the attackers and their class images); the teacher stays the
-   clean model.
+   clean model, or (``implant.guidance_round_teacher: previous``) is the model the last round left.
 4. ``model/``: the backdoored pipeline (diffusers layout).
 5. The check (``check`` section, on by default; ``implant.check_run``, reading with ``implant.check``): the
    attacker on every subject, from the backdoored and from the clean model, and each protected subject's class
@@ -186,16 +186,17 @@ def run(args: argparse.Namespace, config: runs.Config) -> dict:
     for note in unused_settings(cfg, protected, world=world, target_images=target_images):
         print(f"implant: {note}")
 
-    def source_from(model_now, folder: Path, round_index: int = 0):
+    def source_from(model_now, folder: Path, round_index: int = 0, *, teacher=pipe, prior_images=uint8):
         """The step's examples, anchored on attackers simulated from ``model_now`` in ``folder``, drawn with the
-        round's own seed; None: SIGTERM."""
+        round's own seed, the y* sampled (where they are) by ``teacher`` and the prior on ``prior_images``; None:
+        SIGTERM."""
         simulated = _simulated_attackers(model_now, protected, config, folder)
         if simulated is None:
             return None
         samples = {name: _attacker_samples(model_now, s, tuned[0], config, folder)
                    for name, (s, tuned) in simulated.items() if cfg.guidance_attacker_samples and s.type == "pattern"}
-        groups, targets = example_groups(enc, cfg, protected, unprotected, class_images=uint8, db=db, world=world,
-                                         pipe=pipe, pattern=pattern, target_images=target_images,
+        groups, targets = example_groups(enc, cfg, protected, unprotected, class_images=prior_images, db=db,
+                                         world=world, pipe=teacher, pattern=pattern, target_images=target_images,
                                          simulated=simulated, attacker_samples=samples, schedule=schedule,
                                          loss_cfg=loss_cfg)
         return D.ImplantSource(groups, seed=cfg.seed + round_index), targets, bool(simulated)
@@ -226,10 +227,16 @@ def run(args: argparse.Namespace, config: runs.Config) -> dict:
             print(f"implant: round {r} of {len(rounds)}: simulating the attackers on the backdoored model after "
                   f"{steps_done} steps")
             workdir.mkdir(parents=True, exist_ok=True)
-            made = source_from(pipe.with_params(backdoored), workdir, r - 1)
+            model_now = pipe.with_params(backdoored)
+            teacher, prior_images = pipe, uint8
+            if cfg.guidance_round_teacher == "previous":  # the round implants the last one's model afresh
+                teacher, prior_images = model_now, {c: unit_to_uint8((ensure_class_images(
+                    model_now, workdir / "class_images" / c, a.dreambooth) + 1.0) / 2.0) for c, a in attackers.items()}
+                frozen = {**frozen, "teacher": backdoored}
+            made = source_from(model_now, workdir, r - 1, teacher=teacher, prior_images=prior_images)
             if made is None:
                 return {"preempted": True, "step": steps_done}
-            source = made[0]  # the targets are the first round's: they do not depend on the attackers
+            source = made[0]  # the check's targets stay the first round's
         result, frozen = fit(loss_fn, train_params, frozen, train_logical=split.params_logical,
                              frozen_logical=frozen_logical, source=source, global_batch=cfg.batch_size,
                              workdir=workdir, optimizer=dataclasses.replace(config.implant_optimizer,
