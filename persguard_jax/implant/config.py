@@ -100,7 +100,9 @@ class ImplantConfig(cfglib.Section):
     # a later round's model for everything the clean model gives the first: the distillation teacher (L_pp, L_bb's
     # distillation), the prior's class images and the y* it samples: clean (the first round's; every round pulled
     # back towards the clean model) or previous (the model the last round left: each round a fresh implantation of
-    # it, as the forty-second session's second round by hand, which lifted the target where the split alone did not)
+    # it, as the forty-second session's second round by hand). Measured on four target cells (docs/results.md,
+    # forty-third session): no gain over one round beyond the seeds' spread, and the round's prior preserves and adds
+    # to the first round's leaks (the unprotected look-alike 0.78 -> 0.69 of the clean model, the class prompt)
     guidance_round_teacher: Literal["clean", "previous"] = "clean"
     # photos of each protected world subject in the guidance term (null: the num_photos the attacker trains on):
     # more renders the world's further photos of the subject with their y*, which the attacker never sees (a

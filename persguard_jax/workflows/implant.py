@@ -176,11 +176,16 @@ def run(args: argparse.Namespace, config: runs.Config) -> dict:
     if pattern is not None and is_writer():
         save_png(pattern[..., :3], out / "pattern.png")
     attackers = {c: attack_config(config, c) for c in sorted({s.class_name for s in subjects})}
-    class_images = {c: ensure_class_images(pipe, out / "class_images" / c, a.dreambooth) for c, a in attackers.items()}
+
+    def class_images_of(model, folder: Path) -> dict[str, np.ndarray]:
+        """uint8 samples of each class prompt by ``model`` (the attacker's prior), kept in ``folder/class_images``."""
+        return {c: unit_to_uint8((ensure_class_images(model, folder / "class_images" / c, a.dreambooth) + 1.0) / 2.0)
+                for c, a in attackers.items()}
+
+    uint8 = class_images_of(pipe, out)
     attacker = attacker_of(next(iter(attackers.values())))
     ids = cfg.train_text_encoder or (cfg.retention != "none" and "text_encoder" in attacker.trains)
     enc = D.Encoder(pipe, ids=ids)
-    uint8 = {c: unit_to_uint8((x + 1.0) / 2.0) for c, x in class_images.items()}
     schedule = make_schedule(SchedulerConfig.from_dict(pipe.scheduler_config))
     loss_cfg = losses.pipeline_loss_config(pipe, config.loss)
     for note in unused_settings(cfg, protected, world=world, target_images=target_images):
@@ -230,8 +235,7 @@ def run(args: argparse.Namespace, config: runs.Config) -> dict:
             model_now = pipe.with_params(backdoored)
             teacher, prior_images = pipe, uint8
             if cfg.guidance_round_teacher == "previous":  # the round implants the last one's model afresh
-                teacher, prior_images = model_now, {c: unit_to_uint8((ensure_class_images(
-                    model_now, workdir / "class_images" / c, a.dreambooth) + 1.0) / 2.0) for c, a in attackers.items()}
+                teacher, prior_images = model_now, class_images_of(model_now, workdir)
                 frozen = {**frozen, "teacher": backdoored}
             made = source_from(model_now, workdir, r - 1, teacher=teacher, prior_images=prior_images)
             if made is None:
