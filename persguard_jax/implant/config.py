@@ -226,6 +226,11 @@ class ImplantConfig(cfglib.Section):
             return self.guidance_anchor_attackers
         return int(bool(self.guidance_attacker_samples) and kind == "pattern")
 
+    def rounds_of(self, kinds) -> int:
+        """The implantation's rounds for protected subjects of backdoor types ``kinds``: ``guidance_rounds`` where
+        some subject has simulated attackers to renew, else one (a round renews nothing else)."""
+        return self.guidance_rounds if any(self.simulated_attackers_of(k) for k in kinds) else 1
+
     def placement(self):
         from persguard_jax.data.targets import PatternPlacement
         return PatternPlacement(position=self.pattern_position, size=self.pattern_size, opacity=self.pattern_opacity)

@@ -25,11 +25,11 @@ def unused_settings(cfg: ImplantConfig, protected, *, world, target_images) -> l
     for key in ("guidance_scale_by_type", "guidance_anchor_by_type", "guidance_blends_by_type"):
         if getattr(cfg, key) and cfg.guidance_weight == 0 and any(s.type in getattr(cfg, key) for s in protected):
             notes.append(f"{key} ignored: it shapes the guidance term (guidance_weight > 0)")
-    renewed = any(cfg.simulated_attackers_of(s.type) for s in protected)
-    if cfg.guidance_rounds > 1 and not renewed:
+    rounds = cfg.rounds_of(s.type for s in protected)
+    if cfg.guidance_rounds > rounds:
         notes.append("guidance_rounds ignored: a round renews the guidance term's (guidance_weight > 0) simulated "
                      "attackers (guidance_anchor attacker, or guidance_attacker_samples for pattern subjects)")
-    if cfg.guidance_round_teacher != "clean" and (cfg.guidance_rounds == 1 or not renewed):
+    if cfg.guidance_round_teacher != "clean" and rounds == 1:
         notes.append("guidance_round_teacher ignored: it names the teacher of a later round (guidance_rounds > 1, "
                      "with simulated attackers to renew)")
     if cfg.guidance_blends and cfg.guidance_weight == 0:

@@ -204,15 +204,14 @@ def run(args: argparse.Namespace, config: runs.Config) -> dict:
                                          world=world, pipe=teacher, pattern=pattern, target_images=target_images,
                                          simulated=simulated, attacker_samples=samples, schedule=schedule,
                                          loss_cfg=loss_cfg)
-        return D.ImplantSource(groups, seed=cfg.seed + round_index), targets, bool(simulated)
+        return D.ImplantSource(groups, seed=cfg.seed + round_index), targets
 
     made = source_from(pipe, out)
     if made is None:
         return {"preempted": True, "step": 0}
-    source, targets_of, renewed = made
+    source, targets_of = made
     present = set(source.groups)
-    # a round renews the simulated attackers only: without any, the steps run as one round
-    rounds = round_steps(config.loop.num_steps, cfg.guidance_rounds if renewed else 1)
+    rounds = round_steps(config.loop.num_steps, cfg.rounds_of(s.type for s in protected))
 
     # -- the model: the publisher trains the UNet (and the text encoder if asked); the clean model is the teacher
     modules = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
@@ -240,7 +239,7 @@ def run(args: argparse.Namespace, config: runs.Config) -> dict:
             made = source_from(model_now, workdir, r - 1, teacher=teacher, prior_images=prior_images)
             if made is None:
                 return {"preempted": True, "step": steps_done}
-            source = made[0]  # the check's targets stay the first round's
+            source, _ = made  # the check's targets stay the first round's
         result, frozen = fit(loss_fn, train_params, frozen, train_logical=split.params_logical,
                              frozen_logical=frozen_logical, source=source, global_batch=cfg.batch_size,
                              workdir=workdir, optimizer=dataclasses.replace(config.implant_optimizer,
