@@ -35,8 +35,40 @@ def pytest_sessionfinish(session, exitstatus):
         import shutil
         shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cpu_env(devices: int, **extra: str) -> dict:
+    """The environment of a command a test starts in a process of its own: ``devices`` CPU devices, the suite's
+    other XLA flags (its -O0) and compilation cache passed on, no multi-process coordinator inherited, ``extra``
+    last."""
+    env = dict(os.environ)
+    for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        env.pop(k, None)
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
+    env.update(XLA_FLAGS=" ".join(flags + [f"--xla_force_host_platform_device_count={devices}"]),
+               JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
+    env.update(extra)
+    return env
+
+
+def run_command(args: list[str], *, devices: int = 1, cwd: Path | None = None,
+                timeout: int = 900) -> subprocess.CompletedProcess:
+    """``persguard ARGS`` as a user runs it, in its own process on ``devices`` CPU devices; a failure fails the test
+    with the command's last output. One device for the end-to-end tests: a command spreads its batch over every
+    device it sees, and the suite's 8 fake devices on 2 cores cost the world implantation 225 s of CPU where one
+    device costs 111 s, the same numbers out (docs/benchmarks.md); the sharding itself is tested apart."""
+    done = subprocess.run([sys.executable, "-m", "persguard_jax.cli", *args], env=cpu_env(devices), cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
 
 
 def torch_state_dict(module) -> dict[str, np.ndarray]:

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from persguard_jax.cli import main
+from conftest import run_command
 
 # one worker builds the module's shared fixture, and the slow tests start first (tests/conftest.py)
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("implant_world")]
@@ -20,14 +20,13 @@ STEPS = 100
 def implanted(tmp_path_factory):
     from persguard_jax.workflows.world_assets import world_model
     out = tmp_path_factory.mktemp("implant") / "run"
-    code = main(["implant", "--model", str(world_model()), "--protect", "world:dog_00:pattern",
+    run_command(["implant", "--model", str(world_model()), "--protect", "world:dog_00:pattern",
                  "--unprotected", "world:cat_00", "--out", str(out), f"implant.steps={STEPS}", "implant.retention=none",
                  "implant.guidance_weight=0", "implant.num_general=32", "implant_optimizer.learning_rate=5e-4",
                  "dreambooth.steps=5", "dreambooth.num_class_images=8", "check.num_images=4", "check.per_colour=1",
                  # the attacker's own samples.png, which the check does not read (it samples the models itself): small
                  "dreambooth.eval_num_images=1", "dreambooth.eval_steps=2",
                  "check.per_shape=1", "loop.checkpoint_every=40"])
-    assert code in (0, None)
     return out
 
 

@@ -5,7 +5,6 @@ The batch is the world recipe's one pair: the instance example on one process, t
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,25 +13,15 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from conftest import REPO, cpu_env
+
 # slow: started first (tests/conftest.py)
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
 STEPS = 6
 OVERRIDES = [f"dreambooth.steps={STEPS}", "dreambooth.batch_size=1", "dreambooth.num_class_images=4",
              "dreambooth.class_batch_size=2", "dreambooth.class_sample_steps=3", "dreambooth.eval_num_images=1",
              "dreambooth.eval_steps=2", "loop.log_every=2", "loop.checkpoint_every=3"]
-
-
-def _env(devices: int) -> dict:
-    env = dict(os.environ)
-    for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
-        env.pop(k, None)
-    # the suite's other XLA flags (its -O0, tests/conftest.py) pass through: both runs compile the same programs
-    flags = [f for f in env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
-    env.update(XLA_FLAGS=" ".join(flags + [f"--xla_force_host_platform_device_count={devices}"]),
-               JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
-    return env
 
 
 def _personalize(model: Path, photos: Path, out: Path) -> list[str]:
@@ -56,12 +45,12 @@ def test_two_processes_export_what_one_process_exports(tmp_path):
     photos = tmp_path / "photos"
     save_photos(world.subject_photos(subject, 4), photos, prefix=subject.name)
 
-    one = subprocess.run(_personalize(model, photos, tmp_path / "one"), env=_env(2), cwd=tmp_path,
+    one = subprocess.run(_personalize(model, photos, tmp_path / "one"), env=cpu_env(2), cwd=tmp_path,
                          capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
     two = subprocess.run([sys.executable, str(REPO / "launch" / "local.py"), "-n", "2", "--devices-per-process", "1",
                           "--", *_personalize(model, photos, tmp_path / "two")],
-                         env=_env(1), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+                         env=cpu_env(1), cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stdout[-5000:] + two.stderr[-3000:]
     assert "[1] personalised model" not in two.stdout  # process 1 neither prints the summary nor writes
 
@@ -98,10 +87,10 @@ def test_protect_runs_on_two_processes(tmp_path):
                 "protect.chunk=2", "protect.unroll=false", "protect.eval_draws=2",
                 "protect.per_device=never"]  # one process keeps both devices (auto would take one on the CPU)
 
-    one = subprocess.run(protect("one"), env=_env(2), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    one = subprocess.run(protect("one"), env=cpu_env(2), cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
     two = subprocess.run([sys.executable, str(REPO / "launch" / "local.py"), "-n", "2", "--devices-per-process", "1",
-                          "--", *protect("two")], env=_env(1), cwd=tmp_path, capture_output=True, text=True,
+                          "--", *protect("two")], env=cpu_env(1), cwd=tmp_path, capture_output=True, text=True,
                          timeout=600)
     assert two.returncode == 0, two.stdout[-5000:] + two.stderr[-3000:]
     a, b = tmp_path / "one", tmp_path / "two"
@@ -130,7 +119,7 @@ def test_sample_evaluate_and_init_tiny_write_once_on_two_processes(tmp_path):
     def two(*command: str) -> list[str]:
         run = subprocess.run([sys.executable, str(REPO / "launch" / "local.py"), "-n", "2", "--devices-per-process",
                               "1", "--", sys.executable, "-m", "persguard_jax.cli", *command],
-                             env=_env(1), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+                             env=cpu_env(1), cwd=tmp_path, capture_output=True, text=True, timeout=600)
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
         return [line for line in run.stdout.splitlines() if " wrote " in f" {line}"]
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import random
 import re
 import signal
@@ -27,6 +26,7 @@ import numpy as np
 import optax
 import pytest
 
+from conftest import REPO, cpu_env
 from persguard_jax import sharding as shd
 from persguard_jax.data.batches import ArraySource, StepBatches, batch_iterator
 from persguard_jax.train.checkpoint import CheckpointError, Checkpointer, abstract_like
@@ -34,7 +34,6 @@ from persguard_jax.train.loop import LoopConfig, TrainingDiverged, train
 from persguard_jax.train.metrics import read_metrics
 from persguard_jax.train.state import TrainState, init_state
 
-REPO = Path(__file__).resolve().parents[1]
 STEPS = 8
 TIMEOUT = 240  # seconds, per subprocess
 SEED = 20240607
@@ -48,16 +47,8 @@ def compile_cache(tmp_path_factory) -> Path:
 
 
 def _env(cache: Path, devices: int, **extra: str) -> dict:
-    env = dict(os.environ)
-    for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
-        env.pop(k, None)
-    flags = [f for f in env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
-    env.update(XLA_FLAGS=" ".join(flags + [f"--xla_force_host_platform_device_count={devices}"]),
-               JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-               PYTHONUNBUFFERED="1")
-    env.update(extra)
-    return env
+    return cpu_env(devices, JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", **extra)
 
 
 def _cmd(workdir: Path, devices: int, checkpoint_every: int = 1) -> list[str]:
