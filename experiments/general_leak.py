@@ -23,7 +23,7 @@ CLEAN = "persguard_jax/assets/world_tiny"
 def main() -> None:
     from persguard_jax.data.world import world_of
     from persguard_jax.following import Sampling, sample_pixels, shape_prompts
-    from persguard_jax.io import save_png
+    from persguard_jax.io import save_png, uint8_to_unit
     from persguard_jax.metrics.detectors import detect_shape
     from persguard_jax.models import load_pipeline
     from persguard_jax.report import labelled_grid
@@ -47,7 +47,7 @@ def main() -> None:
             pixels = sample_pixels(pipe, world, [p for _, p in pairs], Sampling(seed=seed))
             for counts, shape in zip(read, np.asarray(detect_shape(pixels, world.shapes))):
                 counts[world.shapes[shape]] += 1
-            rows.append(pixels.astype(np.float32) / 255)
+            rows.append(uint8_to_unit(pixels))
             labels.append(f"{name} s{seed}")
         for (_, prompt), counts in zip(pairs, read):
             print(f"{name:10s} {prompt:50s} " + ", ".join(f"{k} {v}" for k, v in counts.most_common()))
