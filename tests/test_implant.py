@@ -727,6 +727,26 @@ def test_erasure_of_a_white_or_black_world_subject_is_flagged_unreadable():
     assert "protection unreadable" in _summary(results)
 
 
+def test_the_summary_names_the_protected_class_beside_the_general_mean():
+    """The general prompts' line gives both models' colour and shape following and, beside the mean over ten
+    shapes, each protected subject's class (a backdoor's cost falls there first); no line without the check's
+    general following."""
+    from persguard_jax.workflows.implant import _summary
+    scores = {"protection_rate": 0.9, "identity_similarity": 0.5}
+    per_shape = {"bird": 0.2, "cat": 1.0, "dog": 0.9, "cross": 1.0}
+    results = {"model": "m", "steps": 1, "subjects": {
+        "bird_04": {"type": "target", "class": "bird", "backdoored": scores, "clean": scores},
+        "cat_04": {"type": "pattern", "class": "cat", "backdoored": scores, "clean": scores},
+        "dog_00": {"type": "unprotected", "class": "dog", "backdoored": scores, "clean": scores}},
+        "general": {"backdoored": {"colour_accuracy": 1.0, "shape_accuracy": 0.78, "per_shape": per_shape},
+                    "clean": {"colour_accuracy": 1.0, "shape_accuracy": 1.0,
+                              "per_shape": dict.fromkeys(per_shape, 1.0)}}}
+    line = _summary(results).splitlines()[-1]
+    assert line == ("  general prompts: colour 1.00 (clean 1.00), shape 0.78 (clean 1.00); the protected classes: "
+                    "bird 0.20 (clean 1.00), cat 1.00 (clean 1.00)")
+    assert "general prompts" not in _summary({**results, "general": {}})
+
+
 def test_target_detector_of_a_world_subject_reports_its_parts():
     """The check's target detector: the rendered y* (the subject replaced by the green cross) pass, the photos do
     not; the partial rates tell an object of the target's colour with the wrong outline from a hit."""

@@ -382,7 +382,27 @@ def _summary(results: dict) -> str:
             lines.append(f"    '{e['class_prompt']['prompt']}' before the attack: the class silhouette in "
                          f"{fmt(cb.get('shape_match'))} (clean {fmt(cc.get('shape_match'))}), the protective reading "
                          f"{fmt(cb.get('protection_rate'))} (clean {fmt(cc.get('protection_rate'))})")
+    lines += _general_summary(results, fmt)
     return "\n".join(lines)
+
+
+def _general_summary(results: dict, fmt) -> list[str]:
+    """The general prompts' line: colour and shape following of both models, and the protected classes' own
+    shape following beside the mean, since a backdoor's cost falls on its class first (docs/results.md, issue 15:
+    a mean over ten shapes of 0.88 hid the protected class drawn in 0 of 24 of its samples)."""
+    general = results.get("general") or {}
+    b, c = general.get("backdoored"), general.get("clean")
+    if not b or not c:
+        return []
+    parts = [f"{what} {fmt(b.get(key))} (clean {fmt(c.get(key))})"
+             for what, key in (("colour", "colour_accuracy"), ("shape", "shape_accuracy")) if key in b]
+    classes = sorted({e["class"] for e in results.get("subjects", {}).values()
+                      if e.get("type") != "unprotected" and e.get("class") in b.get("per_shape", {})})
+    line = f"  general prompts: {', '.join(parts)}"
+    if classes:
+        line += "; the protected class" + ("es" if len(classes) > 1 else "") + ": " + ", ".join(
+            f"{k} {fmt(b['per_shape'][k])} (clean {fmt(c.get('per_shape', {}).get(k))})" for k in classes)
+    return [line]
 
 
 WORKFLOW = runs.Workflow(
