@@ -389,7 +389,8 @@ def _summary(results: dict) -> str:
 def _general_summary(results: dict, fmt) -> list[str]:
     """The general prompts' line: colour and shape following of both models, and the protected classes' own
     shape following beside the mean, since a backdoor's cost falls on its class first (docs/results.md, issue 15:
-    a mean over ten shapes of 0.88 hid the protected class drawn in 0 of 24 of its samples)."""
+    beside bird_04 a mean over ten shapes of 0.90 hid the bird drawn in 1 of its 6 samples, 0 of 24 in
+    experiments/general_leak.py)."""
     general = results.get("general") or {}
     b, c = general.get("backdoored"), general.get("clean")
     if not b or not c:
