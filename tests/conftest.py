@@ -24,6 +24,11 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
 
+# XLA:CPU's older loop emitters for fusions instead of its MLIR fusion emitters, for the same reason: the world
+# DreamBooth step compiles in 15 s instead of 24 s and runs the same steps to the same losses (docs/benchmarks.md).
+if "xla_cpu_use_fusion_emitters" not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] += " --xla_cpu_use_fusion_emitters=false"
+
 
 def pytest_collection_modifyitems(config, items):
     """The slow tests first (stable otherwise): with two workers, a long test started last leaves one idle."""
