@@ -124,7 +124,9 @@ def test_pooling_rules(torch):
     for eos, positions in ((999, [2, 0]), (2, [2, 1])):
         model = _load(CLIPTextModel, CLIPTextConfig(**{**TEXT_CONFIGS["gelu"], "eos_token_id": eos}), sd)
         last, pooled = _jit(model, lambda m, i: (m(i), m.pooled(i)))(ids)
-        np.testing.assert_array_equal(pooled, last[[0, 1], positions])
+        # the pooled row and the gathered one come from two fusions of one program: equal to float rounding
+        # (XLA's loop emitters differ in the last bit); a row at another position differs by O(1)
+        np.testing.assert_allclose(pooled, last[[0, 1], positions], rtol=0, atol=1e-6)
 
 
 def test_bare_keys_and_position_ids_buffer(torch):
