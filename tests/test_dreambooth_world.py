@@ -58,3 +58,12 @@ def test_demo_writes_a_new_folder_beside_a_used_one(tmp_path):
     (tmp_path / "demo-2" / "x").write_text("")
     assert fresh_folder(tmp_path / "demo") == tmp_path / "demo-3"
     assert (tmp_path / "demo" / "results.json").read_text() == "{}"
+
+
+def test_demo_takes_the_worlds_size_and_names_another(tmp_path):
+    """The subject's photos come at the world's size: a ``dreambooth.resolution`` that differs is one line naming it,
+    before any output (a 64 px world under the 32 px config failed in numpy's stack, deep in the first step)."""
+    from persguard_jax.workflows.demo import run_demo
+    with pytest.raises(ValueError, match=r"dreambooth.resolution=64: the world model .* draws its photos at 32 px"):
+        run_demo(tmp_path / "demo", overrides=["dreambooth.resolution=64"])
+    assert not (tmp_path / "demo").exists()

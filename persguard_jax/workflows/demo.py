@@ -110,6 +110,13 @@ def run_demo(out: str | Path = "runs/demo", *, subject: str | None = None, overr
     subj = pick_subject(world, subject)
     instance_prompt, class_prompt = world.instance_prompt(subj), world.class_prompt(subj.class_name)
     raw.setdefault("dreambooth", {}).update(instance_prompt=instance_prompt, class_prompt=class_prompt)
+    # the subject's photos are drawn at the world's size, so the class images and samples must be too: a world
+    # pre-trained at another size than the config's takes its own, and a size the user names must match it
+    named = [o for o in overrides if o.split("=", 1)[0].strip() == "dreambooth.resolution"]
+    if named and raw["dreambooth"].get("resolution") != world.size:
+        raise ValueError(f"{named[-1]}: the world model {model_dir} draws its photos at {world.size} px; "
+                         f"leave dreambooth.resolution out or set it to {world.size}")
+    raw["dreambooth"]["resolution"] = world.size
     settings = runs.parse_config(personalize_wf.resolve(raw), personalize_wf.sections())  # before any work
     db = settings.dreambooth
     pipe, evaluator = load_pipeline(model_dir), CLIPEvaluator.from_folder(clip_dir)  # bad folders: before any output
