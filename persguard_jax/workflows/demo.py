@@ -112,10 +112,11 @@ def run_demo(out: str | Path = "runs/demo", *, subject: str | None = None, overr
     raw.setdefault("dreambooth", {}).update(instance_prompt=instance_prompt, class_prompt=class_prompt)
     # the subject's photos are drawn at the world's size, so the class images and samples must be too: a world
     # pre-trained at another size than the config's takes its own, and a size the user names must match it
-    named = [o for o in overrides if o.split("=", 1)[0].strip() == "dreambooth.resolution"]
-    if named and raw["dreambooth"].get("resolution") != world.size:
-        raise ValueError(f"{named[-1]}: the world model {model_dir} draws its photos at {world.size} px; "
-                         f"leave dreambooth.resolution out or set it to {world.size}")
+    named = cfglib.apply_overrides({}, overrides).get("dreambooth")
+    named = named.get("resolution", world.size) if isinstance(named, dict) else world.size
+    if named != world.size:
+        raise ValueError(f"dreambooth.resolution={named}: the world model {model_dir} draws its photos at "
+                         f"{world.size} px; leave dreambooth.resolution out or set it to {world.size}")
     raw["dreambooth"]["resolution"] = world.size
     settings = runs.parse_config(personalize_wf.resolve(raw), personalize_wf.sections())  # before any work
     db = settings.dreambooth
